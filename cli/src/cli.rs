@@ -1,0 +1,221 @@
+use crate::report;
+use clap::{Parser, Subcommand, ValueEnum};
+use schemashift_common::spec::Spec;
+use schemashift_coordinator::run::{RunOptions, Until};
+use schemashift_coordinator::CoordinatorError;
+use std::path::PathBuf;
+use tokio::sync::watch;
+
+#[derive(Parser, Debug)]
+#[command(name = "schemashift", version, about = "Zero-downtime PostgreSQL schema-to-schema table migration")]
+pub struct Cli {
+    /// Only warnings and errors on stderr.
+    #[arg(long, global = true)]
+    pub quiet: bool,
+    /// Log lines as JSON objects.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum PhaseArg {
+    Backfill,
+    Replay,
+    Verify,
+    Cutover,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Self-contained demo: two throwaway clusters, the users scenario under write load, cutover.
+    Demo {
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// Application operations per second during the migration.
+        #[arg(long, default_value_t = 300)]
+        load_rate: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the spec against both databases and print the analysis; writes nothing.
+    Plan {
+        spec: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run (or resume) the migration in this process.
+    Run {
+        spec: PathBuf,
+        #[arg(long)]
+        workers: Option<usize>,
+        #[arg(long, value_enum, default_value = "verify")]
+        until: PhaseArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Phase, shard progress and lag from the control state.
+    Status {
+        spec: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare source and target now; exit 0 only when nothing differs.
+    Verify {
+        spec: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain, freeze writes briefly, switch.
+    Cutover {
+        spec: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Before cutover: stop and clean up.
+    Rollback { spec: PathBuf },
+    /// Drop slot, publication and control state.
+    Cleanup { spec: PathBuf },
+}
+
+pub fn init_tracing(quiet: bool, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if quiet { "warn" } else { "info,tokio_postgres=warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    if json {
+        builder.json().init();
+    } else {
+        builder.compact().init();
+    }
+}
+
+fn load_spec(path: &std::path::Path) -> Result<Spec, i32> {
+    Spec::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        2
+    })
+}
+
+fn fail(e: CoordinatorError) -> i32 {
+    eprintln!("error: {e}");
+    e.exit_code()
+}
+
+/// Ctrl-C flips the shutdown value; tasks see it and stop at a safe point.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::warn!("interrupted; stopping (run again to resume)");
+            tx.send_replace(true);
+        }
+    });
+    rx
+}
+
+pub async fn execute(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Demo { rows, workers, load_rate, json } => match crate::demo::demo(rows, workers, load_rate).await {
+            Ok(r) => {
+                report::print_demo(&r, json);
+                if r.diff.0 + r.diff.1 + r.diff.2 == 0 { 0 } else { 1 }
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                1
+            }
+        },
+        Command::Plan { spec, json } => {
+            let spec = match load_spec(&spec) {
+                Ok(s) => s,
+                Err(c) => return c,
+            };
+            match schemashift_coordinator::ops::plan_only(&spec).await {
+                Ok(analysis) => {
+                    report::print_plan(&analysis, json);
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Run { spec, workers, until, json } => run_cmd(spec, workers, until, json).await,
+        Command::Cutover { spec, json } => run_cmd(spec, None, PhaseArg::Cutover, json).await,
+        Command::Status { spec, json } => {
+            let spec = match load_spec(&spec) {
+                Ok(s) => s,
+                Err(c) => return c,
+            };
+            match schemashift_coordinator::ops::status(&spec).await {
+                Ok(s) => {
+                    report::print_status(&s, json);
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Verify { spec, json } => {
+            let spec = match load_spec(&spec) {
+                Ok(s) => s,
+                Err(c) => return c,
+            };
+            match schemashift_coordinator::ops::verify(&spec).await {
+                Ok(v) => {
+                    report::print_verify(&v, json);
+                    if v.differing.is_empty() { 0 } else { 1 }
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Rollback { spec } => cleanup_cmd(spec, true).await,
+        Command::Cleanup { spec } => cleanup_cmd(spec, false).await,
+    }
+}
+
+async fn run_cmd(spec: PathBuf, workers: Option<usize>, until: PhaseArg, json: bool) -> i32 {
+    let spec = match load_spec(&spec) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let until = match until {
+        PhaseArg::Backfill => Until::Backfill,
+        PhaseArg::Replay => Until::Replay,
+        PhaseArg::Verify => Until::Verify,
+        PhaseArg::Cutover => Until::Cutover,
+    };
+    match schemashift_coordinator::run::run(&spec, RunOptions { workers, until }, shutdown_signal()).await {
+        Ok(r) => {
+            report::print_run(&r, json);
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+async fn cleanup_cmd(spec: PathBuf, rollback: bool) -> i32 {
+    let spec = match load_spec(&spec) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let r = if rollback {
+        schemashift_coordinator::ops::rollback(&spec).await
+    } else {
+        schemashift_coordinator::ops::cleanup(&spec).await
+    };
+    match r {
+        Ok(r) => {
+            eprintln!(
+                "slot dropped: {}, publication dropped: {}, control schema dropped: {}; a slot remains on the source: {}",
+                r.slot_dropped, r.publication_dropped, r.control_schema_dropped, r.slot_remains
+            );
+            if rollback {
+                eprintln!("target tables were left as they are: empty them yourself before starting again");
+            }
+            0
+        }
+        Err(e) => fail(e),
+    }
+}

@@ -1,0 +1,4 @@
+//! The `schemashift` command line: commands of INTERFACE.md mapped onto the library.
+pub mod cli;
+pub mod demo;
+pub mod report;

@@ -1,0 +1,112 @@
+//! Human (stderr) and JSON (stdout) output of the commands.
+
+use crate::demo::DemoReport;
+use schemashift_coordinator::ops::Status;
+use schemashift_coordinator::plan::TableAnalysis;
+use schemashift_coordinator::run::{RunReport, VerifySummary};
+use serde::Serialize;
+
+fn json_out<T: Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: cannot encode JSON: {e}"),
+    }
+}
+
+fn mb(b: u64) -> f64 {
+    b as f64 / 1_048_576.0
+}
+
+pub fn print_plan(a: &[TableAnalysis], json: bool) {
+    if json {
+        return json_out(&a);
+    }
+    eprintln!("{:<28} {:<28} {:>12} {:>10} {:>7} {:>9} {:>10}", "source", "target", "rows", "size MB", "shards", "strategy", "est. time");
+    for t in a {
+        eprintln!(
+            "{:<28} {:<28} {:>12} {:>10.1} {:>7} {:>9} {:>9.0}s",
+            t.source, t.target, t.rows, mb(t.bytes), t.shards, t.strategy, t.estimated_seconds
+        );
+    }
+    eprintln!("plan is valid; nothing was written");
+}
+
+pub fn print_verify(v: &VerifySummary, json: bool) {
+    if json {
+        return json_out(v);
+    }
+    eprintln!(
+        "verify: {} ranges, source rows {}, target rows {}, differing rows {} ({:.1}s)",
+        v.ranges, v.source_rows, v.target_rows, v.differing.len(), v.seconds
+    );
+    for d in v.differing.iter().take(50) {
+        eprintln!("  {:?} {} key={:?}", d.kind, d.table, d.key);
+    }
+}
+
+pub fn print_run(r: &RunReport, json: bool) {
+    if json {
+        return json_out(r);
+    }
+    eprintln!("run {} — phase {}{}", r.run_id, r.phase, if r.resumed { " (resumed)" } else { "" });
+    eprintln!(
+        "  backfill: {} rows in {} shards, {:.1} MB, {:.1}s, {:.0} rows/s",
+        r.rows_copied, r.shards, mb(r.bytes_copied as u64), r.backfill_seconds, r.rows_per_second
+    );
+    eprintln!("  changes: {} captured, {} replayed; catch-up lag {:.2}s", r.changes_captured, r.changes_replayed, r.lag_seconds);
+    if let Some(v) = &r.verify {
+        eprintln!("  verify: source {} rows, target {} rows, {} differing", v.source_rows, v.target_rows, v.differing.len());
+    }
+    if let Some(c) = &r.cutover {
+        eprintln!(
+            "  cutover: write freeze {:.0} ms (lock attempt {}), {} keys re-checked inside it, {} sequences moved",
+            c.freeze_ms, c.lock_attempts, c.keys_rechecked, c.sequences_moved
+        );
+    }
+    eprintln!("  total {:.1}s", r.total_seconds);
+}
+
+pub fn print_status(s: &Status, json: bool) {
+    if json {
+        return json_out(s);
+    }
+    match &s.run_id {
+        None => eprintln!("no run in this control schema"),
+        Some(id) => {
+            eprintln!("run {id} — phase {}", s.phase);
+            eprintln!(
+                "  shards: {} done, {} leased, {} pending; {} rows copied",
+                s.shards.done, s.shards.leased, s.shards.pending, s.shards.rows_done
+            );
+            eprintln!(
+                "  change log: {} logged, {} applied, {} waiting; captured to {}",
+                s.changes_logged,
+                s.changes_applied,
+                s.replay_lag_changes,
+                s.capture_lsn.as_deref().unwrap_or("-")
+            );
+            if let Some(slot) = &s.slot {
+                eprintln!(
+                    "  slot {}: exists {}, active {}, retains {:.1} MB of WAL",
+                    slot.name, slot.exists, slot.active, mb(slot.retained_wal_bytes.max(0) as u64)
+                );
+            }
+        }
+    }
+}
+
+pub fn print_demo(d: &DemoReport, json: bool) {
+    if json {
+        return json_out(d);
+    }
+    eprintln!();
+    eprintln!("schemashift demo — users.full_name → first_name + last_name");
+    print_run(&d.run, false);
+    eprintln!(
+        "  application load: {} inserts, {} updates ({} of TOASTed rows), {} deletes, {} failed; p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; longest write wait {:.0} ms",
+        d.load_inserts, d.load_updates, d.load_toast_updates, d.load_deletes, d.load_failed, d.p50_ms, d.p95_ms, d.p99_ms, d.max_write_wait_ms
+    );
+    eprintln!("  split accuracy (round trip on {} sampled rows): {:.3}%", d.accuracy_sample, d.split_accuracy * 100.0);
+    eprintln!("  final compare (our own SQL, all rows): {} missing, {} extra, {} different", d.diff.0, d.diff.1, d.diff.2);
+    eprintln!("  total {:.1}s", d.total_seconds);
+}

@@ -1,0 +1,68 @@
+-- Control state of a schemashift run, kept in the target database so that a shard's
+-- rows and its "done" mark commit in one transaction. {schema} is replaced (quoted).
+CREATE SCHEMA IF NOT EXISTS {schema};
+
+CREATE TABLE IF NOT EXISTS {schema}.run (
+    id          int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    run_id      text NOT NULL,
+    fingerprint text NOT NULL,
+    plan        jsonb NOT NULL,
+    phase       text NOT NULL,
+    slot        text NOT NULL,
+    publication text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    report      jsonb
+);
+
+CREATE TABLE IF NOT EXISTS {schema}.shards (
+    shard_id         bigint PRIMARY KEY,
+    table_idx        int NOT NULL,
+    lo               text[],
+    hi               text[],
+    est_rows         bigint NOT NULL,
+    state            text NOT NULL,
+    lease_epoch      bigint NOT NULL DEFAULT 0,
+    worker           text,
+    lease_expires_at timestamptz,
+    attempts         int NOT NULL DEFAULT 0,
+    rows             bigint,
+    bytes            bigint,
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    last_error       text
+);
+
+-- The embedded change log: decoded source changes in commit order.
+CREATE TABLE IF NOT EXISTS {schema}.changes (
+    seq       bigserial PRIMARY KEY,
+    part      int NOT NULL,
+    table_idx int NOT NULL,
+    op        "char" NOT NULL,
+    lsn       pg_lsn NOT NULL,
+    old_key   text[],
+    vals      text[],
+    unchanged int2[]
+);
+CREATE INDEX IF NOT EXISTS changes_part_seq ON {schema}.changes (part, seq);
+
+-- Last source commit whose changes are in the change log (end LSN).
+CREATE TABLE IF NOT EXISTS {schema}.capture (
+    id         int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    lsn        pg_lsn NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Applied position per change-log partition, written with the changes it covers.
+CREATE TABLE IF NOT EXISTS {schema}.replay (
+    part       int PRIMARY KEY,
+    seq        bigint NOT NULL,
+    applied    bigint NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS {schema}.events (
+    at     timestamptz NOT NULL DEFAULT now(),
+    kind   text NOT NULL,
+    detail jsonb
+);

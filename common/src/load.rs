@@ -1,0 +1,531 @@
+//! A paced write load against the source `users` table, standing in for the application while
+//! a migration runs (demo, tests): inserts, updates, deletes, with per-operation latency.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+use tokio_postgres::{Client, Config, NoTls, Statement};
+use tracing::Instrument;
+
+use crate::scenario::{random_full_name, random_large_bio, random_short_bio};
+
+/// `application_name` of the load's sessions, so tests and operators can find them.
+pub const LOAD_APPLICATION_NAME: &str = "schemashift-load";
+
+/// Operations per second one connection is asked to carry; more connections above it.
+const OPS_PER_CONNECTION: u32 = 400;
+const MAX_CONNECTIONS: u32 = 8;
+/// Shortest pacing tick; faster rates run several operations per tick.
+const MIN_TICK: Duration = Duration::from_millis(5);
+/// Share (percent) of non-TOAST updates that write a new large bio.
+const BIO_UPDATE_PCT: u32 = 10;
+/// How far past a random id a TOAST update looks for a row with an out-of-line bio.
+const TOAST_SEARCH_SPAN: i64 = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Total operations per second over all connections.
+    pub rate_per_sec: u32,
+    /// Relative weights of the operation kinds (need not add up to 100).
+    pub insert_pct: u8,
+    pub update_pct: u8,
+    pub delete_pct: u8,
+    /// Share of updates that touch only `updated_at`/`full_name` of rows whose bio is TOASTed,
+    /// leaving bio untouched (pgoutput then sends it as "unchanged TOAST").
+    pub toast_update_pct: u8,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            rate_per_sec: 300,
+            insert_pct: 60,
+            update_pct: 30,
+            delete_pct: 10,
+            toast_update_pct: 20,
+        }
+    }
+}
+
+/// Latencies in microseconds, in log-linear buckets (about 3% precision, fixed 15 KB).
+#[derive(Debug, Clone)]
+pub struct LatencyHistogram {
+    counts: Vec<u64>,
+    total: u64,
+    max: u64,
+}
+
+const EXACT: u64 = 64;
+const SUB_BITS: u32 = 5;
+const BUCKETS: usize = 64 + (64 - 6) * (1 << SUB_BITS);
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            counts: vec![0; BUCKETS],
+            total: 0,
+            max: 0,
+        }
+    }
+}
+
+impl LatencyHistogram {
+    fn index(v: u64) -> usize {
+        if v < EXACT {
+            return v as usize;
+        }
+        let exp = 63 - v.leading_zeros();
+        let sub = (v >> (exp - SUB_BITS)) & ((1 << SUB_BITS) - 1);
+        (EXACT + u64::from(exp - 6) * (1 << SUB_BITS) + sub) as usize
+    }
+
+    /// Largest value that falls into bucket `idx`.
+    fn upper(idx: usize) -> u64 {
+        let idx = idx as u64;
+        if idx < EXACT {
+            return idx;
+        }
+        let exp = 6 + (idx - EXACT) / (1 << SUB_BITS);
+        let sub = (idx - EXACT) % (1 << SUB_BITS);
+        let width = 1u64 << (exp - u64::from(SUB_BITS));
+        ((1 << SUB_BITS) + sub) * width + (width - 1)
+    }
+
+    pub fn record(&mut self, micros: u64) {
+        self.counts[Self::index(micros)] += 1;
+        self.total += 1;
+        self.max = self.max.max(micros);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.total
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// The latency (µs) below which a share `q` (0..=1) of the recorded ones lie; 0 if empty.
+    pub fn percentile(&self, q: f64) -> u64 {
+        if self.total == 0 {
+            return 0;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (idx, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Self::upper(idx).min(self.max);
+            }
+        }
+        self.max
+    }
+
+    pub fn p50(&self) -> u64 {
+        self.percentile(0.50)
+    }
+
+    pub fn p95(&self) -> u64 {
+        self.percentile(0.95)
+    }
+
+    pub fn p99(&self) -> u64 {
+        self.percentile(0.99)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadStats {
+    pub inserts: u64,
+    pub updates: u64,
+    pub deletes: u64,
+    /// Updates (counted in `updates` too) that changed a row with an out-of-line bio.
+    pub toast_updates: u64,
+    pub failed: u64,
+    pub reconnects: u64,
+    /// Longest time one write took, waits for locks (e.g. a cutover freeze) included.
+    pub max_write_wait: Duration,
+    pub latencies_us: LatencyHistogram,
+}
+
+impl LoadStats {
+    /// Successful operations.
+    pub fn ops(&self) -> u64 {
+        self.inserts + self.updates + self.deletes
+    }
+
+    pub fn p50(&self) -> Duration {
+        Duration::from_micros(self.latencies_us.p50())
+    }
+
+    pub fn p95(&self) -> Duration {
+        Duration::from_micros(self.latencies_us.p95())
+    }
+
+    pub fn p99(&self) -> Duration {
+        Duration::from_micros(self.latencies_us.p99())
+    }
+}
+
+/// A running load; stop it with [`LoadHandle::stop`] (dropping it stops it too, unawaited).
+pub struct LoadHandle {
+    stats: Arc<Mutex<LoadStats>>,
+    stop_tx: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl LoadHandle {
+    /// Stops the load, waits for operations in flight, returns the final counts.
+    pub async fn stop(mut self) -> LoadStats {
+        let _ = self.stop_tx.send(true);
+        for task in std::mem::take(&mut self.tasks) {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "load task ended abnormally");
+            }
+        }
+        self.stats()
+    }
+
+    /// The counts so far.
+    pub fn stats(&self) -> LoadStats {
+        lock(&self.stats).clone()
+    }
+}
+
+impl Drop for LoadHandle {
+    fn drop(&mut self) {
+        let _ = self.stop_tx.send(true);
+    }
+}
+
+fn lock(stats: &Mutex<LoadStats>) -> std::sync::MutexGuard<'_, LoadStats> {
+    // A panic while holding the lock cannot leave the counters inconsistent enough to matter.
+    stats.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Starts the load; it runs until [`LoadHandle::stop`].
+pub async fn start_load(
+    dsn: String,
+    opts: LoadOptions,
+) -> Result<LoadHandle, tokio_postgres::Error> {
+    start_load_with_shutdown(dsn, opts, None).await
+}
+
+/// Like [`start_load`], and also stops when `shutdown` turns true (or its sender is dropped).
+pub async fn start_load_with_shutdown(
+    dsn: String,
+    opts: LoadOptions,
+    shutdown: Option<watch::Receiver<bool>>,
+) -> Result<LoadHandle, tokio_postgres::Error> {
+    let mut config: Config = dsn.parse()?;
+    config.application_name(LOAD_APPLICATION_NAME);
+    let connections = if opts.rate_per_sec == 0 {
+        0
+    } else {
+        opts.rate_per_sec
+            .div_ceil(OPS_PER_CONNECTION)
+            .min(MAX_CONNECTIONS)
+    };
+    let mut sessions = Vec::new();
+    for _ in 0..connections {
+        sessions.push(Session::open(&config).await?);
+    }
+    let max_id: i64 = match sessions.first() {
+        Some(s) => s
+            .client
+            .query_one("SELECT coalesce(max(id), 0) FROM public.users", &[])
+            .await?
+            .get(0),
+        None => 0,
+    };
+    let shared = Arc::new(Shared {
+        config,
+        opts: opts.clone(),
+        max_id: AtomicI64::new(max_id),
+        prefix: format!("{:08x}", rand::thread_rng().gen::<u32>()),
+        stats: Arc::new(Mutex::new(LoadStats::default())),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let per_connection = f64::from(opts.rate_per_sec) / f64::from(connections.max(1));
+    let mut tasks = Vec::new();
+    for (worker, session) in sessions.into_iter().enumerate() {
+        let shared = Arc::clone(&shared);
+        let stop = stop_rx.clone();
+        let external = shutdown.clone();
+        let span = tracing::info_span!("load", worker);
+        tasks.push(tokio::spawn(
+            async move {
+                run_worker(worker, session, shared, per_connection, stop, external).await;
+            }
+            .instrument(span),
+        ));
+    }
+    tracing::info!(rate = opts.rate_per_sec, connections, "write load started");
+    Ok(LoadHandle {
+        stats: Arc::clone(&shared.stats),
+        stop_tx,
+        tasks,
+    })
+}
+
+struct Shared {
+    config: Config,
+    opts: LoadOptions,
+    max_id: AtomicI64,
+    /// Makes emails of this load unique against earlier runs on the same table.
+    prefix: String,
+    stats: Arc<Mutex<LoadStats>>,
+}
+
+struct Session {
+    client: Client,
+    insert: Statement,
+    update_name: Statement,
+    update_bio: Statement,
+    update_toasted: Statement,
+    delete: Statement,
+}
+
+impl Session {
+    async fn open(config: &Config) -> Result<Session, tokio_postgres::Error> {
+        let (client, conn) = config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "load connection ended");
+            }
+        });
+        Ok(Session {
+            insert: client
+                .prepare(
+                    "INSERT INTO public.users (email, full_name, bio) VALUES ($1, $2, $3) \
+                     RETURNING id",
+                )
+                .await?,
+            update_name: client
+                .prepare("UPDATE public.users SET full_name = $2, updated_at = now() WHERE id = $1")
+                .await?,
+            update_bio: client
+                .prepare("UPDATE public.users SET bio = $2, updated_at = now() WHERE id = $1")
+                .await?,
+            update_toasted: client
+                .prepare(&format!(
+                    "UPDATE public.users SET full_name = $2, updated_at = now()
+                     WHERE id = (SELECT id FROM public.users
+                                 WHERE id >= $1 AND id < $1 + {TOAST_SEARCH_SPAN}
+                                   AND pg_column_size(bio) > 2000
+                                 ORDER BY id LIMIT 1)"
+                ))
+                .await?,
+            delete: client
+                .prepare("DELETE FROM public.users WHERE id = $1")
+                .await?,
+            client,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum OpKind {
+    Insert,
+    UpdateName,
+    UpdateBio,
+    UpdateToasted,
+    Delete,
+}
+
+fn pick_op(rng: &mut StdRng, opts: &LoadOptions) -> Option<OpKind> {
+    let (i, u, d) = (
+        u32::from(opts.insert_pct),
+        u32::from(opts.update_pct),
+        u32::from(opts.delete_pct),
+    );
+    if i + u + d == 0 {
+        return None;
+    }
+    let r = rng.gen_range(0..i + u + d);
+    Some(if r < i {
+        OpKind::Insert
+    } else if r < i + u {
+        if rng.gen_range(0..100) < u32::from(opts.toast_update_pct) {
+            OpKind::UpdateToasted
+        } else if rng.gen_range(0..100) < BIO_UPDATE_PCT {
+            OpKind::UpdateBio
+        } else {
+            OpKind::UpdateName
+        }
+    } else {
+        OpKind::Delete
+    })
+}
+
+/// Resolves once `rx` holds true or its sender is gone.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+async fn stop_requested(
+    stop: &mut watch::Receiver<bool>,
+    external: &mut Option<watch::Receiver<bool>>,
+) {
+    match external {
+        Some(ext) => tokio::select! {
+            _ = stopped(stop) => {}
+            _ = stopped(ext) => {}
+        },
+        None => stopped(stop).await,
+    }
+}
+
+async fn run_worker(
+    worker: usize,
+    mut session: Session,
+    shared: Arc<Shared>,
+    rate: f64,
+    mut stop: watch::Receiver<bool>,
+    mut external: Option<watch::Receiver<bool>>,
+) {
+    let mut rng = StdRng::from_entropy();
+    let tick = Duration::from_secs_f64(1.0 / rate).max(MIN_TICK);
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut credit = 0.0;
+    let mut counter: u64 = 0;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop_requested(&mut stop, &mut external) => break,
+            _ = interval.tick() => {}
+        }
+        credit += rate * tick.as_secs_f64();
+        while credit >= 1.0 {
+            credit -= 1.0;
+            let Some(kind) = pick_op(&mut rng, &shared.opts) else {
+                continue;
+            };
+            counter += 1;
+            let email = format!("load.{}.{worker}.{counter}@example.com", shared.prefix);
+            let started = Instant::now();
+            let result = execute(&session, &shared, &mut rng, kind, &email).await;
+            let elapsed = started.elapsed();
+            if let Err(e) = record(&shared.stats, kind, elapsed, result) {
+                tracing::debug!(error = %e, ?kind, "load operation failed");
+            }
+            if session.client.is_closed() {
+                match reconnect(&shared, &mut stop, &mut external).await {
+                    Some(s) => session = s,
+                    None => return,
+                }
+                // Operations missed while disconnected are not made up in a burst.
+                credit = 0.0;
+                interval.reset();
+            }
+        }
+    }
+}
+
+fn record(
+    stats: &Mutex<LoadStats>,
+    kind: OpKind,
+    elapsed: Duration,
+    result: Result<u64, tokio_postgres::Error>,
+) -> Result<(), tokio_postgres::Error> {
+    let mut stats = lock(stats);
+    let affected = match result {
+        Ok(affected) => affected,
+        Err(e) => {
+            stats.failed += 1;
+            return Err(e);
+        }
+    };
+    stats.latencies_us.record(elapsed.as_micros() as u64);
+    stats.max_write_wait = stats.max_write_wait.max(elapsed);
+    match kind {
+        OpKind::Insert => stats.inserts += 1,
+        OpKind::Delete => stats.deletes += 1,
+        OpKind::UpdateToasted => {
+            stats.updates += 1;
+            stats.toast_updates += affected;
+        }
+        OpKind::UpdateName | OpKind::UpdateBio => stats.updates += 1,
+    }
+    Ok(())
+}
+
+/// Returns the operation's affected row count.
+async fn execute(
+    session: &Session,
+    shared: &Shared,
+    rng: &mut StdRng,
+    kind: OpKind,
+    email: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    let max = shared.max_id.load(Ordering::Relaxed).max(1);
+    let id = rng.gen_range(1..=max);
+    match kind {
+        OpKind::Insert => {
+            let name = random_full_name(rng);
+            let roll = rng.gen_range(0..100);
+            let bio = match roll {
+                0 => Some(random_large_bio(rng)),
+                1..=10 => None,
+                _ => Some(random_short_bio(rng)),
+            };
+            let row = session
+                .client
+                .query_one(&session.insert, &[&email, &name, &bio])
+                .await?;
+            shared.max_id.fetch_max(row.get(0), Ordering::Relaxed);
+            Ok(1)
+        }
+        OpKind::UpdateName | OpKind::UpdateToasted => {
+            let stmt = match kind {
+                OpKind::UpdateName => &session.update_name,
+                _ => &session.update_toasted,
+            };
+            let name = random_full_name(rng);
+            session.client.execute(stmt, &[&id, &name]).await
+        }
+        OpKind::UpdateBio => {
+            let bio = random_large_bio(rng);
+            session
+                .client
+                .execute(&session.update_bio, &[&id, &bio])
+                .await
+        }
+        OpKind::Delete => session.client.execute(&session.delete, &[&id]).await,
+    }
+}
+
+/// Reconnects with backoff until it works or the load is stopped (None).
+async fn reconnect(
+    shared: &Shared,
+    stop: &mut watch::Receiver<bool>,
+    external: &mut Option<watch::Receiver<bool>>,
+) -> Option<Session> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match Session::open(&shared.config).await {
+            Ok(session) => {
+                lock(&shared.stats).reconnects += 1;
+                tracing::info!("load reconnected");
+                return Some(session);
+            }
+            Err(e) => tracing::debug!(error = %e, "load reconnect failed"),
+        }
+        tokio::select! {
+            _ = stop_requested(stop, external) => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+#[path = "load_tests.rs"]
+mod tests;

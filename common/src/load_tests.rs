@@ -1,0 +1,131 @@
+use super::*;
+use crate::cluster::test_cluster;
+use crate::scenario::{load_users, SOURCE_DDL};
+
+/// Polls the load until `done` holds (bounded, so a stuck load fails the test).
+async fn wait_until(handle: &LoadHandle, done: impl Fn(&LoadStats) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done(&handle.stats()) {
+        assert!(
+            Instant::now() < deadline,
+            "load made no progress: {:?}",
+            handle.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn load_writes_at_its_rate_without_failures() {
+    let (cluster, client) = test_cluster().await;
+    client.batch_execute(SOURCE_DDL).await.expect("ddl");
+    load_users(&client, 2_000).await.expect("users");
+    let opts = LoadOptions {
+        rate_per_sec: 200,
+        insert_pct: 50,
+        update_pct: 40,
+        delete_pct: 10,
+        toast_update_pct: 50,
+    };
+    let started = Instant::now();
+    let handle = start_load(cluster.dsn("postgres"), opts)
+        .await
+        .expect("start load");
+    wait_until(&handle, |s| s.ops() >= 200).await;
+    let elapsed = started.elapsed();
+    let stats = handle.stop().await;
+    // 200 ops at 200/s cannot finish much faster than a second: the pacing works.
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "too fast: {elapsed:?}"
+    );
+    assert!(
+        stats.inserts > 0 && stats.updates > 0 && stats.deletes > 0,
+        "{stats:?}"
+    );
+    assert!(stats.toast_updates > 0, "{stats:?}");
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    assert_eq!(stats.latencies_us.count(), stats.ops());
+    assert!(stats.p50() <= stats.p95() && stats.p95() <= stats.p99());
+    assert!(stats.p99() <= stats.max_write_wait);
+    let inserted: i64 = client
+        .query_one(
+            "SELECT count(*) FROM public.users WHERE email LIKE 'load.%'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(inserted as u64, stats.inserts);
+    // Nothing runs after stop.
+    let after: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&LOAD_APPLICATION_NAME],
+        )
+        .await
+        .expect("activity")
+        .get(0);
+    assert_eq!(after, 0);
+    drop(client);
+    cluster.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn load_reconnects_after_losing_its_connection() {
+    let (cluster, client) = test_cluster().await;
+    client.batch_execute(SOURCE_DDL).await.expect("ddl");
+    load_users(&client, 500).await.expect("users");
+    let (ext_tx, ext_rx) = watch::channel(false);
+    let opts = LoadOptions {
+        rate_per_sec: 300,
+        ..LoadOptions::default()
+    };
+    let handle = start_load_with_shutdown(cluster.dsn("postgres"), opts, Some(ext_rx))
+        .await
+        .expect("start load");
+    wait_until(&handle, |s| s.ops() >= 20).await;
+    client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&LOAD_APPLICATION_NAME],
+        )
+        .await
+        .expect("terminate");
+    wait_until(&handle, |s| s.reconnects >= 1).await;
+    let before = handle.stats().ops();
+    wait_until(&handle, |s| s.ops() >= before + 20).await;
+    // The external shutdown signal stops the workers as well.
+    ext_tx.send(true).expect("signal");
+    let stats = handle.stop().await;
+    assert!(stats.reconnects >= 1, "{stats:?}");
+    assert!(
+        stats.failed <= 2,
+        "only operations in flight fail: {stats:?}"
+    );
+    drop(client);
+    cluster.stop().await.expect("stop");
+}
+
+#[test]
+fn histogram_percentiles_are_close() {
+    let mut h = LatencyHistogram::default();
+    for v in 1..=10_000u64 {
+        h.record(v);
+    }
+    let close = |got: u64, want: u64| (got as f64 - want as f64).abs() / want as f64 <= 0.04;
+    assert!(close(h.p50(), 5_000), "p50 {}", h.p50());
+    assert!(close(h.p95(), 9_500), "p95 {}", h.p95());
+    assert!(close(h.p99(), 9_900), "p99 {}", h.p99());
+    assert_eq!(h.max(), 10_000);
+    assert_eq!(h.count(), 10_000);
+    let mut one = LatencyHistogram::default();
+    one.record(u64::MAX);
+    assert_eq!(one.p50(), u64::MAX);
+    assert_eq!(LatencyHistogram::default().p99(), 0);
+    for v in [0, 1, 63, 64, 65, 127, 128, 1 << 20, u64::MAX] {
+        let idx = LatencyHistogram::index(v);
+        assert!(idx < BUCKETS);
+        assert!(LatencyHistogram::upper(idx) >= v, "upper bound of {v}");
+    }
+}

@@ -1,0 +1,117 @@
+//! PostgreSQL sessions: connect with the shared session settings, install the spec's
+//! helper functions into `pg_temp`, and classify errors as transient or permanent
+//! (the one place retry decisions come from).
+
+use crate::spec::Dsn;
+use crate::sql::{Helper, SESSION_SETUP};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+use tracing::Instrument;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("cannot connect to the {role} database {at}: {reason}")]
+    Connect {
+        role: &'static str,
+        at: String,
+        reason: String,
+    },
+    #[error("helper function {name} cannot be created on the {role} database: {reason}")]
+    Helper {
+        role: &'static str,
+        name: String,
+        reason: String,
+    },
+}
+
+/// Connects, spawns the connection task, and applies [`SESSION_SETUP`].
+pub async fn connect(dsn: &Dsn, role: &'static str) -> Result<Client, PgError> {
+    let err = |e: tokio_postgres::Error| PgError::Connect {
+        role,
+        at: dsn.redacted(),
+        reason: describe(&e),
+    };
+    let (client, connection) = tokio_postgres::connect(dsn.expose(), NoTls)
+        .await
+        .map_err(err)?;
+    let span = tracing::debug_span!("pg_connection", role, at = %dsn.redacted());
+    tokio::spawn(
+        async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %describe(&e), "connection ended");
+            }
+        }
+        .instrument(span),
+    );
+    client.batch_execute(SESSION_SETUP).await.map_err(err)?;
+    Ok(client)
+}
+
+/// Creates the helpers as session-temporary functions: nothing stays behind.
+pub async fn install_helpers(
+    client: &Client,
+    helpers: &[Helper],
+    role: &'static str,
+) -> Result<(), PgError> {
+    for h in helpers {
+        client
+            .batch_execute(&h.create_sql)
+            .await
+            .map_err(|e| PgError::Helper {
+                role,
+                name: h.name.clone(),
+                reason: describe(&e),
+            })?;
+    }
+    Ok(())
+}
+
+/// The server's message (with detail and hint) rather than tokio-postgres' "db error".
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = db.message().to_owned();
+            if let Some(d) = db.detail() {
+                s.push_str(&format!(" ({d})"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!(" hint: {h}"));
+            }
+            s
+        }
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(inner) = src {
+                s.push_str(&format!(": {inner}"));
+                src = inner.source();
+            }
+            s
+        }
+    }
+}
+
+/// Whether retrying the same work can succeed: lost connections, server restarts,
+/// lock timeouts, serialization failures and deadlocks. Everything else is permanent.
+pub fn is_transient(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => e.as_db_error().is_none(),
+        Some(code) => {
+            code.code().starts_with("08")
+                || [
+                    &SqlState::T_R_SERIALIZATION_FAILURE,
+                    &SqlState::T_R_DEADLOCK_DETECTED,
+                    &SqlState::LOCK_NOT_AVAILABLE,
+                    &SqlState::ADMIN_SHUTDOWN,
+                    &SqlState::CRASH_SHUTDOWN,
+                    &SqlState::CANNOT_CONNECT_NOW,
+                    &SqlState::TOO_MANY_CONNECTIONS,
+                    &SqlState::QUERY_CANCELED,
+                ]
+                .contains(&code)
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! The migration spec (one YAML file): parsing, `${ENV}` expansion and validation.
+//!
+//! Parsing happens on the raw text so a typo gets a line number; environment
+//! references are expanded afterwards, field by field, so a value can never
+//! inject YAML structure.
+
+use crate::sql::QualifiedName;
+use indexmap::IndexMap;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read spec {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("spec is not valid YAML for schemashift: {0}")]
+    Yaml(String),
+    #[error("spec refers to environment variable ${{{0}}}, which is not set: export it or edit the spec")]
+    MissingEnv(String),
+    #[error("spec is invalid:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// A connection string. Held as a secret: it usually carries a password.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Dsn(SecretString);
+
+impl Dsn {
+    pub fn new(s: impl Into<String>) -> Self {
+        Dsn(SecretString::from(s.into()))
+    }
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+    /// `host:port/dbname` without user info or password, for messages and spans.
+    pub fn redacted(&self) -> String {
+        match self.expose().parse::<tokio_postgres::Config>() {
+            Ok(cfg) => {
+                let host = cfg
+                    .get_hosts()
+                    .first()
+                    .map(|h| match h {
+                        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                        #[cfg(unix)]
+                        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                    })
+                    .unwrap_or_else(|| "localhost".into());
+                let port = cfg.get_ports().first().copied().unwrap_or(5432);
+                let db = cfg.get_dbname().or(cfg.get_user()).unwrap_or("postgres");
+                format!("{host}:{port}/{db}")
+            }
+            Err(_) => "<unparseable connection string>".into(),
+        }
+    }
+    fn expand_env(&mut self) -> Result<(), SpecError> {
+        let expanded = expand_env(self.expose())?;
+        self.0 = SecretString::from(expanded);
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Dsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Dsn({})", self.redacted())
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    #[default]
+    Auto,
+    Copy,
+    Fdw,
+}
+
+/// A key: one column or a list of columns (composite key).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum KeySpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl KeySpec {
+    pub fn columns(&self) -> Vec<String> {
+        match self {
+            KeySpec::One(c) => vec![c.clone()],
+            KeySpec::Many(cs) => cs.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSpec {
+    pub source: String,
+    pub target: String,
+    pub key: KeySpec,
+    #[serde(default)]
+    pub shard_rows: Option<u64>,
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Target column → SQL expression over source columns, in target order.
+    pub columns: IndexMap<String, String>,
+    /// Source column → SQL expression over target columns (reverse sync, accuracy).
+    #[serde(default)]
+    pub reverse: Option<IndexMap<String, String>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CutoverSpec {
+    #[serde(default = "default_max_lag", with = "humantime_serde")]
+    pub max_lag: Duration,
+    #[serde(default = "default_freeze_timeout", with = "humantime_serde")]
+    pub freeze_timeout: Duration,
+    #[serde(default)]
+    pub switch_command: Option<String>,
+}
+
+fn default_max_lag() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_freeze_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+impl Default for CutoverSpec {
+    fn default() -> Self {
+        CutoverSpec {
+            max_lag: default_max_lag(),
+            freeze_timeout: default_freeze_timeout(),
+            switch_command: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub source: Dsn,
+    pub target: Dsn,
+    #[serde(default = "default_changelog")]
+    pub changelog: String,
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Schema in the target database that holds the run's control state.
+    #[serde(default = "default_control_schema")]
+    pub control_schema: String,
+    #[serde(default)]
+    pub functions: Vec<String>,
+    pub tables: Vec<TableSpec>,
+    #[serde(default)]
+    pub cutover: CutoverSpec,
+}
+
+fn default_changelog() -> String {
+    "postgres".into()
+}
+fn default_control_schema() -> String {
+    "schemashift".into()
+}
+
+/// Where decoded changes are stored until replayed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changelog {
+    /// A change table in the target database's control schema.
+    Postgres,
+    Kafka {
+        brokers: Vec<String>,
+    },
+}
+
+impl Spec {
+    pub fn load(path: &Path) -> Result<Spec, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Spec::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Spec, SpecError> {
+        let mut spec: Spec =
+            serde_norway::from_str(text).map_err(|e| SpecError::Yaml(e.to_string()))?;
+        spec.expand_env()?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    fn expand_env(&mut self) -> Result<(), SpecError> {
+        self.source.expand_env()?;
+        self.target.expand_env()?;
+        self.changelog = expand_env(&self.changelog)?;
+        self.control_schema = expand_env(&self.control_schema)?;
+        for f in &mut self.functions {
+            *f = expand_env(f)?;
+        }
+        for t in &mut self.tables {
+            t.source = expand_env(&t.source)?;
+            t.target = expand_env(&t.target)?;
+            for v in t.columns.values_mut() {
+                *v = expand_env(v)?;
+            }
+            if let Some(rev) = &mut t.reverse {
+                for v in rev.values_mut() {
+                    *v = expand_env(v)?;
+                }
+            }
+        }
+        if let Some(cmd) = &mut self.cutover.switch_command {
+            *cmd = expand_env(cmd)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that need no database; every problem is listed, not just the first.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let mut problems = Vec::new();
+        for (what, dsn) in [("source", &self.source), ("target", &self.target)] {
+            if let Err(e) = dsn.expose().parse::<tokio_postgres::Config>() {
+                problems.push(format!("{what}: not a valid connection string ({e})"));
+            }
+        }
+        if let Err(e) = self.changelog() {
+            problems.push(e);
+        }
+        if let Some(w) = self.workers {
+            if !(1..=256).contains(&w) {
+                problems.push(format!("workers: {w} is out of range (1..=256)"));
+            }
+        }
+        if QualifiedName::parse(&self.control_schema).is_err() || self.control_schema.contains('.')
+        {
+            problems.push(format!(
+                "control_schema: {:?} is not a schema name",
+                self.control_schema
+            ));
+        }
+        if self.tables.is_empty() {
+            problems.push("tables: at least one table is needed".into());
+        }
+        let mut targets = std::collections::HashSet::new();
+        for (i, t) in self.tables.iter().enumerate() {
+            let at = format!("tables[{i}] ({})", t.source);
+            match QualifiedName::parse(&t.source) {
+                Ok(_) => {}
+                Err(e) => problems.push(format!("{at}: source: {e}")),
+            }
+            match QualifiedName::parse(&t.target) {
+                Ok(q) => {
+                    if !targets.insert(q.clone()) {
+                        problems.push(format!("{at}: target {q} is named by two tables"));
+                    }
+                }
+                Err(e) => problems.push(format!("{at}: target: {e}")),
+            }
+            let key = t.key.columns();
+            if key.is_empty() || key.iter().any(|k| k.trim().is_empty()) {
+                problems.push(format!("{at}: key: name the key column(s), e.g. `key: id`"));
+            }
+            if t.shard_rows == Some(0) {
+                problems.push(format!("{at}: shard_rows must be greater than 0"));
+            }
+            if t.columns.is_empty() {
+                problems.push(format!(
+                    "{at}: columns: map at least one target column, e.g. `id: id`"
+                ));
+            }
+            for (col, expr) in &t.columns {
+                if expr.trim().is_empty() {
+                    problems.push(format!("{at}: columns.{col}: the expression is empty"));
+                }
+            }
+        }
+        if self.cutover.freeze_timeout.is_zero() {
+            problems.push("cutover.freeze_timeout must be greater than 0".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(SpecError::Invalid(problems))
+        }
+    }
+
+    pub fn changelog(&self) -> Result<Changelog, String> {
+        let c = self.changelog.trim();
+        if c == "postgres" {
+            return Ok(Changelog::Postgres);
+        }
+        if let Some(rest) = c.strip_prefix("kafka://") {
+            let brokers: Vec<String> = rest
+                .split(',')
+                .map(|b| b.trim().to_owned())
+                .filter(|b| !b.is_empty())
+                .collect();
+            if brokers.is_empty() || brokers.iter().any(|b| !b.contains(':')) {
+                return Err(format!(
+                    "changelog: {c:?} must list brokers as kafka://HOST:PORT[,HOST:PORT]"
+                ));
+            }
+            return Ok(Changelog::Kafka { brokers });
+        }
+        Err(format!(
+            "changelog: {c:?} is neither `postgres` nor `kafka://HOST:PORT[,HOST:PORT]`"
+        ))
+    }
+
+    /// A stable fingerprint of what the run does, so a resumed run can refuse a changed spec.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.functions.join("\n"));
+        for t in &self.tables {
+            h.update(format!("{}|{}|{:?}|", t.source, t.target, t.key.columns()));
+            for (k, v) in &t.columns {
+                h.update(format!("{k}={v};"));
+            }
+        }
+        let d = h.finalize();
+        d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Replaces `${NAME}` with the variable's value; `$$` and a lone `$` stay as they are
+/// (SQL dollar quoting in function bodies must survive).
+pub fn expand_env(s: &str) -> Result<String, SpecError> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find("${") {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 2..];
+        match after.find('}') {
+            Some(end)
+                if !after[..end].is_empty()
+                    && after[..end]
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+            {
+                let name = &after[..end];
+                let val =
+                    std::env::var(name).map_err(|_| SpecError::MissingEnv(name.to_owned()))?;
+                out.push_str(&val);
+                rest = &after[end + 1..];
+            }
+            _ => {
+                out.push_str("${");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = r#"
+source: postgres://app:${SS_TEST_PW}@127.0.0.1:5432/app
+target: postgres://app@127.0.0.1:5433/app_v2
+functions:
+  - |
+    CREATE FUNCTION f(n text) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT n $$
+tables:
+  - source: public.users
+    target: public.users
+    key: id
+    columns:
+      id: id
+      first_name: f(full_name)
+cutover:
+  max_lag: 500ms
+"#;
+
+    #[test]
+    fn env_is_expanded_and_password_never_displayed() {
+        std::env::set_var("SS_TEST_PW", "s3cret");
+        let spec = Spec::parse(SPEC).expect("spec parses");
+        assert!(spec.source.expose().contains("s3cret"));
+        assert!(!format!("{spec:?}").contains("s3cret"));
+        assert_eq!(spec.source.redacted(), "127.0.0.1:5432/app");
+        assert_eq!(spec.cutover.max_lag, Duration::from_millis(500));
+        assert!(spec.functions[0].contains("$$ SELECT n $$"));
+        assert_eq!(
+            spec.tables[0].columns.keys().collect::<Vec<_>>(),
+            ["id", "first_name"]
+        );
+    }
+
+    #[test]
+    fn missing_env_names_the_variable() {
+        let err =
+            Spec::parse(&SPEC.replace("SS_TEST_PW", "SS_NOT_SET_ANYWHERE")).expect_err("must fail");
+        assert!(err.to_string().contains("SS_NOT_SET_ANYWHERE"), "{err}");
+    }
+
+    #[test]
+    fn a_typo_in_a_key_is_rejected_with_its_name() {
+        std::env::set_var("SS_TEST_PW", "x");
+        let err = Spec::parse(
+            &SPEC
+                .replace("shard_rows", "x")
+                .replace("key: id", "key: id\n    shard_row: 5"),
+        )
+        .expect_err("unknown field");
+        assert!(err.to_string().contains("shard_row"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        std::env::set_var("SS_TEST_PW", "x");
+        let bad = SPEC
+            .replace("key: id", "key: []\n    shard_rows: 0")
+            .replace("changelog", "x");
+        let bad = format!("{bad}changelog: nats://x\n");
+        let err = Spec::parse(&bad).expect_err("invalid");
+        let msg = err.to_string();
+        assert!(msg.contains("key"), "{msg}");
+        assert!(msg.contains("shard_rows"), "{msg}");
+        assert!(msg.contains("changelog"), "{msg}");
+    }
+}

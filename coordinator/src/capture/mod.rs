@@ -1,0 +1,352 @@
+//! capture: a publication and a pgoutput slot on the source, created before any shard is
+//! read; decoded transactions are appended to the change log together with the capture
+//! position (one target transaction), and only then is the slot advanced. After a crash
+//! between the two, transactions at or below the saved position are skipped.
+
+pub mod pgoutput;
+
+use crate::error::CoordinatorError;
+use pgoutput::{Datum, Message, OldTuple, Relation};
+use schemashift_common::change::{partition_of, Change, Op};
+use schemashift_common::control::ControlSql;
+use schemashift_common::ids::Lsn;
+use schemashift_common::plan::RunPlan;
+use schemashift_common::sql::quote_ident;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+/// Decoded messages per peek; the server stops at the next transaction end after it.
+const PEEK_LIMIT: i32 = 20_000;
+
+fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
+    move |e| CoordinatorError::db(context, &e)
+}
+
+/// Creates the publication and the slot when missing; returns the slot's consistent point.
+/// Slot creation waits for running transactions; if it takes long, the blocking
+/// backends are reported instead of waiting silently.
+pub async fn ensure_slot(source: &Client, plan: &RunPlan, name: &str) -> Result<(), CoordinatorError> {
+    let has_pub: bool = source
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&name])
+        .await
+        .map_err(db("checking publication"))?
+        .get(0);
+    if !has_pub {
+        let tables = plan.tables.iter().map(|t| t.source.to_string()).collect::<Vec<_>>().join(", ");
+        source
+            .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {tables}", quote_ident(name)))
+            .await
+            .map_err(db("creating publication"))?;
+        tracing::info!(publication = name, "publication created");
+    }
+    let has_slot: bool = source
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)", &[&name])
+        .await
+        .map_err(db("checking slot"))?
+        .get(0);
+    if has_slot {
+        return Ok(());
+    }
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&name];
+    let create = source.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &params);
+    tokio::pin!(create);
+    let started = Instant::now();
+    loop {
+        tokio::select! {
+            r = &mut create => {
+                let lsn: String = r.map_err(db("creating replication slot"))?.get(0);
+                tracing::info!(slot = name, consistent_point = %lsn, "replication slot created");
+                return Ok(());
+            }
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                tracing::warn!(
+                    slot = name, waited_s = started.elapsed().as_secs(),
+                    "slot creation waits for running transactions on the source; see pg_stat_activity \
+                     rows with backend_xid set and an old xact_start (commit or cancel them)"
+                );
+            }
+        }
+    }
+}
+
+/// Where capture stands, for replay, lag and cutover.
+#[derive(Clone, Copy, Debug)]
+pub struct CaptureProgress {
+    /// Every source commit up to this WAL position is in the change log.
+    pub caught_up_to: Lsn,
+    /// When `caught_up_to` was the source's current WAL position.
+    pub caught_up_at: Instant,
+    pub changes: u64,
+}
+
+pub struct Capture {
+    source: Client,
+    target: Client,
+    plan: Arc<RunPlan>,
+    control: ControlSql,
+    slot: String,
+    position: Lsn,
+    relations: HashMap<u32, u32>,
+    changes: u64,
+}
+
+impl Capture {
+    pub async fn open(source: Client, target: Client, plan: Arc<RunPlan>, slot: String) -> Result<Self, CoordinatorError> {
+        let control = ControlSql::new(&plan.control_schema);
+        let position = target
+            .query_opt(&format!("SELECT lsn::text FROM {}", control.table("capture")), &[])
+            .await
+            .map_err(db("reading capture position"))?
+            .map(|r| r.get::<_, String>(0).parse::<Lsn>().unwrap_or_default())
+            .unwrap_or_default();
+        Ok(Capture { source, target, plan, control, slot, position, relations: HashMap::new(), changes: 0 })
+    }
+
+    fn relation(&mut self, rel: &Relation) -> Result<(), CoordinatorError> {
+        let Some(t) = self
+            .plan
+            .tables
+            .iter()
+            .find(|t| t.source.schema == rel.namespace && t.source.name == rel.name)
+        else {
+            return Ok(());
+        };
+        let got: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
+        let want: Vec<&str> = t.source_columns.iter().map(|c| c.name.as_str()).collect();
+        if got != want {
+            return Err(CoordinatorError::Capture(format!(
+                "table {}: its columns changed during the run (now {got:?}, planned {want:?}); \
+                 DDL on a migrated table is not supported: roll back, change the spec, start again",
+                t.source
+            )));
+        }
+        self.relations.insert(rel.oid, t.index);
+        Ok(())
+    }
+
+    fn to_change(&self, rel: u32, lsn: Lsn, op: Op, old: Option<&OldTuple>, new: Option<&Vec<Datum>>) -> Result<Option<Change>, CoordinatorError> {
+        let Some(&table) = self.relations.get(&rel) else { return Ok(None) };
+        let Some(tp) = self.plan.table(table) else { return Ok(None) };
+        let key_idx = tp.source_key_index();
+        let old_key = match old {
+            Some(o) => {
+                let t = o.tuple();
+                let k: Option<Vec<String>> = key_idx
+                    .iter()
+                    .map(|&i| match t.get(i) {
+                        Some(Datum::Text(s)) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                Some(k.ok_or_else(|| CoordinatorError::Capture(format!("table {}: a change arrived without its key", tp.source)))?)
+            }
+            None => None,
+        };
+        let mut values = Vec::new();
+        let mut unchanged = Vec::new();
+        if let Some(n) = new {
+            for (i, d) in n.iter().enumerate() {
+                match d {
+                    Datum::Null => values.push(None),
+                    Datum::Text(s) => values.push(Some(s.clone())),
+                    Datum::Unchanged => {
+                        values.push(None);
+                        unchanged.push(i as u16);
+                    }
+                }
+            }
+        }
+        Ok(Some(Change { table, op, lsn, old_key, values, unchanged }))
+    }
+
+    /// One peek → append → advance round. Returns the number of transactions taken and
+    /// whether the peek was cut short (more is waiting).
+    pub async fn round(&mut self) -> Result<(usize, bool, Lsn), CoordinatorError> {
+        let head: String = self
+            .source
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(db("reading source WAL position"))?
+            .get(0);
+        let head: Lsn = head.parse().map_err(|e: schemashift_common::ids::LsnParseError| CoordinatorError::Capture(e.to_string()))?;
+        let rows = self
+            .source
+            .query(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, 'proto_version', '1', 'publication_names', $3)",
+                // Our names are lower-case hex: safe as the identifier list pgoutput parses.
+                &[&self.slot, &PEEK_LIMIT, &self.slot],
+            )
+            .await
+            .map_err(db("decoding changes from the slot"))?;
+        let cut_short = rows.len() >= PEEK_LIMIT as usize;
+        let mut pending: Vec<Change> = Vec::new();
+        let mut tx_changes: Vec<Change> = Vec::new();
+        let mut tx_lsn = Lsn(0);
+        let mut last_end = self.position;
+        let mut txs = 0;
+        for r in &rows {
+            let data: &[u8] = r.get(0);
+            let msg = pgoutput::decode(data).map_err(|e| CoordinatorError::Capture(e.to_string()))?;
+            match msg {
+                Message::Begin { final_lsn, .. } => {
+                    tx_changes.clear();
+                    tx_lsn = final_lsn;
+                }
+                Message::Relation(rel) => self.relation(&rel)?,
+                Message::Insert { rel, new } => {
+                    if let Some(c) = self.to_change(rel, tx_lsn, Op::Insert, None, Some(&new))? {
+                        tx_changes.push(c);
+                    }
+                }
+                Message::Update { rel, old, new } => {
+                    if let Some(c) = self.to_change(rel, tx_lsn, Op::Update, old.as_ref(), Some(&new))? {
+                        tx_changes.push(c);
+                    }
+                }
+                Message::Delete { rel, old } => {
+                    if let Some(c) = self.to_change(rel, tx_lsn, Op::Delete, Some(&old), None)? {
+                        tx_changes.push(c);
+                    }
+                }
+                Message::Truncate { rels } => {
+                    if let Some(t) = rels.iter().find_map(|r| self.relations.get(r)).and_then(|&i| self.plan.table(i)) {
+                        return Err(CoordinatorError::Capture(format!(
+                            "table {} was truncated on the source during the run; its rows cannot be replayed. \
+                             Roll back and start the migration again",
+                            t.source
+                        )));
+                    }
+                }
+                Message::Commit { end_lsn, .. } => {
+                    // Already in the change log from before a crash: skip, do not duplicate.
+                    if end_lsn > self.position {
+                        pending.append(&mut tx_changes);
+                        last_end = end_lsn;
+                        txs += 1;
+                    }
+                    tx_changes.clear();
+                }
+                Message::Origin { .. } | Message::Ignored => {}
+            }
+        }
+        if last_end > self.position {
+            self.append(&pending, last_end).await?;
+            self.position = last_end;
+        }
+        if self.position > Lsn(0) {
+            // Only after the change log committed: the slot may now release this WAL.
+            self.source
+                .query(
+                    "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn) FROM pg_replication_slots \
+                     WHERE slot_name = $1 AND confirmed_flush_lsn < $2::text::pg_lsn",
+                    &[&self.slot, &self.position.to_string()],
+                )
+                .await
+                .map_err(db("advancing the slot"))?;
+        }
+        self.changes += pending.len() as u64;
+        Ok((txs, cut_short, head))
+    }
+
+    async fn append(&mut self, changes: &[Change], end: Lsn) -> Result<(), CoordinatorError> {
+        let parts = self.plan.partitions;
+        let rows: Vec<serde_json::Value> = changes
+            .iter()
+            .map(|c| {
+                let key = self.plan.table(c.table).and_then(|t| c.key(&t.source_key_index())).unwrap_or_default();
+                serde_json::json!({
+                    "part": partition_of(c.table, &key, parts),
+                    "table_idx": c.table,
+                    "op": (c.op.code() as u8 as char).to_string(),
+                    "lsn": c.lsn.to_string(),
+                    "old_key": c.old_key,
+                    "vals": if c.op == Op::Delete { None } else { Some(&c.values) },
+                    "unchanged": if c.unchanged.is_empty() { None } else { Some(&c.unchanged) },
+                })
+            })
+            .collect();
+        let e = db("appending to the change log");
+        let tx = self.target.transaction().await.map_err(&e)?;
+        if !rows.is_empty() {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {} (part, table_idx, op, lsn, old_key, vals, unchanged) \
+                     SELECT part, table_idx, op::\"char\", lsn::pg_lsn, old_key, vals, unchanged \
+                     FROM jsonb_to_recordset($1::text::jsonb) AS x(part int, table_idx int, op text, lsn text, \
+                     old_key text[], vals text[], unchanged int2[])",
+                    self.control.table("changes")
+                ),
+                &[&serde_json::Value::Array(rows).to_string()],
+            )
+            .await
+            .map_err(&e)?;
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (id, lsn) VALUES (1, $1::text::pg_lsn) ON CONFLICT (id) DO UPDATE SET lsn = EXCLUDED.lsn, updated_at = now()",
+                self.control.table("capture")
+            ),
+            &[&end.to_string()],
+        )
+        .await
+        .map_err(&e)?;
+        tx.commit().await.map_err(&e)?;
+        Ok(())
+    }
+
+    /// Runs rounds until shutdown; publishes progress after each round.
+    pub async fn run(
+        mut self,
+        progress: watch::Sender<CaptureProgress>,
+        mut shutdown: watch::Receiver<bool>,
+        poll: Duration,
+    ) -> Result<(), CoordinatorError> {
+        loop {
+            let started = Instant::now();
+            let (_txs, cut_short, head) = self.round().await?;
+            if !cut_short {
+                progress.send_replace(CaptureProgress { caught_up_to: head, caught_up_at: started, changes: self.changes });
+            }
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            if !cut_short {
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Drops the slot and publication; says whether anything was there.
+pub async fn drop_slot(source: &Client, name: &str) -> Result<(bool, bool), CoordinatorError> {
+    let slot = source
+        .query(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+            &[&name],
+        )
+        .await
+        .map_err(db("stopping the slot's reader"))?;
+    drop(slot);
+    let dropped_slot = source
+        .query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&name])
+        .await
+        .map_err(db("dropping the slot"))?
+        .len()
+        == 1;
+    let had_pub: bool = source
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&name])
+        .await
+        .map_err(db("checking publication"))?
+        .get(0);
+    source
+        .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name)))
+        .await
+        .map_err(db("dropping the publication"))?;
+    Ok((dropped_slot, had_pub))
+}

@@ -1,0 +1,267 @@
+//! The run's durable state in the control schema: phase, plan and shards. A restarted
+//! process reads it back and resumes where the last one stopped.
+
+use crate::error::CoordinatorError;
+use schemashift_common::control::ControlSql;
+use schemashift_common::ids::{Lsn, RunId, ShardId};
+use schemashift_common::plan::{RunPlan, Shard, ShardRange};
+use serde::Serialize;
+use tokio_postgres::Client;
+
+/// Phases in order; persisted by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Planned,
+    Backfill,
+    Replay,
+    Verify,
+    Verified,
+    CutOver,
+    RolledBack,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Planned => "planned",
+            Phase::Backfill => "backfill",
+            Phase::Replay => "replay",
+            Phase::Verify => "verify",
+            Phase::Verified => "verified",
+            Phase::CutOver => "cut_over",
+            Phase::RolledBack => "rolled_back",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Phase> {
+        [
+            Phase::Planned,
+            Phase::Backfill,
+            Phase::Replay,
+            Phase::Verify,
+            Phase::Verified,
+            Phase::CutOver,
+            Phase::RolledBack,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+    }
+}
+
+pub struct RunState {
+    pub run_id: RunId,
+    pub fingerprint: String,
+    pub plan: RunPlan,
+    pub phase: Phase,
+    pub slot: String,
+    pub publication: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ShardCounts {
+    pub pending: i64,
+    pub leased: i64,
+    pub done: i64,
+    pub rows_done: i64,
+    pub bytes_done: i64,
+}
+
+pub struct Store {
+    pub sql: ControlSql,
+}
+
+fn err(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
+    move |e| CoordinatorError::db(context, &e)
+}
+
+impl Store {
+    pub fn new(schema: &str) -> Self {
+        Store { sql: ControlSql::new(schema) }
+    }
+
+    pub async fn load(&self, target: &Client) -> Result<Option<RunState>, CoordinatorError> {
+        let exists: bool = target
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.sql.table("run")])
+            .await
+            .map_err(err("reading control state"))?
+            .get(0);
+        if !exists {
+            return Ok(None);
+        }
+        let Some(row) = target
+            .query_opt(
+                &format!("SELECT run_id, fingerprint, plan::text, phase, slot, publication FROM {}", self.sql.table("run")),
+                &[],
+            )
+            .await
+            .map_err(err("reading control state"))?
+        else {
+            return Ok(None);
+        };
+        let plan: String = row.get(2);
+        let phase: String = row.get(3);
+        Ok(Some(RunState {
+            run_id: RunId(row.get(0)),
+            fingerprint: row.get(1),
+            plan: serde_json::from_str(&plan)
+                .map_err(|e| CoordinatorError::State(format!("control state plan unreadable: {e}")))?,
+            phase: Phase::parse(&phase)
+                .ok_or_else(|| CoordinatorError::State(format!("control state has unknown phase {phase:?}")))?,
+            slot: row.get(4),
+            publication: row.get(5),
+        }))
+    }
+
+    /// Creates the control schema and records plan and shards, in one transaction.
+    pub async fn init(
+        &self,
+        target: &mut Client,
+        run_id: &RunId,
+        fingerprint: &str,
+        plan: &RunPlan,
+        shards: &[Shard],
+    ) -> Result<(), CoordinatorError> {
+        let e = err("creating control state");
+        let tx = target.transaction().await.map_err(&e)?;
+        tx.batch_execute(&self.sql.ddl()).await.map_err(&e)?;
+        let plan_json = serde_json::to_string(plan).map_err(|x| CoordinatorError::State(x.to_string()))?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (run_id, fingerprint, plan, phase, slot, publication) VALUES ($1, $2, $3::text::jsonb, $4, $5, $5)",
+                self.sql.table("run")
+            ),
+            &[&run_id.0, &fingerprint, &plan_json, &Phase::Planned.as_str(), &run_id.slot_name()],
+        )
+        .await
+        .map_err(&e)?;
+        let stmt = tx
+            .prepare(&format!(
+                "INSERT INTO {} (shard_id, table_idx, lo, hi, est_rows, state) VALUES ($1, $2, $3, $4, $5, 'pending')",
+                self.sql.table("shards")
+            ))
+            .await
+            .map_err(&e)?;
+        for s in shards {
+            tx.execute(&stmt, &[&s.id.0, &(s.table as i32), &s.range.lo, &s.range.hi, &(s.estimated_rows as i64)])
+                .await
+                .map_err(&e)?;
+        }
+        tx.commit().await.map_err(&e)?;
+        Ok(())
+    }
+
+    pub async fn set_phase(&self, target: &Client, phase: Phase) -> Result<(), CoordinatorError> {
+        target
+            .execute(
+                &format!("UPDATE {} SET phase = $1, updated_at = now()", self.sql.table("run")),
+                &[&phase.as_str()],
+            )
+            .await
+            .map_err(err("saving phase"))?;
+        tracing::info!(phase = phase.as_str(), "phase changed");
+        Ok(())
+    }
+
+    pub async fn event(&self, target: &Client, kind: &str, detail: serde_json::Value) -> Result<(), CoordinatorError> {
+        target
+            .execute(
+                &format!("INSERT INTO {} (kind, detail) VALUES ($1, $2::text::jsonb)", self.sql.table("events")),
+                &[&kind, &detail.to_string()],
+            )
+            .await
+            .map_err(err("recording event"))?;
+        Ok(())
+    }
+
+    pub async fn save_report(&self, target: &Client, report: &serde_json::Value) -> Result<(), CoordinatorError> {
+        target
+            .execute(
+                &format!("UPDATE {} SET report = $1::text::jsonb", self.sql.table("run")),
+                &[&report.to_string()],
+            )
+            .await
+            .map_err(err("saving report"))?;
+        Ok(())
+    }
+
+    /// In embedded mode no other process can hold a lease: a restart frees them at once.
+    pub async fn release_all_leases(&self, target: &Client) -> Result<u64, CoordinatorError> {
+        target
+            .execute(
+                &format!(
+                    "UPDATE {} SET state = 'pending', lease_epoch = lease_epoch + 1, lease_expires_at = NULL WHERE state = 'leased'",
+                    self.sql.table("shards")
+                ),
+                &[],
+            )
+            .await
+            .map_err(err("releasing leases"))
+    }
+
+    pub async fn shard_counts(&self, target: &Client) -> Result<ShardCounts, CoordinatorError> {
+        let row = target
+            .query_one(
+                &format!(
+                    "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'leased'), \
+                     count(*) FILTER (WHERE state = 'done'), coalesce(sum(rows) FILTER (WHERE state = 'done'), 0)::bigint, \
+                     coalesce(sum(bytes) FILTER (WHERE state = 'done'), 0)::bigint FROM {}",
+                    self.sql.table("shards")
+                ),
+                &[],
+            )
+            .await
+            .map_err(err("reading shard counts"))?;
+        Ok(ShardCounts {
+            pending: row.get(0),
+            leased: row.get(1),
+            done: row.get(2),
+            rows_done: row.get(3),
+            bytes_done: row.get(4),
+        })
+    }
+
+    pub async fn shards(&self, target: &Client) -> Result<Vec<(Shard, String, i32)>, CoordinatorError> {
+        let rows = target
+            .query(
+                &format!("SELECT shard_id, table_idx, lo, hi, est_rows, state, attempts FROM {} ORDER BY shard_id", self.sql.table("shards")),
+                &[],
+            )
+            .await
+            .map_err(err("reading shards"))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    Shard {
+                        id: ShardId(r.get(0)),
+                        table: r.get::<_, i32>(1) as u32,
+                        range: ShardRange { lo: r.get(2), hi: r.get(3) },
+                        estimated_rows: r.get::<_, i64>(4) as u64,
+                    },
+                    r.get(5),
+                    r.get(6),
+                )
+            })
+            .collect())
+    }
+
+    pub async fn capture_position(&self, target: &Client) -> Result<Option<Lsn>, CoordinatorError> {
+        let row = target
+            .query_opt(&format!("SELECT lsn::text FROM {}", self.sql.table("capture")), &[])
+            .await
+            .map_err(err("reading capture position"))?;
+        row.map(|r| {
+            r.get::<_, String>(0)
+                .parse::<Lsn>()
+                .map_err(|e| CoordinatorError::State(e.to_string()))
+        })
+        .transpose()
+    }
+
+    pub async fn drop_schema(&self, target: &Client) -> Result<(), CoordinatorError> {
+        target
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.sql.schema()))
+            .await
+            .map_err(err("dropping control schema"))
+    }
+}

@@ -1,0 +1,183 @@
+//! cutover: with replay caught up, freeze writes on the source tables (a lock taken with
+//! `lock_timeout`, retried, never an unbounded wait), drain the change log to the
+//! source's WAL position inside the freeze, re-check every key changed since the last
+//! compare, move target sequences past the source's, run the switch hook, record the
+//! switch and release. Any step that would overrun `freeze_timeout` releases and aborts.
+
+use crate::control::Phase;
+use crate::error::CoordinatorError;
+use crate::run::RunCtx;
+use schemashift_common::change::Op;
+use schemashift_common::ids::Lsn;
+use schemashift_worker::verify::KeyDiff;
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+use tokio_postgres::error::SqlState;
+
+const LOCK_ATTEMPTS: u32 = 10;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CutoverReport {
+    pub freeze_ms: f64,
+    pub lock_attempts: u32,
+    pub lsn: String,
+    pub keys_rechecked: usize,
+    pub sequences_moved: usize,
+    pub late_changes: i64,
+}
+
+/// Keys touched by changes after `after` (and up to `upto`), per table.
+async fn changed_keys(ctx: &RunCtx, after: i64, upto: i64) -> Result<Vec<(u32, KeyDiff)>, CoordinatorError> {
+    let rows = ctx
+        .target
+        .query(
+            &format!(
+                "SELECT table_idx, op, old_key, vals FROM {} WHERE seq > $1 AND seq <= $2",
+                ctx.store.sql.table("changes")
+            ),
+            &[&after, &upto],
+        )
+        .await
+        .map_err(|e| CoordinatorError::db("reading changed keys", &e))?;
+    let mut keys: BTreeSet<(u32, Vec<String>)> = BTreeSet::new();
+    for r in &rows {
+        let t = r.get::<_, i32>(0) as u32;
+        let Some(table) = ctx.plan.table(t) else { continue };
+        if let Some(old) = r.get::<_, Option<Vec<String>>>(2) {
+            keys.insert((t, old));
+        }
+        if Op::from_code(r.get(1)) != Some(Op::Delete) {
+            let vals: Vec<Option<String>> = r.get::<_, Option<Vec<Option<String>>>>(3).unwrap_or_default();
+            let k: Option<Vec<String>> = table.source_key_index().iter().map(|&i| vals.get(i).cloned().flatten()).collect();
+            if let Some(k) = k {
+                keys.insert((t, k));
+            }
+        }
+    }
+    Ok(keys
+        .into_iter()
+        .map(|(t, key)| (t, KeyDiff { table: String::new(), key, kind: schemashift_worker::verify::DiffKind::Different }))
+        .collect())
+}
+
+pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError> {
+    let freeze_budget = ctx.spec.cutover.freeze_timeout;
+    let mut report = CutoverReport::default();
+    let tables = ctx.plan.tables.iter().map(|t| t.source.to_string()).collect::<Vec<_>>().join(", ");
+    let lock_timeout_ms = (freeze_budget.as_millis() / 4).clamp(20, 500);
+    let mut source = schemashift_common::pg::connect(&ctx.spec.source, "source").await?;
+
+    for attempt in 1..=LOCK_ATTEMPTS {
+        report.lock_attempts = attempt;
+        // Get close first, so the freeze only covers the last few changes.
+        let (baseline, lag) = ctx.catch_up(None).await?;
+        if lag > ctx.spec.cutover.max_lag {
+            tracing::info!(lag_ms = lag.as_millis() as u64, "lag above max_lag; catching up again before freezing");
+            continue;
+        }
+        let tx = source.transaction().await.map_err(|e| CoordinatorError::db("starting freeze", &e))?;
+        tx.batch_execute(&format!("SET LOCAL lock_timeout = '{lock_timeout_ms}ms'"))
+            .await
+            .map_err(|e| CoordinatorError::db("setting lock_timeout", &e))?;
+        let t0 = Instant::now();
+        match tx.batch_execute(&format!("LOCK TABLE {tables} IN EXCLUSIVE MODE")).await {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                tracing::warn!(attempt, "freeze lock not granted within lock_timeout; source stays writable, retrying");
+                drop(tx);
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                continue;
+            }
+            Err(e) => return Err(CoordinatorError::db("freezing writes", &e)),
+        }
+        let deadline = t0 + freeze_budget;
+        // Every writer of these tables has committed or waits on us: this LSN covers all.
+        let lsn: String = tx
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| CoordinatorError::db("reading freeze LSN", &e))?
+            .get(0);
+        let lsn: Lsn = lsn.parse().map_err(|e: schemashift_common::ids::LsnParseError| CoordinatorError::State(e.to_string()))?;
+        let outcome = async {
+            let (head, _) = ctx.catch_up_on(Some(lsn), Some(deadline)).await?;
+            let keys = changed_keys(ctx, baseline, head).await?;
+            let diffs = ctx.recheck(&keys).await?;
+            if !diffs.is_empty() {
+                return Err(CoordinatorError::CutoverAborted(format!(
+                    "{} rows differ inside the freeze (first: {:?})",
+                    diffs.len(),
+                    diffs.first().map(|d| &d.1.key)
+                )));
+            }
+            let mut moved = 0;
+            for t in ctx.plan.tables.iter() {
+                for s in &t.sequences {
+                    // The names come from pg_get_serial_sequence: already quoted.
+                    let last: i64 = tx
+                        .query_one(&format!("SELECT last_value FROM {}", s.source_sequence), &[])
+                        .await
+                        .map_err(|e| CoordinatorError::db("reading source sequence", &e))?
+                        .get(0);
+                    ctx.target
+                        .query_one(
+                            &format!("SELECT setval($1::regclass, greatest($2::bigint, (SELECT last_value FROM {})))", s.target_sequence),
+                            &[&s.target_sequence, &last],
+                        )
+                        .await
+                        .map_err(|e| CoordinatorError::db("moving target sequence", &e))?;
+                    moved += 1;
+                }
+            }
+            if let Some(cmd) = &ctx.spec.cutover.switch_command {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let status = tokio::time::timeout(left, tokio::process::Command::new("sh").arg("-c").arg(cmd).status())
+                    .await
+                    .map_err(|_| CoordinatorError::CutoverAborted("switch_command did not finish within freeze_timeout".into()))?
+                    .map_err(|e| CoordinatorError::CutoverAborted(format!("switch_command cannot start: {e}")))?;
+                if !status.success() {
+                    return Err(CoordinatorError::CutoverAborted(format!("switch_command failed ({status})")));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(CoordinatorError::CutoverAborted("freeze would exceed freeze_timeout".into()));
+            }
+            ctx.store.set_phase(&ctx.target, Phase::CutOver).await?;
+            Ok::<_, CoordinatorError>((keys.len(), moved))
+        }
+        .await;
+        match outcome {
+            Ok((keys, moved)) => {
+                tx.commit().await.map_err(|e| CoordinatorError::db("releasing freeze", &e))?;
+                report.freeze_ms = t0.elapsed().as_secs_f64() * 1000.0;
+                report.lsn = lsn.to_string();
+                report.keys_rechecked = keys;
+                report.sequences_moved = moved;
+                tracing::info!(freeze_ms = report.freeze_ms, lsn = %lsn, "cut over");
+                // Writes that waited on the freeze commit on the source after it: carry them over.
+                let (after, _) = ctx.catch_up(None).await?;
+                let late = ctx
+                    .target
+                    .query_one(&format!("SELECT count(*) FROM {} WHERE seq > $1", ctx.store.sql.table("changes")), &[&after.min(i64::MAX)])
+                    .await
+                    .map_err(|e| CoordinatorError::db("counting late changes", &e))?;
+                report.late_changes = late.get(0);
+                let detail = serde_json::to_value(&report).unwrap_or_default();
+                ctx.store.event(&ctx.target, "cutover", detail).await?;
+                return Ok(report);
+            }
+            Err(e @ CoordinatorError::CutoverAborted(_)) => {
+                drop(tx);
+                tracing::warn!(error = %e, "cutover attempt aborted; writes released");
+                if attempt == LOCK_ATTEMPTS {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(CoordinatorError::CutoverAborted(format!(
+        "could not freeze {tables} within lock_timeout after {LOCK_ATTEMPTS} attempts; \
+         long transactions on the source hold conflicting locks (see pg_locks / pg_stat_activity)"
+    )))
+}

@@ -1,0 +1,13 @@
+//! schemashift coordinator: owns the plan and the run's state machine.
+//! plan → shard → capture → (workers: backfill, replay, verify) → cutover.
+pub mod capture;
+pub mod control;
+pub mod cutover;
+pub mod error;
+pub mod ops;
+pub mod plan;
+pub mod run;
+pub mod service;
+pub mod shard;
+
+pub use error::CoordinatorError;

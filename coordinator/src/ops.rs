@@ -1,0 +1,171 @@
+//! Operator commands over an existing run: status, verify, cleanup, rollback.
+
+use crate::control::{Phase, Store};
+use crate::error::CoordinatorError;
+use crate::run::{RunCtx, VerifySummary};
+use schemashift_common::pg::connect;
+use schemashift_common::spec::Spec;
+use serde::Serialize;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SlotStatus {
+    pub name: String,
+    pub exists: bool,
+    pub active: bool,
+    pub retained_wal_bytes: i64,
+    pub unconfirmed_bytes: i64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Status {
+    pub run_id: Option<String>,
+    pub phase: String,
+    pub shards: crate::control::ShardCounts,
+    pub tables: Vec<String>,
+    pub changes_logged: i64,
+    pub changes_applied: i64,
+    pub replay_lag_changes: i64,
+    pub capture_lsn: Option<String>,
+    pub slot: Option<SlotStatus>,
+    pub report: Option<serde_json::Value>,
+}
+
+fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
+    move |e| CoordinatorError::db(context, &e)
+}
+
+pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
+    let target = connect(&spec.target, "target").await?;
+    let store = Store::new(&spec.control_schema);
+    let Some(state) = store.load(&target).await? else {
+        return Ok(Status { phase: "none".into(), ..Status::default() });
+    };
+    let mut st = Status {
+        run_id: Some(state.run_id.0.clone()),
+        phase: state.phase.as_str().into(),
+        shards: store.shard_counts(&target).await?,
+        tables: state.plan.tables.iter().map(|t| t.describe()).collect(),
+        ..Status::default()
+    };
+    let row = target
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM {c}), (SELECT coalesce(sum(applied), 0)::bigint FROM {r}), \
+                 (SELECT count(*) FROM {c} c WHERE c.seq > coalesce((SELECT seq FROM {r} r WHERE r.part = c.part), 0)), \
+                 (SELECT report::text FROM {run})",
+                c = store.sql.table("changes"),
+                r = store.sql.table("replay"),
+                run = store.sql.table("run")
+            ),
+            &[],
+        )
+        .await
+        .map_err(db("reading status"))?;
+    st.changes_logged = row.get(0);
+    st.changes_applied = row.get(1);
+    st.replay_lag_changes = row.get(2);
+    st.report = row.get::<_, Option<String>>(3).and_then(|s| serde_json::from_str(&s).ok());
+    st.capture_lsn = store.capture_position(&target).await?.map(|l| l.to_string());
+    if let Ok(source) = connect(&spec.source, "source").await {
+        let slot = source
+            .query_opt(
+                "SELECT active, coalesce(pg_current_wal_lsn() - restart_lsn, 0)::bigint, \
+                 coalesce(pg_current_wal_lsn() - confirmed_flush_lsn, 0)::bigint \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&state.slot],
+            )
+            .await
+            .map_err(db("reading slot"))?;
+        st.slot = Some(match slot {
+            Some(r) => SlotStatus {
+                name: state.slot.clone(),
+                exists: true,
+                active: r.get(0),
+                retained_wal_bytes: r.get(1),
+                unconfirmed_bytes: r.get(2),
+            },
+            None => SlotStatus { name: state.slot.clone(), ..SlotStatus::default() },
+        });
+    }
+    Ok(st)
+}
+
+/// Compares source and target now (catching replay up first when a run exists).
+pub async fn verify(spec: &Spec) -> Result<VerifySummary, CoordinatorError> {
+    let mut ctx = RunCtx::open(spec, None).await?;
+    let phase = ctx.phase().await?;
+    if phase < Phase::Replay {
+        return Err(CoordinatorError::State(format!(
+            "the run is in phase {}; verify after the backfill (`schemashift run SPEC`)",
+            phase.as_str()
+        )));
+    }
+    ctx.catch_up(None).await?;
+    let summary = ctx.verify().await?;
+    if phase >= Phase::CutOver {
+        // verify() moved the phase; a cut-over run stays cut over.
+        ctx.store.set_phase(&ctx.target, phase).await?;
+    }
+    ctx.finish().await?;
+    Ok(summary)
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CleanupReport {
+    pub slot_dropped: bool,
+    pub publication_dropped: bool,
+    pub control_schema_dropped: bool,
+    pub slot_remains: bool,
+}
+
+pub async fn cleanup(spec: &Spec) -> Result<CleanupReport, CoordinatorError> {
+    let source = connect(&spec.source, "source").await?;
+    let target = connect(&spec.target, "target").await?;
+    let store = Store::new(&spec.control_schema);
+    let mut report = CleanupReport::default();
+    if let Some(state) = store.load(&target).await? {
+        let (slot, publication) = crate::capture::drop_slot(&source, &state.slot).await?;
+        report.slot_dropped = slot;
+        report.publication_dropped = publication;
+        let remains: bool = source
+            .query_one("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)", &[&state.slot])
+            .await
+            .map_err(db("checking slot"))?
+            .get(0);
+        report.slot_remains = remains;
+    }
+    let had: bool = target
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", &[&spec.control_schema])
+        .await
+        .map_err(db("checking control schema"))?
+        .get(0);
+    store.drop_schema(&target).await?;
+    report.control_schema_dropped = had;
+    Ok(report)
+}
+
+/// Before cutover: stop and clean up (the application never left the source).
+pub async fn rollback(spec: &Spec) -> Result<CleanupReport, CoordinatorError> {
+    let target = connect(&spec.target, "target").await?;
+    let store = Store::new(&spec.control_schema);
+    if let Some(state) = store.load(&target).await? {
+        if state.phase == Phase::CutOver {
+            return Err(CoordinatorError::State(
+                "the run is cut over: switching back needs reverse sync, which this version does not have yet; \
+                 the source tables are unchanged since the cutover except for writes made to them since"
+                    .into(),
+            ));
+        }
+    }
+    cleanup(spec).await
+}
+
+/// `plan`: validate and analyse; writes nothing.
+pub async fn plan_only(spec: &Spec) -> Result<Vec<crate::plan::TableAnalysis>, CoordinatorError> {
+    let source = connect(&spec.source, "source").await?;
+    let target = connect(&spec.target, "target").await?;
+    let resuming = Store::new(&spec.control_schema).load(&target).await?.is_some();
+    let workers = spec.workers.unwrap_or(4);
+    let planned = crate::plan::plan(spec, &source, &target, &crate::plan::PlanOptions { workers, resuming }).await?;
+    Ok(planned.analysis)
+}

@@ -1,0 +1,304 @@
+//! Harness of the end-to-end tests: fresh databases on the shared test clusters (or on private
+//! throwaway clusters), the built `schemashift` binary, and our own source/target compare.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use rand::Rng;
+use schemashift_common::cluster::{Cluster, ClusterOptions};
+use tokio_postgres::{Client, NoTls};
+
+mod diff;
+
+pub use diff::{concat_names, split_full_name, table_diff, table_diff_report, DiffReport};
+
+/// Env vars with base DSNs (no database) of the shared clusters `scripts/test.sh` starts.
+pub const SOURCE_ENV: &str = "SCHEMASHIFT_TEST_SOURCE";
+pub const TARGET_ENV: &str = "SCHEMASHIFT_TEST_TARGET";
+
+/// A fresh source and target database for one test.
+pub struct TestEnv {
+    pub source_dsn: String,
+    pub target_dsn: String,
+    pub source_db: String,
+    pub target_db: String,
+    source_base: String,
+    target_base: String,
+    /// Private clusters when no shared ones are configured; they stop when dropped.
+    clusters: Vec<Cluster>,
+    cleaned: bool,
+}
+
+impl TestEnv {
+    /// Creates the two databases, named after the test with a random suffix.
+    pub async fn new(test_name: &str) -> anyhow::Result<TestEnv> {
+        let (source_base, target_base, clusters) =
+            match (std::env::var(SOURCE_ENV), std::env::var(TARGET_ENV)) {
+                (Ok(s), Ok(t)) => (s, t, Vec::new()),
+                _ => {
+                    let (a, b) = tokio::try_join!(
+                        Cluster::start(ClusterOptions::default()),
+                        Cluster::start(ClusterOptions::default())
+                    )
+                    .context("start private test clusters (or run scripts/test.sh)")?;
+                    let bases = (base_of(&a), base_of(&b));
+                    (bases.0, bases.1, vec![a, b])
+                }
+            };
+        let stem = db_stem(test_name);
+        let suffix = format!("{:08x}", rand::thread_rng().gen::<u32>());
+        // Distinct names, so source and target may even share one cluster.
+        let source_db = format!("{stem}_{suffix}_s");
+        let target_db = format!("{stem}_{suffix}_t");
+        for (base, db) in [(&source_base, &source_db), (&target_base, &target_db)] {
+            let admin = connect(&dsn_with_db(base, "postgres")).await?;
+            admin
+                .batch_execute(&format!("CREATE DATABASE \"{db}\""))
+                .await
+                .with_context(|| format!("create test database {db}"))?;
+        }
+        Ok(TestEnv {
+            source_dsn: dsn_with_db(&source_base, &source_db),
+            target_dsn: dsn_with_db(&target_base, &target_db),
+            source_db,
+            target_db,
+            source_base,
+            target_base,
+            clusters,
+            cleaned: false,
+        })
+    }
+
+    /// DSN of another database (e.g. `postgres`) on the source cluster.
+    pub fn source_dsn_for(&self, db: &str) -> String {
+        dsn_with_db(&self.source_base, db)
+    }
+
+    /// DSN of another database (e.g. `postgres`) on the target cluster.
+    pub fn target_dsn_for(&self, db: &str) -> String {
+        dsn_with_db(&self.target_base, db)
+    }
+
+    /// Drops the replication slots of our databases and the databases, then stops private
+    /// clusters.
+    pub async fn drop_all(mut self) -> anyhow::Result<()> {
+        let result = self.drop_databases().await;
+        for cluster in std::mem::take(&mut self.clusters) {
+            cluster.stop().await.context("stop private test cluster")?;
+        }
+        result
+    }
+
+    /// Drops the slots of our databases and the databases, leaving the clusters running
+    /// (idempotent; [`TestEnv::drop_all`] does it too).
+    pub async fn drop_databases(&mut self) -> anyhow::Result<()> {
+        self.cleaned = true;
+        let mut first_err = None;
+        for (base, db) in [
+            (&self.source_base, &self.source_db),
+            (&self.target_base, &self.target_db),
+        ] {
+            if let Err(e) = drop_database(base, db).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        // Private clusters vanish with their directories; only shared ones need cleaning.
+        if self.cleaned || !self.clusters.is_empty() {
+            return;
+        }
+        let dbs = [
+            (self.source_base.clone(), self.source_db.clone()),
+            (self.target_base.clone(), self.target_db.clone()),
+        ];
+        // A fresh thread and runtime: Drop cannot await, and may run inside a runtime.
+        let cleanup = std::thread::spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return eprintln!("test env cleanup: no runtime: {e}"),
+            };
+            rt.block_on(async {
+                for (base, db) in dbs {
+                    if let Err(e) = drop_database(&base, &db).await {
+                        eprintln!("test env cleanup of {db}: {e:#}");
+                    }
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+fn base_of(cluster: &Cluster) -> String {
+    format!("postgres://postgres@127.0.0.1:{}", cluster.port())
+}
+
+/// A database-name stem from a test name: lowercase `[a-z0-9_]`, short enough that the whole
+/// name stays under PostgreSQL's 63 bytes.
+fn db_stem(test_name: &str) -> String {
+    let mut stem: String = test_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    if stem.is_empty() {
+        stem.push_str("test");
+    }
+    stem
+}
+
+/// `base` with its database replaced by `db`; URL or key/value form.
+pub fn dsn_with_db(base: &str, db: &str) -> String {
+    match base.find("://") {
+        Some(scheme_end) => {
+            let (main, query) = match base.find('?') {
+                Some(q) => (&base[..q], &base[q..]),
+                None => (base, ""),
+            };
+            let host_start = scheme_end + 3;
+            let path_start = main[host_start..]
+                .find('/')
+                .map_or(main.len(), |i| i + host_start);
+            format!("{}/{db}{query}", &main[..path_start])
+        }
+        None => format!("{base} dbname={db}"),
+    }
+}
+
+async fn drop_database(base: &str, db: &str) -> anyhow::Result<()> {
+    let admin = connect(&dsn_with_db(base, "postgres")).await?;
+    drop_slots(&admin, db).await?;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+        .await
+        .with_context(|| format!("drop test database {db}"))?;
+    Ok(())
+}
+
+/// Drops the logical slots of `db`; an active slot's walsender is terminated first, and its
+/// exit takes a moment, hence the bounded retry.
+async fn drop_slots(admin: &Client, db: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let slots = admin
+            .query(
+                "SELECT slot_name::text, active_pid FROM pg_replication_slots WHERE database = $1",
+                &[&db],
+            )
+            .await
+            .context("list replication slots")?;
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let mut last_err = None;
+        for slot in &slots {
+            let name: String = slot.get(0);
+            let pid: Option<i32> = slot.get(1);
+            let result = match pid {
+                Some(pid) => admin
+                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await
+                    .map(|_| ()),
+                None => admin
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                    .await
+                    .map(|_| ()),
+            };
+            if let Err(e) = result {
+                last_err = Some(e);
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            let names: Vec<String> = slots.iter().map(|r| r.get(0)).collect();
+            anyhow::bail!(
+                "replication slots {names:?} of {db} could not be dropped: {}",
+                last_err.map_or_else(|| "still active".to_string(), |e| e.to_string())
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Connects and spawns the connection task.
+pub async fn connect(dsn: &str) -> anyhow::Result<Client> {
+    let (client, conn) = tokio_postgres::connect(dsn, NoTls)
+        .await
+        .with_context(|| format!("connect to {dsn}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            eprintln!("test connection ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// The `schemashift` binary of this build (target/<profile>/schemashift; test executables live
+/// in target/<profile>/deps/).
+pub fn schemashift_bin() -> PathBuf {
+    let name = format!("schemashift{}", std::env::consts::EXE_SUFFIX);
+    let exe = std::env::current_exe().expect("path of the test executable");
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(&name))
+        .collect();
+    match candidates.iter().find(|p| p.is_file()) {
+        Some(path) => path.clone(),
+        None => panic!(
+            "schemashift binary not found at {candidates:?}: run `cargo build --bin schemashift` first"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dsn_with_db_replaces_only_the_database() {
+        let cases = [
+            (
+                "postgres://postgres@127.0.0.1:5501",
+                "postgres://postgres@127.0.0.1:5501/x",
+            ),
+            (
+                "postgres://postgres@127.0.0.1:5501/",
+                "postgres://postgres@127.0.0.1:5501/x",
+            ),
+            (
+                "postgres://u@h:1/app?sslmode=disable",
+                "postgres://u@h:1/x?sslmode=disable",
+            ),
+            ("postgresql://h", "postgresql://h/x"),
+            ("host=h port=1", "host=h port=1 dbname=x"),
+        ];
+        for (base, want) in cases {
+            assert_eq!(dsn_with_db(base, "x"), want, "{base}");
+        }
+    }
+
+    #[test]
+    fn db_stem_is_a_safe_identifier() {
+        assert_eq!(
+            db_stem("Backfill::kill -9 worker"),
+            "backfill__kill__9_worker"
+        );
+        assert_eq!(db_stem(""), "test");
+        assert!(db_stem(&"x".repeat(100)).len() <= 40);
+    }
+}

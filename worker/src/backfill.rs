@@ -1,0 +1,80 @@
+//! Backfill: one shard = one binary COPY stream from the source's mapped SELECT straight
+//! into the target's COPY FROM, inside one target transaction that also marks the shard
+//! done (fenced by lease epoch). Rows are never decoded in Rust.
+
+use crate::error::pg_reason;
+use crate::WorkerError;
+use futures_util::{SinkExt, StreamExt};
+use schemashift_common::control::ControlSql;
+use schemashift_common::ids::LeaseEpoch;
+use schemashift_common::plan::{Shard, TablePlan};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio_postgres::Client;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ShardOutcome {
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// Live counters a heartbeat reads while the copy runs.
+#[derive(Debug, Default)]
+pub struct CopyProgress {
+    pub bytes: AtomicU64,
+    pub messages: AtomicU64,
+}
+
+pub async fn copy_shard(
+    source: &Client,
+    target: &mut Client,
+    control: &ControlSql,
+    table: &TablePlan,
+    shard: &Shard,
+    epoch: LeaseEpoch,
+    progress: Arc<CopyProgress>,
+) -> Result<ShardOutcome, WorkerError> {
+    let fail = |e: tokio_postgres::Error| {
+        let (reason, transient) = pg_reason(&e);
+        WorkerError::Shard {
+            table: table.describe(),
+            shard: shard.id,
+            range: shard.range.to_string(),
+            reason,
+            transient,
+        }
+    };
+    let tx = target.transaction().await.map_err(fail)?;
+    let sink = tx.copy_in(&table.copy_in_sql()).await.map_err(fail)?;
+    futures_util::pin_mut!(sink);
+    let stream = source
+        .copy_out(&table.copy_out_sql(&shard.range))
+        .await
+        .map_err(fail)?;
+    futures_util::pin_mut!(stream);
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(fail)?;
+        bytes += chunk.len() as u64;
+        progress.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        progress.messages.fetch_add(1, Ordering::Relaxed);
+        sink.feed(chunk).await.map_err(fail)?;
+    }
+    let rows = sink.as_mut().finish().await.map_err(fail)?;
+    let marked = tx
+        .execute(
+            &control.complete_shard(),
+            &[&shard.id.0, &epoch.0, &(rows as i64), &(bytes as i64)],
+        )
+        .await
+        .map_err(fail)?;
+    if marked != 1 {
+        // Dropping the transaction rolls the shard's rows back.
+        return Err(WorkerError::LeaseLost {
+            table: table.describe(),
+            shard: shard.id,
+        });
+    }
+    tx.commit().await.map_err(fail)?;
+    Ok(ShardOutcome { rows, bytes })
+}

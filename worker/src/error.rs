@@ -1,0 +1,47 @@
+use schemashift_common::ids::ShardId;
+use schemashift_common::pg::{describe, is_transient, PgError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Connect(#[from] PgError),
+    #[error("table {table}, shard {shard} {range}: {reason}")]
+    Shard {
+        table: String,
+        shard: ShardId,
+        range: String,
+        reason: String,
+        transient: bool,
+    },
+    #[error("table {table}, shard {shard}: lease lost (another worker owns it now); rows rolled back")]
+    LeaseLost { table: String, shard: ShardId },
+    #[error("replay of partition {part}, table {table}: {reason}")]
+    Replay {
+        part: u32,
+        table: String,
+        reason: String,
+        transient: bool,
+    },
+    #[error("verify of table {table}: {reason}")]
+    Verify { table: String, reason: String },
+    #[error("change log: {0}")]
+    ChangeLog(String),
+}
+
+impl WorkerError {
+    /// The one place that decides whether a failed piece of work is retried.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            WorkerError::Connect(_) => true,
+            WorkerError::Shard { transient, .. } | WorkerError::Replay { transient, .. } => {
+                *transient
+            }
+            WorkerError::LeaseLost { .. } => false,
+            WorkerError::Verify { .. } | WorkerError::ChangeLog(_) => false,
+        }
+    }
+}
+
+pub(crate) fn pg_reason(e: &tokio_postgres::Error) -> (String, bool) {
+    (describe(e), is_transient(e))
+}
