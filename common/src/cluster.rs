@@ -52,6 +52,16 @@ pub enum ClusterError {
 }
 
 impl ClusterError {
+    /// A start that failed because another process took the port; worth a retry.
+    fn is_port_conflict(&self) -> bool {
+        match self {
+            ClusterError::Start { log_tail, .. } => {
+                log_tail.contains("could not bind") || log_tail.contains("already in use")
+            }
+            _ => false,
+        }
+    }
+
     fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         ClusterError::Io {
             context: context.into(),
@@ -284,7 +294,7 @@ impl Cluster {
                     tracing::debug!(port, data_dir = %cluster.data_dir.display(), "cluster started");
                     return Ok(cluster);
                 }
-                Err(e) if attempt < START_ATTEMPTS => {
+                Err(e) if attempt < START_ATTEMPTS && e.is_port_conflict() => {
                     tracing::debug!(port, attempt, error = %e, "cluster start failed, retrying");
                     // A half-started server must not keep the port or directory busy.
                     cluster.pg_ctl_stop_sync("immediate");
@@ -429,60 +439,5 @@ pub(crate) async fn test_cluster() -> (Cluster, tokio_postgres::Client) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn starts_logical_cluster_and_stops() {
-        let cluster = Cluster::start(ClusterOptions::default())
-            .await
-            .expect("cluster starts");
-        let (client, conn) =
-            tokio_postgres::connect(&cluster.dsn("postgres"), tokio_postgres::NoTls)
-                .await
-                .expect("connect");
-        let task = tokio::spawn(conn);
-        let row = client
-            .query_one("SHOW wal_level", &[])
-            .await
-            .expect("show wal_level");
-        assert_eq!(row.get::<_, String>(0), "logical");
-        let row = client
-            .query_one("SHOW server_encoding", &[])
-            .await
-            .expect("show encoding");
-        assert_eq!(row.get::<_, String>(0), "UTF8");
-        drop(client);
-        let _ = task.await;
-        let dir = cluster.root();
-        cluster.stop().await.expect("cluster stops");
-        assert!(!dir.exists(), "cluster directory removed");
-    }
-
-    #[tokio::test]
-    async fn extra_conf_overrides_defaults() {
-        let opts = ClusterOptions {
-            wal_level: "replica".into(),
-            extra_conf: vec![("shared_buffers".into(), "'32MB'".into())],
-        };
-        let cluster = Cluster::start(opts).await.expect("cluster starts");
-        let (client, conn) =
-            tokio_postgres::connect(&cluster.dsn("postgres"), tokio_postgres::NoTls)
-                .await
-                .expect("connect");
-        tokio::spawn(conn);
-        let wal: String = client
-            .query_one("SHOW wal_level", &[])
-            .await
-            .expect("show")
-            .get(0);
-        let buffers: String = client
-            .query_one("SHOW shared_buffers", &[])
-            .await
-            .expect("show")
-            .get(0);
-        assert_eq!(wal, "replica");
-        assert_eq!(buffers, "32MB");
-        // Drop stops the server without an explicit stop().
-    }
-}
+#[path = "cluster_tests.rs"]
+mod tests;

@@ -53,92 +53,9 @@ impl Default for LoadOptions {
     }
 }
 
-/// Latencies in microseconds, in log-linear buckets (about 3% precision, fixed 15 KB).
-#[derive(Debug, Clone)]
-pub struct LatencyHistogram {
-    counts: Vec<u64>,
-    total: u64,
-    max: u64,
-}
-
-const EXACT: u64 = 64;
-const SUB_BITS: u32 = 5;
-const BUCKETS: usize = 64 + (64 - 6) * (1 << SUB_BITS);
-
-impl Default for LatencyHistogram {
-    fn default() -> Self {
-        LatencyHistogram {
-            counts: vec![0; BUCKETS],
-            total: 0,
-            max: 0,
-        }
-    }
-}
-
-impl LatencyHistogram {
-    fn index(v: u64) -> usize {
-        if v < EXACT {
-            return v as usize;
-        }
-        let exp = 63 - v.leading_zeros();
-        let sub = (v >> (exp - SUB_BITS)) & ((1 << SUB_BITS) - 1);
-        (EXACT + u64::from(exp - 6) * (1 << SUB_BITS) + sub) as usize
-    }
-
-    /// Largest value that falls into bucket `idx`.
-    fn upper(idx: usize) -> u64 {
-        let idx = idx as u64;
-        if idx < EXACT {
-            return idx;
-        }
-        let exp = 6 + (idx - EXACT) / (1 << SUB_BITS);
-        let sub = (idx - EXACT) % (1 << SUB_BITS);
-        let width = 1u64 << (exp - u64::from(SUB_BITS));
-        ((1 << SUB_BITS) + sub) * width + (width - 1)
-    }
-
-    pub fn record(&mut self, micros: u64) {
-        self.counts[Self::index(micros)] += 1;
-        self.total += 1;
-        self.max = self.max.max(micros);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.total
-    }
-
-    pub fn max(&self) -> u64 {
-        self.max
-    }
-
-    /// The latency (µs) below which a share `q` (0..=1) of the recorded ones lie; 0 if empty.
-    pub fn percentile(&self, q: f64) -> u64 {
-        if self.total == 0 {
-            return 0;
-        }
-        let rank = ((q.clamp(0.0, 1.0) * self.total as f64).ceil() as u64).max(1);
-        let mut seen = 0;
-        for (idx, &c) in self.counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Self::upper(idx).min(self.max);
-            }
-        }
-        self.max
-    }
-
-    pub fn p50(&self) -> u64 {
-        self.percentile(0.50)
-    }
-
-    pub fn p95(&self) -> u64 {
-        self.percentile(0.95)
-    }
-
-    pub fn p99(&self) -> u64 {
-        self.percentile(0.99)
-    }
-}
+#[path = "load_histogram.rs"]
+mod histogram;
+pub use histogram::LatencyHistogram;
 
 #[derive(Debug, Clone, Default)]
 pub struct LoadStats {
@@ -413,10 +330,12 @@ async fn run_worker(
             let started = Instant::now();
             let result = execute(&session, &shared, &mut rng, kind, &email).await;
             let elapsed = started.elapsed();
+            let mut lost = false;
             if let Err(e) = record(&shared.stats, kind, elapsed, result) {
                 tracing::debug!(error = %e, ?kind, "load operation failed");
+                lost = connection_lost(&e);
             }
-            if session.client.is_closed() {
+            if lost || session.client.is_closed() {
                 match reconnect(&shared, &mut stop, &mut external).await {
                     Some(s) => session = s,
                     None => return,
@@ -455,6 +374,17 @@ fn record(
         OpKind::UpdateName | OpKind::UpdateBio => stats.updates += 1,
     }
     Ok(())
+}
+
+/// Whether an error means the session is gone; the client may notice a moment later.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.is_closed()
+        || e.code().is_some_and(|c| {
+            *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+        })
 }
 
 /// Returns the operation's affected row count.

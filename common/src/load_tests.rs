@@ -15,6 +15,26 @@ async fn wait_until(handle: &LoadHandle, done: impl Fn(&LoadStats) -> bool) {
     }
 }
 
+/// Waits until no load session is left; backends exit a moment after their client closes.
+async fn wait_for_no_sessions(client: &tokio_postgres::Client) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let sessions: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&LOAD_APPLICATION_NAME],
+            )
+            .await
+            .expect("activity")
+            .get(0);
+        if sessions == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "load sessions remain");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn load_writes_at_its_rate_without_failures() {
     let (cluster, client) = test_cluster().await;
@@ -48,25 +68,22 @@ async fn load_writes_at_its_rate_without_failures() {
     assert_eq!(stats.latencies_us.count(), stats.ops());
     assert!(stats.p50() <= stats.p95() && stats.p95() <= stats.p99());
     assert!(stats.p99() <= stats.max_write_wait);
-    let inserted: i64 = client
-        .query_one(
-            "SELECT count(*) FROM public.users WHERE email LIKE 'load.%'",
-            &[],
-        )
+    // Every successful insert took one sequence value (deletes may remove inserted rows, so
+    // counting rows would not be exact).
+    let last: i64 = client
+        .query_one("SELECT last_value FROM public.users_id_seq", &[])
         .await
-        .expect("count")
+        .expect("sequence")
         .get(0);
-    assert_eq!(inserted as u64, stats.inserts);
+    assert_eq!(last as u64, 2_000 + stats.inserts);
     // Nothing runs after stop.
-    let after: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-            &[&LOAD_APPLICATION_NAME],
-        )
+    wait_for_no_sessions(&client).await;
+    let later: i64 = client
+        .query_one("SELECT last_value FROM public.users_id_seq", &[])
         .await
-        .expect("activity")
+        .expect("sequence")
         .get(0);
-    assert_eq!(after, 0);
+    assert_eq!(later, last, "no inserts after stop");
     drop(client);
     cluster.stop().await.expect("stop");
 }
@@ -95,37 +112,16 @@ async fn load_reconnects_after_losing_its_connection() {
     wait_until(&handle, |s| s.reconnects >= 1).await;
     let before = handle.stats().ops();
     wait_until(&handle, |s| s.ops() >= before + 20).await;
-    // The external shutdown signal stops the workers as well.
+    assert!(handle.stats().failed >= 1, "the operation in flight fails");
+    // The external shutdown signal alone ends the workers: their sessions go away.
     ext_tx.send(true).expect("signal");
+    wait_for_no_sessions(&client).await;
     let stats = handle.stop().await;
     assert!(stats.reconnects >= 1, "{stats:?}");
     assert!(
-        stats.failed <= 2,
+        (1..=2).contains(&stats.failed),
         "only operations in flight fail: {stats:?}"
     );
     drop(client);
     cluster.stop().await.expect("stop");
-}
-
-#[test]
-fn histogram_percentiles_are_close() {
-    let mut h = LatencyHistogram::default();
-    for v in 1..=10_000u64 {
-        h.record(v);
-    }
-    let close = |got: u64, want: u64| (got as f64 - want as f64).abs() / want as f64 <= 0.04;
-    assert!(close(h.p50(), 5_000), "p50 {}", h.p50());
-    assert!(close(h.p95(), 9_500), "p95 {}", h.p95());
-    assert!(close(h.p99(), 9_900), "p99 {}", h.p99());
-    assert_eq!(h.max(), 10_000);
-    assert_eq!(h.count(), 10_000);
-    let mut one = LatencyHistogram::default();
-    one.record(u64::MAX);
-    assert_eq!(one.p50(), u64::MAX);
-    assert_eq!(LatencyHistogram::default().p99(), 0);
-    for v in [0, 1, 63, 64, 65, 127, 128, 1 << 20, u64::MAX] {
-        let idx = LatencyHistogram::index(v);
-        assert!(idx < BUCKETS);
-        assert!(LatencyHistogram::upper(idx) >= v, "upper bound of {v}");
-    }
 }

@@ -54,10 +54,12 @@ pub async fn install_helpers(
     role: &'static str,
 ) -> Result<(), PgError> {
     for h in helpers {
-        client
-            .batch_execute(&h.create_sql)
-            .await
-            .map_err(|e| PgError::Helper {
+        match client.batch_execute(&h.create_sql).await {
+            // Already created in this session (pg_temp lives as long as the session).
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_FUNCTION) => continue,
+            r => r,
+        }
+        .map_err(|e| PgError::Helper {
                 role,
                 name: h.name.clone(),
                 reason: describe(&e),

@@ -411,10 +411,13 @@ pub fn random_short_bio<R: Rng + ?Sized>(rng: &mut R) -> String {
 
 /// A bio over 8 KB of random alphanumerics: incompressible, so PostgreSQL stores it out of line.
 pub fn random_large_bio<R: Rng + ?Sized>(rng: &mut R) -> String {
-    let len = rng.gen_range(8_500..12_000);
-    rng.sample_iter(rand::distributions::Alphanumeric)
-        .take(len)
-        .map(char::from)
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bytes = vec![0u8; rng.gen_range(8_500..9_500)];
+    // fill_bytes runs in the (optimized) rand crate; a per-char iterator is slow in debug builds.
+    rng.fill_bytes(&mut bytes);
+    bytes
+        .iter()
+        .map(|b| char::from(ALPHABET[usize::from(b & 63)]))
         .collect()
 }
 

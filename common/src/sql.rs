@@ -266,10 +266,12 @@ pub fn key_order(key: &[KeyCol]) -> String {
         .join(", ")
 }
 
-/// Key tuple as text, one column each: `"id"::text, ...`.
+/// Key tuple as text, one column each: `"id"::text AS __k0, ...`. The alias matters:
+/// without it `ORDER BY "id"` would sort by the text output column, not the key.
 pub fn key_text_select(key: &[KeyCol]) -> String {
     key.iter()
-        .map(|k| format!("{}::text", quote_ident(&k.name)))
+        .enumerate()
+        .map(|(i, k)| format!("{}::text AS __k{i}", quote_ident(&k.name)))
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -121,7 +121,7 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
                         .get(0);
                     ctx.target
                         .query_one(
-                            &format!("SELECT setval($1::regclass, greatest($2::bigint, (SELECT last_value FROM {})))", s.target_sequence),
+                            &format!("SELECT setval($1::text::regclass, greatest($2::bigint, (SELECT last_value FROM {})))", s.target_sequence),
                             &[&s.target_sequence, &last],
                         )
                         .await

@@ -129,6 +129,7 @@ pub async fn verify_range(
             summarize(target, &tgt_hash, &tf, &tp)
         )
         .map_err(|e| verr(table, &e))?;
+        tracing::debug!(range = %r, source_rows = s.rows, target_rows = t.rows, same = s.sum == t.sum, "range compared");
         if first {
             check.source_rows = s.rows;
             check.target_rows = t.rows;
