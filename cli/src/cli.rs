@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use tokio::sync::watch;
 
 #[derive(Parser, Debug)]
-#[command(name = "schemashift", version, about = "Zero-downtime PostgreSQL schema-to-schema table migration")]
+#[command(
+    name = "schemashift",
+    version,
+    about = "Zero-downtime PostgreSQL schema-to-schema table migration"
+)]
 pub struct Cli {
     /// Only warnings and errors on stderr.
     #[arg(long, global = true)]
@@ -83,9 +87,16 @@ pub enum Command {
 
 pub fn init_tracing(quiet: bool, json: bool) {
     use tracing_subscriber::EnvFilter;
-    let default = if quiet { "warn" } else { "info,tokio_postgres=warn" };
+    let default = if quiet {
+        "warn"
+    } else {
+        "info,tokio_postgres=warn"
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
     if json {
         builder.json().init();
     } else {
@@ -119,10 +130,19 @@ fn shutdown_signal() -> watch::Receiver<bool> {
 
 pub async fn execute(cli: Cli) -> i32 {
     match cli.command {
-        Command::Demo { rows, workers, load_rate, json } => match crate::demo::demo(rows, workers, load_rate).await {
+        Command::Demo {
+            rows,
+            workers,
+            load_rate,
+            json,
+        } => match crate::demo::demo(rows, workers, load_rate).await {
             Ok(r) => {
                 report::print_demo(&r, json);
-                if r.diff.0 + r.diff.1 + r.diff.2 == 0 { 0 } else { 1 }
+                if r.diff.0 + r.diff.1 + r.diff.2 == 0 {
+                    0
+                } else {
+                    1
+                }
             }
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -142,7 +162,12 @@ pub async fn execute(cli: Cli) -> i32 {
                 Err(e) => fail(e),
             }
         }
-        Command::Run { spec, workers, until, json } => run_cmd(spec, workers, until, json).await,
+        Command::Run {
+            spec,
+            workers,
+            until,
+            json,
+        } => run_cmd(spec, workers, until, json).await,
         Command::Cutover { spec, json } => run_cmd(spec, None, PhaseArg::Cutover, json).await,
         Command::Status { spec, json } => {
             let spec = match load_spec(&spec) {
@@ -165,7 +190,11 @@ pub async fn execute(cli: Cli) -> i32 {
             match schemashift_coordinator::ops::verify(&spec).await {
                 Ok(v) => {
                     report::print_verify(&v, json);
-                    if v.differing.is_empty() { 0 } else { 1 }
+                    if v.differing.is_empty() {
+                        0
+                    } else {
+                        1
+                    }
                 }
                 Err(e) => fail(e),
             }
@@ -186,7 +215,9 @@ async fn run_cmd(spec: PathBuf, workers: Option<usize>, until: PhaseArg, json: b
         PhaseArg::Verify => Until::Verify,
         PhaseArg::Cutover => Until::Cutover,
     };
-    match schemashift_coordinator::run::run(&spec, RunOptions { workers, until }, shutdown_signal()).await {
+    match schemashift_coordinator::run::run(&spec, RunOptions { workers, until }, shutdown_signal())
+        .await
+    {
         Ok(r) => {
             report::print_run(&r, json);
             0

@@ -4,7 +4,9 @@
 use anyhow::Context;
 use schemashift_common::cluster::{Cluster, ClusterOptions};
 use schemashift_common::load::{start_load, LoadOptions};
-use schemashift_common::scenario::{load_users, users_spec_yaml, SOURCE_DDL, SPLIT_FUNCTIONS, TARGET_DDL};
+use schemashift_common::scenario::{
+    load_users, users_spec_yaml, SOURCE_DDL, SPLIT_FUNCTIONS, TARGET_DDL,
+};
 use schemashift_common::spec::Spec;
 use schemashift_coordinator::run::{run, RunOptions, RunReport, Until};
 use serde::Serialize;
@@ -33,7 +35,9 @@ pub struct DemoReport {
 }
 
 async fn client(dsn: &str) -> anyhow::Result<Client> {
-    let (c, conn) = tokio_postgres::connect(dsn, NoTls).await.with_context(|| "connecting to a demo cluster")?;
+    let (c, conn) = tokio_postgres::connect(dsn, NoTls)
+        .await
+        .with_context(|| "connecting to a demo cluster")?;
     tokio::spawn(conn);
     c.batch_execute("SET TimeZone = 'UTC'").await?;
     Ok(c)
@@ -42,10 +46,16 @@ async fn client(dsn: &str) -> anyhow::Result<Client> {
 pub async fn demo(rows: u64, workers: usize, load_rate: u32) -> anyhow::Result<DemoReport> {
     let t0 = Instant::now();
     tracing::info!("starting source and target clusters");
-    let (src, tgt) = tokio::try_join!(Cluster::start(ClusterOptions::default()), Cluster::start(ClusterOptions::default()))
-        .context("starting the demo's PostgreSQL clusters")?;
+    let (src, tgt) = tokio::try_join!(
+        Cluster::start(ClusterOptions::default()),
+        Cluster::start(ClusterOptions::default())
+    )
+    .context("starting the demo's PostgreSQL clusters")?;
     for (c, db, ddl) in [(&src, "app", SOURCE_DDL), (&tgt, "app_v2", TARGET_DDL)] {
-        client(&c.dsn("postgres")).await?.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+        client(&c.dsn("postgres"))
+            .await?
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await?;
         client(&c.dsn(db)).await?.batch_execute(ddl).await?;
     }
     let (src_dsn, tgt_dsn) = (src.dsn("app"), tgt.dsn("app_v2"));
@@ -55,14 +65,31 @@ pub async fn demo(rows: u64, workers: usize, load_rate: u32) -> anyhow::Result<D
     let spec = Spec::parse(&users_spec_yaml(&src_dsn, &tgt_dsn, workers, None))?;
 
     tracing::info!(ops_per_s = load_rate, "starting the application write load");
-    let load = start_load(src_dsn.clone(), LoadOptions { rate_per_sec: load_rate, ..LoadOptions::default() }).await?;
+    let load = start_load(
+        src_dsn.clone(),
+        LoadOptions {
+            rate_per_sec: load_rate,
+            ..LoadOptions::default()
+        },
+    )
+    .await?;
     let (_tx, shutdown) = tokio::sync::watch::channel(false);
-    let result = run(&spec, RunOptions { workers: Some(workers), until: Until::Cutover }, shutdown).await;
+    let result = run(
+        &spec,
+        RunOptions {
+            workers: Some(workers),
+            until: Until::Cutover,
+        },
+        shutdown,
+    )
+    .await;
     let stats = load.stop().await;
     let mut report = result.map_err(|e| anyhow::anyhow!("{e}"))?;
     // The demo's application is not really switched: writes it made to the source
     // after the freeze are carried over before the final compare.
-    let v = schemashift_coordinator::ops::verify(&spec).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let v = schemashift_coordinator::ops::verify(&spec)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     report.verify = Some(v);
 
     let target = client(&tgt_dsn).await?;
@@ -123,15 +150,31 @@ fn normalise(s: &str) -> String {
 
 /// Round trip `concat_names(split(x)) = x` (whitespace-normalised) on 10,000 random rows.
 async fn split_accuracy(source: &Client, target: &Client) -> anyhow::Result<(f64, u64)> {
-    let s = source.query("SELECT id, full_name FROM users ORDER BY random() LIMIT 10000", &[]).await?;
+    let s = source
+        .query(
+            "SELECT id, full_name FROM users ORDER BY random() LIMIT 10000",
+            &[],
+        )
+        .await?;
     let ids: Vec<i64> = s.iter().map(|r| r.get(0)).collect();
-    let t = target.query("SELECT id, first_name, last_name FROM users WHERE id = ANY($1)", &[&ids]).await?;
-    let names: HashMap<i64, (String, String)> = t.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
+    let t = target
+        .query(
+            "SELECT id, first_name, last_name FROM users WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    let names: HashMap<i64, (String, String)> =
+        t.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect();
     let mut ok = 0u64;
     for r in &s {
         let full: String = r.get(1);
         if let Some((f, l)) = names.get(&r.get::<_, i64>(0)) {
-            let joined = [f.as_str(), l.as_str()].iter().filter(|p| !p.is_empty()).copied().collect::<Vec<_>>().join(" ");
+            let joined = [f.as_str(), l.as_str()]
+                .iter()
+                .filter(|p| !p.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" ");
             if normalise(&joined) == normalise(&full) {
                 ok += 1;
             }

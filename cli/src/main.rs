@@ -5,7 +5,10 @@ use schemashift::cli::{execute, Cli};
 fn main() {
     let cli = Cli::parse();
     schemashift::cli::init_tracing(cli.quiet, cli.log_json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -21,11 +21,20 @@ pub fn print_plan(a: &[TableAnalysis], json: bool) {
     if json {
         return json_out(&a);
     }
-    eprintln!("{:<28} {:<28} {:>12} {:>10} {:>7} {:>9} {:>10}", "source", "target", "rows", "size MB", "shards", "strategy", "est. time");
+    eprintln!(
+        "{:<28} {:<28} {:>12} {:>10} {:>7} {:>9} {:>10}",
+        "source", "target", "rows", "size MB", "shards", "strategy", "est. time"
+    );
     for t in a {
         eprintln!(
             "{:<28} {:<28} {:>12} {:>10.1} {:>7} {:>9} {:>9.0}s",
-            t.source, t.target, t.rows, mb(t.bytes), t.shards, t.strategy, t.estimated_seconds
+            t.source,
+            t.target,
+            t.rows,
+            mb(t.bytes),
+            t.shards,
+            t.strategy,
+            t.estimated_seconds
         );
     }
     eprintln!("plan is valid; nothing was written");
@@ -37,7 +46,11 @@ pub fn print_verify(v: &VerifySummary, json: bool) {
     }
     eprintln!(
         "verify: {} ranges, source rows {}, target rows {}, differing rows {} ({:.1}s)",
-        v.ranges, v.source_rows, v.target_rows, v.differing.len(), v.seconds
+        v.ranges,
+        v.source_rows,
+        v.target_rows,
+        v.differing.len(),
+        v.seconds
     );
     for d in v.differing.iter().take(50) {
         eprintln!("  {:?} {} key={:?}", d.kind, d.table, d.key);
@@ -48,14 +61,31 @@ pub fn print_run(r: &RunReport, json: bool) {
     if json {
         return json_out(r);
     }
-    eprintln!("run {} — phase {}{}", r.run_id, r.phase, if r.resumed { " (resumed)" } else { "" });
+    eprintln!(
+        "run {} — phase {}{}",
+        r.run_id,
+        r.phase,
+        if r.resumed { " (resumed)" } else { "" }
+    );
     eprintln!(
         "  backfill: {} rows in {} shards, {:.1} MB, {:.1}s, {:.0} rows/s",
-        r.rows_copied, r.shards, mb(r.bytes_copied as u64), r.backfill_seconds, r.rows_per_second
+        r.rows_copied,
+        r.shards,
+        mb(r.bytes_copied as u64),
+        r.backfill_seconds,
+        r.rows_per_second
     );
-    eprintln!("  changes: {} captured, {} replayed; catch-up lag {:.2}s", r.changes_captured, r.changes_replayed, r.lag_seconds);
+    eprintln!(
+        "  changes: {} captured, {} replayed; catch-up lag {:.2}s",
+        r.changes_captured, r.changes_replayed, r.lag_seconds
+    );
     if let Some(v) = &r.verify {
-        eprintln!("  verify: source {} rows, target {} rows, {} differing", v.source_rows, v.target_rows, v.differing.len());
+        eprintln!(
+            "  verify: source {} rows, target {} rows, {} differing",
+            v.source_rows,
+            v.target_rows,
+            v.differing.len()
+        );
     }
     if let Some(c) = &r.cutover {
         eprintln!(
@@ -88,7 +118,10 @@ pub fn print_status(s: &Status, json: bool) {
             if let Some(slot) = &s.slot {
                 eprintln!(
                     "  slot {}: exists {}, active {}, retains {:.1} MB of WAL",
-                    slot.name, slot.exists, slot.active, mb(slot.retained_wal_bytes.max(0) as u64)
+                    slot.name,
+                    slot.exists,
+                    slot.active,
+                    mb(slot.retained_wal_bytes.max(0) as u64)
                 );
             }
         }
@@ -106,7 +139,14 @@ pub fn print_demo(d: &DemoReport, json: bool) {
         "  application load: {} inserts, {} updates ({} of TOASTed rows), {} deletes, {} failed; p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; longest write wait {:.0} ms",
         d.load_inserts, d.load_updates, d.load_toast_updates, d.load_deletes, d.load_failed, d.p50_ms, d.p95_ms, d.p99_ms, d.max_write_wait_ms
     );
-    eprintln!("  split accuracy (round trip on {} sampled rows): {:.3}%", d.accuracy_sample, d.split_accuracy * 100.0);
-    eprintln!("  final compare (our own SQL, all rows): {} missing, {} extra, {} different", d.diff.0, d.diff.1, d.diff.2);
+    eprintln!(
+        "  split accuracy (round trip on {} sampled rows): {:.3}%",
+        d.accuracy_sample,
+        d.split_accuracy * 100.0
+    );
+    eprintln!(
+        "  final compare (our own SQL, all rows): {} missing, {} extra, {} different",
+        d.diff.0, d.diff.1, d.diff.2
+    );
     eprintln!("  total {:.1}s", d.total_seconds);
 }

@@ -60,10 +60,10 @@ pub async fn install_helpers(
             r => r,
         }
         .map_err(|e| PgError::Helper {
-                role,
-                name: h.name.clone(),
-                reason: describe(&e),
-            })?;
+            role,
+            name: h.name.clone(),
+            reason: describe(&e),
+        })?;
     }
     Ok(())
 }

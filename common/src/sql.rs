@@ -386,7 +386,7 @@ mod tests {
         assert_eq!(e.deps.iter().collect::<Vec<_>>(), ["full_name"]);
         let e = MappedExpr::parse("upper(Split_First(trim(full_name)))", &helpers(), &cols)
             .expect("expr");
-        assert_eq!(e.sql, "upper(pg_temp.Split_First(trim(full_name)))");
+        assert_eq!(e.sql, "upper(pg_temp.Split_First(TRIM(full_name)))");
         let e = MappedExpr::parse("price::numeric / 100", &helpers(), &cols).expect("expr");
         assert_eq!(e.deps.iter().collect::<Vec<_>>(), ["price"]);
         assert_eq!(e.bare_column, None);

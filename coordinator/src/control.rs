@@ -76,12 +76,17 @@ fn err(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_
 
 impl Store {
     pub fn new(schema: &str) -> Self {
-        Store { sql: ControlSql::new(schema) }
+        Store {
+            sql: ControlSql::new(schema),
+        }
     }
 
     pub async fn load(&self, target: &Client) -> Result<Option<RunState>, CoordinatorError> {
         let exists: bool = target
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.sql.table("run")])
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&self.sql.table("run")],
+            )
             .await
             .map_err(err("reading control state"))?
             .get(0);
@@ -90,7 +95,10 @@ impl Store {
         }
         let Some(row) = target
             .query_opt(
-                &format!("SELECT run_id, fingerprint, plan::text, phase, slot, publication FROM {}", self.sql.table("run")),
+                &format!(
+                    "SELECT run_id, fingerprint, plan::text, phase, slot, publication FROM {}",
+                    self.sql.table("run")
+                ),
                 &[],
             )
             .await
@@ -103,10 +111,12 @@ impl Store {
         Ok(Some(RunState {
             run_id: RunId(row.get(0)),
             fingerprint: row.get(1),
-            plan: serde_json::from_str(&plan)
-                .map_err(|e| CoordinatorError::State(format!("control state plan unreadable: {e}")))?,
-            phase: Phase::parse(&phase)
-                .ok_or_else(|| CoordinatorError::State(format!("control state has unknown phase {phase:?}")))?,
+            plan: serde_json::from_str(&plan).map_err(|e| {
+                CoordinatorError::State(format!("control state plan unreadable: {e}"))
+            })?,
+            phase: Phase::parse(&phase).ok_or_else(|| {
+                CoordinatorError::State(format!("control state has unknown phase {phase:?}"))
+            })?,
             slot: row.get(4),
             publication: row.get(5),
         }))
@@ -124,7 +134,8 @@ impl Store {
         let e = err("creating control state");
         let tx = target.transaction().await.map_err(&e)?;
         tx.batch_execute(&self.sql.ddl()).await.map_err(&e)?;
-        let plan_json = serde_json::to_string(plan).map_err(|x| CoordinatorError::State(x.to_string()))?;
+        let plan_json =
+            serde_json::to_string(plan).map_err(|x| CoordinatorError::State(x.to_string()))?;
         tx.execute(
             &format!(
                 "INSERT INTO {} (run_id, fingerprint, plan, phase, slot, publication) VALUES ($1, $2, $3::text::jsonb, $4, $5, $5)",
@@ -142,9 +153,18 @@ impl Store {
             .await
             .map_err(&e)?;
         for s in shards {
-            tx.execute(&stmt, &[&s.id.0, &(s.table as i32), &s.range.lo, &s.range.hi, &(s.estimated_rows as i64)])
-                .await
-                .map_err(&e)?;
+            tx.execute(
+                &stmt,
+                &[
+                    &s.id.0,
+                    &(s.table as i32),
+                    &s.range.lo,
+                    &s.range.hi,
+                    &(s.estimated_rows as i64),
+                ],
+            )
+            .await
+            .map_err(&e)?;
         }
         tx.commit().await.map_err(&e)?;
         Ok(())
@@ -153,7 +173,10 @@ impl Store {
     pub async fn set_phase(&self, target: &Client, phase: Phase) -> Result<(), CoordinatorError> {
         target
             .execute(
-                &format!("UPDATE {} SET phase = $1, updated_at = now()", self.sql.table("run")),
+                &format!(
+                    "UPDATE {} SET phase = $1, updated_at = now()",
+                    self.sql.table("run")
+                ),
                 &[&phase.as_str()],
             )
             .await
@@ -162,10 +185,18 @@ impl Store {
         Ok(())
     }
 
-    pub async fn event(&self, target: &Client, kind: &str, detail: serde_json::Value) -> Result<(), CoordinatorError> {
+    pub async fn event(
+        &self,
+        target: &Client,
+        kind: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), CoordinatorError> {
         target
             .execute(
-                &format!("INSERT INTO {} (kind, detail) VALUES ($1, $2::text::jsonb)", self.sql.table("events")),
+                &format!(
+                    "INSERT INTO {} (kind, detail) VALUES ($1, $2::text::jsonb)",
+                    self.sql.table("events")
+                ),
                 &[&kind, &detail.to_string()],
             )
             .await
@@ -173,10 +204,17 @@ impl Store {
         Ok(())
     }
 
-    pub async fn save_report(&self, target: &Client, report: &serde_json::Value) -> Result<(), CoordinatorError> {
+    pub async fn save_report(
+        &self,
+        target: &Client,
+        report: &serde_json::Value,
+    ) -> Result<(), CoordinatorError> {
         target
             .execute(
-                &format!("UPDATE {} SET report = $1::text::jsonb", self.sql.table("run")),
+                &format!(
+                    "UPDATE {} SET report = $1::text::jsonb",
+                    self.sql.table("run")
+                ),
                 &[&report.to_string()],
             )
             .await
@@ -220,7 +258,10 @@ impl Store {
         })
     }
 
-    pub async fn shards(&self, target: &Client) -> Result<Vec<(Shard, String, i32)>, CoordinatorError> {
+    pub async fn shards(
+        &self,
+        target: &Client,
+    ) -> Result<Vec<(Shard, String, i32)>, CoordinatorError> {
         let rows = target
             .query(
                 &format!("SELECT shard_id, table_idx, lo, hi, est_rows, state, attempts FROM {} ORDER BY shard_id", self.sql.table("shards")),
@@ -235,7 +276,10 @@ impl Store {
                     Shard {
                         id: ShardId(r.get(0)),
                         table: r.get::<_, i32>(1) as u32,
-                        range: ShardRange { lo: r.get(2), hi: r.get(3) },
+                        range: ShardRange {
+                            lo: r.get(2),
+                            hi: r.get(3),
+                        },
                         estimated_rows: r.get::<_, i64>(4) as u64,
                     },
                     r.get(5),
@@ -247,7 +291,10 @@ impl Store {
 
     pub async fn capture_position(&self, target: &Client) -> Result<Option<Lsn>, CoordinatorError> {
         let row = target
-            .query_opt(&format!("SELECT lsn::text FROM {}", self.sql.table("capture")), &[])
+            .query_opt(
+                &format!("SELECT lsn::text FROM {}", self.sql.table("capture")),
+                &[],
+            )
             .await
             .map_err(err("reading capture position"))?;
         row.map(|r| {
@@ -260,7 +307,10 @@ impl Store {
 
     pub async fn drop_schema(&self, target: &Client) -> Result<(), CoordinatorError> {
         target
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.sql.schema()))
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                self.sql.schema()
+            ))
             .await
             .map_err(err("dropping control schema"))
     }

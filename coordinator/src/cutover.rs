@@ -28,7 +28,11 @@ pub struct CutoverReport {
 }
 
 /// Keys touched by changes after `after` (and up to `upto`), per table.
-async fn changed_keys(ctx: &RunCtx, after: i64, upto: i64) -> Result<Vec<(u32, KeyDiff)>, CoordinatorError> {
+async fn changed_keys(
+    ctx: &RunCtx,
+    after: i64,
+    upto: i64,
+) -> Result<Vec<(u32, KeyDiff)>, CoordinatorError> {
     let rows = ctx
         .target
         .query(
@@ -43,13 +47,21 @@ async fn changed_keys(ctx: &RunCtx, after: i64, upto: i64) -> Result<Vec<(u32, K
     let mut keys: BTreeSet<(u32, Vec<String>)> = BTreeSet::new();
     for r in &rows {
         let t = r.get::<_, i32>(0) as u32;
-        let Some(table) = ctx.plan.table(t) else { continue };
+        let Some(table) = ctx.plan.table(t) else {
+            continue;
+        };
         if let Some(old) = r.get::<_, Option<Vec<String>>>(2) {
             keys.insert((t, old));
         }
         if Op::from_code(r.get(1)) != Some(Op::Delete) {
-            let vals: Vec<Option<String>> = r.get::<_, Option<Vec<Option<String>>>>(3).unwrap_or_default();
-            let k: Option<Vec<String>> = table.source_key_index().iter().map(|&i| vals.get(i).cloned().flatten()).collect();
+            let vals: Vec<Option<String>> = r
+                .get::<_, Option<Vec<Option<String>>>>(3)
+                .unwrap_or_default();
+            let k: Option<Vec<String>> = table
+                .source_key_index()
+                .iter()
+                .map(|&i| vals.get(i).cloned().flatten())
+                .collect();
             if let Some(k) = k {
                 keys.insert((t, k));
             }
@@ -57,14 +69,29 @@ async fn changed_keys(ctx: &RunCtx, after: i64, upto: i64) -> Result<Vec<(u32, K
     }
     Ok(keys
         .into_iter()
-        .map(|(t, key)| (t, KeyDiff { table: String::new(), key, kind: schemashift_worker::verify::DiffKind::Different }))
+        .map(|(t, key)| {
+            (
+                t,
+                KeyDiff {
+                    table: String::new(),
+                    key,
+                    kind: schemashift_worker::verify::DiffKind::Different,
+                },
+            )
+        })
         .collect())
 }
 
 pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError> {
     let freeze_budget = ctx.spec.cutover.freeze_timeout;
     let mut report = CutoverReport::default();
-    let tables = ctx.plan.tables.iter().map(|t| t.source.to_string()).collect::<Vec<_>>().join(", ");
+    let tables = ctx
+        .plan
+        .tables
+        .iter()
+        .map(|t| t.source.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     let lock_timeout_ms = (freeze_budget.as_millis() / 4).clamp(20, 500);
     let mut source = schemashift_common::pg::connect(&ctx.spec.source, "source").await?;
 
@@ -73,18 +100,30 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
         // Get close first, so the freeze only covers the last few changes.
         let (baseline, lag) = ctx.catch_up(None).await?;
         if lag > ctx.spec.cutover.max_lag {
-            tracing::info!(lag_ms = lag.as_millis() as u64, "lag above max_lag; catching up again before freezing");
+            tracing::info!(
+                lag_ms = lag.as_millis() as u64,
+                "lag above max_lag; catching up again before freezing"
+            );
             continue;
         }
-        let tx = source.transaction().await.map_err(|e| CoordinatorError::db("starting freeze", &e))?;
+        let tx = source
+            .transaction()
+            .await
+            .map_err(|e| CoordinatorError::db("starting freeze", &e))?;
         tx.batch_execute(&format!("SET LOCAL lock_timeout = '{lock_timeout_ms}ms'"))
             .await
             .map_err(|e| CoordinatorError::db("setting lock_timeout", &e))?;
         let t0 = Instant::now();
-        match tx.batch_execute(&format!("LOCK TABLE {tables} IN EXCLUSIVE MODE")).await {
+        match tx
+            .batch_execute(&format!("LOCK TABLE {tables} IN EXCLUSIVE MODE"))
+            .await
+        {
             Ok(()) => {}
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                tracing::warn!(attempt, "freeze lock not granted within lock_timeout; source stays writable, retrying");
+                tracing::warn!(
+                    attempt,
+                    "freeze lock not granted within lock_timeout; source stays writable, retrying"
+                );
                 drop(tx);
                 tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
                 continue;
@@ -98,7 +137,11 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
             .await
             .map_err(|e| CoordinatorError::db("reading freeze LSN", &e))?
             .get(0);
-        let lsn: Lsn = lsn.parse().map_err(|e: schemashift_common::ids::LsnParseError| CoordinatorError::State(e.to_string()))?;
+        let lsn: Lsn = lsn
+            .parse()
+            .map_err(|e: schemashift_common::ids::LsnParseError| {
+                CoordinatorError::State(e.to_string())
+            })?;
         let outcome = async {
             let (head, _) = ctx.catch_up_on(Some(lsn), Some(deadline)).await?;
             let keys = changed_keys(ctx, baseline, head).await?;
@@ -143,12 +186,14 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
                 return Err(CoordinatorError::CutoverAborted("freeze would exceed freeze_timeout".into()));
             }
             ctx.store.set_phase(&ctx.target, Phase::CutOver).await?;
-            Ok::<_, CoordinatorError>((keys.len(), moved))
+            Ok::<_, CoordinatorError>((keys.len(), moved, head))
         }
         .await;
         match outcome {
-            Ok((keys, moved)) => {
-                tx.commit().await.map_err(|e| CoordinatorError::db("releasing freeze", &e))?;
+            Ok((keys, moved, frozen_head)) => {
+                tx.commit()
+                    .await
+                    .map_err(|e| CoordinatorError::db("releasing freeze", &e))?;
                 report.freeze_ms = t0.elapsed().as_secs_f64() * 1000.0;
                 report.lsn = lsn.to_string();
                 report.keys_rechecked = keys;
@@ -158,7 +203,13 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
                 let (after, _) = ctx.catch_up(None).await?;
                 let late = ctx
                     .target
-                    .query_one(&format!("SELECT count(*) FROM {} WHERE seq > $1", ctx.store.sql.table("changes")), &[&after.min(i64::MAX)])
+                    .query_one(
+                        &format!(
+                            "SELECT count(*) FROM {} WHERE seq > $1 AND seq <= $2",
+                            ctx.store.sql.table("changes")
+                        ),
+                        &[&frozen_head, &after],
+                    )
                     .await
                     .map_err(|e| CoordinatorError::db("counting late changes", &e))?;
                 report.late_changes = late.get(0);

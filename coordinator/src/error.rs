@@ -12,7 +12,11 @@ pub enum CoordinatorError {
     #[error(transparent)]
     Connect(#[from] PgError),
     #[error("{context}: {reason}")]
-    Db { context: String, reason: String, transient: bool },
+    Db {
+        context: String,
+        reason: String,
+        transient: bool,
+    },
     #[error("capture: {0}")]
     Capture(String),
     #[error(transparent)]
@@ -37,7 +41,9 @@ impl CoordinatorError {
     /// Exit code of the CLI: 2 for bad input found before any write, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CoordinatorError::Spec(_) | CoordinatorError::Plan(_) | CoordinatorError::Connect(_) => 2,
+            CoordinatorError::Spec(_)
+            | CoordinatorError::Plan(_)
+            | CoordinatorError::Connect(_) => 2,
             _ => 1,
         }
     }

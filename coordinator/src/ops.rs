@@ -38,7 +38,10 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
     let target = connect(&spec.target, "target").await?;
     let store = Store::new(&spec.control_schema);
     let Some(state) = store.load(&target).await? else {
-        return Ok(Status { phase: "none".into(), ..Status::default() });
+        return Ok(Status {
+            phase: "none".into(),
+            ..Status::default()
+        });
     };
     let mut st = Status {
         run_id: Some(state.run_id.0.clone()),
@@ -64,8 +67,13 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
     st.changes_logged = row.get(0);
     st.changes_applied = row.get(1);
     st.replay_lag_changes = row.get(2);
-    st.report = row.get::<_, Option<String>>(3).and_then(|s| serde_json::from_str(&s).ok());
-    st.capture_lsn = store.capture_position(&target).await?.map(|l| l.to_string());
+    st.report = row
+        .get::<_, Option<String>>(3)
+        .and_then(|s| serde_json::from_str(&s).ok());
+    st.capture_lsn = store
+        .capture_position(&target)
+        .await?
+        .map(|l| l.to_string());
     if let Ok(source) = connect(&spec.source, "source").await {
         let slot = source
             .query_opt(
@@ -84,7 +92,10 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
                 retained_wal_bytes: r.get(1),
                 unconfirmed_bytes: r.get(2),
             },
-            None => SlotStatus { name: state.slot.clone(), ..SlotStatus::default() },
+            None => SlotStatus {
+                name: state.slot.clone(),
+                ..SlotStatus::default()
+            },
         });
     }
     Ok(st)
@@ -128,14 +139,20 @@ pub async fn cleanup(spec: &Spec) -> Result<CleanupReport, CoordinatorError> {
         report.slot_dropped = slot;
         report.publication_dropped = publication;
         let remains: bool = source
-            .query_one("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)", &[&state.slot])
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&state.slot],
+            )
             .await
             .map_err(db("checking slot"))?
             .get(0);
         report.slot_remains = remains;
     }
     let had: bool = target
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", &[&spec.control_schema])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&spec.control_schema],
+        )
         .await
         .map_err(db("checking control schema"))?
         .get(0);
@@ -164,8 +181,17 @@ pub async fn rollback(spec: &Spec) -> Result<CleanupReport, CoordinatorError> {
 pub async fn plan_only(spec: &Spec) -> Result<Vec<crate::plan::TableAnalysis>, CoordinatorError> {
     let source = connect(&spec.source, "source").await?;
     let target = connect(&spec.target, "target").await?;
-    let resuming = Store::new(&spec.control_schema).load(&target).await?.is_some();
+    let resuming = Store::new(&spec.control_schema)
+        .load(&target)
+        .await?
+        .is_some();
     let workers = spec.workers.unwrap_or(4);
-    let planned = crate::plan::plan(spec, &source, &target, &crate::plan::PlanOptions { workers, resuming }).await?;
+    let planned = crate::plan::plan(
+        spec,
+        &source,
+        &target,
+        &crate::plan::PlanOptions { workers, resuming },
+    )
+    .await?;
     Ok(planned.analysis)
 }

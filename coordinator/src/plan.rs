@@ -39,7 +39,10 @@ struct Col {
     generated: bool,
 }
 
-async fn columns(c: &Client, table: &QualifiedName) -> Result<Option<Vec<Col>>, tokio_postgres::Error> {
+async fn columns(
+    c: &Client,
+    table: &QualifiedName,
+) -> Result<Option<Vec<Col>>, tokio_postgres::Error> {
     let exists = c
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.to_string()])
         .await?
@@ -70,7 +73,10 @@ async fn columns(c: &Client, table: &QualifiedName) -> Result<Option<Vec<Col>>, 
 }
 
 /// Column sets of unique, non-partial, non-expression indexes (the primary key first).
-async fn unique_keys(c: &Client, table: &QualifiedName) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
+async fn unique_keys(
+    c: &Client,
+    table: &QualifiedName,
+) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
     let rows = c
         .query(
             "SELECT array_agg(a.attname::text ORDER BY k.ord) FROM pg_index i \
@@ -98,11 +104,20 @@ pub struct PlanOptions {
     pub resuming: bool,
 }
 
-pub async fn plan(spec: &Spec, source: &Client, target: &Client, opts: &PlanOptions) -> Result<Planned, CoordinatorError> {
+pub async fn plan(
+    spec: &Spec,
+    source: &Client,
+    target: &Client,
+    opts: &PlanOptions,
+) -> Result<Planned, CoordinatorError> {
     let mut problems = Vec::new();
     let db = |e: tokio_postgres::Error| CoordinatorError::db("planning", &e);
 
-    let wal_level: String = source.query_one("SHOW wal_level", &[]).await.map_err(db)?.get(0);
+    let wal_level: String = source
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(db)?
+        .get(0);
     if wal_level != "logical" {
         problems.push(format!(
             "source {}: wal_level is {wal_level}; change capture needs `wal_level = logical` \
@@ -132,7 +147,10 @@ pub async fn plan(spec: &Spec, source: &Client, target: &Client, opts: &PlanOpti
         ));
     }
     let can_create: bool = target
-        .query_one("SELECT has_database_privilege(current_database(), 'CREATE')", &[])
+        .query_one(
+            "SELECT has_database_privilege(current_database(), 'CREATE')",
+            &[],
+        )
         .await
         .map_err(db)?
         .get(0);
@@ -161,7 +179,10 @@ pub async fn plan(spec: &Spec, source: &Client, target: &Client, opts: &PlanOpti
     let mut shards = Vec::new();
     let mut analysis = Vec::new();
     for (i, t) in spec.tables.iter().enumerate() {
-        match plan_table(i as u32, t, &helpers, source, target, opts, &mut problems).await.map_err(db)? {
+        match plan_table(i as u32, t, &helpers, source, target, opts, &mut problems)
+            .await
+            .map_err(db)?
+        {
             Some((tp, ranges)) => {
                 let est = tp.estimated_rows;
                 let per = est / ranges.len().max(1) as u64;
@@ -174,10 +195,16 @@ pub async fn plan(spec: &Spec, source: &Client, target: &Client, opts: &PlanOpti
                     shard_rows: tp.shard_rows,
                     strategy: "copy".into(),
                     // ~40K rows/s per stream on a small machine, both servers busy.
-                    estimated_seconds: est as f64 / (40_000.0 * opts.workers.min(ranges.len()).max(1) as f64),
+                    estimated_seconds: est as f64
+                        / (40_000.0 * opts.workers.min(ranges.len()).max(1) as f64),
                 });
                 for r in ranges {
-                    shards.push(Shard { id: ShardId(shards.len() as i64 + 1), table: tp.index, range: r, estimated_rows: per });
+                    shards.push(Shard {
+                        id: ShardId(shards.len() as i64 + 1),
+                        table: tp.index,
+                        range: r,
+                        estimated_rows: per,
+                    });
                 }
                 tables.push(tp);
             }
@@ -211,18 +238,27 @@ async fn plan_table(
 ) -> Result<Option<(TablePlan, Vec<schemashift_common::plan::ShardRange>)>, tokio_postgres::Error> {
     let at = format!("table {}", t.source);
     let start = problems.len();
-    let (Ok(src_name), Ok(tgt_name)) = (QualifiedName::parse(&t.source), QualifiedName::parse(&t.target)) else {
+    let (Ok(src_name), Ok(tgt_name)) = (
+        QualifiedName::parse(&t.source),
+        QualifiedName::parse(&t.target),
+    ) else {
         return Ok(None);
     };
     if t.strategy == Strategy::Fdw {
-        problems.push(format!("{at}: strategy fdw is not available in this version; use copy or auto"));
+        problems.push(format!(
+            "{at}: strategy fdw is not available in this version; use copy or auto"
+        ));
     }
     let Some(src_cols) = columns(source, &src_name).await? else {
-        problems.push(format!("{at}: source table {src_name} does not exist (check the name and schema)"));
+        problems.push(format!(
+            "{at}: source table {src_name} does not exist (check the name and schema)"
+        ));
         return Ok(None);
     };
     let Some(tgt_cols) = columns(target, &tgt_name).await? else {
-        problems.push(format!("{at}: target table {tgt_name} does not exist; create it with the new schema first"));
+        problems.push(format!(
+            "{at}: target table {tgt_name} does not exist; create it with the new schema first"
+        ));
         return Ok(None);
     };
     let src_names: Vec<String> = src_cols.iter().map(|c| c.name.clone()).collect();
@@ -230,14 +266,21 @@ async fn plan_table(
     let mut key = Vec::new();
     for k in &key_names {
         match src_cols.iter().find(|c| &c.name == k) {
-            Some(c) => key.push(KeyCol { name: c.name.clone(), sql_type: c.sql_type.clone() }),
-            None => problems.push(format!("{at}: key column {k:?} does not exist in source table {src_name}")),
+            Some(c) => key.push(KeyCol {
+                name: c.name.clone(),
+                sql_type: c.sql_type.clone(),
+            }),
+            None => problems.push(format!(
+                "{at}: key column {k:?} does not exist in source table {src_name}"
+            )),
         }
     }
     if key.len() == key_names.len() {
         let uniques = unique_keys(source, &src_name).await?;
         let usable = uniques.iter().any(|u| same_set(u, &key_names))
-            && key.iter().all(|k| src_cols.iter().any(|c| c.name == k.name && c.not_null));
+            && key
+                .iter()
+                .all(|k| src_cols.iter().any(|c| c.name == k.name && c.not_null));
         if !usable {
             problems.push(format!(
                 "{at}: key ({}) is not a primary key or unique NOT NULL index of {src_name}; \
@@ -246,7 +289,10 @@ async fn plan_table(
             ));
         }
         let ri = source
-            .query_one("SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)", &[&src_name.to_string()])
+            .query_one(
+                "SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)",
+                &[&src_name.to_string()],
+            )
             .await?
             .get::<_, String>(0);
         let pk_is_key = uniques.first().is_some_and(|u| same_set(u, &key_names));
@@ -262,12 +308,19 @@ async fn plan_table(
     let mut cols = Vec::new();
     for (tcol, expr) in &t.columns {
         let tcol_l = tcol.to_lowercase();
-        let Some(tc) = tgt_cols.iter().find(|c| c.name == *tcol || c.name == tcol_l) else {
-            problems.push(format!("{at}: column {tcol:?} does not exist in target table {tgt_name}"));
+        let Some(tc) = tgt_cols
+            .iter()
+            .find(|c| c.name == *tcol || c.name == tcol_l)
+        else {
+            problems.push(format!(
+                "{at}: column {tcol:?} does not exist in target table {tgt_name}"
+            ));
             continue;
         };
         if tc.generated {
-            problems.push(format!("{at}: target column {tcol:?} is generated; remove it from columns"));
+            problems.push(format!(
+                "{at}: target column {tcol:?} is generated; remove it from columns"
+            ));
             continue;
         }
         match MappedExpr::parse(expr, helpers, &src_names) {
@@ -276,7 +329,11 @@ async fn plan_table(
         }
     }
     for c in &tgt_cols {
-        if c.not_null && !c.has_default && !c.generated && !cols.iter().any(|(tc, _)| tc.name == c.name) {
+        if c.not_null
+            && !c.has_default
+            && !c.generated
+            && !cols.iter().any(|(tc, _)| tc.name == c.name)
+        {
             problems.push(format!(
                 "{at}: target column {:?} is NOT NULL without a default and is not in columns; map it",
                 c.name
@@ -295,7 +352,11 @@ async fn plan_table(
     }
     if target_key.len() == key.len() && !key.is_empty() {
         let tnames: Vec<String> = target_key.iter().map(|k| k.name.clone()).collect();
-        if !unique_keys(target, &tgt_name).await?.iter().any(|u| same_set(u, &tnames)) {
+        if !unique_keys(target, &tgt_name)
+            .await?
+            .iter()
+            .any(|u| same_set(u, &tnames))
+        {
             problems.push(format!(
                 "{at}: target table {tgt_name} has no primary key or unique index on ({}); replay needs one",
                 tnames.join(", ")
@@ -323,7 +384,12 @@ async fn plan_table(
         .map(|c| format!("{} {}", quote_ident(&c.name), c.sql_type))
         .collect::<Vec<_>>()
         .join(", ");
-    if let Err(e) = target.batch_execute(&format!("CREATE TEMP TABLE IF NOT EXISTS {stage} ({stage_cols})")).await {
+    if let Err(e) = target
+        .batch_execute(&format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {stage} ({stage_cols})"
+        ))
+        .await
+    {
         problems.push(format!(
             "{at}: the source column types must exist on the target too (replay evaluates the mapping there): {}",
             describe(&e)
@@ -331,13 +397,34 @@ async fn plan_table(
     }
     for c in &column_maps {
         let sel = format!("({})::{}", c.expr, c.target_type);
-        if let Err(e) = source.query(&format!("SELECT {sel} FROM ONLY {src_name} LIMIT 1000"), &[]).await {
-            problems.push(format!("{at}: column {:?}: expression `{}` does not evaluate on the source: {}", c.target, c.expr, describe(&e)));
-        } else if let Err(e) = target.query(&format!("SELECT {sel} FROM {stage} LIMIT 0"), &[]).await {
-            problems.push(format!("{at}: column {:?}: expression `{}` does not evaluate on the target: {}", c.target, c.expr, describe(&e)));
+        if let Err(e) = source
+            .query(
+                &format!("SELECT {sel} FROM ONLY {src_name} LIMIT 1000"),
+                &[],
+            )
+            .await
+        {
+            problems.push(format!(
+                "{at}: column {:?}: expression `{}` does not evaluate on the source: {}",
+                c.target,
+                c.expr,
+                describe(&e)
+            ));
+        } else if let Err(e) = target
+            .query(&format!("SELECT {sel} FROM {stage} LIMIT 0"), &[])
+            .await
+        {
+            problems.push(format!(
+                "{at}: column {:?}: expression `{}` does not evaluate on the target: {}",
+                c.target,
+                c.expr,
+                describe(&e)
+            ));
         }
     }
-    let _ = target.batch_execute(&format!("DROP TABLE IF EXISTS {stage}")).await;
+    let _ = target
+        .batch_execute(&format!("DROP TABLE IF EXISTS {stage}"))
+        .await;
 
     let privs: bool = source
         .query_one("SELECT has_table_privilege($1, 'SELECT') AND pg_has_role((SELECT relowner FROM pg_class WHERE oid = to_regclass($1)), 'USAGE')", &[&src_name.to_string()])
@@ -347,15 +434,23 @@ async fn plan_table(
         problems.push(format!("{at}: the source role must own {src_name} and be able to SELECT it (publication needs ownership)"));
     }
     let tprivs: bool = target
-        .query_one("SELECT has_table_privilege($1, 'SELECT,INSERT,UPDATE,DELETE')", &[&tgt_name.to_string()])
+        .query_one(
+            "SELECT has_table_privilege($1, 'SELECT,INSERT,UPDATE,DELETE')",
+            &[&tgt_name.to_string()],
+        )
         .await?
         .get(0);
     if !tprivs {
-        problems.push(format!("{at}: the target role needs SELECT, INSERT, UPDATE and DELETE on {tgt_name}"));
+        problems.push(format!(
+            "{at}: the target role needs SELECT, INSERT, UPDATE and DELETE on {tgt_name}"
+        ));
     }
     if !opts.resuming {
         let non_empty: bool = target
-            .query_one(&format!("SELECT EXISTS (SELECT 1 FROM ONLY {tgt_name})"), &[])
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM ONLY {tgt_name})"),
+                &[],
+            )
             .await?
             .get(0);
         if non_empty {
@@ -372,15 +467,24 @@ async fn plan_table(
     for (tc, m) in &cols {
         let Some(sc) = &m.bare_column else { continue };
         let s: Option<String> = source
-            .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&src_name.to_string(), sc])
+            .query_one(
+                "SELECT pg_get_serial_sequence($1, $2)",
+                &[&src_name.to_string(), sc],
+            )
             .await?
             .get(0);
         let d: Option<String> = target
-            .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&tgt_name.to_string(), &tc.name])
+            .query_one(
+                "SELECT pg_get_serial_sequence($1, $2)",
+                &[&tgt_name.to_string(), &tc.name],
+            )
             .await?
             .get(0);
         if let (Some(s), Some(d)) = (s, d) {
-            sequences.push(SequenceMap { source_sequence: s, target_sequence: d });
+            sequences.push(SequenceMap {
+                source_sequence: s,
+                target_sequence: d,
+            });
         }
     }
 
@@ -405,11 +509,19 @@ async fn plan_table(
     let wanted = est_rows.div_ceil(shard_rows).max(1);
     let target_samples = (wanted * 64).clamp(1, 100_000);
     let sample_sql = if est_rows <= target_samples * 4 {
-        format!("SELECT {} FROM ONLY {src_name} ORDER BY {}", key_text_select(&key), key_order(&key))
+        format!(
+            "SELECT {} FROM ONLY {src_name} ORDER BY {}",
+            key_text_select(&key),
+            key_order(&key)
+        )
     } else {
         let pct = (100.0 * target_samples as f64 / est_rows as f64).clamp(0.0001, 100.0);
         // Row-level sampling gives even quantiles; past 20M rows block sampling keeps it cheap.
-        let method = if est_rows <= 20_000_000 { "BERNOULLI" } else { "SYSTEM" };
+        let method = if est_rows <= 20_000_000 {
+            "BERNOULLI"
+        } else {
+            "SYSTEM"
+        };
         format!(
             "SELECT {} FROM ONLY {src_name} TABLESAMPLE {method} ({pct:.6}) REPEATABLE (7) ORDER BY {}",
             key_text_select(&key),
@@ -434,7 +546,10 @@ async fn plan_table(
             source_columns: src_cols
                 .iter()
                 .filter(|c| !c.generated)
-                .map(|c| SourceColumn { name: c.name.clone(), sql_type: c.sql_type.clone() })
+                .map(|c| SourceColumn {
+                    name: c.name.clone(),
+                    sql_type: c.sql_type.clone(),
+                })
                 .collect(),
             sequences,
             estimated_rows: est_rows,

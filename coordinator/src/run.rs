@@ -74,16 +74,22 @@ pub struct ReplayPool {
 }
 
 impl ReplayPool {
-    async fn start(spec: &Spec, plan: Arc<RunPlan>, capture: watch::Receiver<CaptureProgress>) -> Result<Self, CoordinatorError> {
+    async fn start(
+        spec: &Spec,
+        plan: Arc<RunPlan>,
+        capture: watch::Receiver<CaptureProgress>,
+    ) -> Result<Self, CoordinatorError> {
         let (stop, stop_rx) = watch::channel(false);
-        let positions: Arc<Vec<AtomicI64>> = Arc::new((0..plan.partitions).map(|_| AtomicI64::new(0)).collect());
+        let positions: Arc<Vec<AtomicI64>> =
+            Arc::new((0..plan.partitions).map(|_| AtomicI64::new(0)).collect());
         let mut handles = Vec::new();
         for part in 0..plan.partitions {
             let mut target = connect(&spec.target, "target").await?;
             install_helpers(&target, &plan.helpers, "target").await?;
             let mut rep = PartitionReplayer::open(&target, plan.clone(), part).await?;
             positions[part as usize].store(rep.position().0, Ordering::SeqCst);
-            let (positions, mut stop_rx, mut capture) = (positions.clone(), stop_rx.clone(), capture.clone());
+            let (positions, mut stop_rx, mut capture) =
+                (positions.clone(), stop_rx.clone(), capture.clone());
             let span = tracing::info_span!("replay", partition = part);
             handles.push(tokio::spawn(
                 async move {
@@ -107,12 +113,18 @@ impl ReplayPool {
                 .instrument(span),
             ));
         }
-        Ok(ReplayPool { positions, stop, handles })
+        Ok(ReplayPool {
+            positions,
+            stop,
+            handles,
+        })
     }
 
     fn check(&mut self) -> Result<(), CoordinatorError> {
         if self.handles.iter().any(|h| h.is_finished()) {
-            return Err(CoordinatorError::State("a replay task stopped unexpectedly".into()));
+            return Err(CoordinatorError::State(
+                "a replay task stopped unexpectedly".into(),
+            ));
         }
         Ok(())
     }
@@ -120,7 +132,8 @@ impl ReplayPool {
     async fn stop(self) -> Result<(), CoordinatorError> {
         self.stop.send_replace(true);
         for h in self.handles {
-            h.await.map_err(|e| CoordinatorError::State(format!("replay task panicked: {e}")))??;
+            h.await
+                .map_err(|e| CoordinatorError::State(format!("replay task panicked: {e}")))??;
         }
         Ok(())
     }
@@ -178,24 +191,49 @@ impl RunCtx {
                     )));
                 }
                 if s.phase == Phase::RolledBack {
-                    return Err(CoordinatorError::State("this run was rolled back; run `schemashift cleanup` to start over".into()));
+                    return Err(CoordinatorError::State(
+                        "this run was rolled back; run `schemashift cleanup` to start over".into(),
+                    ));
                 }
                 tracing::info!(run_id = %s.run_id, phase = s.phase.as_str(), "resuming run");
                 report.resumed = true;
                 s
             }
             None => {
-                let planned = plan(spec, &source, &target, &PlanOptions { workers, resuming: false }).await?;
+                let planned = plan(
+                    spec,
+                    &source,
+                    &target,
+                    &PlanOptions {
+                        workers,
+                        resuming: false,
+                    },
+                )
+                .await?;
                 let run_id = RunId::generate();
-                store.init(&mut target, &run_id, &spec.fingerprint(), &planned.plan, &planned.shards).await?;
+                store
+                    .init(
+                        &mut target,
+                        &run_id,
+                        &spec.fingerprint(),
+                        &planned.plan,
+                        &planned.shards,
+                    )
+                    .await?;
                 report.tables = planned.analysis;
                 tracing::info!(%run_id, shards = planned.shards.len(), "run planned");
-                store.load(&target).await?.ok_or_else(|| CoordinatorError::State("control state vanished".into()))?
+                store
+                    .load(&target)
+                    .await?
+                    .ok_or_else(|| CoordinatorError::State("control state vanished".into()))?
             }
         };
         // The slot must exist before the first row is read.
         let slot_exists: bool = source
-            .query_one("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)", &[&state.slot])
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&state.slot],
+            )
             .await
             .map_err(|e| CoordinatorError::db("checking slot", &e))?
             .get(0);
@@ -218,11 +256,17 @@ impl RunCtx {
             state.slot.clone(),
         )
         .await?;
-        let (progress_tx, capture) = watch::channel(CaptureProgress { caught_up_to: Lsn(0), caught_up_at: Instant::now(), changes: 0 });
+        let (progress_tx, capture) = watch::channel(CaptureProgress {
+            caught_up_to: Lsn(0),
+            caught_up_at: Instant::now(),
+            changes: 0,
+        });
         let (capture_stop, stop_rx) = watch::channel(false);
         let capture_task = tokio::spawn(
             cap.run(progress_tx, stop_rx, Duration::from_millis(100))
-                .instrument(tracing::info_span!("capture", run_id = %state.run_id, slot = %state.slot)),
+                .instrument(
+                    tracing::info_span!("capture", run_id = %state.run_id, slot = %state.slot),
+                ),
         );
         report.run_id = state.run_id.0.clone();
         Ok(RunCtx {
@@ -243,7 +287,12 @@ impl RunCtx {
     }
 
     pub async fn phase(&self) -> Result<Phase, CoordinatorError> {
-        Ok(self.store.load(&self.target).await?.map(|s| s.phase).unwrap_or(Phase::Planned))
+        Ok(self
+            .store
+            .load(&self.target)
+            .await?
+            .map(|s| s.phase)
+            .unwrap_or(Phase::Planned))
     }
 
     async fn capture_failed(&mut self) -> CoordinatorError {
@@ -254,7 +303,10 @@ impl RunCtx {
         }
     }
 
-    pub async fn backfill(&mut self, shutdown: &watch::Receiver<bool>) -> Result<(), CoordinatorError> {
+    pub async fn backfill(
+        &mut self,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<(), CoordinatorError> {
         let t0 = Instant::now();
         let released = self.store.release_all_leases(&self.target).await?;
         if released > 0 {
@@ -298,7 +350,10 @@ impl RunCtx {
         }
         let c = self.store.shard_counts(&self.target).await?;
         if c.pending + c.leased > 0 {
-            return Err(CoordinatorError::State(format!("backfill ended with {} shards not done", c.pending + c.leased)));
+            return Err(CoordinatorError::State(format!(
+                "backfill ended with {} shards not done",
+                c.pending + c.leased
+            )));
         }
         self.report.shards = c.done;
         self.report.rows_copied = c.rows_done;
@@ -321,19 +376,27 @@ impl RunCtx {
 
     pub async fn start_replay(&mut self) -> Result<(), CoordinatorError> {
         if self.replay.is_none() {
-            self.replay = Some(ReplayPool::start(&self.spec, self.plan.clone(), self.capture.clone()).await?);
+            self.replay =
+                Some(ReplayPool::start(&self.spec, self.plan.clone(), self.capture.clone()).await?);
         }
         Ok(())
     }
 
     /// Waits until every source commit before now is captured and applied; returns the
     /// change-log head it reached and how long that took (the lag).
-    pub async fn catch_up(&mut self, deadline: Option<Instant>) -> Result<(i64, Duration), CoordinatorError> {
+    pub async fn catch_up(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Result<(i64, Duration), CoordinatorError> {
         self.catch_up_on(None, deadline).await
     }
 
     /// Like [`Self::catch_up`], but to a WAL position read elsewhere (inside a freeze).
-    pub async fn catch_up_on(&mut self, lsn: Option<Lsn>, deadline: Option<Instant>) -> Result<(i64, Duration), CoordinatorError> {
+    pub async fn catch_up_on(
+        &mut self,
+        lsn: Option<Lsn>,
+        deadline: Option<Instant>,
+    ) -> Result<(i64, Duration), CoordinatorError> {
         let t0 = Instant::now();
         self.start_replay().await?;
         let l = match lsn {
@@ -345,7 +408,10 @@ impl RunCtx {
                     .await
                     .map_err(|e| CoordinatorError::db("reading source WAL position", &e))?
                     .get(0);
-                s.parse().map_err(|e: schemashift_common::ids::LsnParseError| CoordinatorError::State(e.to_string()))?
+                s.parse()
+                    .map_err(|e: schemashift_common::ids::LsnParseError| {
+                        CoordinatorError::State(e.to_string())
+                    })?
             }
         };
         let timed_out = |d: Option<Instant>| d.is_some_and(|d| Instant::now() > d);
@@ -357,7 +423,9 @@ impl RunCtx {
                 return Err(self.capture_failed().await);
             }
             if timed_out(deadline) {
-                return Err(CoordinatorError::CutoverAborted("capture did not catch up in time".into()));
+                return Err(CoordinatorError::CutoverAborted(
+                    "capture did not catch up in time".into(),
+                ));
             }
             let _ = tokio::time::timeout(Duration::from_millis(200), self.capture.changed()).await;
         }
@@ -367,22 +435,33 @@ impl RunCtx {
         let parts = self
             .target
             .query(
-                &format!("SELECT part, max(seq) FROM {} WHERE seq <= $1 GROUP BY part", self.store.sql.table("changes")),
+                &format!(
+                    "SELECT part, max(seq) FROM {} WHERE seq <= $1 GROUP BY part",
+                    self.store.sql.table("changes")
+                ),
                 &[&head],
             )
             .await
             .map_err(|e| CoordinatorError::db("reading change log", &e))?;
-        let want: BTreeMap<usize, i64> = parts.iter().map(|r| (r.get::<_, i32>(0) as usize, r.get::<_, i64>(1))).collect();
-        loop {
-            let Some(pool) = self.replay.as_mut() else { break };
-            if want.iter().all(|(p, s)| pool.positions.get(*p).is_none_or(|x| x.load(Ordering::SeqCst) >= *s)) {
+        let want: BTreeMap<usize, i64> = parts
+            .iter()
+            .map(|r| (r.get::<_, i32>(0) as usize, r.get::<_, i64>(1)))
+            .collect();
+        while let Some(pool) = self.replay.as_mut() {
+            if want.iter().all(|(p, s)| {
+                pool.positions
+                    .get(*p)
+                    .is_none_or(|x| x.load(Ordering::SeqCst) >= *s)
+            }) {
                 break;
             }
             if pool.check().is_err() {
                 return Err(pool.take_error().await);
             }
             if timed_out(deadline) {
-                return Err(CoordinatorError::CutoverAborted("replay did not catch up in time".into()));
+                return Err(CoordinatorError::CutoverAborted(
+                    "replay did not catch up in time".into(),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -395,7 +474,9 @@ impl RunCtx {
         let t0 = Instant::now();
         self.store.set_phase(&self.target, Phase::Verify).await?;
         let shards = self.store.shards(&self.target).await?;
-        let queue = Arc::new(tokio::sync::Mutex::new(shards.into_iter().map(|(s, _, _)| s).collect::<Vec<_>>()));
+        let queue = Arc::new(tokio::sync::Mutex::new(
+            shards.into_iter().map(|(s, _, _)| s).collect::<Vec<_>>(),
+        ));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..self.workers {
             let source = connect(&self.spec.source, "source").await?;
@@ -417,7 +498,8 @@ impl RunCtx {
         let mut summary = VerifySummary::default();
         let mut diffs: Vec<(u32, KeyDiff)> = Vec::new();
         while let Some(j) = tasks.join_next().await {
-            let checks = j.map_err(|e| CoordinatorError::State(format!("verify task panicked: {e}")))??;
+            let checks =
+                j.map_err(|e| CoordinatorError::State(format!("verify task panicked: {e}")))??;
             for (t, c) in checks {
                 summary.ranges += 1;
                 summary.source_rows += c.source_rows;
@@ -429,7 +511,11 @@ impl RunCtx {
             if diffs.is_empty() {
                 break;
             }
-            tracing::info!(round, differing = diffs.len(), "re-checking differing keys after catch-up");
+            tracing::info!(
+                round,
+                differing = diffs.len(),
+                "re-checking differing keys after catch-up"
+            );
             self.catch_up(None).await?;
             diffs = self.recheck(&diffs).await?;
         }
@@ -441,7 +527,10 @@ impl RunCtx {
         Ok(summary)
     }
 
-    pub async fn recheck(&self, diffs: &[(u32, KeyDiff)]) -> Result<Vec<(u32, KeyDiff)>, CoordinatorError> {
+    pub async fn recheck(
+        &self,
+        diffs: &[(u32, KeyDiff)],
+    ) -> Result<Vec<(u32, KeyDiff)>, CoordinatorError> {
         let mut by_table: BTreeMap<u32, Vec<Vec<String>>> = BTreeMap::new();
         for (t, d) in diffs {
             by_table.entry(*t).or_default().push(d.key.clone());
@@ -449,8 +538,15 @@ impl RunCtx {
         install_helpers(&self.source, &self.plan.helpers, "source").await?;
         let mut out = Vec::new();
         for (t, keys) in by_table {
-            let Some(table) = self.plan.table(t) else { continue };
-            out.extend(recheck_keys(&self.source, &self.target, table, &keys).await?.into_iter().map(|d| (t, d)));
+            let Some(table) = self.plan.table(t) else {
+                continue;
+            };
+            out.extend(
+                recheck_keys(&self.source, &self.target, table, &keys)
+                    .await?
+                    .into_iter()
+                    .map(|d| (t, d)),
+            );
         }
         Ok(out)
     }
@@ -463,7 +559,11 @@ impl RunCtx {
         self.capture_stop.send_replace(true);
         match (&mut self.capture_task).await {
             Ok(r) => r?,
-            Err(e) => return Err(CoordinatorError::State(format!("capture task panicked: {e}"))),
+            Err(e) => {
+                return Err(CoordinatorError::State(format!(
+                    "capture task panicked: {e}"
+                )))
+            }
         }
         let counts = self
             .target
@@ -492,7 +592,11 @@ impl RunCtx {
 }
 
 /// `schemashift run`: plan or resume, then go as far as `until`.
-pub async fn run(spec: &Spec, opts: RunOptions, shutdown: watch::Receiver<bool>) -> Result<RunReport, CoordinatorError> {
+pub async fn run(
+    spec: &Spec,
+    opts: RunOptions,
+    shutdown: watch::Receiver<bool>,
+) -> Result<RunReport, CoordinatorError> {
     let mut ctx = RunCtx::open(spec, opts.workers).await?;
     let phase = ctx.phase().await?;
     if phase == Phase::CutOver {

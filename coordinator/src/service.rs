@@ -19,7 +19,11 @@ pub struct EmbeddedCoordinator {
 impl EmbeddedCoordinator {
     pub fn new(target: Client, registration: Registration) -> Self {
         let store = Store::new(&registration.plan.control_schema);
-        EmbeddedCoordinator { target, store, registration }
+        EmbeddedCoordinator {
+            target,
+            store,
+            registration,
+        }
     }
 }
 
@@ -45,13 +49,20 @@ impl CoordinatorService for EmbeddedCoordinator {
                 shard: Shard {
                     id: ShardId(r.get(0)),
                     table: r.get::<_, i32>(1) as u32,
-                    range: ShardRange { lo: r.get(2), hi: r.get(3) },
+                    range: ShardRange {
+                        lo: r.get(2),
+                        hi: r.get(3),
+                    },
                     estimated_rows: r.get::<_, i64>(4) as u64,
                 },
                 epoch: LeaseEpoch(r.get(5)),
             });
         }
-        let c = self.store.shard_counts(&self.target).await.map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+        let c = self
+            .store
+            .shard_counts(&self.target)
+            .await
+            .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
         if c.pending + c.leased == 0 {
             Ok(Work::Done)
         } else {
@@ -60,7 +71,13 @@ impl CoordinatorService for EmbeddedCoordinator {
         }
     }
 
-    async fn heartbeat(&self, _worker: &str, shard: ShardId, epoch: LeaseEpoch, _rows: u64) -> Result<bool, ServiceError> {
+    async fn heartbeat(
+        &self,
+        _worker: &str,
+        shard: ShardId,
+        epoch: LeaseEpoch,
+        _rows: u64,
+    ) -> Result<bool, ServiceError> {
         let ttl = self.registration.lease_ttl.as_secs_f64();
         let n = self
             .target
@@ -70,12 +87,25 @@ impl CoordinatorService for EmbeddedCoordinator {
         Ok(n == 1)
     }
 
-    async fn completed(&self, worker: &str, shard: ShardId, _epoch: LeaseEpoch, rows: u64, _bytes: u64) -> Result<(), ServiceError> {
+    async fn completed(
+        &self,
+        worker: &str,
+        shard: ShardId,
+        _epoch: LeaseEpoch,
+        rows: u64,
+        _bytes: u64,
+    ) -> Result<(), ServiceError> {
         tracing::debug!(worker, %shard, rows, "shard reported done");
         Ok(())
     }
 
-    async fn failed(&self, worker: &str, shard: ShardId, epoch: LeaseEpoch, reason: String) -> Result<(), ServiceError> {
+    async fn failed(
+        &self,
+        worker: &str,
+        shard: ShardId,
+        epoch: LeaseEpoch,
+        reason: String,
+    ) -> Result<(), ServiceError> {
         tracing::debug!(worker, %shard, "shard returned after failure");
         self.target
             .execute(&self.store.sql.fail_shard(), &[&shard.0, &epoch.0, &reason])

@@ -7,7 +7,11 @@ use schemashift_common::plan::ShardRange;
 
 /// `sorted_sample` must be in key order (duplicates allowed); `estimated_rows` is the
 /// table's size; returns ranges of about `shard_rows` rows each.
-pub fn plan_ranges(sorted_sample: &[Vec<String>], estimated_rows: u64, shard_rows: u64) -> Vec<ShardRange> {
+pub fn plan_ranges(
+    sorted_sample: &[Vec<String>],
+    estimated_rows: u64,
+    shard_rows: u64,
+) -> Vec<ShardRange> {
     let wanted = estimated_rows.div_ceil(shard_rows.max(1)).max(1) as usize;
     let n = wanted.min(sorted_sample.len() + 1).max(1);
     let mut bounds: Vec<&Vec<String>> = Vec::with_capacity(n);
@@ -21,7 +25,10 @@ pub fn plan_ranges(sorted_sample: &[Vec<String>], estimated_rows: u64, shard_row
     let mut out = Vec::with_capacity(bounds.len() + 1);
     let mut lo: Option<Vec<String>> = None;
     for b in bounds {
-        out.push(ShardRange { lo: lo.clone(), hi: Some(b.clone()) });
+        out.push(ShardRange {
+            lo: lo.clone(),
+            hi: Some(b.clone()),
+        });
         lo = Some(b.clone());
     }
     out.push(ShardRange { lo, hi: None });
@@ -38,7 +45,8 @@ mod tests {
     }
 
     fn contains(r: &ShardRange, k: i64) -> bool {
-        let num = |b: &Option<Vec<String>>| b.as_ref().map(|v| v[0].parse::<i64>().expect("int bound"));
+        let num =
+            |b: &Option<Vec<String>>| b.as_ref().map(|v| v[0].parse::<i64>().expect("int bound"));
         num(&r.lo).is_none_or(|lo| k >= lo) && num(&r.hi).is_none_or(|hi| k < hi)
     }
 
@@ -77,7 +85,10 @@ mod tests {
         assert_eq!(ranges.len(), 10);
         for r in &ranges {
             let n = sample.iter().filter(|&&k| contains(r, k)).count();
-            assert!((90..=110).contains(&n), "shard {r} has {n} of 1000 sampled keys");
+            assert!(
+                (90..=110).contains(&n),
+                "shard {r} has {n} of 1000 sampled keys"
+            );
         }
     }
 

@@ -56,7 +56,9 @@ pub async fn copy_shard(
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(fail)?;
         bytes += chunk.len() as u64;
-        progress.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        progress
+            .bytes
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         progress.messages.fetch_add(1, Ordering::Relaxed);
         sink.feed(chunk).await.map_err(fail)?;
     }

@@ -13,7 +13,9 @@ pub enum WorkerError {
         reason: String,
         transient: bool,
     },
-    #[error("table {table}, shard {shard}: lease lost (another worker owns it now); rows rolled back")]
+    #[error(
+        "table {table}, shard {shard}: lease lost (another worker owns it now); rows rolled back"
+    )]
     LeaseLost { table: String, shard: ShardId },
     #[error("replay of partition {part}, table {table}: {reason}")]
     Replay {

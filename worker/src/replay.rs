@@ -39,11 +39,7 @@ fn stage_name(table: u32) -> String {
 
 impl PartitionReplayer {
     /// Reads the partition's position and creates the session's staging tables.
-    pub async fn open(
-        target: &Client,
-        plan: Arc<RunPlan>,
-        part: u32,
-    ) -> Result<Self, WorkerError> {
+    pub async fn open(target: &Client, plan: Arc<RunPlan>, part: u32) -> Result<Self, WorkerError> {
         let control = ControlSql::new(&plan.control_schema);
         let fail = |e: tokio_postgres::Error| replay_err(part, "-", &e);
         let row = target
@@ -81,7 +77,10 @@ impl PartitionReplayer {
     pub async fn step(&mut self, target: &mut Client, max: i64) -> Result<usize, WorkerError> {
         let part = self.part;
         let rows = target
-            .query(&self.control.read_changes(), &[&(part as i32), &self.pos.0, &max])
+            .query(
+                &self.control.read_changes(),
+                &[&(part as i32), &self.pos.0, &max],
+            )
             .await
             .map_err(|e| replay_err(part, "-", &e))?;
         if rows.is_empty() {
@@ -120,7 +119,10 @@ impl PartitionReplayer {
             .await
             .map_err(|e| replay_err(self.part, "-", &e))?;
         match self.apply_collapsed(&mut sp, batch).await {
-            Ok(()) => sp.commit().await.map_err(|e| replay_err(self.part, "-", &e)),
+            Ok(()) => sp
+                .commit()
+                .await
+                .map_err(|e| replay_err(self.part, "-", &e)),
             Err((e, unique)) if unique => {
                 drop(sp);
                 tracing::debug!(part = self.part, error = %e, "batch conflicts when collapsed; applying in order");
@@ -309,7 +311,12 @@ impl PartitionReplayer {
         for (g, missing) in groups.iter().enumerate() {
             let missing_names: BTreeSet<&str> = missing
                 .iter()
-                .filter_map(|&i| table.source_columns.get(i as usize).map(|c| c.name.as_str()))
+                .filter_map(|&i| {
+                    table
+                        .source_columns
+                        .get(i as usize)
+                        .map(|c| c.name.as_str())
+                })
                 .collect();
             let settable: Vec<_> = table
                 .columns
@@ -323,7 +330,14 @@ impl PartitionReplayer {
             let names: Vec<String> = settable.iter().map(|c| c.target.clone()).collect();
             let exprs = settable
                 .iter()
-                .map(|c| format!("({})::{} AS {}", c.expr, c.target_type, quote_ident(&c.target)))
+                .map(|c| {
+                    format!(
+                        "({})::{} AS {}",
+                        c.expr,
+                        c.target_type,
+                        quote_ident(&c.target)
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", ");
             let keys = table
@@ -411,10 +425,16 @@ fn row_to_change(r: &tokio_postgres::Row) -> Result<(ChangeSeq, Change), String>
 }
 
 /// The highest sequence number in the change log, for lag.
-pub async fn head(client: &impl GenericClient, control: &ControlSql) -> Result<i64, tokio_postgres::Error> {
+pub async fn head(
+    client: &impl GenericClient,
+    control: &ControlSql,
+) -> Result<i64, tokio_postgres::Error> {
     let row = client
         .query_one(
-            &format!("SELECT coalesce(max(seq), 0) FROM {}", control.table("changes")),
+            &format!(
+                "SELECT coalesce(max(seq), 0) FROM {}",
+                control.table("changes")
+            ),
             &[],
         )
         .await?;

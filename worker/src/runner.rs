@@ -40,7 +40,9 @@ async fn sessions(reg: &Registration) -> Result<(Client, Client), WorkerError> {
     };
     open.retry(backoff())
         .when(WorkerError::is_transient)
-        .notify(|e, d| tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "reconnecting"))
+        .notify(
+            |e, d| tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "reconnecting"),
+        )
         .await
 }
 
@@ -83,7 +85,10 @@ pub async fn run_backfill<S: CoordinatorService>(
             Work::Done => return Ok(stats),
         };
         let Some(table) = reg.plan.table(shard.table) else {
-            return Err(WorkerError::ChangeLog(format!("shard {} names unknown table {}", shard.id, shard.table)));
+            return Err(WorkerError::ChangeLog(format!(
+                "shard {} names unknown table {}",
+                shard.id, shard.table
+            )));
         };
         let span = tracing::info_span!("shard", worker = %id, table = %table.describe(), shard = %shard.id,
             range = %shard.range, epoch = epoch.0, rows = tracing::field::Empty, bytes = tracing::field::Empty);
@@ -106,19 +111,31 @@ pub async fn run_backfill<S: CoordinatorService>(
                 .instrument(span.clone()),
             )
         };
-        let result = copy_shard(&source, &mut target, &control, table, &shard, epoch, progress)
-            .instrument(span.clone())
-            .await;
+        let result = copy_shard(
+            &source,
+            &mut target,
+            &control,
+            table,
+            &shard,
+            epoch,
+            progress,
+        )
+        .instrument(span.clone())
+        .await;
         beat.abort();
         match result {
             Ok(out) => {
                 span.record("rows", out.rows);
                 span.record("bytes", out.bytes);
-                span.in_scope(|| tracing::info!(rows = out.rows, bytes = out.bytes, "shard copied"));
+                span.in_scope(|| {
+                    tracing::info!(rows = out.rows, bytes = out.bytes, "shard copied")
+                });
                 stats.shards += 1;
                 stats.rows += out.rows;
                 stats.bytes += out.bytes;
-                let _ = svc.completed(&id, shard.id, epoch, out.rows, out.bytes).await;
+                let _ = svc
+                    .completed(&id, shard.id, epoch, out.rows, out.bytes)
+                    .await;
             }
             Err(e) => {
                 span.in_scope(|| tracing::warn!(error = %e, "shard failed"));

@@ -80,7 +80,10 @@ async fn key_hashes(
 ) -> Result<HashMap<Vec<String>, i64>, tokio_postgres::Error> {
     let rows = client
         .query(
-            &format!("SELECT {hash}, {} FROM ONLY {from} WHERE {pred}", key_text_select(key)),
+            &format!(
+                "SELECT {hash}, {} FROM ONLY {from} WHERE {pred}",
+                key_text_select(key)
+            ),
             &[],
         )
         .await?;
@@ -96,16 +99,32 @@ async fn key_hashes(
         .collect())
 }
 
-fn compare(table: &TablePlan, src: HashMap<Vec<String>, i64>, mut tgt: HashMap<Vec<String>, i64>) -> Vec<KeyDiff> {
+fn compare(
+    table: &TablePlan,
+    src: HashMap<Vec<String>, i64>,
+    mut tgt: HashMap<Vec<String>, i64>,
+) -> Vec<KeyDiff> {
     let mut out = Vec::new();
     for (k, h) in src {
         match tgt.remove(&k) {
-            None => out.push(KeyDiff { table: table.describe(), key: k, kind: DiffKind::Missing }),
-            Some(th) if th != h => out.push(KeyDiff { table: table.describe(), key: k, kind: DiffKind::Different }),
+            None => out.push(KeyDiff {
+                table: table.describe(),
+                key: k,
+                kind: DiffKind::Missing,
+            }),
+            Some(th) if th != h => out.push(KeyDiff {
+                table: table.describe(),
+                key: k,
+                kind: DiffKind::Different,
+            }),
             Some(_) => {}
         }
     }
-    out.extend(tgt.into_keys().map(|k| KeyDiff { table: table.describe(), key: k, kind: DiffKind::Extra }));
+    out.extend(tgt.into_keys().map(|k| KeyDiff {
+        table: table.describe(),
+        key: k,
+        kind: DiffKind::Extra,
+    }));
     out.sort_by(|a, b| a.key.cmp(&b.key));
     out
 }
@@ -123,7 +142,10 @@ pub async fn verify_range(
     let mut stack = vec![range.clone()];
     let mut first = true;
     while let Some(r) = stack.pop() {
-        let (sp, tp) = (table.source_range_predicate(&r), table.target_range_predicate(&r));
+        let (sp, tp) = (
+            table.source_range_predicate(&r),
+            table.target_range_predicate(&r),
+        );
         let (s, t) = tokio::try_join!(
             summarize(source, &src_hash, &sf, &sp),
             summarize(target, &tgt_hash, &tf, &tp)
@@ -166,8 +188,14 @@ pub async fn verify_range(
             .await
             .map_err(|e| verr(table, &e))?;
         let mid: Vec<String> = (0..row.len()).map(|i| row.get::<_, String>(i)).collect();
-        stack.push(ShardRange { lo: Some(mid.clone()), hi: r.hi.clone() });
-        stack.push(ShardRange { lo: r.lo.clone(), hi: Some(mid) });
+        stack.push(ShardRange {
+            lo: Some(mid.clone()),
+            hi: r.hi.clone(),
+        });
+        stack.push(ShardRange {
+            lo: r.lo.clone(),
+            hi: Some(mid),
+        });
     }
     Ok(check)
 }
@@ -175,14 +203,26 @@ pub async fn verify_range(
 fn keys_predicate(key: &[KeyCol], keys: &[Vec<String>]) -> String {
     let tuple = |vals: &Vec<String>| {
         let lits: Vec<String> = key.iter().zip(vals).map(|(k, v)| k.literal(v)).collect();
-        if key.len() == 1 { lits.join("") } else { format!("ROW({})", lits.join(", ")) }
+        if key.len() == 1 {
+            lits.join("")
+        } else {
+            format!("ROW({})", lits.join(", "))
+        }
     };
     let cols = if key.len() == 1 {
         schemashift_common::sql::quote_ident(&key[0].name)
     } else {
-        format!("ROW({})", schemashift_common::sql::ident_list(&key.iter().map(|k| k.name.clone()).collect::<Vec<_>>()))
+        format!(
+            "ROW({})",
+            schemashift_common::sql::ident_list(
+                &key.iter().map(|k| k.name.clone()).collect::<Vec<_>>()
+            )
+        )
     };
-    format!("{cols} IN ({})", keys.iter().map(tuple).collect::<Vec<_>>().join(", "))
+    format!(
+        "{cols} IN ({})",
+        keys.iter().map(tuple).collect::<Vec<_>>().join(", ")
+    )
 }
 
 /// Compares only the given keys (after replay caught up, or inside the cutover freeze).

@@ -28,22 +28,40 @@ fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ 
 /// Creates the publication and the slot when missing; returns the slot's consistent point.
 /// Slot creation waits for running transactions; if it takes long, the blocking
 /// backends are reported instead of waiting silently.
-pub async fn ensure_slot(source: &Client, plan: &RunPlan, name: &str) -> Result<(), CoordinatorError> {
+pub async fn ensure_slot(
+    source: &Client,
+    plan: &RunPlan,
+    name: &str,
+) -> Result<(), CoordinatorError> {
     let has_pub: bool = source
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&name])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&name],
+        )
         .await
         .map_err(db("checking publication"))?
         .get(0);
     if !has_pub {
-        let tables = plan.tables.iter().map(|t| t.source.to_string()).collect::<Vec<_>>().join(", ");
+        let tables = plan
+            .tables
+            .iter()
+            .map(|t| t.source.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         source
-            .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {tables}", quote_ident(name)))
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {tables}",
+                quote_ident(name)
+            ))
             .await
             .map_err(db("creating publication"))?;
         tracing::info!(publication = name, "publication created");
     }
     let has_slot: bool = source
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)", &[&name])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&name],
+        )
         .await
         .map_err(db("checking slot"))?
         .get(0);
@@ -51,7 +69,10 @@ pub async fn ensure_slot(source: &Client, plan: &RunPlan, name: &str) -> Result<
         return Ok(());
     }
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&name];
-    let create = source.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &params);
+    let create = source.query_one(
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+        &params,
+    );
     tokio::pin!(create);
     let started = Instant::now();
     loop {
@@ -94,15 +115,32 @@ pub struct Capture {
 }
 
 impl Capture {
-    pub async fn open(source: Client, target: Client, plan: Arc<RunPlan>, slot: String) -> Result<Self, CoordinatorError> {
+    pub async fn open(
+        source: Client,
+        target: Client,
+        plan: Arc<RunPlan>,
+        slot: String,
+    ) -> Result<Self, CoordinatorError> {
         let control = ControlSql::new(&plan.control_schema);
         let position = target
-            .query_opt(&format!("SELECT lsn::text FROM {}", control.table("capture")), &[])
+            .query_opt(
+                &format!("SELECT lsn::text FROM {}", control.table("capture")),
+                &[],
+            )
             .await
             .map_err(db("reading capture position"))?
             .map(|r| r.get::<_, String>(0).parse::<Lsn>().unwrap_or_default())
             .unwrap_or_default();
-        Ok(Capture { source, target, plan, control, slot, position, relations: HashMap::new(), changes: 0 })
+        Ok(Capture {
+            source,
+            target,
+            plan,
+            control,
+            slot,
+            position,
+            relations: HashMap::new(),
+            changes: 0,
+        })
     }
 
     fn relation(&mut self, rel: &Relation) -> Result<(), CoordinatorError> {
@@ -127,9 +165,20 @@ impl Capture {
         Ok(())
     }
 
-    fn to_change(&self, rel: u32, lsn: Lsn, op: Op, old: Option<&OldTuple>, new: Option<&Vec<Datum>>) -> Result<Option<Change>, CoordinatorError> {
-        let Some(&table) = self.relations.get(&rel) else { return Ok(None) };
-        let Some(tp) = self.plan.table(table) else { return Ok(None) };
+    fn to_change(
+        &self,
+        rel: u32,
+        lsn: Lsn,
+        op: Op,
+        old: Option<&OldTuple>,
+        new: Option<&Vec<Datum>>,
+    ) -> Result<Option<Change>, CoordinatorError> {
+        let Some(&table) = self.relations.get(&rel) else {
+            return Ok(None);
+        };
+        let Some(tp) = self.plan.table(table) else {
+            return Ok(None);
+        };
         let key_idx = tp.source_key_index();
         let old_key = match old {
             Some(o) => {
@@ -141,7 +190,12 @@ impl Capture {
                         _ => None,
                     })
                     .collect();
-                Some(k.ok_or_else(|| CoordinatorError::Capture(format!("table {}: a change arrived without its key", tp.source)))?)
+                Some(k.ok_or_else(|| {
+                    CoordinatorError::Capture(format!(
+                        "table {}: a change arrived without its key",
+                        tp.source
+                    ))
+                })?)
             }
             None => None,
         };
@@ -159,7 +213,14 @@ impl Capture {
                 }
             }
         }
-        Ok(Some(Change { table, op, lsn, old_key, values, unchanged }))
+        Ok(Some(Change {
+            table,
+            op,
+            lsn,
+            old_key,
+            values,
+            unchanged,
+        }))
     }
 
     /// One peek → append → advance round. Returns the number of transactions taken and
@@ -171,7 +232,11 @@ impl Capture {
             .await
             .map_err(db("reading source WAL position"))?
             .get(0);
-        let head: Lsn = head.parse().map_err(|e: schemashift_common::ids::LsnParseError| CoordinatorError::Capture(e.to_string()))?;
+        let head: Lsn = head
+            .parse()
+            .map_err(|e: schemashift_common::ids::LsnParseError| {
+                CoordinatorError::Capture(e.to_string())
+            })?;
         let rows = self
             .source
             .query(
@@ -189,7 +254,8 @@ impl Capture {
         let mut txs = 0;
         for r in &rows {
             let data: &[u8] = r.get(0);
-            let msg = pgoutput::decode(data).map_err(|e| CoordinatorError::Capture(e.to_string()))?;
+            let msg =
+                pgoutput::decode(data).map_err(|e| CoordinatorError::Capture(e.to_string()))?;
             match msg {
                 Message::Begin { final_lsn, .. } => {
                     tx_changes.clear();
@@ -202,7 +268,9 @@ impl Capture {
                     }
                 }
                 Message::Update { rel, old, new } => {
-                    if let Some(c) = self.to_change(rel, tx_lsn, Op::Update, old.as_ref(), Some(&new))? {
+                    if let Some(c) =
+                        self.to_change(rel, tx_lsn, Op::Update, old.as_ref(), Some(&new))?
+                    {
                         tx_changes.push(c);
                     }
                 }
@@ -212,7 +280,11 @@ impl Capture {
                     }
                 }
                 Message::Truncate { rels } => {
-                    if let Some(t) = rels.iter().find_map(|r| self.relations.get(r)).and_then(|&i| self.plan.table(i)) {
+                    if let Some(t) = rels
+                        .iter()
+                        .find_map(|r| self.relations.get(r))
+                        .and_then(|&i| self.plan.table(i))
+                    {
                         return Err(CoordinatorError::Capture(format!(
                             "table {} was truncated on the source during the run; its rows cannot be replayed. \
                              Roll back and start the migration again",
@@ -256,7 +328,11 @@ impl Capture {
         let rows: Vec<serde_json::Value> = changes
             .iter()
             .map(|c| {
-                let key = self.plan.table(c.table).and_then(|t| c.key(&t.source_key_index())).unwrap_or_default();
+                let key = self
+                    .plan
+                    .table(c.table)
+                    .and_then(|t| c.key(&t.source_key_index()))
+                    .unwrap_or_default();
                 serde_json::json!({
                     "part": partition_of(c.table, &key, parts),
                     "table_idx": c.table,
@@ -308,7 +384,11 @@ impl Capture {
             let started = Instant::now();
             let (_txs, cut_short, head) = self.round().await?;
             if !cut_short {
-                progress.send_replace(CaptureProgress { caught_up_to: head, caught_up_at: started, changes: self.changes });
+                progress.send_replace(CaptureProgress {
+                    caught_up_to: head,
+                    caught_up_at: started,
+                    changes: self.changes,
+                });
             }
             if *shutdown.borrow() {
                 return Ok(());
@@ -340,7 +420,10 @@ pub async fn drop_slot(source: &Client, name: &str) -> Result<(bool, bool), Coor
         .len()
         == 1;
     let had_pub: bool = source
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&name])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&name],
+        )
         .await
         .map_err(db("checking publication"))?
         .get(0);

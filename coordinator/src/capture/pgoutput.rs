@@ -61,14 +61,34 @@ impl OldTuple {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
-    Begin { final_lsn: Lsn, xid: u32 },
-    Commit { commit_lsn: Lsn, end_lsn: Lsn },
-    Origin { name: String },
+    Begin {
+        final_lsn: Lsn,
+        xid: u32,
+    },
+    Commit {
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+    },
+    Origin {
+        name: String,
+    },
     Relation(Relation),
-    Insert { rel: u32, new: Tuple },
-    Update { rel: u32, old: Option<OldTuple>, new: Tuple },
-    Delete { rel: u32, old: OldTuple },
-    Truncate { rels: Vec<u32> },
+    Insert {
+        rel: u32,
+        new: Tuple,
+    },
+    Update {
+        rel: u32,
+        old: Option<OldTuple>,
+        new: Tuple,
+    },
+    Delete {
+        rel: u32,
+        old: OldTuple,
+    },
+    Truncate {
+        rels: Vec<u32>,
+    },
     /// Type and logical-decoding messages: nothing to do for us.
     Ignored,
 }
@@ -279,7 +299,11 @@ mod tests {
             msg,
             Message::Update {
                 rel: 16384,
-                old: Some(OldTuple::Key(vec![Datum::Text("1".into()), Datum::Null, Datum::Null])),
+                old: Some(OldTuple::Key(vec![
+                    Datum::Text("1".into()),
+                    Datum::Null,
+                    Datum::Null
+                ])),
                 new: vec![
                     Datum::Text("2".into()),
                     Datum::Text("Ann Lee".into()),
@@ -318,7 +342,10 @@ mod tests {
         c.extend(0u64.to_be_bytes());
         assert_eq!(
             decode(&c).expect("commit"),
-            Message::Commit { commit_lsn: Lsn(0x10), end_lsn: Lsn(0x20) }
+            Message::Commit {
+                commit_lsn: Lsn(0x10),
+                end_lsn: Lsn(0x20)
+            }
         );
         assert_eq!(decode(b"Z"), Err(DecodeError::UnknownTag('Z')));
     }
