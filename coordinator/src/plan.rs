@@ -113,6 +113,11 @@ pub async fn plan(
     let mut problems = Vec::new();
     let db = |e: tokio_postgres::Error| CoordinatorError::db("planning", &e);
 
+    if let Ok(schemashift_common::spec::Changelog::Kafka { .. }) = spec.changelog() {
+        problems.push(
+            "changelog: kafka is not available in this version; use `changelog: postgres` (the default)".into(),
+        );
+    }
     let wal_level: String = source
         .query_one("SHOW wal_level", &[])
         .await
