@@ -313,13 +313,15 @@ pub fn range_predicate(key: &[KeyCol], lo: Option<&[String]>, hi: Option<&[Strin
     }
 }
 
-/// `key = (values)` for one key tuple.
-pub fn key_equals(key: &[KeyCol], values: &[String]) -> String {
-    key.iter()
-        .zip(values)
-        .map(|(k, v)| format!("{} = {}", quote_ident(&k.name), k.literal(v)))
-        .collect::<Vec<_>>()
-        .join(" AND ")
+/// `key IN (tuple, ...)` for a list of key tuples (text values), in the same
+/// comparison form as [`range_predicate`].
+pub fn keys_in(key: &[KeyCol], keys: &[Vec<String>]) -> String {
+    let Some(first) = keys.first() else {
+        return "false".into();
+    };
+    let cols = tuple(key, first).0;
+    let vals: Vec<String> = keys.iter().map(|k| tuple(key, k).1).collect();
+    format!("{cols} IN ({})", vals.join(", "))
 }
 
 pub fn ident_list(names: &[String]) -> String {
@@ -394,6 +396,19 @@ mod tests {
         assert_eq!(e.bare_column.as_deref(), Some("id"));
         assert!(MappedExpr::parse("split_first(full_name", &helpers(), &cols).is_err());
         assert!(MappedExpr::parse("id; DROP TABLE users", &helpers(), &cols).is_err());
+    }
+
+    #[test]
+    fn key_lists_use_the_range_comparison_form() {
+        let k = vec![KeyCol {
+            name: "id".into(),
+            sql_type: "bigint".into(),
+        }];
+        assert_eq!(
+            keys_in(&k, &[vec!["1".into()], vec!["2".into()]]),
+            "\"id\" IN ('1'::bigint, '2'::bigint)"
+        );
+        assert_eq!(keys_in(&k, &[]), "false");
     }
 
     #[test]

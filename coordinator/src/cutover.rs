@@ -4,12 +4,11 @@
 //! compare, move target sequences past the source's, run the switch hook, record the
 //! switch and release. Any step that would overrun `freeze_timeout` releases and aborts.
 
+use crate::capture::current_wal_lsn;
 use crate::control::Phase;
 use crate::error::CoordinatorError;
 use crate::run::RunCtx;
 use schemashift_common::change::Op;
-use schemashift_common::ids::Lsn;
-use schemashift_worker::verify::KeyDiff;
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -32,7 +31,7 @@ async fn changed_keys(
     ctx: &RunCtx,
     after: i64,
     upto: i64,
-) -> Result<Vec<(u32, KeyDiff)>, CoordinatorError> {
+) -> Result<Vec<(u32, Vec<String>)>, CoordinatorError> {
     let rows = ctx
         .target
         .query(
@@ -67,19 +66,7 @@ async fn changed_keys(
             }
         }
     }
-    Ok(keys
-        .into_iter()
-        .map(|(t, key)| {
-            (
-                t,
-                KeyDiff {
-                    table: String::new(),
-                    key,
-                    kind: schemashift_worker::verify::DiffKind::Different,
-                },
-            )
-        })
-        .collect())
+    Ok(keys.into_iter().collect())
 }
 
 pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError> {
@@ -132,16 +119,7 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
         }
         let deadline = t0 + freeze_budget;
         // Every writer of these tables has committed or waits on us: this LSN covers all.
-        let lsn: String = tx
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(|e| CoordinatorError::db("reading freeze LSN", &e))?
-            .get(0);
-        let lsn: Lsn = lsn
-            .parse()
-            .map_err(|e: schemashift_common::ids::LsnParseError| {
-                CoordinatorError::State(e.to_string())
-            })?;
+        let lsn = current_wal_lsn(&tx).await?;
         let outcome = async {
             let (head, _) = ctx.catch_up_on(Some(lsn), Some(deadline)).await?;
             let keys = changed_keys(ctx, baseline, head).await?;

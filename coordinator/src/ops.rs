@@ -113,10 +113,6 @@ pub async fn verify(spec: &Spec) -> Result<VerifySummary, CoordinatorError> {
     }
     ctx.catch_up(None).await?;
     let summary = ctx.verify().await?;
-    if phase >= Phase::CutOver {
-        // verify() moved the phase; a cut-over run stays cut over.
-        ctx.store.set_phase(&ctx.target, phase).await?;
-    }
     ctx.finish().await?;
     Ok(summary)
 }

@@ -1,7 +1,7 @@
 //! Embedded mode: the coordinator and its workers in one process. Resumes from the
 //! control state when there is one; phases: backfill → replay → verify (→ cutover).
 
-use crate::capture::{ensure_slot, Capture, CaptureProgress};
+use crate::capture::{current_wal_lsn, ensure_slot, Capture, CaptureProgress};
 use crate::control::{Phase, Store};
 use crate::error::CoordinatorError;
 use crate::plan::{plan, PlanOptions, TableAnalysis};
@@ -120,15 +120,6 @@ impl ReplayPool {
         })
     }
 
-    fn check(&mut self) -> Result<(), CoordinatorError> {
-        if self.handles.iter().any(|h| h.is_finished()) {
-            return Err(CoordinatorError::State(
-                "a replay task stopped unexpectedly".into(),
-            ));
-        }
-        Ok(())
-    }
-
     async fn stop(self) -> Result<(), CoordinatorError> {
         self.stop.send_replace(true);
         for h in self.handles {
@@ -138,18 +129,25 @@ impl ReplayPool {
         Ok(())
     }
 
-    /// Surfaces the error of a replay task that ended early.
-    async fn take_error(&mut self) -> CoordinatorError {
-        for h in std::mem::take(&mut self.handles) {
-            if h.is_finished() {
-                return match h.await {
-                    Ok(Err(e)) => e.into(),
-                    Ok(Ok(_)) => CoordinatorError::State("replay stopped early".into()),
-                    Err(e) => CoordinatorError::State(format!("replay task panicked: {e}")),
-                };
-            }
-        }
-        CoordinatorError::State("replay stopped".into())
+    /// The error of a replay task that ended while it should still run.
+    async fn failure(&mut self) -> Option<CoordinatorError> {
+        let i = self.handles.iter().position(|h| h.is_finished())?;
+        Some(match self.handles.swap_remove(i).await {
+            Ok(Err(e)) => e.into(),
+            Ok(Ok(_)) => CoordinatorError::State("replay stopped early".into()),
+            Err(e) => CoordinatorError::State(format!("replay task panicked: {e}")),
+        })
+    }
+}
+
+/// What a capture task that ended tells about why.
+fn capture_error(
+    r: Result<Result<(), CoordinatorError>, tokio::task::JoinError>,
+) -> CoordinatorError {
+    match r {
+        Ok(Err(e)) => e,
+        Ok(Ok(())) => CoordinatorError::State("capture stopped".into()),
+        Err(e) => CoordinatorError::State(format!("capture task panicked: {e}")),
     }
 }
 
@@ -245,6 +243,8 @@ impl RunCtx {
             )));
         }
         let plan = Arc::new(state.plan);
+        // recheck() evaluates mapped rows on this session, inside the freeze too.
+        install_helpers(&source, &plan.helpers, "source").await?;
         ensure_slot(&source, &plan, &state.slot).await?;
         if state.phase == Phase::Planned {
             store.set_phase(&target, Phase::Backfill).await?;
@@ -295,14 +295,6 @@ impl RunCtx {
             .unwrap_or(Phase::Planned))
     }
 
-    async fn capture_failed(&mut self) -> CoordinatorError {
-        match (&mut self.capture_task).await {
-            Ok(Err(e)) => e,
-            Ok(Ok(())) => CoordinatorError::State("capture stopped".into()),
-            Err(e) => CoordinatorError::State(format!("capture task panicked: {e}")),
-        }
-    }
-
     pub async fn backfill(
         &mut self,
         shutdown: &watch::Receiver<bool>,
@@ -342,7 +334,7 @@ impl RunCtx {
                     tracing::info!(done = c.done, leased = c.leased, pending = c.pending, rows = c.rows_done,
                         rows_per_s = (c.rows_done as f64 / secs) as u64, "backfill progress");
                 }
-                _ = self.capture_task_finished() => return Err(self.capture_failed().await),
+                r = &mut self.capture_task => return Err(capture_error(r)),
             }
         }
         if *shutdown.borrow() {
@@ -362,16 +354,6 @@ impl RunCtx {
         self.report.rows_per_second = c.rows_done as f64 / self.report.backfill_seconds.max(0.001);
         self.store.set_phase(&self.target, Phase::Replay).await?;
         Ok(())
-    }
-
-    async fn capture_task_finished(&self) {
-        // Polled inside select!: resolves once the capture task has ended.
-        loop {
-            if self.capture_task.is_finished() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     pub async fn start_replay(&mut self) -> Result<(), CoordinatorError> {
@@ -401,18 +383,7 @@ impl RunCtx {
         self.start_replay().await?;
         let l = match lsn {
             Some(l) => l,
-            None => {
-                let s: String = self
-                    .source
-                    .query_one("SELECT pg_current_wal_lsn()::text", &[])
-                    .await
-                    .map_err(|e| CoordinatorError::db("reading source WAL position", &e))?
-                    .get(0);
-                s.parse()
-                    .map_err(|e: schemashift_common::ids::LsnParseError| {
-                        CoordinatorError::State(e.to_string())
-                    })?
-            }
+            None => current_wal_lsn(&self.source).await?,
         };
         let timed_out = |d: Option<Instant>| d.is_some_and(|d| Instant::now() > d);
         loop {
@@ -420,7 +391,7 @@ impl RunCtx {
                 break;
             }
             if self.capture_task.is_finished() {
-                return Err(self.capture_failed().await);
+                return Err(capture_error((&mut self.capture_task).await));
             }
             if timed_out(deadline) {
                 return Err(CoordinatorError::CutoverAborted(
@@ -455,8 +426,8 @@ impl RunCtx {
             }) {
                 break;
             }
-            if pool.check().is_err() {
-                return Err(pool.take_error().await);
+            if let Some(e) = pool.failure().await {
+                return Err(e);
             }
             if timed_out(deadline) {
                 return Err(CoordinatorError::CutoverAborted(
@@ -472,7 +443,6 @@ impl RunCtx {
     /// (writes during the compare cause transient differences).
     pub async fn verify(&mut self) -> Result<VerifySummary, CoordinatorError> {
         let t0 = Instant::now();
-        self.store.set_phase(&self.target, Phase::Verify).await?;
         let shards = self.store.shards(&self.target).await?;
         let queue = Arc::new(tokio::sync::Mutex::new(
             shards.into_iter().map(|(s, _, _)| s).collect::<Vec<_>>(),
@@ -517,25 +487,24 @@ impl RunCtx {
                 "re-checking differing keys after catch-up"
             );
             self.catch_up(None).await?;
-            diffs = self.recheck(&diffs).await?;
+            let keys: Vec<(u32, Vec<String>)> =
+                diffs.into_iter().map(|(t, d)| (t, d.key)).collect();
+            diffs = self.recheck(&keys).await?;
         }
         summary.differing = diffs.into_iter().map(|(_, d)| d).collect();
         summary.seconds = t0.elapsed().as_secs_f64();
-        if summary.differing.is_empty() {
-            self.store.set_phase(&self.target, Phase::Verified).await?;
-        }
         Ok(summary)
     }
 
+    /// Compares just these keys (table index, key) on both sides.
     pub async fn recheck(
         &self,
-        diffs: &[(u32, KeyDiff)],
+        keys: &[(u32, Vec<String>)],
     ) -> Result<Vec<(u32, KeyDiff)>, CoordinatorError> {
         let mut by_table: BTreeMap<u32, Vec<Vec<String>>> = BTreeMap::new();
-        for (t, d) in diffs {
-            by_table.entry(*t).or_default().push(d.key.clone());
+        for (t, k) in keys {
+            by_table.entry(*t).or_default().push(k.clone());
         }
-        install_helpers(&self.source, &self.plan.helpers, "source").await?;
         let mut out = Vec::new();
         for (t, keys) in by_table {
             let Some(table) = self.plan.table(t) else {
@@ -614,8 +583,12 @@ pub async fn run(
     if opts.until == Until::Replay {
         return ctx.finish().await;
     }
+    ctx.store.set_phase(&ctx.target, Phase::Verify).await?;
     let summary = ctx.verify().await?;
     let clean = summary.differing.is_empty();
+    if clean {
+        ctx.store.set_phase(&ctx.target, Phase::Verified).await?;
+    }
     ctx.report.verify = Some(summary);
     if !clean {
         let report = ctx.finish().await?;

@@ -265,6 +265,49 @@ pub fn schemashift_bin() -> PathBuf {
     }
 }
 
+/// Runs the `schemashift` binary with quiet logs and no stdin.
+pub fn schemashift(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    use anyhow::Context;
+    std::process::Command::new(schemashift_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running schemashift")
+}
+
+/// Runs `schemashift` and fails the test, showing its stderr, unless it succeeded.
+pub fn schemashift_ok(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    let out = schemashift(args)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "schemashift {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
+/// Writes a spec into `dir` and returns its path as a string for the command line.
+pub fn write_spec(dir: &tempfile::TempDir, yaml: &str) -> anyhow::Result<String> {
+    let p = dir.path().join("spec.yaml");
+    std::fs::write(&p, yaml)?;
+    Ok(p.to_string_lossy().into_owned())
+}
+
+/// Logical slots of this database and publications, on the source: both must be 0
+/// after cleanup or a refused start.
+pub async fn slot_and_publication_count(source_dsn: &str) -> anyhow::Result<(i64, i64)> {
+    let row = connect(source_dsn)
+        .await?
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = current_database()), \
+             (SELECT count(*) FROM pg_publication)",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

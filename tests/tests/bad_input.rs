@@ -3,8 +3,16 @@
 
 use schemashift_common::cluster::{Cluster, ClusterOptions};
 use schemashift_common::scenario::{load_users, users_spec_yaml, SOURCE_DDL, TARGET_DDL};
-use schemashift_tests::{connect, schemashift_bin, TestEnv};
-use std::process::{Command, Stdio};
+use schemashift_tests::{connect, schemashift, slot_and_publication_count, write_spec, TestEnv};
+
+/// Source and target databases with the users tables; the target is empty.
+async fn users_tables(source_dsn: &str, target_dsn: &str) -> anyhow::Result<()> {
+    let s = connect(source_dsn).await?;
+    s.batch_execute(SOURCE_DDL).await?;
+    load_users(&s, 500).await?;
+    connect(target_dsn).await?.batch_execute(TARGET_DDL).await?;
+    Ok(())
+}
 
 async fn assert_refused(
     env: &TestEnv,
@@ -13,14 +21,9 @@ async fn assert_refused(
     needles: &[&str],
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let p = dir.path().join("spec.yaml");
-    std::fs::write(&p, yaml)?;
+    let spec = write_spec(&dir, yaml)?;
     for cmd in ["plan", "run"] {
-        let out = Command::new(schemashift_bin())
-            .args([cmd, &p.to_string_lossy()])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()?;
+        let out = schemashift(&[cmd, &spec])?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             out.status.code(),
@@ -32,18 +35,8 @@ async fn assert_refused(
         }
         assert!(!err.contains("s3cret"), "password leaked: {err}");
     }
-    if let Ok(s) = connect(source_dsn).await {
-        let row = s
-            .query_one(
-                "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = current_database()), (SELECT count(*) FROM pg_publication)",
-                &[],
-            )
-            .await?;
-        assert_eq!(
-            (row.get::<_, i64>(0), row.get::<_, i64>(1)),
-            (0, 0),
-            "no slot or publication"
-        );
+    if let Ok(counts) = slot_and_publication_count(source_dsn).await {
+        assert_eq!(counts, (0, 0), "no slot or publication");
     }
     let t = connect(&env.target_dsn).await?;
     let ctl: bool = t
@@ -59,65 +52,58 @@ async fn assert_refused(
 #[tokio::test]
 async fn bad_input_exits_2_names_the_culprit_and_writes_nothing() -> anyhow::Result<()> {
     let env = TestEnv::new("bad_input").await?;
-    let s = connect(&env.source_dsn).await?;
-    s.batch_execute(SOURCE_DDL).await?;
-    load_users(&s, 500).await?;
-    connect(&env.target_dsn)
-        .await?
-        .batch_execute(TARGET_DDL)
-        .await?;
+    users_tables(&env.source_dsn, &env.target_dsn).await?;
     let good = users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, None);
-    let src = env.source_dsn.clone();
 
-    assert_refused(
-        &env,
-        &good.replace("bio: bio", "bio: biography"),
-        &src,
-        &["biography", "\"bio\""],
-    )
-    .await?;
-    assert_refused(
-        &env,
-        &good.replace("source: public.users", "source: public.userz"),
-        &src,
-        &["userz", "does not exist"],
-    )
-    .await?;
-    assert_refused(
-        &env,
-        &good.replace("split_last(full_name)", "split_last(full_name"),
-        &src,
-        &["last_name", "cannot parse"],
-    )
-    .await?;
-    assert_refused(
-        &env,
-        &good.replace("bio: bio", "bio: bio::int"),
-        &src,
-        &["\"bio\"", "does not evaluate"],
-    )
-    .await?;
-    assert_refused(
-        &env,
-        &good.replace("key: id", "key: email_hash"),
-        &src,
-        &["email_hash"],
-    )
-    .await?;
-    assert_refused(
-        &env,
-        &good.replace("key: id", "key: id\n    shard_rowz: 5"),
-        &src,
-        &["shard_rowz"],
-    )
-    .await?;
-    assert_refused(
-        &env,
-        &good.replace("    columns:\n      id: id\n", "    columns:\n"),
-        &src,
-        &["\"id\"", "id: id"],
-    )
-    .await?;
+    // (what is wrong, the spec edit, what the message must name)
+    let cases: [(&str, &str, &str, &[&str]); 7] = [
+        (
+            "unknown source column",
+            "bio: bio",
+            "bio: biography",
+            &["biography", "\"bio\""],
+        ),
+        (
+            "unknown source table",
+            "source: public.users",
+            "source: public.userz",
+            &["userz", "does not exist"],
+        ),
+        (
+            "unparseable expression",
+            "split_last(full_name)",
+            "split_last(full_name",
+            &["last_name", "cannot parse"],
+        ),
+        (
+            "expression that does not evaluate",
+            "bio: bio",
+            "bio: bio::int",
+            &["\"bio\"", "does not evaluate"],
+        ),
+        (
+            "unknown key column",
+            "key: id",
+            "key: email_hash",
+            &["email_hash"],
+        ),
+        (
+            "YAML typo",
+            "key: id",
+            "key: id\n    shard_rowz: 5",
+            &["shard_rowz"],
+        ),
+        (
+            "key not mapped",
+            "    columns:\n      id: id\n",
+            "    columns:\n",
+            &["\"id\"", "id: id"],
+        ),
+    ];
+    for (what, from, to, needles) in cases {
+        assert!(good.contains(from), "case {what}: the spec has no {from:?}");
+        assert_refused(&env, &good.replace(from, to), &env.source_dsn, needles).await?;
+    }
     // Unreachable database, with a password that must not be printed.
     let unreachable = good.replacen(
         &env.source_dsn,
@@ -131,23 +117,17 @@ async fn bad_input_exits_2_names_the_culprit_and_writes_nothing() -> anyhow::Res
         &["127.0.0.1:1/nowhere"],
     )
     .await?;
-    // A non-empty target.
-    let t = connect(&env.target_dsn).await?;
-    t.batch_execute(
-        "INSERT INTO users (id, email, first_name, last_name) VALUES (1, 'x@y', 'a', 'b')",
-    )
-    .await?;
-    let out = Command::new(schemashift_bin())
-        .args(["plan", "/nonexistent.yaml"])
-        .output()?;
+    let out = schemashift(&["plan", "/nonexistent.yaml"])?;
     assert_eq!(out.status.code(), Some(2));
+    // A non-empty target.
+    connect(&env.target_dsn)
+        .await?
+        .batch_execute(
+            "INSERT INTO users (id, email, first_name, last_name) VALUES (1, 'x@y', 'a', 'b')",
+        )
+        .await?;
     let dir = tempfile::tempdir()?;
-    let p = dir.path().join("spec.yaml");
-    std::fs::write(&p, &good)?;
-    let out = Command::new(schemashift_bin())
-        .args(["run", &p.to_string_lossy()])
-        .env("RUST_LOG", "warn")
-        .output()?;
+    let out = schemashift(&["run", &write_spec(&dir, &good)?])?;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
     env.drop_all().await
@@ -162,13 +142,7 @@ async fn source_without_logical_wal_level_is_refused_before_any_write() -> anyho
     .await?;
     let env = TestEnv::new("wal_level").await?;
     let dsn = src.dsn("postgres");
-    let s = connect(&dsn).await?;
-    s.batch_execute(SOURCE_DDL).await?;
-    load_users(&s, 100).await?;
-    connect(&env.target_dsn)
-        .await?
-        .batch_execute(TARGET_DDL)
-        .await?;
+    users_tables(&dsn, &env.target_dsn).await?;
     assert_refused(
         &env,
         &users_spec_yaml(&dsn, &env.target_dsn, 2, None),

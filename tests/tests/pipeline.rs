@@ -1,11 +1,13 @@
 //! End-to-end behaviour of `schemashift run` against real PostgreSQL clusters
 //! (source and target are separate clusters), driven through the real binary.
 
-use anyhow::Context;
 use schemashift_common::load::{start_load, LoadOptions};
 use schemashift_common::scenario::{load_users, users_spec_yaml, SOURCE_DDL, TARGET_DDL};
-use schemashift_tests::{connect, schemashift_bin, table_diff, TestEnv};
-use std::process::{Command, Output, Stdio};
+use schemashift_tests::{
+    connect, schemashift, schemashift_bin, schemashift_ok, slot_and_publication_count, table_diff,
+    write_spec, TestEnv,
+};
+use std::process::{Command, Stdio};
 
 async fn users_env(name: &str, rows: u64) -> anyhow::Result<TestEnv> {
     let env = TestEnv::new(name).await?;
@@ -17,33 +19,6 @@ async fn users_env(name: &str, rows: u64) -> anyhow::Result<TestEnv> {
         .batch_execute(TARGET_DDL)
         .await?;
     Ok(env)
-}
-
-fn write_spec(dir: &tempfile::TempDir, yaml: &str) -> anyhow::Result<std::path::PathBuf> {
-    let p = dir.path().join("spec.yaml");
-    std::fs::write(&p, yaml)?;
-    Ok(p)
-}
-
-fn schemashift(args: &[&str]) -> anyhow::Result<Output> {
-    Command::new(schemashift_bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .context("running schemashift")
-}
-
-async fn slot_and_pub_count(source_dsn: &str) -> anyhow::Result<(i64, i64)> {
-    let s = connect(source_dsn).await?;
-    let row = s
-        .query_one(
-            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = current_database()), \
-             (SELECT count(*) FROM pg_publication)",
-            &[],
-        )
-        .await?;
-    Ok((row.get(0), row.get(1)))
 }
 
 #[tokio::test]
@@ -62,7 +37,7 @@ async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Res
         },
     )
     .await?;
-    let spec_s = spec.to_string_lossy().to_string();
+    let spec_s = spec.clone();
     let out = tokio::task::spawn_blocking(move || {
         schemashift(&["run", &spec_s, "--until", "cutover", "--json"])
     })
@@ -81,7 +56,7 @@ async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Res
     );
     assert_eq!(stats.failed, 0, "application writes must wait, not fail");
     // Writes that waited on the freeze land on the source after it; carry them over, then compare.
-    let spec_s = spec.to_string_lossy().to_string();
+    let spec_s = spec.clone();
     let v = tokio::task::spawn_blocking(move || schemashift(&["verify", &spec_s])).await??;
     assert!(
         v.status.success(),
@@ -94,10 +69,10 @@ async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Res
     )
     .await?;
     assert_eq!((missing, extra, different), (0, 0, 0));
-    let c = schemashift(&["cleanup", &spec.to_string_lossy()])?;
+    let c = schemashift(&["cleanup", &spec])?;
     assert!(c.status.success());
     assert_eq!(
-        slot_and_pub_count(&env.source_dsn).await?,
+        slot_and_publication_count(&env.source_dsn).await?,
         (0, 0),
         "cleanup leaves no slot or publication"
     );
@@ -120,24 +95,14 @@ async fn update_that_leaves_a_toasted_bio_unchanged_keeps_it_in_the_target() -> 
         .query_one("INSERT INTO users (email, full_name, bio) VALUES ('toast@example.com', 'Ada Lovelace', $1) RETURNING id", &[&big])
         .await?
         .get(0);
-    let out = schemashift(&["run", &spec.to_string_lossy(), "--until", "backfill"])?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    schemashift_ok(&["run", &spec, "--until", "backfill"])?;
     // pgoutput sends the untouched, out-of-line bio as "unchanged TOAST".
     s.execute(
         "UPDATE users SET full_name = 'Ada King Lovelace', updated_at = now() WHERE id = $1",
         &[&id],
     )
     .await?;
-    let out = schemashift(&["run", &spec.to_string_lossy()])?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    schemashift_ok(&["run", &spec])?;
     let t = connect(&env.target_dsn).await?;
     let row = t
         .query_one(
@@ -152,7 +117,7 @@ async fn update_that_leaves_a_toasted_bio_unchanged_keeps_it_in_the_target() -> 
         Some(big.as_str())
     );
     assert_eq!(table_diff(&s, &t).await?, (0, 0, 0));
-    schemashift(&["cleanup", &spec.to_string_lossy()])?;
+    schemashift(&["cleanup", &spec])?;
     env.drop_all().await
 }
 
@@ -165,7 +130,7 @@ async fn run_killed_mid_backfill_resumes_without_copying_a_shard_twice() -> anyh
         &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(10_000)),
     )?;
     let mut child = Command::new(schemashift_bin())
-        .args(["run", &spec.to_string_lossy()])
+        .args(["run", &spec])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -200,7 +165,7 @@ async fn run_killed_mid_backfill_resumes_without_copying_a_shard_twice() -> anyh
         "kill came too late to test a resume ({done} of {total} done)"
     );
 
-    let out = schemashift(&["run", &spec.to_string_lossy(), "--json"])?;
+    let out = schemashift(&["run", &spec, "--json"])?;
     assert!(
         out.status.success(),
         "resume failed: {}",
@@ -217,6 +182,6 @@ async fn run_killed_mid_backfill_resumes_without_copying_a_shard_twice() -> anyh
     assert_eq!(rows, 200_000);
     assert_eq!(copied, rows, "each row copied exactly once");
     assert_eq!(table_diff(&s, &t).await?, (0, 0, 0));
-    schemashift(&["cleanup", &spec.to_string_lossy()])?;
+    schemashift(&["cleanup", &spec])?;
     env.drop_all().await
 }

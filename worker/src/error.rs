@@ -28,6 +28,8 @@ pub enum WorkerError {
     Verify { table: String, reason: String },
     #[error("change log: {0}")]
     ChangeLog(String),
+    #[error("coordinator: {0}")]
+    Coordinator(String),
 }
 
 impl WorkerError {
@@ -39,7 +41,9 @@ impl WorkerError {
                 *transient
             }
             WorkerError::LeaseLost { .. } => false,
-            WorkerError::Verify { .. } | WorkerError::ChangeLog(_) => false,
+            WorkerError::Verify { .. }
+            | WorkerError::ChangeLog(_)
+            | WorkerError::Coordinator(_) => false,
         }
     }
 }

@@ -130,6 +130,10 @@ impl PartitionReplayer {
                     self.apply_collapsed(tx, std::slice::from_ref(one))
                         .await
                         .map_err(|(e, _)| e)?;
+                    // Commit would clear the stage; within this transaction we must.
+                    tx.execute(&format!("DELETE FROM {}", stage_name(one.1.table)), &[])
+                        .await
+                        .map_err(|e| replay_err(self.part, "-", &e))?;
                 }
                 Ok(())
             }
@@ -371,7 +375,6 @@ impl PartitionReplayer {
             )
             .await?;
         }
-        tx.execute(&format!("DELETE FROM {stage}"), &[]).await?;
         Ok(())
     }
 }

@@ -56,7 +56,7 @@ pub async fn run_backfill<S: CoordinatorService>(
         .retry(backoff())
         .when(|e| e.is_transient())
         .await
-        .map_err(|e| WorkerError::ChangeLog(format!("worker {id} cannot register: {e}")))?;
+        .map_err(|e| WorkerError::Coordinator(format!("worker {id} cannot register: {e}")))?;
     let control = ControlSql::new(&reg.plan.control_schema);
     let (mut source, mut target) = sessions(&reg).await?;
     let mut stats = WorkerStats::default();
@@ -71,7 +71,7 @@ pub async fn run_backfill<S: CoordinatorService>(
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
-            Err(e) => return Err(WorkerError::ChangeLog(format!("worker {id}: {e}"))),
+            Err(e) => return Err(WorkerError::Coordinator(format!("worker {id}: {e}"))),
         };
         let (shard, epoch) = match work {
             Work::Backfill { shard, epoch } => (shard, epoch),
@@ -85,7 +85,7 @@ pub async fn run_backfill<S: CoordinatorService>(
             Work::Done => return Ok(stats),
         };
         let Some(table) = reg.plan.table(shard.table) else {
-            return Err(WorkerError::ChangeLog(format!(
+            return Err(WorkerError::Coordinator(format!(
                 "shard {} names unknown table {}",
                 shard.id, shard.table
             )));

@@ -6,7 +6,7 @@
 use crate::WorkerError;
 use schemashift_common::pg::describe;
 use schemashift_common::plan::{ShardRange, TablePlan};
-use schemashift_common::sql::{key_order, key_text_select, KeyCol};
+use schemashift_common::sql::{key_order, key_text_select, keys_in, KeyCol};
 use serde::Serialize;
 use std::collections::HashMap;
 use tokio_postgres::Client;
@@ -200,31 +200,6 @@ pub async fn verify_range(
     Ok(check)
 }
 
-fn keys_predicate(key: &[KeyCol], keys: &[Vec<String>]) -> String {
-    let tuple = |vals: &Vec<String>| {
-        let lits: Vec<String> = key.iter().zip(vals).map(|(k, v)| k.literal(v)).collect();
-        if key.len() == 1 {
-            lits.join("")
-        } else {
-            format!("ROW({})", lits.join(", "))
-        }
-    };
-    let cols = if key.len() == 1 {
-        schemashift_common::sql::quote_ident(&key[0].name)
-    } else {
-        format!(
-            "ROW({})",
-            schemashift_common::sql::ident_list(
-                &key.iter().map(|k| k.name.clone()).collect::<Vec<_>>()
-            )
-        )
-    };
-    format!(
-        "{cols} IN ({})",
-        keys.iter().map(tuple).collect::<Vec<_>>().join(", ")
-    )
-}
-
 /// Compares only the given keys (after replay caught up, or inside the cutover freeze).
 pub async fn recheck_keys(
     source: &Client,
@@ -236,8 +211,8 @@ pub async fn recheck_keys(
     let (src_hash, tgt_hash) = (table.source_row_hash(), table.target_row_hash());
     let (sf, tf) = (table.source.to_string(), table.target.to_string());
     for chunk in keys.chunks(500) {
-        let sp = keys_predicate(&table.key, chunk);
-        let tp = keys_predicate(&table.target_key, chunk);
+        let sp = keys_in(&table.key, chunk);
+        let tp = keys_in(&table.target_key, chunk);
         let (sk, tk) = tokio::try_join!(
             key_hashes(source, &table.key, &src_hash, &sf, &sp),
             key_hashes(target, &table.target_key, &tgt_hash, &tf, &tp)

@@ -5,6 +5,7 @@
 
 pub mod pgoutput;
 
+use crate::control::Store;
 use crate::error::CoordinatorError;
 use pgoutput::{Datum, Message, OldTuple, Relation};
 use schemashift_common::change::{partition_of, Change, Op};
@@ -93,6 +94,27 @@ pub async fn ensure_slot(
     }
 }
 
+/// The source's current WAL position.
+pub async fn current_wal_lsn(
+    source: &impl tokio_postgres::GenericClient,
+) -> Result<Lsn, CoordinatorError> {
+    let lsn: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(db("reading source WAL position"))?
+        .get(0);
+    lsn.parse()
+        .map_err(|e: schemashift_common::ids::LsnParseError| {
+            CoordinatorError::Capture(e.to_string())
+        })
+}
+
+/// A published relation we migrate: its table and where its key sits in a tuple.
+struct RelInfo {
+    table: u32,
+    key_idx: Vec<usize>,
+}
+
 /// Where capture stands, for replay, lag and cutover.
 #[derive(Clone, Copy, Debug)]
 pub struct CaptureProgress {
@@ -110,7 +132,7 @@ pub struct Capture {
     control: ControlSql,
     slot: String,
     position: Lsn,
-    relations: HashMap<u32, u32>,
+    relations: HashMap<u32, RelInfo>,
     changes: u64,
 }
 
@@ -122,14 +144,9 @@ impl Capture {
         slot: String,
     ) -> Result<Self, CoordinatorError> {
         let control = ControlSql::new(&plan.control_schema);
-        let position = target
-            .query_opt(
-                &format!("SELECT lsn::text FROM {}", control.table("capture")),
-                &[],
-            )
-            .await
-            .map_err(db("reading capture position"))?
-            .map(|r| r.get::<_, String>(0).parse::<Lsn>().unwrap_or_default())
+        let position = Store::new(&plan.control_schema)
+            .capture_position(&target)
+            .await?
             .unwrap_or_default();
         Ok(Capture {
             source,
@@ -161,7 +178,13 @@ impl Capture {
                 t.source
             )));
         }
-        self.relations.insert(rel.oid, t.index);
+        self.relations.insert(
+            rel.oid,
+            RelInfo {
+                table: t.index,
+                key_idx: t.source_key_index(),
+            },
+        );
         Ok(())
     }
 
@@ -172,18 +195,16 @@ impl Capture {
         op: Op,
         old: Option<&OldTuple>,
         new: Option<&Vec<Datum>>,
-    ) -> Result<Option<Change>, CoordinatorError> {
-        let Some(&table) = self.relations.get(&rel) else {
+    ) -> Result<Option<(u32, Change)>, CoordinatorError> {
+        let Some(info) = self.relations.get(&rel) else {
             return Ok(None);
         };
-        let Some(tp) = self.plan.table(table) else {
-            return Ok(None);
-        };
-        let key_idx = tp.source_key_index();
+        let table = info.table;
         let old_key = match old {
             Some(o) => {
                 let t = o.tuple();
-                let k: Option<Vec<String>> = key_idx
+                let k: Option<Vec<String>> = info
+                    .key_idx
                     .iter()
                     .map(|&i| match t.get(i) {
                         Some(Datum::Text(s)) => Some(s.clone()),
@@ -193,7 +214,10 @@ impl Capture {
                 Some(k.ok_or_else(|| {
                     CoordinatorError::Capture(format!(
                         "table {}: a change arrived without its key",
-                        tp.source
+                        self.plan
+                            .table(table)
+                            .map(|t| t.describe())
+                            .unwrap_or_default()
                     ))
                 })?)
             }
@@ -213,30 +237,25 @@ impl Capture {
                 }
             }
         }
-        Ok(Some(Change {
+        let change = Change {
             table,
             op,
             lsn,
             old_key,
             values,
             unchanged,
-        }))
+        };
+        let key = change.key(&info.key_idx).unwrap_or_default();
+        Ok(Some((
+            partition_of(table, &key, self.plan.partitions),
+            change,
+        )))
     }
 
     /// One peek → append → advance round. Returns the number of transactions taken and
     /// whether the peek was cut short (more is waiting).
     pub async fn round(&mut self) -> Result<(usize, bool, Lsn), CoordinatorError> {
-        let head: String = self
-            .source
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(db("reading source WAL position"))?
-            .get(0);
-        let head: Lsn = head
-            .parse()
-            .map_err(|e: schemashift_common::ids::LsnParseError| {
-                CoordinatorError::Capture(e.to_string())
-            })?;
+        let head = current_wal_lsn(&self.source).await?;
         let rows = self
             .source
             .query(
@@ -247,8 +266,8 @@ impl Capture {
             .await
             .map_err(db("decoding changes from the slot"))?;
         let cut_short = rows.len() >= PEEK_LIMIT as usize;
-        let mut pending: Vec<Change> = Vec::new();
-        let mut tx_changes: Vec<Change> = Vec::new();
+        let mut pending: Vec<(u32, Change)> = Vec::new();
+        let mut tx_changes: Vec<(u32, Change)> = Vec::new();
         let mut tx_lsn = Lsn(0);
         let mut last_end = self.position;
         let mut txs = 0;
@@ -256,34 +275,30 @@ impl Capture {
             let data: &[u8] = r.get(0);
             let msg =
                 pgoutput::decode(data).map_err(|e| CoordinatorError::Capture(e.to_string()))?;
-            match msg {
+            let change = match msg {
                 Message::Begin { final_lsn, .. } => {
                     tx_changes.clear();
                     tx_lsn = final_lsn;
+                    None
                 }
-                Message::Relation(rel) => self.relation(&rel)?,
+                Message::Relation(rel) => {
+                    self.relation(&rel)?;
+                    None
+                }
                 Message::Insert { rel, new } => {
-                    if let Some(c) = self.to_change(rel, tx_lsn, Op::Insert, None, Some(&new))? {
-                        tx_changes.push(c);
-                    }
+                    self.to_change(rel, tx_lsn, Op::Insert, None, Some(&new))?
                 }
                 Message::Update { rel, old, new } => {
-                    if let Some(c) =
-                        self.to_change(rel, tx_lsn, Op::Update, old.as_ref(), Some(&new))?
-                    {
-                        tx_changes.push(c);
-                    }
+                    self.to_change(rel, tx_lsn, Op::Update, old.as_ref(), Some(&new))?
                 }
                 Message::Delete { rel, old } => {
-                    if let Some(c) = self.to_change(rel, tx_lsn, Op::Delete, Some(&old), None)? {
-                        tx_changes.push(c);
-                    }
+                    self.to_change(rel, tx_lsn, Op::Delete, Some(&old), None)?
                 }
                 Message::Truncate { rels } => {
                     if let Some(t) = rels
                         .iter()
                         .find_map(|r| self.relations.get(r))
-                        .and_then(|&i| self.plan.table(i))
+                        .and_then(|info| self.plan.table(info.table))
                     {
                         return Err(CoordinatorError::Capture(format!(
                             "table {} was truncated on the source during the run; its rows cannot be replayed. \
@@ -291,6 +306,7 @@ impl Capture {
                             t.source
                         )));
                     }
+                    None
                 }
                 Message::Commit { end_lsn, .. } => {
                     // Already in the change log from before a crash: skip, do not duplicate.
@@ -300,9 +316,11 @@ impl Capture {
                         txs += 1;
                     }
                     tx_changes.clear();
+                    None
                 }
-                Message::Origin { .. } | Message::Ignored => {}
-            }
+                Message::Origin { .. } | Message::Ignored => None,
+            };
+            tx_changes.extend(change);
         }
         if last_end > self.position {
             self.append(&pending, last_end).await?;
@@ -323,18 +341,16 @@ impl Capture {
         Ok((txs, cut_short, head))
     }
 
-    async fn append(&mut self, changes: &[Change], end: Lsn) -> Result<(), CoordinatorError> {
-        let parts = self.plan.partitions;
+    async fn append(
+        &mut self,
+        changes: &[(u32, Change)],
+        end: Lsn,
+    ) -> Result<(), CoordinatorError> {
         let rows: Vec<serde_json::Value> = changes
             .iter()
-            .map(|c| {
-                let key = self
-                    .plan
-                    .table(c.table)
-                    .and_then(|t| c.key(&t.source_key_index()))
-                    .unwrap_or_default();
+            .map(|(part, c)| {
                 serde_json::json!({
-                    "part": partition_of(c.table, &key, parts),
+                    "part": part,
                     "table_idx": c.table,
                     "op": (c.op.code() as u8 as char).to_string(),
                     "lsn": c.lsn.to_string(),
@@ -405,14 +421,13 @@ impl Capture {
 
 /// Drops the slot and publication; says whether anything was there.
 pub async fn drop_slot(source: &Client, name: &str) -> Result<(bool, bool), CoordinatorError> {
-    let slot = source
+    source
         .query(
             "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
             &[&name],
         )
         .await
         .map_err(db("stopping the slot's reader"))?;
-    drop(slot);
     let dropped_slot = source
         .query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&name])
         .await
