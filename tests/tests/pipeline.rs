@@ -185,3 +185,45 @@ async fn run_killed_mid_backfill_resumes_without_copying_a_shard_twice() -> anyh
     schemashift(&["cleanup", &spec])?;
     env.drop_all().await
 }
+
+#[tokio::test]
+async fn status_reports_progress_and_rollback_before_cutover_removes_slot_and_state(
+) -> anyhow::Result<()> {
+    let env = users_env("status_rollback", 5_000).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        &dir,
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(1_000)),
+    )?;
+    let none = schemashift_ok(&["status", &spec, "--json"])?;
+    let none: serde_json::Value = serde_json::from_slice(&none.stdout)?;
+    assert_eq!(none["phase"], "none");
+
+    schemashift_ok(&["run", &spec, "--until", "backfill"])?;
+    let s = connect(&env.source_dsn).await?;
+    s.batch_execute("UPDATE users SET full_name = 'Grace Hopper' WHERE id <= 10")
+        .await?;
+    let st = schemashift_ok(&["status", &spec, "--json"])?;
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout)?;
+    assert_eq!(st["phase"], "replay");
+    assert_eq!(st["shards"]["pending"], 0);
+    assert_eq!(st["shards"]["rows_done"], 5_000);
+    assert!(st["shards"]["done"].as_i64().unwrap_or(0) >= 5);
+    assert_eq!(
+        st["slot"]["exists"], true,
+        "the slot holds changes until replay"
+    );
+
+    schemashift_ok(&["rollback", &spec])?;
+    assert_eq!(slot_and_publication_count(&env.source_dsn).await?, (0, 0));
+    let t = connect(&env.target_dsn).await?;
+    let ctl: bool = t
+        .query_one("SELECT to_regnamespace('schemashift') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    assert!(!ctl, "rollback drops the control state");
+    let after = schemashift_ok(&["status", &spec, "--json"])?;
+    let after: serde_json::Value = serde_json::from_slice(&after.stdout)?;
+    assert_eq!(after["phase"], "none");
+    env.drop_all().await
+}
