@@ -27,7 +27,11 @@ async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Res
     let dir = tempfile::tempdir()?;
     let spec = write_spec(
         &dir,
-        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 3, Some(4_000)),
+        &format!(
+            "{}cutover:\n  switch_command: touch {}\n",
+            users_spec_yaml(&env.source_dsn, &env.target_dsn, 3, Some(4_000)),
+            dir.path().join("switched").display()
+        ),
     )?;
     let load = start_load(
         env.source_dsn.clone(),
@@ -50,6 +54,10 @@ async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Res
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(report["phase"], "cut_over");
+    assert!(
+        dir.path().join("switched").exists(),
+        "switch_command runs during the cutover"
+    );
     assert!(
         stats.inserts > 0 && stats.updates > 0 && stats.deletes > 0,
         "the load wrote: {stats:?}"
