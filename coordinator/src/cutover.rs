@@ -4,7 +4,7 @@
 //! compare, move target sequences past the source's, run the switch hook, record the
 //! switch and release. Any step that would overrun `freeze_timeout` releases and aborts.
 
-use crate::capture::current_wal_lsn;
+use crate::capture::{wal_lsn, WalPosition};
 use crate::control::Phase;
 use crate::error::CoordinatorError;
 use crate::run::RunCtx;
@@ -119,7 +119,7 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
         }
         let deadline = t0 + freeze_budget;
         // Every writer of these tables has committed or waits on us: this LSN covers all.
-        let lsn = current_wal_lsn(&tx).await?;
+        let lsn = wal_lsn(&tx, WalPosition::Insert).await?;
         let outcome = async {
             let (head, _) = ctx.catch_up_on(Some(lsn), Some(deadline)).await?;
             let keys = changed_keys(ctx, baseline, head).await?;

@@ -1,7 +1,7 @@
 //! Embedded mode: the coordinator and its workers in one process. Resumes from the
 //! control state when there is one; phases: backfill → replay → verify (→ cutover).
 
-use crate::capture::{current_wal_lsn, ensure_slot, Capture, CaptureProgress};
+use crate::capture::{ensure_slot, flush_wal, wal_lsn, Capture, CaptureProgress, WalPosition};
 use crate::control::{Phase, Store};
 use crate::error::CoordinatorError;
 use crate::plan::{plan, PlanOptions, TableAnalysis};
@@ -383,8 +383,10 @@ impl RunCtx {
         self.start_replay().await?;
         let l = match lsn {
             Some(l) => l,
-            None => current_wal_lsn(&self.source).await?,
+            None => wal_lsn(&self.source, WalPosition::Insert).await?,
         };
+        // Make everything up to `l` decodable now rather than when the WAL writer gets to it.
+        flush_wal(&self.source).await?;
         let timed_out = |d: Option<Instant>| d.is_some_and(|d| Instant::now() > d);
         loop {
             if self.capture.borrow().caught_up_to >= l {

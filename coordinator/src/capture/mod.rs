@@ -94,12 +94,26 @@ pub async fn ensure_slot(
     }
 }
 
-/// The source's current WAL position.
-pub async fn current_wal_lsn(
+/// Which WAL position of the source to read.
+#[derive(Clone, Copy, Debug)]
+pub enum WalPosition {
+    /// End of WAL inserted so far: covers every commit made, flushed or not
+    /// (asynchronous commits are visible before their WAL is flushed).
+    Insert,
+    /// End of WAL flushed to disk: logical decoding returns nothing past it.
+    Flush,
+}
+
+pub async fn wal_lsn(
     source: &impl tokio_postgres::GenericClient,
+    which: WalPosition,
 ) -> Result<Lsn, CoordinatorError> {
+    let sql = match which {
+        WalPosition::Insert => "SELECT pg_current_wal_insert_lsn()::text",
+        WalPosition::Flush => "SELECT pg_current_wal_flush_lsn()::text",
+    };
     let lsn: String = source
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one(sql, &[])
         .await
         .map_err(db("reading source WAL position"))?
         .get(0);
@@ -107,6 +121,18 @@ pub async fn current_wal_lsn(
         .map_err(|e: schemashift_common::ids::LsnParseError| {
             CoordinatorError::Capture(e.to_string())
         })
+}
+
+/// Flushes the source's WAL up to now: a synchronous commit flushes everything before
+/// it. Without this, asynchronous commits wait for the WAL writer before they can be
+/// decoded. Costs one empty transaction (an xid, no table writes).
+pub async fn flush_wal(source: &Client) -> Result<(), CoordinatorError> {
+    source
+        .batch_execute(
+            "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id(); COMMIT",
+        )
+        .await
+        .map_err(db("flushing source WAL"))
 }
 
 /// A published relation we migrate: its table and where its key sits in a tuple.
@@ -255,7 +281,8 @@ impl Capture {
     /// One peek → append → advance round. Returns the number of transactions taken and
     /// whether the peek was cut short (more is waiting).
     pub async fn round(&mut self) -> Result<(usize, bool, Lsn), CoordinatorError> {
-        let head = current_wal_lsn(&self.source).await?;
+        // Decoding stops at the flushed end of WAL: only that much can be claimed.
+        let head = wal_lsn(&self.source, WalPosition::Flush).await?;
         let rows = self
             .source
             .query(
