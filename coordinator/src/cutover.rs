@@ -122,8 +122,10 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
         let lsn = wal_lsn(&tx, WalPosition::Insert).await?;
         let outcome = async {
             let (head, _) = ctx.catch_up_on(Some(lsn), Some(deadline)).await?;
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "freeze: drained");
             let keys = changed_keys(ctx, baseline, head).await?;
             let diffs = ctx.recheck(&keys).await?;
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, keys = keys.len(), "freeze: re-checked");
             if !diffs.is_empty() {
                 return Err(CoordinatorError::CutoverAborted(format!(
                     "{} rows differ inside the freeze (first: {:?})",

@@ -161,6 +161,7 @@ pub struct RunCtx {
     pub target: Client,
     pub capture: watch::Receiver<CaptureProgress>,
     capture_stop: watch::Sender<bool>,
+    capture_wake: Arc<tokio::sync::Notify>,
     capture_task: JoinHandle<Result<(), CoordinatorError>>,
     pub replay: Option<ReplayPool>,
     pub workers: usize,
@@ -262,11 +263,15 @@ impl RunCtx {
             changes: 0,
         });
         let (capture_stop, stop_rx) = watch::channel(false);
+        let capture_wake = Arc::new(tokio::sync::Notify::new());
         let capture_task = tokio::spawn(
-            cap.run(progress_tx, stop_rx, Duration::from_millis(100))
-                .instrument(
-                    tracing::info_span!("capture", run_id = %state.run_id, slot = %state.slot),
-                ),
+            cap.run(
+                progress_tx,
+                stop_rx,
+                Duration::from_millis(100),
+                capture_wake.clone(),
+            )
+            .instrument(tracing::info_span!("capture", run_id = %state.run_id, slot = %state.slot)),
         );
         report.run_id = state.run_id.0.clone();
         Ok(RunCtx {
@@ -278,6 +283,7 @@ impl RunCtx {
             target,
             capture,
             capture_stop,
+            capture_wake,
             capture_task,
             replay: None,
             workers,
@@ -387,6 +393,11 @@ impl RunCtx {
         };
         // Make everything up to `l` decodable now rather than when the WAL writer gets to it.
         flush_wal(&self.source).await?;
+        self.capture_wake.notify_one();
+        tracing::debug!(
+            ms = t0.elapsed().as_millis() as u64,
+            "catch-up: wal flushed"
+        );
         let timed_out = |d: Option<Instant>| d.is_some_and(|d| Instant::now() > d);
         loop {
             if self.capture.borrow().caught_up_to >= l {
@@ -402,6 +413,7 @@ impl RunCtx {
             }
             let _ = tokio::time::timeout(Duration::from_millis(200), self.capture.changed()).await;
         }
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "catch-up: captured");
         let head = schemashift_worker::replay::head(&self.target, &self.store.sql)
             .await
             .map_err(|e| CoordinatorError::db("reading change log head", &e))?;

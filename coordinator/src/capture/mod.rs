@@ -416,12 +416,14 @@ impl Capture {
         Ok(())
     }
 
-    /// Runs rounds until shutdown; publishes progress after each round.
+    /// Runs rounds until shutdown; publishes progress after each round. Idle rounds are
+    /// `poll` apart unless `wake` is notified.
     pub async fn run(
         mut self,
         progress: watch::Sender<CaptureProgress>,
         mut shutdown: watch::Receiver<bool>,
         poll: Duration,
+        wake: Arc<tokio::sync::Notify>,
     ) -> Result<(), CoordinatorError> {
         loop {
             let started = Instant::now();
@@ -439,6 +441,8 @@ impl Capture {
             if !cut_short {
                 tokio::select! {
                     _ = tokio::time::sleep(poll) => {}
+                    // A catch-up waits on the next round: start it now.
+                    _ = wake.notified() => {}
                     _ = shutdown.changed() => return Ok(()),
                 }
             }
