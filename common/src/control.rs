@@ -78,11 +78,12 @@ impl ControlSql {
         )
     }
 
+    /// Saves a partition's position inside the transaction that applied its changes;
+    /// 0 rows means another worker leased the partition since (roll back).
     pub fn save_replay_position(&self) -> String {
         format!(
-            "INSERT INTO {} (part, seq, applied) VALUES ($1, $2, $3) ON CONFLICT (part) DO UPDATE \
-             SET seq = EXCLUDED.seq, applied = {}.applied + EXCLUDED.applied, updated_at = now()",
-            self.table("replay"),
+            "UPDATE {} SET seq = $2, applied = applied + $3, updated_at = now(), failures = 0 \
+             WHERE part = $1 AND lease_epoch = $4",
             self.table("replay")
         )
     }
@@ -91,6 +92,54 @@ impl ControlSql {
         format!(
             "SELECT coalesce((SELECT seq FROM {} WHERE part = $1), 0)",
             self.table("replay")
+        )
+    }
+
+    /// Leases up to $3 partitions that are free, expired, or stale leases of this same
+    /// worker (it restarted); bumping the epoch fences any previous holder.
+    pub fn lease_partitions(&self) -> String {
+        let r = self.table("replay");
+        format!(
+            "UPDATE {r} SET lease_epoch = lease_epoch + 1, worker = $1, \
+             lease_expires_at = now() + make_interval(secs => $2) \
+             WHERE part IN (SELECT part FROM {r} WHERE worker IS NULL OR worker = $1 \
+               OR lease_expires_at < now() ORDER BY part LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             RETURNING part, lease_epoch"
+        )
+    }
+
+    /// Extends the partition leases still held (parts $1 with epochs $2); returns those.
+    pub fn extend_partitions(&self) -> String {
+        format!(
+            "UPDATE {r} SET lease_expires_at = now() + make_interval(secs => $3) \
+             FROM unnest($1::int[], $2::bigint[]) AS l(part, epoch) \
+             WHERE {r}.part = l.part AND {r}.lease_epoch = l.epoch RETURNING {r}.part",
+            r = self.table("replay")
+        )
+    }
+
+    /// Gives partitions back (parts $1 with epochs $2); $3 is the failure reason, if any.
+    pub fn release_partitions(&self) -> String {
+        format!(
+            "UPDATE {r} SET worker = NULL, lease_expires_at = NULL, \
+             failures = failures + CASE WHEN $3::text IS NULL THEN 0 ELSE 1 END, \
+             last_error = coalesce($3, last_error) \
+             FROM unnest($1::int[], $2::bigint[]) AS l(part, epoch) \
+             WHERE {r}.part = l.part AND {r}.lease_epoch = l.epoch",
+            r = self.table("replay")
+        )
+    }
+
+    /// Records a worker's visit for status: what it holds and how fast it goes.
+    pub fn touch_worker(&self) -> String {
+        let w = self.table("workers");
+        format!(
+            "INSERT INTO {w} AS w (worker, host, lease, rows, changes) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (worker) DO UPDATE SET host = EXCLUDED.host, lease = EXCLUDED.lease, \
+             rows_per_s = CASE WHEN now() > w.last_seen \
+               THEN greatest(EXCLUDED.rows + EXCLUDED.changes - w.rows - w.changes, 0) \
+                    / extract(epoch FROM now() - w.last_seen) ELSE w.rows_per_s END, \
+             rows = EXCLUDED.rows, changes = EXCLUDED.changes, last_seen = now(), state = $6"
         )
     }
 }

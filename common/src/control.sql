@@ -53,12 +53,31 @@ CREATE TABLE IF NOT EXISTS {schema}.capture (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Applied position per change-log partition, written with the changes it covers.
+-- Applied position per change-log partition, written with the changes it covers and
+-- fenced by the partition's lease epoch (one worker applies a partition at a time).
 CREATE TABLE IF NOT EXISTS {schema}.replay (
-    part       int PRIMARY KEY,
-    seq        bigint NOT NULL,
-    applied    bigint NOT NULL DEFAULT 0,
-    updated_at timestamptz NOT NULL DEFAULT now()
+    part             int PRIMARY KEY,
+    seq              bigint NOT NULL,
+    applied          bigint NOT NULL DEFAULT 0,
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    lease_epoch      bigint NOT NULL DEFAULT 0,
+    worker           text,
+    lease_expires_at timestamptz,
+    failures         int NOT NULL DEFAULT 0,
+    last_error       text
+);
+
+-- Workers the coordinator has seen, for status.
+CREATE TABLE IF NOT EXISTS {schema}.workers (
+    worker        text PRIMARY KEY,
+    host          text NOT NULL,
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    last_seen     timestamptz NOT NULL DEFAULT now(),
+    lease         text,
+    rows          bigint NOT NULL DEFAULT 0,
+    changes       bigint NOT NULL DEFAULT 0,
+    rows_per_s    double precision NOT NULL DEFAULT 0,
+    state         text NOT NULL DEFAULT 'active'
 );
 
 CREATE TABLE IF NOT EXISTS {schema}.events (

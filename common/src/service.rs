@@ -1,5 +1,6 @@
 //! The coordinator as workers see it: a trait without transport. Embedded mode calls
-//! an in-process implementation; the gRPC adapter will implement the same trait.
+//! the implementation in-process; distributed mode reaches the same implementation
+//! through the gRPC adapter, so both run the same rules.
 
 use crate::ids::{LeaseEpoch, ShardId};
 use crate::plan::{RunPlan, Shard};
@@ -12,23 +13,44 @@ pub enum ServiceError {
     /// Worth retrying: the coordinator or its database is briefly unreachable.
     #[error("coordinator unavailable: {0}")]
     Unavailable(String),
-    /// The request was refused (bad token, lost lease, finished run).
+    /// The request was refused (lost lease, finished run, bad request).
     #[error("coordinator refused: {0}")]
     Rejected(String),
+    /// The worker is not allowed in: wrong or missing token.
+    #[error("coordinator refused the worker: {0}")]
+    Unauthenticated(String),
 }
 
 impl ServiceError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, ServiceError::Unavailable(_))
+        match self {
+            ServiceError::Unavailable(_) => true,
+            ServiceError::Rejected(_) | ServiceError::Unauthenticated(_) => false,
+        }
     }
+}
+
+/// Who is asking: a worker's stable name and where it runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub host: String,
 }
 
 #[derive(Clone, Debug)]
 pub struct Registration {
+    pub run_id: String,
     pub source: Dsn,
     pub target: Dsn,
     pub plan: RunPlan,
     pub lease_ttl: Duration,
+}
+
+/// One change-log partition held by a worker; the epoch fences its position writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionLease {
+    pub part: u32,
+    pub epoch: LeaseEpoch,
 }
 
 #[derive(Clone, Debug)]
@@ -37,40 +59,73 @@ pub enum Work {
         shard: Shard,
         epoch: LeaseEpoch,
     },
+    /// Apply these partitions of the change log until told to stop.
+    Replay {
+        partitions: Vec<PartitionLease>,
+    },
     /// Nothing to hand out now; ask again after this long.
     Wait(Duration),
-    /// The phase is over: stop asking.
+    /// The run is over for workers: exit.
     Done,
+}
+
+/// The lease a heartbeat or failure report is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseRef {
+    Shard { shard: ShardId, epoch: LeaseEpoch },
+    Partitions(Vec<PartitionLease>),
+}
+
+/// A worker's running totals since it started (rows copied, changes applied).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub rows: u64,
+    pub bytes: u64,
+    pub changes: u64,
+}
+
+/// The coordinator's answer to a heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Beat {
+    /// The lease was extended.
+    Keep,
+    /// Someone else owns it now: abandon the work (its commit would be refused anyway).
+    Lost,
+    /// The lease is still valid but the phase is over: finish the current step and ask again.
+    Stop,
 }
 
 pub trait CoordinatorService: Send + Sync + 'static {
     fn register(
         &self,
-        worker: &str,
+        worker: &WorkerInfo,
     ) -> impl Future<Output = Result<Registration, ServiceError>> + Send;
-    fn lease(&self, worker: &str) -> impl Future<Output = Result<Work, ServiceError>> + Send;
-    /// Extends a lease; `false` means it is lost and the work must be abandoned.
+    fn lease(
+        &self,
+        worker: &WorkerInfo,
+        progress: Progress,
+    ) -> impl Future<Output = Result<Work, ServiceError>> + Send;
     fn heartbeat(
         &self,
-        worker: &str,
-        shard: ShardId,
-        epoch: LeaseEpoch,
-        rows: u64,
-    ) -> impl Future<Output = Result<bool, ServiceError>> + Send;
+        worker: &WorkerInfo,
+        lease: &LeaseRef,
+        progress: Progress,
+    ) -> impl Future<Output = Result<Beat, ServiceError>> + Send;
     /// Reported after the shard's transaction committed (the commit itself is fenced).
     fn completed(
         &self,
-        worker: &str,
+        worker: &WorkerInfo,
         shard: ShardId,
         epoch: LeaseEpoch,
         rows: u64,
         bytes: u64,
     ) -> impl Future<Output = Result<(), ServiceError>> + Send;
+    /// Gives a lease back so another attempt can take it; an empty reason means the
+    /// worker simply stopped (no failure counted).
     fn failed(
         &self,
-        worker: &str,
-        shard: ShardId,
-        epoch: LeaseEpoch,
+        worker: &WorkerInfo,
+        lease: &LeaseRef,
         reason: String,
     ) -> impl Future<Output = Result<(), ServiceError>> + Send;
 }

@@ -6,6 +6,7 @@ use schemashift_common::control::ControlSql;
 use schemashift_common::ids::{Lsn, RunId, ShardId};
 use schemashift_common::plan::{RunPlan, Shard, ShardRange};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use tokio_postgres::Client;
 
 /// Phases in order; persisted by name.
@@ -166,6 +167,15 @@ impl Store {
             .await
             .map_err(&e)?;
         }
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (part, seq) SELECT p, 0 FROM generate_series(0, $1 - 1) AS p",
+                self.sql.table("replay")
+            ),
+            &[&(plan.partitions as i32)],
+        )
+        .await
+        .map_err(&e)?;
         tx.commit().await.map_err(&e)?;
         Ok(())
     }
@@ -222,18 +232,78 @@ impl Store {
         Ok(())
     }
 
-    /// In embedded mode no other process can hold a lease: a restart frees them at once.
-    pub async fn release_all_leases(&self, target: &Client) -> Result<u64, CoordinatorError> {
-        target
+    /// Frees the leases of workers that lived in a previous process of this coordinator
+    /// (embedded workers die with it), so their work is handed out at once.
+    pub async fn release_leases_of(
+        &self,
+        target: &Client,
+        worker_prefix: &str,
+    ) -> Result<u64, CoordinatorError> {
+        let pattern = format!("{}%", worker_prefix.replace('%', "\\%").replace('_', "\\_"));
+        let shards = target
             .execute(
                 &format!(
-                    "UPDATE {} SET state = 'pending', lease_epoch = lease_epoch + 1, lease_expires_at = NULL WHERE state = 'leased'",
+                    "UPDATE {} SET state = 'pending', lease_epoch = lease_epoch + 1, lease_expires_at = NULL \
+                     WHERE state = 'leased' AND worker LIKE $1",
                     self.sql.table("shards")
                 ),
+                &[&pattern],
+            )
+            .await
+            .map_err(err("releasing leases"))?;
+        let parts = target
+            .execute(
+                &format!(
+                    "UPDATE {} SET lease_epoch = lease_epoch + 1, worker = NULL, lease_expires_at = NULL \
+                     WHERE worker LIKE $1",
+                    self.sql.table("replay")
+                ),
+                &[&pattern],
+            )
+            .await
+            .map_err(err("releasing leases"))?;
+        Ok(shards + parts)
+    }
+
+    /// A shard that failed this many times stops the run (its last error says why).
+    pub async fn failing_work(
+        &self,
+        target: &Client,
+        max_attempts: i32,
+    ) -> Result<Option<String>, CoordinatorError> {
+        let row = target
+            .query_opt(
+                &format!(
+                    "(SELECT format('shard %s failed %s times: %s', shard_id, attempts, last_error) FROM {} \
+                      WHERE state = 'pending' AND attempts >= $1 AND last_error IS NOT NULL LIMIT 1) \
+                     UNION ALL (SELECT format('replay of partition %s failed %s times: %s', part, failures, last_error) \
+                      FROM {} WHERE failures >= $1 LIMIT 1) LIMIT 1",
+                    self.sql.table("shards"),
+                    self.sql.table("replay")
+                ),
+                &[&max_attempts],
+            )
+            .await
+            .map_err(err("reading failures"))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Applied position per partition.
+    pub async fn replay_positions(
+        &self,
+        target: &Client,
+    ) -> Result<BTreeMap<u32, i64>, CoordinatorError> {
+        let rows = target
+            .query(
+                &format!("SELECT part, seq FROM {}", self.sql.table("replay")),
                 &[],
             )
             .await
-            .map_err(err("releasing leases"))
+            .map_err(err("reading replay positions"))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(1)))
+            .collect())
     }
 
     pub async fn shard_counts(&self, target: &Client) -> Result<ShardCounts, CoordinatorError> {

@@ -1,13 +1,16 @@
 //! schemashift coordinator: owns the plan and the run's state machine.
 //! plan → shard → capture → (workers: backfill, replay, verify) → cutover.
+pub mod backfill;
 pub mod capture;
 pub mod control;
 pub mod cutover;
 pub mod error;
 pub mod ops;
 pub mod plan;
+pub mod replay;
 pub mod run;
 pub mod service;
 pub mod shard;
+pub mod verify;
 
 pub use error::CoordinatorError;

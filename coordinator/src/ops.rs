@@ -2,7 +2,7 @@
 
 use crate::control::{Phase, Store};
 use crate::error::CoordinatorError;
-use crate::run::{RunCtx, VerifySummary};
+use crate::run::{RunCtx, VerifySummary, Workers};
 use schemashift_common::pg::connect;
 use schemashift_common::spec::Spec;
 use serde::Serialize;
@@ -103,7 +103,7 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
 
 /// Compares source and target now (catching replay up first when a run exists).
 pub async fn verify(spec: &Spec) -> Result<VerifySummary, CoordinatorError> {
-    let mut ctx = RunCtx::open(spec, None).await?;
+    let mut ctx = RunCtx::open(spec, Workers::Embedded(None)).await?;
     let phase = ctx.phase().await?;
     if phase < Phase::Replay {
         return Err(CoordinatorError::State(format!(

@@ -1,116 +1,322 @@
-//! The coordinator service for in-process workers (embedded mode). Lease state lives in
-//! the control schema, so the same rules hold whoever calls: a lease is an epoch, and
-//! a shard's commit is fenced by it.
+//! The coordinator service: hands out backfill shards, then change-log partitions, to
+//! whichever workers ask, in-process (embedded mode) or over gRPC (distributed mode).
+//! Lease state lives in the control schema, so the rules hold across restarts of the
+//! coordinator: a lease is an epoch, and every commit of work is fenced by it.
 
 use crate::control::Store;
 use schemashift_common::ids::{LeaseEpoch, ShardId};
 use schemashift_common::pg::describe;
 use schemashift_common::plan::{Shard, ShardRange};
-use schemashift_common::service::{CoordinatorService, Registration, ServiceError, Work};
-use std::time::Duration;
+use schemashift_common::service::{
+    Beat, CoordinatorService, LeaseRef, PartitionLease, Progress, Registration, ServiceError, Work,
+    WorkerInfo,
+};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
 use tokio_postgres::Client;
 
-pub struct EmbeddedCoordinator {
+/// What the coordinator hands out now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Backfill,
+    Replay,
+    /// The run is over for workers.
+    Stop,
+}
+
+struct Seen {
+    at: Instant,
+    told_done: bool,
+}
+
+pub struct ControlCoordinator {
     target: Client,
     store: Store,
     registration: Registration,
-}
-
-impl EmbeddedCoordinator {
-    pub fn new(target: Client, registration: Registration) -> Self {
-        let store = Store::new(&registration.plan.control_schema);
-        EmbeddedCoordinator {
-            target,
-            store,
-            registration,
-        }
-    }
+    stage: watch::Sender<Stage>,
+    workers: Mutex<HashMap<String, Seen>>,
+    /// Woken when a shard completes or fails, so the driver need not poll fast.
+    pub changed: Notify,
 }
 
 fn unavailable(e: tokio_postgres::Error) -> ServiceError {
     ServiceError::Unavailable(describe(&e))
 }
 
-impl CoordinatorService for EmbeddedCoordinator {
-    async fn register(&self, worker: &str) -> Result<Registration, ServiceError> {
-        tracing::debug!(worker, "worker registered");
+fn lease_text(lease: &LeaseRef) -> String {
+    match lease {
+        LeaseRef::Shard { shard, .. } => format!("shard {shard}"),
+        LeaseRef::Partitions(p) => format!(
+            "replay {}",
+            p.iter()
+                .map(|l| l.part.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    }
+}
+
+fn split(parts: &[PartitionLease]) -> (Vec<i32>, Vec<i64>) {
+    parts.iter().map(|l| (l.part as i32, l.epoch.0)).unzip()
+}
+
+impl ControlCoordinator {
+    pub fn new(target: Client, registration: Registration, stage: Stage) -> Self {
+        let store = Store::new(&registration.plan.control_schema);
+        ControlCoordinator {
+            target,
+            store,
+            registration,
+            stage: watch::Sender::new(stage),
+            workers: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+        }
+    }
+
+    pub fn set_stage(&self, stage: Stage) {
+        self.stage.send_replace(stage);
+    }
+
+    pub fn stage(&self) -> Stage {
+        *self.stage.borrow()
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        self.registration.lease_ttl
+    }
+
+    fn ttl(&self) -> f64 {
+        self.registration.lease_ttl.as_secs_f64()
+    }
+
+    /// Workers heard from within a lease TTL.
+    fn live_workers(&self) -> usize {
+        let ttl = self.registration.lease_ttl;
+        self.workers
+            .lock()
+            .map(|w| w.values().filter(|s| s.at.elapsed() < ttl).count())
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    /// True once every worker heard from recently has been told the run is over.
+    pub fn all_told_done(&self) -> bool {
+        let ttl = self.registration.lease_ttl;
+        self.workers
+            .lock()
+            .map(|w| w.values().all(|s| s.told_done || s.at.elapsed() >= ttl))
+            .unwrap_or(true)
+    }
+
+    fn seen(&self, worker: &WorkerInfo, done: bool) {
+        if let Ok(mut w) = self.workers.lock() {
+            let s = w.entry(worker.id.clone()).or_insert(Seen {
+                at: Instant::now(),
+                told_done: false,
+            });
+            s.at = Instant::now();
+            s.told_done = done;
+        }
+    }
+
+    async fn touch(&self, worker: &WorkerInfo, lease: Option<String>, p: Progress, state: &str) {
+        let r = self
+            .target
+            .execute(
+                &self.store.sql.touch_worker(),
+                &[
+                    &worker.id,
+                    &worker.host,
+                    &lease,
+                    &(p.rows as i64),
+                    &(p.changes as i64),
+                    &state,
+                ],
+            )
+            .await;
+        if let Err(e) = r {
+            // Status bookkeeping only; the lease itself is what matters.
+            tracing::debug!(worker = %worker.id, error = %describe(&e), "worker status not saved");
+        }
+    }
+
+    async fn lease_shard(&self, worker: &WorkerInfo) -> Result<Option<Work>, ServiceError> {
+        let Some(r) = self
+            .target
+            .query_opt(&self.store.sql.lease_shard(), &[&worker.id, &self.ttl()])
+            .await
+            .map_err(unavailable)?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Work::Backfill {
+            shard: Shard {
+                id: ShardId(r.get(0)),
+                table: r.get::<_, i32>(1) as u32,
+                range: ShardRange {
+                    lo: r.get(2),
+                    hi: r.get(3),
+                },
+                estimated_rows: r.get::<_, i64>(4) as u64,
+            },
+            epoch: LeaseEpoch(r.get(5)),
+        }))
+    }
+
+    /// A fair share of the partitions: ceil(partitions / live workers).
+    async fn lease_partitions(
+        &self,
+        worker: &WorkerInfo,
+    ) -> Result<Vec<PartitionLease>, ServiceError> {
+        let parts = self.registration.plan.partitions as usize;
+        let share = parts.div_ceil(self.live_workers()) as i64;
+        let rows = self
+            .target
+            .query(
+                &self.store.sql.lease_partitions(),
+                &[&worker.id, &self.ttl(), &share],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows
+            .iter()
+            .map(|r| PartitionLease {
+                part: r.get::<_, i32>(0) as u32,
+                epoch: LeaseEpoch(r.get(1)),
+            })
+            .collect())
+    }
+}
+
+impl CoordinatorService for ControlCoordinator {
+    async fn register(&self, worker: &WorkerInfo) -> Result<Registration, ServiceError> {
+        tracing::info!(worker = %worker.id, host = %worker.host, "worker registered");
+        self.seen(worker, false);
+        self.touch(worker, None, Progress::default(), "registered")
+            .await;
         Ok(self.registration.clone())
     }
 
-    async fn lease(&self, worker: &str) -> Result<Work, ServiceError> {
-        let ttl = self.registration.lease_ttl.as_secs_f64();
-        if let Some(r) = self
-            .target
-            .query_opt(&self.store.sql.lease_shard(), &[&worker, &ttl])
-            .await
-            .map_err(unavailable)?
-        {
-            return Ok(Work::Backfill {
-                shard: Shard {
-                    id: ShardId(r.get(0)),
-                    table: r.get::<_, i32>(1) as u32,
-                    range: ShardRange {
-                        lo: r.get(2),
-                        hi: r.get(3),
-                    },
-                    estimated_rows: r.get::<_, i64>(4) as u64,
-                },
-                epoch: LeaseEpoch(r.get(5)),
-            });
-        }
-        let c = self
-            .store
-            .shard_counts(&self.target)
-            .await
-            .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
-        if c.pending + c.leased == 0 {
-            Ok(Work::Done)
-        } else {
-            // Others hold the remaining leases; one may expire and come back.
-            Ok(Work::Wait(Duration::from_millis(200)))
-        }
+    async fn lease(&self, worker: &WorkerInfo, progress: Progress) -> Result<Work, ServiceError> {
+        let work = match self.stage() {
+            Stage::Backfill => self
+                .lease_shard(worker)
+                .await?
+                // Others hold the remaining shards (one may expire and come back), or the
+                // backfill is over and replay starts soon.
+                .unwrap_or(Work::Wait(Duration::from_millis(200))),
+            Stage::Replay => {
+                let partitions = self.lease_partitions(worker).await?;
+                if partitions.is_empty() {
+                    Work::Wait(Duration::from_millis(500))
+                } else {
+                    Work::Replay { partitions }
+                }
+            }
+            Stage::Stop => Work::Done,
+        };
+        let (lease, state) = match &work {
+            Work::Backfill { shard, epoch } => (
+                Some(lease_text(&LeaseRef::Shard {
+                    shard: shard.id,
+                    epoch: *epoch,
+                })),
+                "backfill",
+            ),
+            Work::Replay { partitions } => (
+                Some(lease_text(&LeaseRef::Partitions(partitions.clone()))),
+                "replay",
+            ),
+            Work::Wait(_) => (None, "idle"),
+            Work::Done => (None, "done"),
+        };
+        self.seen(worker, matches!(work, Work::Done));
+        self.touch(worker, lease, progress, state).await;
+        Ok(work)
     }
 
     async fn heartbeat(
         &self,
-        _worker: &str,
-        shard: ShardId,
-        epoch: LeaseEpoch,
-        _rows: u64,
-    ) -> Result<bool, ServiceError> {
-        let ttl = self.registration.lease_ttl.as_secs_f64();
-        let n = self
-            .target
-            .execute(&self.store.sql.extend_lease(), &[&shard.0, &epoch.0, &ttl])
-            .await
-            .map_err(unavailable)?;
-        Ok(n == 1)
+        worker: &WorkerInfo,
+        lease: &LeaseRef,
+        progress: Progress,
+    ) -> Result<Beat, ServiceError> {
+        self.seen(worker, false);
+        let held = match lease {
+            LeaseRef::Shard { shard, epoch } => {
+                self.target
+                    .execute(
+                        &self.store.sql.extend_lease(),
+                        &[&shard.0, &epoch.0, &self.ttl()],
+                    )
+                    .await
+                    .map_err(unavailable)?
+                    == 1
+            }
+            LeaseRef::Partitions(parts) => {
+                let (p, e) = split(parts);
+                let n = self
+                    .target
+                    .query(&self.store.sql.extend_partitions(), &[&p, &e, &self.ttl()])
+                    .await
+                    .map_err(unavailable)?
+                    .len();
+                n == parts.len()
+            }
+        };
+        let state = if matches!(lease, LeaseRef::Shard { .. }) {
+            "backfill"
+        } else {
+            "replay"
+        };
+        self.touch(worker, Some(lease_text(lease)), progress, state)
+            .await;
+        Ok(match (held, self.stage()) {
+            (false, _) => Beat::Lost,
+            (true, Stage::Stop) => Beat::Stop,
+            (true, Stage::Backfill | Stage::Replay) => Beat::Keep,
+        })
     }
 
     async fn completed(
         &self,
-        worker: &str,
+        worker: &WorkerInfo,
         shard: ShardId,
         _epoch: LeaseEpoch,
         rows: u64,
         _bytes: u64,
     ) -> Result<(), ServiceError> {
-        tracing::debug!(worker, %shard, rows, "shard reported done");
+        tracing::debug!(worker = %worker.id, %shard, rows, "shard reported done");
+        self.changed.notify_one();
         Ok(())
     }
 
     async fn failed(
         &self,
-        worker: &str,
-        shard: ShardId,
-        epoch: LeaseEpoch,
+        worker: &WorkerInfo,
+        lease: &LeaseRef,
         reason: String,
     ) -> Result<(), ServiceError> {
-        tracing::debug!(worker, %shard, "shard returned after failure");
-        self.target
-            .execute(&self.store.sql.fail_shard(), &[&shard.0, &epoch.0, &reason])
-            .await
-            .map_err(unavailable)?;
+        tracing::info!(worker = %worker.id, lease = %lease_text(lease), "work returned after failure");
+        match lease {
+            LeaseRef::Shard { shard, epoch } => {
+                self.target
+                    .execute(&self.store.sql.fail_shard(), &[&shard.0, &epoch.0, &reason])
+                    .await
+                    .map_err(unavailable)?;
+            }
+            LeaseRef::Partitions(parts) => {
+                let (p, e) = split(parts);
+                let reason = (!reason.is_empty()).then_some(reason);
+                self.target
+                    .execute(&self.store.sql.release_partitions(), &[&p, &e, &reason])
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        self.changed.notify_one();
         Ok(())
     }
 }

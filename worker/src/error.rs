@@ -17,6 +17,10 @@ pub enum WorkerError {
         "table {table}, shard {shard}: lease lost (another worker owns it now); rows rolled back"
     )]
     LeaseLost { table: String, shard: ShardId },
+    #[error(
+        "replay of partition {part}: lease lost (another worker applies it now); batch rolled back"
+    )]
+    PartitionLost { part: u32 },
     #[error("replay of partition {part}, table {table}: {reason}")]
     Replay {
         part: u32,
@@ -40,7 +44,7 @@ impl WorkerError {
             WorkerError::Shard { transient, .. } | WorkerError::Replay { transient, .. } => {
                 *transient
             }
-            WorkerError::LeaseLost { .. } => false,
+            WorkerError::LeaseLost { .. } | WorkerError::PartitionLost { .. } => false,
             WorkerError::Verify { .. }
             | WorkerError::ChangeLog(_)
             | WorkerError::Coordinator(_) => false,

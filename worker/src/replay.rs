@@ -9,8 +9,9 @@ use crate::WorkerError;
 use futures_util::SinkExt;
 use schemashift_common::change::{Change, Op};
 use schemashift_common::control::ControlSql;
-use schemashift_common::ids::{ChangeSeq, Lsn};
+use schemashift_common::ids::{ChangeSeq, LeaseEpoch, Lsn};
 use schemashift_common::plan::{RunPlan, TablePlan};
+use schemashift_common::service::PartitionLease;
 use schemashift_common::sql::{ident_list, quote_ident};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use tokio_postgres::{Client, GenericClient, Transaction};
 
 pub struct PartitionReplayer {
     part: u32,
+    epoch: LeaseEpoch,
     pos: ChangeSeq,
     plan: Arc<RunPlan>,
     control: ControlSql,
@@ -39,7 +41,12 @@ fn stage_name(table: u32) -> String {
 
 impl PartitionReplayer {
     /// Reads the partition's position and creates the session's staging tables.
-    pub async fn open(target: &Client, plan: Arc<RunPlan>, part: u32) -> Result<Self, WorkerError> {
+    pub async fn open(
+        target: &Client,
+        plan: Arc<RunPlan>,
+        lease: PartitionLease,
+    ) -> Result<Self, WorkerError> {
+        let part = lease.part;
         let control = ControlSql::new(&plan.control_schema);
         let fail = |e: tokio_postgres::Error| replay_err(part, "-", &e);
         let row = target
@@ -63,6 +70,7 @@ impl PartitionReplayer {
         }
         Ok(PartitionReplayer {
             part,
+            epoch: lease.epoch,
             pos: ChangeSeq(row.get(0)),
             plan,
             control,
@@ -96,12 +104,22 @@ impl PartitionReplayer {
             .await
             .map_err(|e| replay_err(part, "-", &e))?;
         self.apply(&mut tx, &batch).await?;
-        tx.execute(
-            &self.control.save_replay_position(),
-            &[&(part as i32), &last.0, &(batch.len() as i64)],
-        )
-        .await
-        .map_err(|e| replay_err(part, "-", &e))?;
+        let saved = tx
+            .execute(
+                &self.control.save_replay_position(),
+                &[
+                    &(part as i32),
+                    &last.0,
+                    &(batch.len() as i64),
+                    &self.epoch.0,
+                ],
+            )
+            .await
+            .map_err(|e| replay_err(part, "-", &e))?;
+        if saved != 1 {
+            // Dropping the transaction rolls the batch back; the new holder applies it.
+            return Err(WorkerError::PartitionLost { part });
+        }
         tx.commit().await.map_err(|e| replay_err(part, "-", &e))?;
         self.pos = last;
         Ok(batch.len())

@@ -1,16 +1,24 @@
-//! The worker loop: register, lease a shard, copy it, report; repeat until the
-//! coordinator says the phase is over. Connections are re-established with bounded
-//! exponential backoff when they drop.
+//! The worker loop: register, ask for work, do it, report; until the coordinator says
+//! the run is over. Work is a backfill shard or a set of change-log partitions. Failed
+//! work is given back and the coordinator decides when a run fails; coordinator and
+//! database connections are re-established with bounded exponential backoff.
 
 use crate::backfill::{copy_shard, CopyProgress};
+use crate::replay::PartitionReplayer;
 use crate::WorkerError;
 use backon::{ExponentialBuilder, Retryable};
 use schemashift_common::control::ControlSql;
+use schemashift_common::ids::LeaseEpoch;
 use schemashift_common::pg::{connect, install_helpers};
-use schemashift_common::service::{CoordinatorService, Registration, Work};
+use schemashift_common::plan::{RunPlan, Shard};
+use schemashift_common::service::{
+    Beat, CoordinatorService, LeaseRef, PartitionLease, Progress, Registration, ServiceError, Work,
+    WorkerInfo,
+};
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 use tracing::Instrument;
@@ -20,10 +28,26 @@ pub struct WorkerStats {
     pub shards: u64,
     pub rows: u64,
     pub bytes: u64,
+    pub changes: u64,
     pub retries: u64,
 }
 
-fn backoff() -> ExponentialBuilder {
+impl WorkerStats {
+    fn progress(&self) -> Progress {
+        Progress {
+            rows: self.rows,
+            bytes: self.bytes,
+            changes: self.changes,
+        }
+    }
+}
+
+/// Changes applied per partition and step; one transaction each.
+const REPLAY_BATCH: i64 = 5_000;
+/// How long an idle replayer waits before looking at the change log again.
+const REPLAY_IDLE: Duration = Duration::from_millis(20);
+
+fn db_backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(5))
@@ -31,79 +55,170 @@ fn backoff() -> ExponentialBuilder {
         .with_jitter()
 }
 
-async fn sessions(reg: &Registration) -> Result<(Client, Client), WorkerError> {
-    let open = || async {
-        let source = connect(&reg.source, "source").await?;
-        install_helpers(&source, &reg.plan.helpers, "source").await?;
-        let target = connect(&reg.target, "target").await?;
-        Ok::<_, WorkerError>((source, target))
-    };
-    open.retry(backoff())
-        .when(WorkerError::is_transient)
-        .notify(
-            |e, d| tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "reconnecting"),
-        )
-        .await
+/// Long enough to ride out a coordinator restart (about three minutes in all).
+fn coordinator_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(40)
+        .with_jitter()
 }
 
-/// Runs one backfill worker until the coordinator has no more shards or shutdown.
-pub async fn run_backfill<S: CoordinatorService>(
-    svc: Arc<S>,
-    id: String,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<WorkerStats, WorkerError> {
-    let reg = (|| svc.register(&id))
-        .retry(backoff())
-        .when(|e| e.is_transient())
+/// Calls the coordinator, retrying while it is unreachable.
+async fn call<T, F, Fut>(me: &WorkerInfo, what: &str, f: F) -> Result<T, WorkerError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ServiceError>>,
+{
+    f.retry(coordinator_backoff())
+        .when(ServiceError::is_transient)
+        .notify(|e, d| {
+            tracing::warn!(worker = %me.id, error = %e, retry_in_ms = d.as_millis() as u64, "coordinator call failed, retrying")
+        })
         .await
-        .map_err(|e| WorkerError::Coordinator(format!("worker {id} cannot register: {e}")))?;
-    let control = ControlSql::new(&reg.plan.control_schema);
-    let (mut source, mut target) = sessions(&reg).await?;
-    let mut stats = WorkerStats::default();
-    loop {
-        if *shutdown.borrow() {
-            return Ok(stats);
-        }
-        let work = match svc.lease(&id).await {
-            Ok(w) => w,
-            Err(e) if e.is_transient() => {
-                stats.retries += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            Err(e) => return Err(WorkerError::Coordinator(format!("worker {id}: {e}"))),
+        .map_err(|e| WorkerError::Coordinator(format!("worker {} cannot {what}: {e}", me.id)))
+}
+
+struct Sessions {
+    source: Client,
+    target: Client,
+}
+
+impl Sessions {
+    async fn open(reg: &Registration) -> Result<Self, WorkerError> {
+        let open = || async {
+            let source = connect(&reg.source, "source").await?;
+            install_helpers(&source, &reg.plan.helpers, "source").await?;
+            let target = connect(&reg.target, "target").await?;
+            // Replay evaluates the mapping on the target.
+            install_helpers(&target, &reg.plan.helpers, "target").await?;
+            Ok::<_, WorkerError>(Sessions { source, target })
         };
-        let (shard, epoch) = match work {
-            Work::Backfill { shard, epoch } => (shard, epoch),
+        open.retry(db_backoff())
+            .when(WorkerError::is_transient)
+            .notify(|e, d| {
+                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "reconnecting")
+            })
+            .await
+    }
+
+    fn closed(&self) -> bool {
+        self.source.is_closed() || self.target.is_closed()
+    }
+}
+
+struct Worker<S> {
+    svc: Arc<S>,
+    me: WorkerInfo,
+    reg: Registration,
+    plan: Arc<RunPlan>,
+    control: ControlSql,
+    stats: WorkerStats,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Runs one worker until the coordinator says the run is over, or shutdown.
+pub async fn run_worker<S: CoordinatorService>(
+    svc: Arc<S>,
+    me: WorkerInfo,
+    shutdown: watch::Receiver<bool>,
+) -> Result<WorkerStats, WorkerError> {
+    let reg = call(&me, "register", || svc.register(&me)).await?;
+    tracing::info!(worker = %me.id, run_id = %reg.run_id, "worker registered");
+    let mut w = Worker {
+        plan: Arc::new(reg.plan.clone()),
+        control: ControlSql::new(&reg.plan.control_schema),
+        svc,
+        me,
+        reg,
+        stats: WorkerStats::default(),
+        shutdown,
+    };
+    let mut sessions = Sessions::open(&w.reg).await?;
+    loop {
+        if *w.shutdown.borrow() {
+            return Ok(w.stats);
+        }
+        if sessions.closed() {
+            sessions = Sessions::open(&w.reg).await?;
+        }
+        let progress = w.stats.progress();
+        let work = call(&w.me, "lease work", || w.svc.lease(&w.me, progress)).await?;
+        match work {
+            Work::Backfill { shard, epoch } => w.backfill(&mut sessions, shard, epoch).await?,
+            Work::Replay { partitions } => w.replay(&mut sessions.target, partitions).await?,
             Work::Wait(d) => {
                 tokio::select! {
                     _ = tokio::time::sleep(d) => {}
-                    _ = shutdown.changed() => {}
+                    _ = w.shutdown.changed() => {}
                 }
-                continue;
             }
-            Work::Done => return Ok(stats),
-        };
-        let Some(table) = reg.plan.table(shard.table) else {
+            Work::Done => {
+                tracing::info!(worker = %w.me.id, shards = w.stats.shards, rows = w.stats.rows,
+                    changes = w.stats.changes, "worker done");
+                return Ok(w.stats);
+            }
+        }
+    }
+}
+
+impl<S: CoordinatorService> Worker<S> {
+    /// Gives work back; the coordinator counts failures and decides when the run fails.
+    async fn give_back(&mut self, lease: &LeaseRef, e: &WorkerError) {
+        self.stats.retries += 1;
+        let reason = e.to_string();
+        if let Err(err) = call(&self.me, "return work", || {
+            self.svc.failed(&self.me, lease, reason.clone())
+        })
+        .await
+        {
+            // The lease expires on its own; nothing is lost.
+            tracing::warn!(error = %err, "could not return work");
+        }
+        // Not straight back into the same failure.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    async fn backfill(
+        &mut self,
+        sessions: &mut Sessions,
+        shard: Shard,
+        epoch: LeaseEpoch,
+    ) -> Result<(), WorkerError> {
+        let Some(table) = self.plan.table(shard.table) else {
             return Err(WorkerError::Coordinator(format!(
                 "shard {} names unknown table {}",
                 shard.id, shard.table
             )));
         };
-        let span = tracing::info_span!("shard", worker = %id, table = %table.describe(), shard = %shard.id,
+        let span = tracing::info_span!("shard", worker = %self.me.id, table = %table.describe(), shard = %shard.id,
             range = %shard.range, epoch = epoch.0, rows = tracing::field::Empty, bytes = tracing::field::Empty);
         let progress = Arc::new(CopyProgress::default());
+        let lease = LeaseRef::Shard {
+            shard: shard.id,
+            epoch,
+        };
         // Heartbeats keep the lease while the copy runs; a lost lease is caught by the
         // fenced commit, so the heartbeat only needs to try.
         let beat = {
-            let (svc, id, progress) = (svc.clone(), id.clone(), progress.clone());
-            let every = reg.lease_ttl / 3;
+            let (svc, me, progress, lease) = (
+                self.svc.clone(),
+                self.me.clone(),
+                progress.clone(),
+                lease.clone(),
+            );
+            let base = self.stats.progress();
+            let every = self.reg.lease_ttl / 3;
             tokio::spawn(
                 async move {
                     loop {
                         tokio::time::sleep(every).await;
-                        let rows = progress.messages.load(Ordering::Relaxed);
-                        if let Ok(false) = svc.heartbeat(&id, shard.id, epoch, rows).await {
+                        let p = Progress {
+                            rows: base.rows + progress.messages.load(Ordering::Relaxed),
+                            bytes: base.bytes + progress.bytes.load(Ordering::Relaxed),
+                            changes: base.changes,
+                        };
+                        if let Ok(Beat::Lost) = svc.heartbeat(&me, &lease, p).await {
                             tracing::warn!("lease lost while copying");
                         }
                     }
@@ -112,9 +227,9 @@ pub async fn run_backfill<S: CoordinatorService>(
             )
         };
         let result = copy_shard(
-            &source,
-            &mut target,
-            &control,
+            &sessions.source,
+            &mut sessions.target,
+            &self.control,
             table,
             &shard,
             epoch,
@@ -130,25 +245,103 @@ pub async fn run_backfill<S: CoordinatorService>(
                 span.in_scope(|| {
                     tracing::info!(rows = out.rows, bytes = out.bytes, "shard copied")
                 });
-                stats.shards += 1;
-                stats.rows += out.rows;
-                stats.bytes += out.bytes;
-                let _ = svc
-                    .completed(&id, shard.id, epoch, out.rows, out.bytes)
+                self.stats.shards += 1;
+                self.stats.rows += out.rows;
+                self.stats.bytes += out.bytes;
+                // The commit already counted; the report only speeds the coordinator up.
+                let _ = self
+                    .svc
+                    .completed(&self.me, shard.id, epoch, out.rows, out.bytes)
                     .await;
             }
             Err(e) => {
                 span.in_scope(|| tracing::warn!(error = %e, "shard failed"));
-                let _ = svc.failed(&id, shard.id, epoch, e.to_string()).await;
-                if matches!(e, WorkerError::LeaseLost { .. }) {
-                    continue;
+                if !matches!(e, WorkerError::LeaseLost { .. }) {
+                    self.give_back(&lease, &e).await;
                 }
-                if !e.is_transient() {
-                    return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the leased partitions until the coordinator says stop, the lease is lost,
+    /// or shutdown; then gives them back.
+    async fn replay(
+        &mut self,
+        target: &mut Client,
+        partitions: Vec<PartitionLease>,
+    ) -> Result<(), WorkerError> {
+        let lease = LeaseRef::Partitions(partitions.clone());
+        let parts = partitions
+            .iter()
+            .map(|p| p.part.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let span = tracing::info_span!("replay", worker = %self.me.id, partitions = %parts);
+        let outcome = self
+            .replay_loop(target, &partitions, &lease)
+            .instrument(span.clone())
+            .await;
+        match outcome {
+            Ok(true) => {
+                // One try: at shutdown the coordinator may be gone, and the lease expires anyway.
+                let _ = self.svc.failed(&self.me, &lease, String::new()).await;
+            }
+            Ok(false) => {}
+            Err(e) if matches!(e, WorkerError::PartitionLost { .. }) => {
+                span.in_scope(|| tracing::info!(error = %e, "replay lease lost"));
+            }
+            Err(e) => {
+                span.in_scope(|| tracing::warn!(error = %e, "replay failed"));
+                self.give_back(&lease, &e).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ok(true): stopped while holding the lease (give it back); Ok(false): lease lost.
+    async fn replay_loop(
+        &mut self,
+        target: &mut Client,
+        partitions: &[PartitionLease],
+        lease: &LeaseRef,
+    ) -> Result<bool, WorkerError> {
+        let mut replayers = Vec::with_capacity(partitions.len());
+        for l in partitions {
+            replayers.push(PartitionReplayer::open(target, self.plan.clone(), *l).await?);
+        }
+        let every = (self.reg.lease_ttl / 3).min(Duration::from_secs(1));
+        let mut last_beat = Instant::now();
+        loop {
+            if *self.shutdown.borrow() {
+                return Ok(true);
+            }
+            let mut applied = 0;
+            for r in replayers.iter_mut() {
+                applied += r.step(target, REPLAY_BATCH).await?;
+            }
+            self.stats.changes += applied as u64;
+            if last_beat.elapsed() >= every {
+                last_beat = Instant::now();
+                match self
+                    .svc
+                    .heartbeat(&self.me, lease, self.stats.progress())
+                    .await
+                {
+                    Ok(Beat::Keep) => {}
+                    Ok(Beat::Stop) => return Ok(true),
+                    Ok(Beat::Lost) => return Ok(false),
+                    // Keep applying: every position write is fenced by the lease epoch.
+                    Err(e) if e.is_transient() => {
+                        tracing::debug!(error = %e, "heartbeat failed")
+                    }
+                    Err(e) => return Err(WorkerError::Coordinator(e.to_string())),
                 }
-                stats.retries += 1;
-                if source.is_closed() || target.is_closed() {
-                    (source, target) = sessions(&reg).await?;
+            }
+            if applied == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(REPLAY_IDLE) => {}
+                    _ = self.shutdown.changed() => {}
                 }
             }
         }

@@ -1,0 +1,69 @@
+//! Backfill, as the coordinator sees it: workers (in this process or remote) lease the
+//! shards; this waits until every shard is done, logging progress and failing the run
+//! when a shard keeps failing.
+
+use crate::control::Phase;
+use crate::error::CoordinatorError;
+use crate::run::RunCtx;
+use crate::service::Stage;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// A shard or partition that failed this often stops the run with its last error.
+pub const MAX_ATTEMPTS: i32 = 5;
+
+impl RunCtx {
+    pub async fn backfill(
+        &mut self,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<(), CoordinatorError> {
+        let t0 = Instant::now();
+        let mut shutdown = shutdown.clone();
+        self.svc.set_stage(Stage::Backfill);
+        let mut last_log = Instant::now();
+        loop {
+            let c = self.store.shard_counts(&self.target).await?;
+            if c.pending + c.leased == 0 {
+                break;
+            }
+            if let Some(why) = self.store.failing_work(&self.target, MAX_ATTEMPTS).await? {
+                return Err(CoordinatorError::State(format!("backfill failed: {why}")));
+            }
+            if last_log.elapsed() >= Duration::from_secs(2) {
+                last_log = Instant::now();
+                let secs = t0.elapsed().as_secs_f64().max(0.001);
+                tracing::info!(
+                    done = c.done,
+                    leased = c.leased,
+                    pending = c.pending,
+                    rows = c.rows_done,
+                    rows_per_s = (c.rows_done as f64 / secs) as u64,
+                    "backfill progress"
+                );
+            }
+            if let Some(e) = self.local_failure().await {
+                return Err(e);
+            }
+            if let Some(e) = self.capture_failure().await {
+                return Err(e);
+            }
+            if *shutdown.borrow() {
+                return Err(CoordinatorError::Interrupted);
+            }
+            tokio::select! {
+                _ = self.svc.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        let c = self.store.shard_counts(&self.target).await?;
+        self.report.shards = c.done;
+        self.report.rows_copied = c.rows_done;
+        self.report.bytes_copied = c.bytes_done;
+        self.report.backfill_seconds = t0.elapsed().as_secs_f64();
+        self.report.rows_per_second = c.rows_done as f64 / self.report.backfill_seconds.max(0.001);
+        self.store.set_phase(&self.target, Phase::Replay).await?;
+        self.svc.set_stage(Stage::Replay);
+        Ok(())
+    }
+}
