@@ -31,6 +31,17 @@ pub enum PhaseArg {
     Cutover,
 }
 
+impl From<PhaseArg> for Until {
+    fn from(p: PhaseArg) -> Until {
+        match p {
+            PhaseArg::Backfill => Until::Backfill,
+            PhaseArg::Replay => Until::Replay,
+            PhaseArg::Verify => Until::Verify,
+            PhaseArg::Cutover => Until::Cutover,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Self-contained demo: two throwaway clusters, the users scenario under write load, cutover.
@@ -60,6 +71,40 @@ pub enum Command {
         until: PhaseArg,
         #[arg(long)]
         json: bool,
+    },
+    /// Distributed mode: serve the run to `schemashift worker` processes over gRPC.
+    /// The token, when used, comes from SCHEMASHIFT_TOKEN.
+    Coordinator {
+        spec: PathBuf,
+        /// HOST:PORT to listen on (port 0: any free port, logged).
+        #[arg(long)]
+        listen: String,
+        #[arg(long, value_enum, default_value = "verify")]
+        until: PhaseArg,
+        /// A worker silent this long loses its lease; its work goes to another worker.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        lease_ttl: std::time::Duration,
+        /// PEM certificate to serve TLS (with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Distributed mode: one worker; exits when the coordinator says the run is over.
+    /// The token, when used, comes from SCHEMASHIFT_TOKEN.
+    Worker {
+        /// http://HOST:PORT, or https://HOST:PORT with --tls-ca.
+        #[arg(long)]
+        coordinator: String,
+        /// Stable name of this worker (default: host name and process id).
+        #[arg(long)]
+        id: Option<String>,
+        /// PEM CA certificate that signed the coordinator's TLS certificate.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
     },
     /// Phase, shard progress and lag from the control state.
     Status {
@@ -104,14 +149,14 @@ pub fn init_tracing(quiet: bool, json: bool) {
     }
 }
 
-fn load_spec(path: &std::path::Path) -> Result<Spec, i32> {
+pub(crate) fn load_spec(path: &std::path::Path) -> Result<Spec, i32> {
     Spec::load(path).map_err(|e| {
         eprintln!("error: {e}");
         2
     })
 }
 
-fn fail(e: CoordinatorError) -> i32 {
+pub(crate) fn fail(e: CoordinatorError) -> i32 {
     eprintln!("error: {e}");
     e.exit_code()
 }
@@ -168,6 +213,36 @@ pub async fn execute(cli: Cli) -> i32 {
             until,
             json,
         } => run_cmd(spec, workers, until, json).await,
+        Command::Coordinator {
+            spec,
+            listen,
+            until,
+            lease_ttl,
+            tls_cert,
+            tls_key,
+            json,
+        } => {
+            let spec = match load_spec(&spec) {
+                Ok(s) => s,
+                Err(c) => return c,
+            };
+            let tls = tls_cert.zip(tls_key);
+            crate::fleet::coordinator(
+                &spec,
+                listen,
+                until.into(),
+                lease_ttl,
+                tls,
+                json,
+                shutdown_signal(),
+            )
+            .await
+        }
+        Command::Worker {
+            coordinator,
+            id,
+            tls_ca,
+        } => crate::fleet::worker(&coordinator, id, tls_ca, shutdown_signal()).await,
         Command::Cutover { spec, json } => run_cmd(spec, None, PhaseArg::Cutover, json).await,
         Command::Status { spec, json } => {
             let spec = match load_spec(&spec) {
@@ -209,12 +284,7 @@ async fn run_cmd(spec: PathBuf, workers: Option<usize>, until: PhaseArg, json: b
         Ok(s) => s,
         Err(c) => return c,
     };
-    let until = match until {
-        PhaseArg::Backfill => Until::Backfill,
-        PhaseArg::Replay => Until::Replay,
-        PhaseArg::Verify => Until::Verify,
-        PhaseArg::Cutover => Until::Cutover,
-    };
+    let until = until.into();
     match schemashift_coordinator::run::run(&spec, RunOptions { workers, until }, shutdown_signal())
         .await
     {

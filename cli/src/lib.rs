@@ -1,4 +1,5 @@
 //! The `schemashift` command line: commands of INTERFACE.md mapped onto the library.
 pub mod cli;
 pub mod demo;
+pub mod fleet;
 pub mod report;

@@ -19,12 +19,19 @@ pub enum CoordinatorError {
     },
     #[error("capture: {0}")]
     Capture(String),
+    #[error("the replication slot is in use by another process (is another coordinator running for this spec?): {0}")]
+    SlotBusy(String),
     #[error(transparent)]
     Worker(#[from] WorkerError),
     #[error("cutover aborted, source writable again: {0}")]
     CutoverAborted(String),
     #[error("{0}")]
     State(String),
+    #[error("gRPC server: {0}")]
+    Serve(String),
+    /// The listen address is unusable (bad input, before anything was written).
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
     #[error("interrupted")]
     Interrupted,
 }
@@ -43,7 +50,8 @@ impl CoordinatorError {
         match self {
             CoordinatorError::Spec(_)
             | CoordinatorError::Plan(_)
-            | CoordinatorError::Connect(_) => 2,
+            | CoordinatorError::Connect(_)
+            | CoordinatorError::Listen { .. } => 2,
             _ => 1,
         }
     }

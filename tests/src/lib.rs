@@ -9,8 +9,10 @@ use schemashift_common::cluster::{Cluster, ClusterOptions};
 use tokio_postgres::{Client, NoTls};
 
 mod diff;
+mod procs;
 
 pub use diff::{concat_names, split_full_name, table_diff, table_diff_report, DiffReport};
+pub use procs::{free_port, Proc};
 
 /// Env vars with base DSNs (no database) of the shared clusters `scripts/test.sh` starts.
 pub const SOURCE_ENV: &str = "SCHEMASHIFT_TEST_SOURCE";
@@ -285,6 +287,21 @@ pub fn schemashift_ok(args: &[&str]) -> anyhow::Result<std::process::Output> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(out)
+}
+
+/// A fresh pair of databases with the users scenario: `rows` users on the source, the
+/// split schema (empty) on the target.
+pub async fn users_env(name: &str, rows: u64) -> anyhow::Result<TestEnv> {
+    use schemashift_common::scenario::{load_users, SOURCE_DDL, TARGET_DDL};
+    let env = TestEnv::new(name).await?;
+    let s = connect(&env.source_dsn).await?;
+    s.batch_execute(SOURCE_DDL).await?;
+    load_users(&s, rows).await?;
+    connect(&env.target_dsn)
+        .await?
+        .batch_execute(TARGET_DDL)
+        .await?;
+    Ok(env)
 }
 
 /// Writes a spec into `dir` and returns its path as a string for the command line.

@@ -2,24 +2,12 @@
 //! (source and target are separate clusters), driven through the real binary.
 
 use schemashift_common::load::{start_load, LoadOptions};
-use schemashift_common::scenario::{load_users, users_spec_yaml, SOURCE_DDL, TARGET_DDL};
+use schemashift_common::scenario::users_spec_yaml;
 use schemashift_tests::{
     connect, schemashift, schemashift_bin, schemashift_ok, slot_and_publication_count, table_diff,
-    write_spec, TestEnv,
+    users_env, write_spec,
 };
 use std::process::{Command, Stdio};
-
-async fn users_env(name: &str, rows: u64) -> anyhow::Result<TestEnv> {
-    let env = TestEnv::new(name).await?;
-    let s = connect(&env.source_dsn).await?;
-    s.batch_execute(SOURCE_DDL).await?;
-    load_users(&s, rows).await?;
-    connect(&env.target_dsn)
-        .await?
-        .batch_execute(TARGET_DDL)
-        .await?;
-    Ok(env)
-}
 
 #[tokio::test]
 async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Result<()> {

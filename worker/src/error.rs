@@ -34,6 +34,9 @@ pub enum WorkerError {
     ChangeLog(String),
     #[error("coordinator: {0}")]
     Coordinator(String),
+    /// The coordinator does not let this worker in (token); retrying cannot help.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl WorkerError {
@@ -47,7 +50,8 @@ impl WorkerError {
             WorkerError::LeaseLost { .. } | WorkerError::PartitionLost { .. } => false,
             WorkerError::Verify { .. }
             | WorkerError::ChangeLog(_)
-            | WorkerError::Coordinator(_) => false,
+            | WorkerError::Coordinator(_)
+            | WorkerError::Refused(_) => false,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! Backfill copies shards, replay applies the change log, verify compares ranges.
 pub mod backfill;
 pub mod error;
+pub mod grpc;
 pub mod replay;
 pub mod runner;
 pub mod verify;

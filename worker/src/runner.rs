@@ -76,7 +76,14 @@ where
             tracing::warn!(worker = %me.id, error = %e, retry_in_ms = d.as_millis() as u64, "coordinator call failed, retrying")
         })
         .await
-        .map_err(|e| WorkerError::Coordinator(format!("worker {} cannot {what}: {e}", me.id)))
+        .map_err(|e| match e {
+            ServiceError::Unauthenticated(_) => {
+                WorkerError::Refused(format!("worker {} cannot {what}: {e}", me.id))
+            }
+            ServiceError::Unavailable(_) | ServiceError::Rejected(_) => {
+                WorkerError::Coordinator(format!("worker {} cannot {what}: {e}", me.id))
+            }
+        })
 }
 
 struct Sessions {

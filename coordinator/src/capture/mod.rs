@@ -21,6 +21,8 @@ use tokio_postgres::Client;
 
 /// Decoded messages per peek; the server stops at the next transaction end after it.
 const PEEK_LIMIT: i32 = 20_000;
+/// How long a slot held by another reader (a killed process's backend) is waited for.
+const SLOT_BUSY_WAIT: Duration = Duration::from_secs(30);
 
 fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
     move |e| CoordinatorError::db(context, &e)
@@ -291,7 +293,13 @@ impl Capture {
                 &[&self.slot, &PEEK_LIMIT, &self.slot],
             )
             .await
-            .map_err(db("decoding changes from the slot"))?;
+            .map_err(|e| {
+                if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) {
+                    CoordinatorError::SlotBusy(schemashift_common::pg::describe(&e))
+                } else {
+                    CoordinatorError::db("decoding changes from the slot", &e)
+                }
+            })?;
         let cut_short = rows.len() >= PEEK_LIMIT as usize;
         let mut pending: Vec<(u32, Change)> = Vec::new();
         let mut tx_changes: Vec<(u32, Change)> = Vec::new();
@@ -425,9 +433,24 @@ impl Capture {
         poll: Duration,
         wake: Arc<tokio::sync::Notify>,
     ) -> Result<(), CoordinatorError> {
+        let mut busy_since: Option<Instant> = None;
         loop {
             let started = Instant::now();
-            let (_txs, cut_short, head) = self.round().await?;
+            let (_txs, cut_short, head) = match self.round().await {
+                Ok(r) => r,
+                // A killed coordinator's backend keeps the slot until its query ends.
+                Err(CoordinatorError::SlotBusy(why))
+                    if busy_since.get_or_insert(started).elapsed() < SLOT_BUSY_WAIT =>
+                {
+                    tracing::info!(reason = %why, "slot busy, waiting for its previous reader to end");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            busy_since = None;
             if !cut_short {
                 progress.send_replace(CaptureProgress {
                     caught_up_to: head,

@@ -1,0 +1,108 @@
+//! `coordinator` and `worker`: distributed mode's two commands.
+
+use crate::cli::fail;
+use crate::report;
+use schemashift_common::service::WorkerInfo;
+use schemashift_common::spec::Spec;
+use schemashift_coordinator::distributed::{coordinate, CoordinateOptions};
+use schemashift_coordinator::grpc::ServeOptions;
+use schemashift_coordinator::run::Until;
+use schemashift_worker::grpc::{ClientOptions, GrpcCoordinator};
+use schemashift_worker::runner::run_worker;
+use schemashift_worker::WorkerError;
+use secrecy::SecretString;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+/// The shared token, from the environment only (a flag would show in `ps`).
+fn token() -> Option<SecretString> {
+    std::env::var("SCHEMASHIFT_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(SecretString::from)
+}
+
+pub async fn coordinator(
+    spec: &Spec,
+    listen: String,
+    until: Until,
+    lease_ttl: Duration,
+    tls: Option<(PathBuf, PathBuf)>,
+    json: bool,
+    shutdown: watch::Receiver<bool>,
+) -> i32 {
+    let opts = CoordinateOptions {
+        listen,
+        until,
+        lease_ttl,
+        serve: ServeOptions {
+            token: token(),
+            tls,
+        },
+    };
+    match coordinate(spec, opts, shutdown).await {
+        Ok(r) => {
+            report::print_run(&r, json);
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub async fn worker(
+    url: &str,
+    id: Option<String>,
+    tls_ca: Option<PathBuf>,
+    shutdown: watch::Receiver<bool>,
+) -> i32 {
+    let client = match GrpcCoordinator::new(
+        url,
+        &ClientOptions {
+            token: token(),
+            tls_ca,
+        },
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let host = host_name();
+    let me = WorkerInfo {
+        id: id.unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+        host,
+    };
+    let span = tracing::info_span!("worker", worker = %me.id);
+    match run_worker(Arc::new(client), me, shutdown)
+        .instrument(span)
+        .await
+    {
+        Ok(stats) => {
+            eprintln!(
+                "worker done: {} shards, {} rows copied, {} changes applied, {} retries",
+                stats.shards, stats.rows, stats.changes, stats.retries
+            );
+            0
+        }
+        Err(e @ WorkerError::Refused(_)) => {
+            eprintln!("error: {e}");
+            2
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}

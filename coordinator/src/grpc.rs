@@ -1,0 +1,197 @@
+//! The gRPC adapter: checks the token, delegates to the service, maps errors. No rules
+//! live here; they are in the service, which embedded mode calls directly.
+
+use crate::error::CoordinatorError;
+use schemashift_common::service::CoordinatorService;
+use schemashift_common::spec::Spec;
+use schemashift_proto::v1 as pb;
+use schemashift_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use schemashift_proto::{lease_ref, to_status, worker, AUTHORIZATION};
+use secrecy::{ExposeSecret, SecretString};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+pub struct GrpcAdapter<S> {
+    svc: Arc<S>,
+    spec: Arc<Spec>,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl<S: CoordinatorService> Coordinator for GrpcAdapter<S> {
+    async fn register(&self, r: Request<pb::RegisterRequest>) -> Reply<pb::RegisterReply> {
+        let r = r.into_inner();
+        let me = worker(r.worker, "RegisterRequest")?;
+        if r.version != env!("CARGO_PKG_VERSION") {
+            return Err(Status::failed_precondition(format!(
+                "worker version {} does not match coordinator version {}",
+                r.version,
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+        let reg = self.svc.register(&me).await.map_err(to_status)?;
+        Ok(Response::new(pb::RegisterReply::try_from(&reg)?))
+    }
+
+    async fn lease(&self, r: Request<pb::LeaseRequest>) -> Reply<pb::LeaseReply> {
+        let r = r.into_inner();
+        let me = worker(r.worker, "LeaseRequest")?;
+        let progress = r.progress.unwrap_or_default().into();
+        let work = self.svc.lease(&me, progress).await.map_err(to_status)?;
+        Ok(Response::new((&work).into()))
+    }
+
+    async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatReply> {
+        let r = r.into_inner();
+        let me = worker(r.worker, "HeartbeatRequest")?;
+        let lease = lease_ref(r.lease, "HeartbeatRequest")?;
+        let progress = r.progress.unwrap_or_default().into();
+        let beat = self
+            .svc
+            .heartbeat(&me, &lease, progress)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::HeartbeatReply {
+            answer: pb::BeatAnswer::from(beat).into(),
+        }))
+    }
+
+    async fn complete(&self, r: Request<pb::CompleteRequest>) -> Reply<pb::CompleteReply> {
+        let r = r.into_inner();
+        let me = worker(r.worker, "CompleteRequest")?;
+        self.svc
+            .completed(
+                &me,
+                schemashift_common::ids::ShardId(r.shard_id),
+                schemashift_common::ids::LeaseEpoch(r.epoch),
+                r.rows,
+                r.bytes,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::CompleteReply {}))
+    }
+
+    async fn fail(&self, r: Request<pb::FailRequest>) -> Reply<pb::FailReply> {
+        let r = r.into_inner();
+        let me = worker(r.worker, "FailRequest")?;
+        let lease = lease_ref(r.lease, "FailRequest")?;
+        self.svc
+            .failed(&me, &lease, r.reason)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::FailReply {}))
+    }
+
+    async fn status(&self, _r: Request<pb::StatusRequest>) -> Reply<pb::StatusReply> {
+        let st = crate::ops::status(&self.spec)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let json = serde_json::to_string(&st).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::StatusReply { json }))
+    }
+}
+
+/// How the coordinator listens.
+#[derive(Clone, Debug, Default)]
+pub struct ServeOptions {
+    /// Required as `authorization: Bearer <token>` on every call when set.
+    pub token: Option<SecretString>,
+    /// PEM certificate and key: serve TLS instead of plaintext.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+fn check_token(token: Option<SecretString>) -> impl tonic::service::Interceptor + Clone {
+    move |req: Request<()>| {
+        let Some(token) = &token else { return Ok(req) };
+        let given = req
+            .metadata()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(g) if constant_time_eq(g.as_bytes(), token.expose_secret().as_bytes()) => Ok(req),
+            Some(_) => Err(Status::unauthenticated(
+                "wrong token: set SCHEMASHIFT_TOKEN on the worker to the coordinator's token",
+            )),
+            None => Err(Status::unauthenticated(
+                "this coordinator requires a token: set SCHEMASHIFT_TOKEN on the worker",
+            )),
+        }
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves the service on `listener` until `shutdown` turns true.
+pub async fn serve<S: CoordinatorService>(
+    svc: Arc<S>,
+    spec: Arc<Spec>,
+    listener: TcpListener,
+    opts: ServeOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), CoordinatorError> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &opts.tls {
+        let read = |p: &PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| CoordinatorError::Serve(format!("reading {}: {e}", p.display())))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| CoordinatorError::Serve(format!("TLS configuration: {e}")))?;
+    }
+    let server =
+        CoordinatorServer::with_interceptor(GrpcAdapter { svc, spec }, check_token(opts.token));
+    builder
+        .add_service(server)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            },
+        )
+        .await
+        .map_err(|e| CoordinatorError::Serve(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::service::Interceptor;
+
+    fn with(header: Option<&str>) -> Request<()> {
+        let mut r = Request::new(());
+        if let Some(h) = header {
+            if let Ok(v) = h.parse() {
+                r.metadata_mut().insert(AUTHORIZATION, v);
+            }
+        }
+        r
+    }
+
+    #[test]
+    fn token_is_required_only_when_set() {
+        let mut open = check_token(None);
+        assert!(open.call(with(None)).is_ok());
+        let mut closed = check_token(Some(SecretString::from("s3cret")));
+        assert!(closed.call(with(Some("Bearer s3cret"))).is_ok());
+        for bad in [
+            None,
+            Some("Bearer s3cre"),
+            Some("Bearer s3cret2"),
+            Some("s3cret"),
+        ] {
+            let e = closed.call(with(bad)).err().map(|s| s.code());
+            assert_eq!(e, Some(tonic::Code::Unauthenticated), "{bad:?}");
+        }
+    }
+}

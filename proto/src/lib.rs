@@ -1,0 +1,14 @@
+//! The coordinator's gRPC protocol (`schemashift.v1`, generated from `proto/`), its
+//! mapping to and from the domain types of `schemashift_common::service`, and the one
+//! mapping between service errors and gRPC status codes.
+
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("schemashift.v1");
+}
+
+mod convert;
+mod status;
+
+pub use convert::{lease_ref, worker, ProtoError};
+pub use status::{service_error, to_status, AUTHORIZATION, TRACEPARENT};

@@ -1,0 +1,87 @@
+//! Real `schemashift` processes for distributed tests: spawned with their output in files,
+//! killed with SIGKILL on demand, and killed when dropped so a failing test leaves none.
+
+use crate::schemashift_bin;
+use anyhow::Context;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Proc {
+    /// Starts `schemashift ARGS` with extra environment; output goes to files in `dir`.
+    pub fn spawn(
+        dir: &std::path::Path,
+        name: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<Proc> {
+        let out = dir.join(format!("{name}.out"));
+        let err = dir.join(format!("{name}.err"));
+        let child = Command::new(schemashift_bin())
+            .args(args)
+            .env("RUST_LOG", "info,tokio_postgres=warn")
+            .env_remove("SCHEMASHIFT_TOKEN")
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out)?)
+            .stderr(std::fs::File::create(&err)?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc {
+            name: name.into(),
+            child,
+            out,
+            err,
+        })
+    }
+
+    /// SIGKILL, and reap it.
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await.context("kill -9")?;
+        Ok(())
+    }
+
+    /// Waits for the process to exit on its own, at most `limit`.
+    pub async fn wait(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(s) => Ok(s?),
+            Err(_) => {
+                anyhow::bail!(
+                    "{} still running after {limit:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr_tail()
+                )
+            }
+        }
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// The end of stderr, for assertion messages.
+    pub fn stderr_tail(&self) -> String {
+        let s = self.stderr();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+/// A port that was free a moment ago (the coordinator binds it right after).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}

@@ -1,0 +1,376 @@
+//! Distributed mode with real processes: a gRPC coordinator and worker processes that come
+//! and go (kill -9 included), against real PostgreSQL clusters.
+
+use schemashift_common::load::{start_load, LoadOptions};
+use schemashift_common::scenario::users_spec_yaml;
+use schemashift_tests::{
+    connect, free_port, schemashift, table_diff, users_env, write_spec, Proc, TestEnv,
+};
+use std::time::Duration;
+use tokio_postgres::Client;
+
+const LIMIT: Duration = Duration::from_secs(180);
+
+/// Shards as (done, leased, total) and whether some shard is leased by `worker`.
+async fn shard_state(t: &Client, worker: &str) -> (i64, i64, i64, bool) {
+    let Ok(r) = t
+        .query_one(
+            "SELECT count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'leased'), \
+             count(*), coalesce(bool_or(state = 'leased' AND worker = $1), false) FROM schemashift.shards",
+            &[&worker],
+        )
+        .await
+    else {
+        return (0, 0, 0, false);
+    };
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
+/// Polls until `f` holds, for at most `limit`.
+async fn until<F, Fut>(limit: Duration, what: &str, mut f: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !f().await {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::task::yield_now().await;
+    }
+    Ok(())
+}
+
+/// Source and target equal by our own compare.
+/// `rows`: the source's row count when nothing writes, to check each row was copied once.
+async fn assert_complete(env: &TestEnv, rows: Option<i64>) -> anyhow::Result<()> {
+    let s = connect(&env.source_dsn).await?;
+    let t = connect(&env.target_dsn).await?;
+    if let Some(rows) = rows {
+        let copied: i64 = t
+            .query_one("SELECT sum(rows)::bigint FROM schemashift.shards", &[])
+            .await?
+            .get(0);
+        assert_eq!(
+            copied, rows,
+            "each row committed by exactly one shard lease"
+        );
+    }
+    assert_eq!(table_diff(&s, &t).await?, (0, 0, 0));
+    Ok(())
+}
+
+fn coordinator_args<'a>(spec: &'a str, listen: &'a str, until: &'a str) -> Vec<&'a str> {
+    vec![
+        "coordinator",
+        spec,
+        "--listen",
+        listen,
+        "--until",
+        until,
+        "--lease-ttl",
+        "2s",
+        "--json",
+    ]
+}
+
+#[tokio::test]
+async fn coordinator_and_three_workers_migrate_under_write_load_with_zero_diffs(
+) -> anyhow::Result<()> {
+    let env = users_env("dist_three_workers", 30_000).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        &dir,
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 3, Some(2_500)),
+    )?;
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let url = format!("http://{listen}");
+    let load = start_load(
+        env.source_dsn.clone(),
+        LoadOptions {
+            rate_per_sec: 300,
+            ..LoadOptions::default()
+        },
+    )
+    .await?;
+    let mut coord = Proc::spawn(
+        dir.path(),
+        "coordinator",
+        &coordinator_args(&spec, &listen, "cutover"),
+        &[],
+    )?;
+    let mut workers = Vec::new();
+    for i in 0..3 {
+        let id = format!("w{i}");
+        workers.push(Proc::spawn(
+            dir.path(),
+            &id,
+            &["worker", "--coordinator", &url, "--id", &id],
+            &[],
+        )?);
+    }
+    let status = coord.wait(LIMIT).await?;
+    let stats = load.stop().await;
+    assert!(status.success(), "coordinator: {}", coord.stderr_tail());
+    let report: serde_json::Value = serde_json::from_str(&coord.stdout())?;
+    assert_eq!(report["phase"], "cut_over");
+    assert_eq!(stats.failed, 0, "application writes must wait, not fail");
+    for w in workers.iter_mut() {
+        let s = w.wait(Duration::from_secs(30)).await?;
+        assert!(
+            s.success(),
+            "{} exits 0 when the run is over: {}",
+            w.name,
+            w.stderr_tail()
+        );
+    }
+    // Every worker took part.
+    let t = connect(&env.target_dsn).await?;
+    let busy: i64 = t
+        .query_one(
+            "SELECT count(*) FROM schemashift.workers WHERE rows > 0 OR changes > 0",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!(busy >= 2, "work spread across workers ({busy} did some)");
+    // Writes that waited on the freeze land after it; carry them over, then compare.
+    let v = schemashift(&["verify", &spec])?;
+    assert!(
+        v.status.success(),
+        "verify: {}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert_complete(&env, None).await?;
+    schemashift(&["cleanup", &spec])?;
+    env.drop_all().await
+}
+
+#[tokio::test]
+async fn worker_killed_mid_shard_is_replaced_and_no_shard_commits_twice() -> anyhow::Result<()> {
+    let env = users_env("dist_kill_worker", 150_000).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        &dir,
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(10_000)),
+    )?;
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let url = format!("http://{listen}");
+    let mut coord = Proc::spawn(
+        dir.path(),
+        "coordinator",
+        &coordinator_args(&spec, &listen, "verify"),
+        &[],
+    )?;
+    let mut a = Proc::spawn(
+        dir.path(),
+        "worker-a",
+        &["worker", "--coordinator", &url, "--id", "a"],
+        &[],
+    )?;
+    let t = connect(&env.target_dsn).await?;
+    // Kill while `a` holds a lease, after it committed something.
+    until(LIMIT, "worker a mid-shard", || async {
+        let (done, _, total, a_holds) = shard_state(&t, "a").await;
+        done >= 2 && done < total && a_holds
+    })
+    .await?;
+    a.kill9().await?;
+    let (done, _, total, _) = shard_state(&t, "a").await;
+    assert!(done < total, "kill came too late ({done} of {total} done)");
+    let mut b = Proc::spawn(
+        dir.path(),
+        "worker-b",
+        &["worker", "--coordinator", &url, "--id", "b"],
+        &[],
+    )?;
+    let status = coord.wait(LIMIT).await?;
+    assert!(status.success(), "coordinator: {}", coord.stderr_tail());
+    assert!(
+        b.wait(Duration::from_secs(30)).await?.success(),
+        "{}",
+        b.stderr_tail()
+    );
+    let retaken: i64 = t
+        .query_one(
+            "SELECT count(*) FROM schemashift.shards WHERE attempts >= 2",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!(retaken >= 1, "the killed worker's shard was leased again");
+    assert_complete(&env, Some(150_000)).await?;
+    schemashift(&["cleanup", &spec])?;
+    env.drop_all().await
+}
+
+#[tokio::test]
+async fn coordinator_killed_mid_backfill_restarts_and_workers_reconnect() -> anyhow::Result<()> {
+    let env = users_env("dist_kill_coord", 150_000).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        &dir,
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(10_000)),
+    )?;
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let url = format!("http://{listen}");
+    let args = coordinator_args(&spec, &listen, "verify");
+    let mut first = Proc::spawn(dir.path(), "coordinator-1", &args, &[])?;
+    let mut workers = Vec::new();
+    for id in ["x", "y"] {
+        workers.push(Proc::spawn(
+            dir.path(),
+            id,
+            &["worker", "--coordinator", &url, "--id", id],
+            &[],
+        )?);
+    }
+    let t = connect(&env.target_dsn).await?;
+    until(LIMIT, "backfill under way", || async {
+        let (done, _, total, _) = shard_state(&t, "").await;
+        done >= 2 && done < total
+    })
+    .await?;
+    first.kill9().await?;
+    let (done, _, total, _) = shard_state(&t, "").await;
+    assert!(done < total, "kill came too late ({done} of {total} done)");
+    let mut second = Proc::spawn(dir.path(), "coordinator-2", &args, &[])?;
+    let status = second.wait(LIMIT).await?;
+    assert!(
+        status.success(),
+        "restarted coordinator: {}",
+        second.stderr_tail()
+    );
+    let report: serde_json::Value = serde_json::from_str(&second.stdout())?;
+    assert_eq!(report["resumed"], true);
+    for w in workers.iter_mut() {
+        let s = w.wait(Duration::from_secs(30)).await?;
+        assert!(
+            s.success(),
+            "{} reconnected and finished: {}",
+            w.name,
+            w.stderr_tail()
+        );
+    }
+    assert_complete(&env, Some(150_000)).await?;
+    schemashift(&["cleanup", &spec])?;
+    env.drop_all().await
+}
+
+/// A throwaway CA and a certificate for localhost signed by it (PEM files in `dir`).
+fn make_certs(dir: &std::path::Path) -> anyhow::Result<()> {
+    let sh = |script: &str| -> anyhow::Result<()> {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=schemashift-test-ca")?;
+    sh("openssl req -newkey rsa:2048 -nodes -keyout key.pem -out leaf.csr -subj /CN=localhost")?;
+    sh("printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > leaf.ext && \
+        openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem -days 1 -extfile leaf.ext")
+}
+
+#[tokio::test]
+async fn worker_with_wrong_token_is_refused_and_the_right_one_migrates_over_tls(
+) -> anyhow::Result<()> {
+    let env = users_env("dist_token_tls", 5_000).await?;
+    let dir = tempfile::tempdir()?;
+    make_certs(dir.path())?;
+    let spec = write_spec(
+        &dir,
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 1, Some(1_000)),
+    )?;
+    let port = free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("https://localhost:{port}");
+    let (cert, key, ca) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("ca.pem"),
+    );
+    let (cert, key, ca) = (
+        cert.to_string_lossy().into_owned(),
+        key.to_string_lossy().into_owned(),
+        ca.to_string_lossy().into_owned(),
+    );
+    let mut args = coordinator_args(&spec, &listen, "verify");
+    args.extend(["--tls-cert", &cert, "--tls-key", &key]);
+    let mut coord = Proc::spawn(
+        dir.path(),
+        "coordinator",
+        &args,
+        &[("SCHEMASHIFT_TOKEN", "right-token")],
+    )?;
+    let worker = |name: &str, token: Option<&str>| -> anyhow::Result<Proc> {
+        let envs: Vec<(&str, &str)> = token
+            .map(|t| ("SCHEMASHIFT_TOKEN", t))
+            .into_iter()
+            .collect();
+        Proc::spawn(
+            dir.path(),
+            name,
+            &[
+                "worker",
+                "--coordinator",
+                &url,
+                "--id",
+                name,
+                "--tls-ca",
+                &ca,
+            ],
+            &envs,
+        )
+    };
+    let mut wrong = worker("wrong", Some("wrong-token"))?;
+    let s = wrong.wait(Duration::from_secs(60)).await?;
+    assert_eq!(
+        s.code(),
+        Some(2),
+        "refused is bad input: {}",
+        wrong.stderr_tail()
+    );
+    assert!(
+        wrong.stderr().contains("wrong token"),
+        "{}",
+        wrong.stderr_tail()
+    );
+    assert!(!wrong.stderr().contains("right-token") && !coord.stderr().contains("right-token"));
+    let mut none = worker("none", None)?;
+    let s = none.wait(Duration::from_secs(60)).await?;
+    assert_eq!(s.code(), Some(2), "{}", none.stderr_tail());
+    assert!(
+        none.stderr().contains("requires a token"),
+        "{}",
+        none.stderr_tail()
+    );
+
+    let mut right = worker("right", Some("right-token"))?;
+    let status = coord.wait(LIMIT).await?;
+    assert!(status.success(), "coordinator: {}", coord.stderr_tail());
+    assert!(
+        right.wait(Duration::from_secs(30)).await?.success(),
+        "{}",
+        right.stderr_tail()
+    );
+    let t = connect(&env.target_dsn).await?;
+    let workers: Vec<String> = t
+        .query("SELECT worker FROM schemashift.workers ORDER BY 1", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(workers, ["right"], "refused workers never got in");
+    assert_complete(&env, Some(5_000)).await?;
+    schemashift(&["cleanup", &spec])?;
+    env.drop_all().await
+}
