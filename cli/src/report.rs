@@ -124,6 +124,40 @@ pub fn print_status(s: &Status, json: bool) {
                     mb(slot.retained_wal_bytes.max(0) as u64)
                 );
             }
+            for w in &s.workers {
+                eprintln!(
+                    "  worker {} on {}: {}{}, {} rows, {} changes, {:.0} rows/s, seen {:.0} s ago",
+                    w.worker,
+                    w.host,
+                    w.state,
+                    w.lease
+                        .as_deref()
+                        .map(|l| format!(" ({l})"))
+                        .unwrap_or_default(),
+                    w.rows,
+                    w.changes,
+                    w.rows_per_s,
+                    w.seconds_since_seen
+                );
+            }
+            for sh in s.shard_list.iter().filter(|sh| sh.state != "done") {
+                eprintln!(
+                    "  shard {} of {} {}: {}{}, attempts {}{}",
+                    sh.shard,
+                    sh.table,
+                    sh.range,
+                    sh.state,
+                    sh.worker
+                        .as_deref()
+                        .map(|w| format!(" by {w}"))
+                        .unwrap_or_default(),
+                    sh.attempts,
+                    sh.last_error
+                        .as_deref()
+                        .map(|e| format!(", last error: {e}"))
+                        .unwrap_or_default()
+                );
+            }
         }
     }
 }

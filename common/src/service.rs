@@ -5,6 +5,7 @@
 use crate::ids::{LeaseEpoch, ShardId};
 use crate::plan::{RunPlan, Shard};
 use crate::spec::Dsn;
+use serde::Serialize;
 use std::future::Future;
 use std::time::Duration;
 
@@ -63,10 +64,41 @@ pub enum Work {
     Replay {
         partitions: Vec<PartitionLease>,
     },
+    /// Compare this range on both sides and report with `verified`.
+    Verify {
+        shard: Shard,
+        epoch: LeaseEpoch,
+    },
     /// Nothing to hand out now; ask again after this long.
     Wait(Duration),
     /// The run is over for workers: exit.
     Done,
+}
+
+/// How a key differs between source and target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiffKind {
+    /// In the source, not in the target.
+    Missing,
+    /// In the target, not in the source.
+    Extra,
+    Different,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KeyDiff {
+    pub table: String,
+    pub key: Vec<String>,
+    pub kind: DiffKind,
+}
+
+/// The compare of one key range: row counts and the keys that differ.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RangeCheck {
+    pub source_rows: i64,
+    pub target_rows: i64,
+    pub diffs: Vec<KeyDiff>,
 }
 
 /// The lease a heartbeat or failure report is about.
@@ -119,6 +151,14 @@ pub trait CoordinatorService: Send + Sync + 'static {
         epoch: LeaseEpoch,
         rows: u64,
         bytes: u64,
+    ) -> impl Future<Output = Result<(), ServiceError>> + Send;
+    /// The result of a verify lease: the compare, or why it could not be made.
+    fn verified(
+        &self,
+        worker: &WorkerInfo,
+        shard: ShardId,
+        epoch: LeaseEpoch,
+        result: Result<RangeCheck, String>,
     ) -> impl Future<Output = Result<(), ServiceError>> + Send;
     /// Gives a lease back so another attempt can take it; an empty reason means the
     /// worker simply stopped (no failure counted).

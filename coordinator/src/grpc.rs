@@ -6,7 +6,7 @@ use schemashift_common::service::CoordinatorService;
 use schemashift_common::spec::Spec;
 use schemashift_proto::v1 as pb;
 use schemashift_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
-use schemashift_proto::{lease_ref, to_status, worker, AUTHORIZATION};
+use schemashift_proto::{lease_ref, to_status, verified_result, worker, AUTHORIZATION};
 use secrecy::{ExposeSecret, SecretString};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,6 +74,17 @@ impl<S: CoordinatorService> Coordinator for GrpcAdapter<S> {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::CompleteReply {}))
+    }
+
+    async fn verified(&self, r: Request<pb::VerifiedRequest>) -> Reply<pb::VerifiedReply> {
+        let r = r.into_inner();
+        let me = worker(r.worker.clone(), "VerifiedRequest")?;
+        let (shard, epoch, result) = verified_result(&r)?;
+        self.svc
+            .verified(&me, shard, epoch, result)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::VerifiedReply {}))
     }
 
     async fn fail(&self, r: Request<pb::FailRequest>) -> Reply<pb::FailReply> {

@@ -4,6 +4,7 @@ use crate::control::{Phase, Store};
 use crate::error::CoordinatorError;
 use crate::run::{RunCtx, VerifySummary, Workers};
 use schemashift_common::pg::connect;
+use schemashift_common::plan::ShardRange;
 use schemashift_common::spec::Spec;
 use serde::Serialize;
 
@@ -14,6 +15,31 @@ pub struct SlotStatus {
     pub active: bool,
     pub retained_wal_bytes: i64,
     pub unconfirmed_bytes: i64,
+}
+
+/// A worker as the coordinator last heard from it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WorkerStatus {
+    pub worker: String,
+    pub host: String,
+    pub state: String,
+    pub lease: Option<String>,
+    pub rows: i64,
+    pub changes: i64,
+    pub rows_per_s: f64,
+    pub seconds_since_seen: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ShardStatus {
+    pub shard: i64,
+    pub table: String,
+    pub range: String,
+    pub state: String,
+    pub worker: Option<String>,
+    pub rows: Option<i64>,
+    pub attempts: i32,
+    pub last_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -28,6 +54,8 @@ pub struct Status {
     pub capture_lsn: Option<String>,
     pub slot: Option<SlotStatus>,
     pub report: Option<serde_json::Value>,
+    pub workers: Vec<WorkerStatus>,
+    pub shard_list: Vec<ShardStatus>,
 }
 
 fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
@@ -70,6 +98,60 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
     st.report = row
         .get::<_, Option<String>>(3)
         .and_then(|s| serde_json::from_str(&s).ok());
+    st.workers = target
+        .query(
+            &format!(
+                "SELECT worker, host, state, lease, rows, changes, rows_per_s, \
+                 extract(epoch FROM now() - last_seen)::float8 FROM {} ORDER BY worker",
+                store.sql.table("workers")
+            ),
+            &[],
+        )
+        .await
+        .map_err(db("reading workers"))?
+        .iter()
+        .map(|r| WorkerStatus {
+            worker: r.get(0),
+            host: r.get(1),
+            state: r.get(2),
+            lease: r.get(3),
+            rows: r.get(4),
+            changes: r.get(5),
+            rows_per_s: r.get(6),
+            seconds_since_seen: r.get(7),
+        })
+        .collect();
+    st.shard_list = target
+        .query(
+            &format!(
+                "SELECT shard_id, table_idx, lo, hi, state, worker, rows, attempts, last_error \
+                 FROM {} ORDER BY shard_id",
+                store.sql.table("shards")
+            ),
+            &[],
+        )
+        .await
+        .map_err(db("reading shards"))?
+        .iter()
+        .map(|r| ShardStatus {
+            shard: r.get(0),
+            table: state
+                .plan
+                .table(r.get::<_, i32>(1) as u32)
+                .map(|t| t.target.to_string())
+                .unwrap_or_default(),
+            range: ShardRange {
+                lo: r.get(2),
+                hi: r.get(3),
+            }
+            .to_string(),
+            state: r.get(4),
+            worker: r.get(5),
+            rows: r.get(6),
+            attempts: r.get(7),
+            last_error: r.get(8),
+        })
+        .collect();
     st.capture_lsn = store
         .capture_position(&target)
         .await?

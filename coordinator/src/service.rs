@@ -8,10 +8,10 @@ use schemashift_common::ids::{LeaseEpoch, ShardId};
 use schemashift_common::pg::describe;
 use schemashift_common::plan::{Shard, ShardRange};
 use schemashift_common::service::{
-    Beat, CoordinatorService, LeaseRef, PartitionLease, Progress, Registration, ServiceError, Work,
-    WorkerInfo,
+    Beat, CoordinatorService, LeaseRef, PartitionLease, Progress, RangeCheck, Registration,
+    ServiceError, Work, WorkerInfo,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
@@ -22,8 +22,22 @@ use tokio_postgres::Client;
 pub enum Stage {
     Backfill,
     Replay,
+    /// Workers compare ranges (replay pauses; the coordinator catches up afterwards).
+    Verify,
     /// The run is over for workers.
     Stop,
+}
+
+/// One verify pass over every shard range, leased to workers from memory: a restarted
+/// coordinator simply verifies again.
+#[derive(Default)]
+struct VerifyRound {
+    pending: VecDeque<Shard>,
+    leased: HashMap<ShardId, (Shard, LeaseEpoch, Instant)>,
+    results: Vec<(u32, RangeCheck)>,
+    failures: HashMap<ShardId, (u32, String)>,
+    total: usize,
+    next_epoch: i64,
 }
 
 struct Seen {
@@ -37,6 +51,7 @@ pub struct ControlCoordinator {
     registration: Registration,
     stage: watch::Sender<Stage>,
     workers: Mutex<HashMap<String, Seen>>,
+    verify: Mutex<VerifyRound>,
     /// Woken when a shard completes or fails, so the driver need not poll fast.
     pub changed: Notify,
 }
@@ -71,6 +86,7 @@ impl ControlCoordinator {
             registration,
             stage: watch::Sender::new(stage),
             workers: Mutex::new(HashMap::new()),
+            verify: Mutex::new(VerifyRound::default()),
             changed: Notify::new(),
         }
     }
@@ -81,6 +97,64 @@ impl ControlCoordinator {
 
     pub fn stage(&self) -> Stage {
         *self.stage.borrow()
+    }
+
+    /// Queues every range for a verify pass; workers pick them up in stage Verify.
+    pub fn start_verify(&self, shards: Vec<Shard>) {
+        if let Ok(mut v) = self.verify.lock() {
+            let next_epoch = v.next_epoch;
+            *v = VerifyRound {
+                total: shards.len(),
+                pending: shards.into(),
+                next_epoch,
+                ..VerifyRound::default()
+            };
+        }
+    }
+
+    /// Ok(Some(results)) once every range is compared; Err when one keeps failing.
+    pub fn verify_results(
+        &self,
+        max_attempts: u32,
+    ) -> Result<Option<Vec<(u32, RangeCheck)>>, String> {
+        let Ok(mut v) = self.verify.lock() else {
+            return Err("verify state poisoned".into());
+        };
+        if let Some((shard, (n, why))) = v.failures.iter().find(|(_, (n, _))| *n >= max_attempts) {
+            return Err(format!("verify of shard {shard} failed {n} times: {why}"));
+        }
+        if v.results.len() == v.total {
+            return Ok(Some(std::mem::take(&mut v.results)));
+        }
+        Ok(None)
+    }
+
+    /// (ranges compared, ranges in the pass), for progress.
+    pub fn verify_progress(&self) -> (usize, usize) {
+        self.verify
+            .lock()
+            .map(|v| (v.results.len(), v.total))
+            .unwrap_or_default()
+    }
+
+    fn lease_verify(&self) -> Option<Work> {
+        let mut v = self.verify.lock().ok()?;
+        // A verify lease has no heartbeat: a silent worker's range goes back after this.
+        let hold = self.registration.lease_ttl * 6;
+        let expired = v
+            .leased
+            .iter()
+            .find(|(_, (_, _, at))| at.elapsed() > hold)
+            .map(|(id, _)| *id);
+        let shard = match expired.and_then(|id| v.leased.remove(&id)) {
+            Some((shard, _, _)) => shard,
+            None => v.pending.pop_front()?,
+        };
+        v.next_epoch += 1;
+        let epoch = LeaseEpoch(v.next_epoch);
+        v.leased
+            .insert(shard.id, (shard.clone(), epoch, Instant::now()));
+        Some(Work::Verify { shard, epoch })
     }
 
     pub fn lease_ttl(&self) -> Duration {
@@ -215,6 +289,9 @@ impl CoordinatorService for ControlCoordinator {
                     Work::Replay { partitions }
                 }
             }
+            Stage::Verify => self
+                .lease_verify()
+                .unwrap_or(Work::Wait(Duration::from_millis(200))),
             Stage::Stop => Work::Done,
         };
         let (lease, state) = match &work {
@@ -229,6 +306,7 @@ impl CoordinatorService for ControlCoordinator {
                 Some(lease_text(&LeaseRef::Partitions(partitions.clone()))),
                 "replay",
             ),
+            Work::Verify { shard, .. } => (Some(format!("verify {}", shard.id)), "verify"),
             Work::Wait(_) => (None, "idle"),
             Work::Done => (None, "done"),
         };
@@ -276,7 +354,9 @@ impl CoordinatorService for ControlCoordinator {
         Ok(match (held, self.stage()) {
             (false, _) => Beat::Lost,
             (true, Stage::Stop) => Beat::Stop,
-            (true, Stage::Backfill | Stage::Replay) => Beat::Keep,
+            // Replay pauses while workers verify.
+            (true, Stage::Verify) if matches!(lease, LeaseRef::Partitions(_)) => Beat::Stop,
+            (true, Stage::Backfill | Stage::Replay | Stage::Verify) => Beat::Keep,
         })
     }
 
@@ -289,6 +369,46 @@ impl CoordinatorService for ControlCoordinator {
         _bytes: u64,
     ) -> Result<(), ServiceError> {
         tracing::debug!(worker = %worker.id, %shard, rows, "shard reported done");
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    async fn verified(
+        &self,
+        worker: &WorkerInfo,
+        shard: ShardId,
+        epoch: LeaseEpoch,
+        result: Result<RangeCheck, String>,
+    ) -> Result<(), ServiceError> {
+        self.seen(worker, false);
+        {
+            let mut v = self
+                .verify
+                .lock()
+                .map_err(|_| ServiceError::Unavailable("verify state poisoned".into()))?;
+            match v.leased.get(&shard) {
+                Some((_, e, _)) if *e == epoch => {}
+                // A late answer for a range handed to someone else since: theirs counts.
+                _ => {
+                    return Err(ServiceError::Rejected(format!(
+                        "verify lease of shard {shard} lost"
+                    )))
+                }
+            }
+            let Some((s, _, _)) = v.leased.remove(&shard) else {
+                return Ok(());
+            };
+            match result {
+                Ok(check) => v.results.push((s.table, check)),
+                Err(why) => {
+                    tracing::warn!(worker = %worker.id, %shard, reason = %why, "verify of a range failed");
+                    let f = v.failures.entry(shard).or_insert((0, String::new()));
+                    f.0 += 1;
+                    f.1 = why;
+                    v.pending.push_back(s);
+                }
+            }
+        }
         self.changed.notify_one();
         Ok(())
     }

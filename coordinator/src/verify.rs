@@ -2,16 +2,14 @@
 //! to keys where they differ), then differing keys re-checked after replay caught up,
 //! because writes during the compare cause transient differences.
 
+use crate::backfill::MAX_ATTEMPTS;
 use crate::error::CoordinatorError;
 use crate::run::RunCtx;
-use schemashift_common::pg::{connect, install_helpers};
-use schemashift_worker::verify::{recheck_keys, verify_range, KeyDiff};
-use schemashift_worker::WorkerError;
+use crate::service::Stage;
+use schemashift_worker::verify::{recheck_keys, KeyDiff};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Instant;
-use tracing::Instrument;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct VerifySummary {
@@ -28,38 +26,38 @@ impl RunCtx {
     pub async fn verify(&mut self) -> Result<VerifySummary, CoordinatorError> {
         let t0 = Instant::now();
         let shards = self.store.shards(&self.target).await?;
-        let queue = Arc::new(tokio::sync::Mutex::new(
-            shards.into_iter().map(|(s, _, _)| s).collect::<Vec<_>>(),
-        ));
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..self.workers {
-            let source = connect(&self.spec.source, "source").await?;
-            install_helpers(&source, &self.plan.helpers, "source").await?;
-            let target = connect(&self.spec.target, "target").await?;
-            let (queue, plan) = (queue.clone(), self.plan.clone());
-            tasks.spawn(async move {
-                let mut out = Vec::new();
-                loop {
-                    let Some(shard) = queue.lock().await.pop() else { return Ok::<_, WorkerError>(out) };
-                    let Some(table) = plan.table(shard.table) else { continue };
-                    let check = verify_range(&source, &target, table, &shard.range)
-                        .instrument(tracing::info_span!("verify", shard = %shard.id, table = %table.describe()))
-                        .await?;
-                    out.push((shard.table, check));
-                }
-            });
-        }
+        // Workers compare the ranges; replay pauses meanwhile and catches up after.
+        self.svc
+            .start_verify(shards.into_iter().map(|(s, _, _)| s).collect());
+        self.svc.set_stage(Stage::Verify);
+        let mut last_log = Instant::now();
+        let checks = loop {
+            match self.svc.verify_results(MAX_ATTEMPTS as u32) {
+                Ok(Some(c)) => break c,
+                Ok(None) => {}
+                Err(why) => return Err(CoordinatorError::State(why)),
+            }
+            if let Some(e) = self.local_failure().await {
+                return Err(e);
+            }
+            if last_log.elapsed() >= Duration::from_secs(2) {
+                last_log = Instant::now();
+                let (done, total) = self.svc.verify_progress();
+                tracing::info!(done, total, "verify progress");
+            }
+            tokio::select! {
+                _ = self.svc.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        };
+        self.svc.set_stage(Stage::Replay);
         let mut summary = VerifySummary::default();
         let mut diffs: Vec<(u32, KeyDiff)> = Vec::new();
-        while let Some(j) = tasks.join_next().await {
-            let checks =
-                j.map_err(|e| CoordinatorError::State(format!("verify task panicked: {e}")))??;
-            for (t, c) in checks {
-                summary.ranges += 1;
-                summary.source_rows += c.source_rows;
-                summary.target_rows += c.target_rows;
-                diffs.extend(c.diffs.into_iter().map(|d| (t, d)));
-            }
+        for (t, c) in checks {
+            summary.ranges += 1;
+            summary.source_rows += c.source_rows;
+            summary.target_rows += c.target_rows;
+            diffs.extend(c.diffs.into_iter().map(|d| (t, d)));
         }
         for round in 0..10 {
             if diffs.is_empty() {

@@ -5,7 +5,8 @@ use crate::v1 as pb;
 use schemashift_common::ids::{LeaseEpoch, ShardId};
 use schemashift_common::plan::{RunPlan, Shard, ShardRange};
 use schemashift_common::service::{
-    Beat, LeaseRef, PartitionLease, Progress, Registration, Work, WorkerInfo,
+    Beat, DiffKind, KeyDiff, LeaseRef, PartitionLease, Progress, RangeCheck, Registration, Work,
+    WorkerInfo,
 };
 use schemashift_common::spec::Dsn;
 use std::fmt;
@@ -185,6 +186,7 @@ impl From<&Work> for pb::LeaseReply {
         let work = match w {
             Work::Backfill { shard, epoch } => W::Backfill(shard_lease(shard, *epoch)),
             Work::Replay { partitions: p } => W::Replay(partitions(p)),
+            Work::Verify { shard, epoch } => W::Verify(shard_lease(shard, *epoch)),
             Work::Wait(d) => W::WaitMs(d.as_millis() as u64),
             Work::Done => W::Done(pb::Done {}),
         };
@@ -204,6 +206,10 @@ impl TryFrom<pb::LeaseReply> for Work {
             W::Replay(p) => Work::Replay {
                 partitions: partitions_of(p),
             },
+            W::Verify(s) => {
+                let (shard, epoch) = shard_of(s);
+                Work::Verify { shard, epoch }
+            }
             W::WaitMs(ms) => Work::Wait(Duration::from_millis(ms)),
             W::Done(_) => Work::Done,
         })
@@ -240,6 +246,84 @@ pub fn lease_ref(l: Option<pb::LeaseRef>, message: &'static str) -> Result<Lease
             L::Partitions(p) => LeaseRef::Partitions(partitions_of(p)),
         },
     )
+}
+
+/// A verify result on the wire.
+pub fn verified_request(
+    worker: &WorkerInfo,
+    shard: ShardId,
+    epoch: LeaseEpoch,
+    result: &Result<RangeCheck, String>,
+) -> pb::VerifiedRequest {
+    let mut r = pb::VerifiedRequest {
+        worker: Some(worker.into()),
+        shard_id: shard.0,
+        epoch: epoch.0,
+        ..pb::VerifiedRequest::default()
+    };
+    match result {
+        Ok(c) => {
+            r.source_rows = c.source_rows;
+            r.target_rows = c.target_rows;
+            r.diffs = c
+                .diffs
+                .iter()
+                .map(|d| pb::KeyDiff {
+                    table: d.table.clone(),
+                    key: d.key.clone(),
+                    kind: match d.kind {
+                        DiffKind::Missing => pb::DiffKind::Missing,
+                        DiffKind::Extra => pb::DiffKind::Extra,
+                        DiffKind::Different => pb::DiffKind::Different,
+                    }
+                    .into(),
+                })
+                .collect();
+        }
+        Err(e) => {
+            r.error = if e.is_empty() {
+                "verify failed".into()
+            } else {
+                e.clone()
+            }
+        }
+    }
+    r
+}
+
+/// A verify result off the wire: (shard, epoch, result).
+pub fn verified_result(
+    r: &pb::VerifiedRequest,
+) -> Result<(ShardId, LeaseEpoch, Result<RangeCheck, String>), ProtoError> {
+    let result = if r.error.is_empty() {
+        let mut diffs = Vec::with_capacity(r.diffs.len());
+        for d in &r.diffs {
+            let kind = match d.kind() {
+                pb::DiffKind::Missing => DiffKind::Missing,
+                pb::DiffKind::Extra => DiffKind::Extra,
+                pb::DiffKind::Different => DiffKind::Different,
+                pb::DiffKind::Unspecified => {
+                    return Err(ProtoError::Invalid {
+                        message: "VerifiedRequest",
+                        reason: "diff without a kind".into(),
+                    })
+                }
+            };
+            diffs.push(KeyDiff {
+                table: d.table.clone(),
+                key: d.key.clone(),
+                kind,
+            });
+        }
+        Ok(RangeCheck {
+            source_rows: r.source_rows,
+            target_rows: r.target_rows,
+            diffs,
+        })
+    } else {
+        Err(r.error.clone())
+    };
+    Ok((ShardId(r.shard_id), LeaseEpoch(r.epoch), result))
 }
 
 impl From<Beat> for pb::BeatAnswer {
@@ -295,6 +379,31 @@ mod tests {
         };
         let back = Work::try_from(pb::LeaseReply::from(&r)).map_err(|e| e.to_string());
         assert_eq!(format!("{back:?}"), format!("{:?}", Ok::<_, String>(r)));
+    }
+
+    #[test]
+    fn verify_results_survive_the_wire() {
+        let me = WorkerInfo {
+            id: "w".into(),
+            host: "h".into(),
+        };
+        let check = RangeCheck {
+            source_rows: 10,
+            target_rows: 9,
+            diffs: vec![KeyDiff {
+                table: "t".into(),
+                key: vec!["1".into(), "x".into()],
+                kind: DiffKind::Missing,
+            }],
+        };
+        let wire = verified_request(&me, ShardId(3), LeaseEpoch(4), &Ok(check.clone()));
+        let (s, e, back) = verified_result(&wire)
+            .map_err(|e| e.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((s, e), (ShardId(3), LeaseEpoch(4)));
+        assert_eq!(format!("{back:?}"), format!("{:?}", Ok::<_, String>(check)));
+        let wire = verified_request(&me, ShardId(3), LeaseEpoch(4), &Err("boom".into()));
+        assert!(matches!(verified_result(&wire), Ok((_, _, Err(m))) if m == "boom"));
     }
 
     #[test]

@@ -10,5 +10,5 @@ pub mod v1 {
 mod convert;
 mod status;
 
-pub use convert::{lease_ref, worker, ProtoError};
+pub use convert::{lease_ref, verified_request, verified_result, worker, ProtoError};
 pub use status::{service_error, to_status, AUTHORIZATION, TRACEPARENT};

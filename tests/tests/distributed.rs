@@ -136,6 +136,15 @@ async fn coordinator_and_three_workers_migrate_under_write_load_with_zero_diffs(
         .await?
         .get(0);
     assert!(busy >= 2, "work spread across workers ({busy} did some)");
+    let st = schemashift(&["status", &spec, "--json"])?;
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout)?;
+    let ids: Vec<&str> = st["workers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|w| w["worker"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, ["w0", "w1", "w2"], "status lists each worker");
+    let shards = st["shard_list"].as_array().map_or(0, |a| a.len());
+    assert!(shards >= 10, "status lists each shard ({shards})");
     // Writes that waited on the freeze land after it; carry them over, then compare.
     let v = schemashift(&["verify", &spec])?;
     assert!(

@@ -4,11 +4,12 @@
 
 use schemashift_common::ids::{LeaseEpoch, ShardId};
 use schemashift_common::service::{
-    Beat, CoordinatorService, LeaseRef, Progress, Registration, ServiceError, Work, WorkerInfo,
+    Beat, CoordinatorService, LeaseRef, Progress, RangeCheck, Registration, ServiceError, Work,
+    WorkerInfo,
 };
 use schemashift_proto::v1 as pb;
 use schemashift_proto::v1::coordinator_client::CoordinatorClient;
-use schemashift_proto::{service_error, AUTHORIZATION};
+use schemashift_proto::{service_error, verified_request, AUTHORIZATION};
 use secrecy::{ExposeSecret, SecretString};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -148,6 +149,21 @@ impl CoordinatorService for GrpcCoordinator {
                 rows,
                 bytes,
             })
+            .await
+            .map_err(service_error)?;
+        Ok(())
+    }
+
+    async fn verified(
+        &self,
+        worker: &WorkerInfo,
+        shard: ShardId,
+        epoch: LeaseEpoch,
+        result: Result<RangeCheck, String>,
+    ) -> Result<(), ServiceError> {
+        self.client
+            .clone()
+            .verified(verified_request(worker, shard, epoch, &result))
             .await
             .map_err(service_error)?;
         Ok(())

@@ -5,6 +5,7 @@
 
 use crate::backfill::{copy_shard, CopyProgress};
 use crate::replay::PartitionReplayer;
+use crate::verify::verify_range;
 use crate::WorkerError;
 use backon::{ExponentialBuilder, Retryable};
 use schemashift_common::control::ControlSql;
@@ -154,6 +155,7 @@ pub async fn run_worker<S: CoordinatorService>(
         match work {
             Work::Backfill { shard, epoch } => w.backfill(&mut sessions, shard, epoch).await?,
             Work::Replay { partitions } => w.replay(&mut sessions.target, partitions).await?,
+            Work::Verify { shard, epoch } => w.verify(&sessions, shard, epoch).await,
             Work::Wait(d) => {
                 tokio::select! {
                     _ = tokio::time::sleep(d) => {}
@@ -269,6 +271,25 @@ impl<S: CoordinatorService> Worker<S> {
             }
         }
         Ok(())
+    }
+
+    /// Compares one range; the coordinator collects the results (and retries failures).
+    async fn verify(&mut self, sessions: &Sessions, shard: Shard, epoch: LeaseEpoch) {
+        let result = match self.plan.table(shard.table) {
+            Some(table) => verify_range(&sessions.source, &sessions.target, table, &shard.range)
+                .instrument(tracing::info_span!("verify", worker = %self.me.id,
+                    table = %table.describe(), shard = %shard.id, range = %shard.range))
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err(format!(
+                "shard {} names unknown table {}",
+                shard.id, shard.table
+            )),
+        };
+        if let Err(e) = self.svc.verified(&self.me, shard.id, epoch, result).await {
+            // Rejected: someone else verifies it now; unavailable: the lease runs out.
+            tracing::info!(error = %e, shard = %shard.id, "verify result not taken");
+        }
     }
 
     /// Applies the leased partitions until the coordinator says stop, the lease is lost,

@@ -7,36 +7,13 @@ use crate::WorkerError;
 use schemashift_common::pg::describe;
 use schemashift_common::plan::{ShardRange, TablePlan};
 use schemashift_common::sql::{key_order, key_text_select, keys_in, KeyCol};
-use serde::Serialize;
 use std::collections::HashMap;
 use tokio_postgres::Client;
 
 /// Ranges at or below this many rows (on the bigger side) are compared key by key.
 const LEAF_ROWS: i64 = 2_000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiffKind {
-    /// In the source, not in the target.
-    Missing,
-    /// In the target, not in the source.
-    Extra,
-    Different,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct KeyDiff {
-    pub table: String,
-    pub key: Vec<String>,
-    pub kind: DiffKind,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct RangeCheck {
-    pub source_rows: i64,
-    pub target_rows: i64,
-    pub diffs: Vec<KeyDiff>,
-}
+pub use schemashift_common::service::{DiffKind, KeyDiff, RangeCheck};
 
 struct Summary {
     rows: i64,
