@@ -7,9 +7,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.skip_debug(["schemashift.v1.RegisterReply"]);
     tonic_prost_build::configure().compile_with_config(
         config,
-        &["schemashift/v1/coordinator.proto"],
+        &[
+            "schemashift/v1/coordinator.proto",
+            "schemashift/v1/change.proto",
+        ],
         &["."],
     )?;
     println!("cargo:rerun-if-changed=schemashift/v1/coordinator.proto");
+    println!("cargo:rerun-if-changed=schemashift/v1/change.proto");
     Ok(())
 }

@@ -36,6 +36,13 @@ pub struct Change {
     pub op: Op,
     /// Commit LSN of the source transaction.
     pub lsn: Lsn,
+    /// Source transaction id.
+    #[serde(default)]
+    pub xid: u32,
+    /// Position of the change within its transaction: (lsn, ordinal) orders all changes
+    /// and tells a re-sent duplicate from a new change.
+    #[serde(default)]
+    pub ordinal: u32,
     /// Key of the row before the change when it differs from the new key (deletes,
     /// key-changing updates); source key column order.
     pub old_key: Option<Vec<String>>,

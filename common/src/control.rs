@@ -82,15 +82,16 @@ impl ControlSql {
     /// 0 rows means another worker leased the partition since (roll back).
     pub fn save_replay_position(&self) -> String {
         format!(
-            "UPDATE {} SET seq = $2, applied = applied + $3, updated_at = now(), failures = 0 \
-             WHERE part = $1 AND lease_epoch = $4",
+            "UPDATE {} SET seq = $2, applied = applied + $3, updated_at = now(), failures = 0, \
+             last_lsn = $5::text::pg_lsn, last_ordinal = $6 WHERE part = $1 AND lease_epoch = $4",
             self.table("replay")
         )
     }
 
     pub fn replay_position(&self) -> String {
         format!(
-            "SELECT coalesce((SELECT seq FROM {} WHERE part = $1), 0)",
+            "SELECT coalesce(r.seq, 0), r.last_lsn::text, r.last_ordinal \
+             FROM (SELECT 1) AS one LEFT JOIN {} r ON r.part = $1",
             self.table("replay")
         )
     }

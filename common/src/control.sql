@@ -64,7 +64,10 @@ CREATE TABLE IF NOT EXISTS {schema}.replay (
     worker           text,
     lease_expires_at timestamptz,
     failures         int NOT NULL DEFAULT 0,
-    last_error       text
+    last_error       text,
+    -- The last change applied (commit LSN, ordinal): re-sent Kafka duplicates are not after it.
+    last_lsn         pg_lsn,
+    last_ordinal     int
 );
 
 -- Workers the coordinator has seen, for status.

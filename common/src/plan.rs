@@ -161,6 +161,23 @@ pub struct RunPlan {
     pub tables: Vec<TablePlan>,
     pub partitions: u32,
     pub control_schema: String,
+    #[serde(default)]
+    pub changelog: LogPlan,
+}
+
+/// Where this run's change log lives.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LogPlan {
+    /// The `changes` table of the control schema (in the target database).
+    #[default]
+    Postgres,
+    /// One Kafka topic with `partitions` partitions.
+    Kafka {
+        brokers: Vec<String>,
+        topic: String,
+        replication_factor: i32,
+    },
 }
 
 impl RunPlan {

@@ -7,7 +7,7 @@
 use crate::sql::QualifiedName;
 use indexmap::IndexMap;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
@@ -174,9 +174,16 @@ fn default_control_schema() -> String {
 pub enum Changelog {
     /// A change table in the target database's control schema.
     Postgres,
-    Kafka {
-        brokers: Vec<String>,
-    },
+    Kafka(KafkaOptions),
+}
+
+/// `kafka://HOST:PORT[,HOST:PORT][?topic_prefix=P&replication_factor=N]`. The topic is
+/// `<topic_prefix><run id>` with one partition per change-log partition of the plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaOptions {
+    pub brokers: Vec<String>,
+    pub topic_prefix: String,
+    pub replication_factor: i32,
 }
 
 impl Spec {
@@ -297,7 +304,38 @@ impl Spec {
             return Ok(Changelog::Postgres);
         }
         if let Some(rest) = c.strip_prefix("kafka://") {
-            let brokers: Vec<String> = rest
+            let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let mut opts = KafkaOptions {
+                brokers: Vec::new(),
+                topic_prefix: "schemashift.".into(),
+                replication_factor: 1,
+            };
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                match k {
+                    "topic_prefix" => {
+                        if v.is_empty()
+                            || !v.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                        {
+                            return Err(format!(
+                                "changelog: topic_prefix {v:?} may only use letters, digits, '.', '_' and '-'"
+                            ));
+                        }
+                        opts.topic_prefix = v.to_owned();
+                    }
+                    "replication_factor" => {
+                        opts.replication_factor = v.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                            format!("changelog: replication_factor {v:?} must be a whole number of at least 1")
+                        })?;
+                    }
+                    other => {
+                        return Err(format!(
+                            "changelog: unknown Kafka option {other:?} (known: topic_prefix, replication_factor)"
+                        ))
+                    }
+                }
+            }
+            let brokers: Vec<String> = hosts
                 .split(',')
                 .map(|b| b.trim().to_owned())
                 .filter(|b| !b.is_empty())
@@ -307,7 +345,8 @@ impl Spec {
                     "changelog: {c:?} must list brokers as kafka://HOST:PORT[,HOST:PORT]"
                 ));
             }
-            return Ok(Changelog::Kafka { brokers });
+            opts.brokers = brokers;
+            return Ok(Changelog::Kafka(opts));
         }
         Err(format!(
             "changelog: {c:?} is neither `postgres` nor `kafka://HOST:PORT[,HOST:PORT]`"
@@ -428,5 +467,46 @@ cutover:
         assert!(msg.contains("key"), "{msg}");
         assert!(msg.contains("shard_rows"), "{msg}");
         assert!(msg.contains("changelog"), "{msg}");
+    }
+}
+
+#[cfg(test)]
+mod changelog_tests {
+    use super::*;
+
+    fn spec_with(changelog: &str) -> Spec {
+        let yaml = format!(
+            "source: postgres://a@h/db\ntarget: postgres://a@h/db2\nchangelog: {changelog:?}\n\
+             tables:\n  - source: public.t\n    target: public.t\n    key: id\n    columns:\n      id: id\n"
+        );
+        serde_norway::from_str(&yaml).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn kafka_changelog_takes_brokers_and_options() {
+        let c =
+            spec_with("kafka://k1:9092,k2:9092?topic_prefix=mig.&replication_factor=3").changelog();
+        assert_eq!(
+            c,
+            Ok(Changelog::Kafka(KafkaOptions {
+                brokers: vec!["k1:9092".into(), "k2:9092".into()],
+                topic_prefix: "mig.".into(),
+                replication_factor: 3,
+            }))
+        );
+        let d = spec_with("kafka://k1:9092").changelog();
+        assert!(
+            matches!(d, Ok(Changelog::Kafka(o)) if o.topic_prefix == "schemashift." && o.replication_factor == 1)
+        );
+        for bad in [
+            "kafka://",
+            "kafka://k1",
+            "kafka://k1:9092?partitions=3",
+            "kafka://k1:9092?replication_factor=0",
+            "kafka://k1:9092?topic_prefix=a/b",
+            "rabbitmq://x",
+        ] {
+            assert!(spec_with(bad).changelog().is_err(), "{bad}");
+        }
     }
 }

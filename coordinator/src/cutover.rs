@@ -5,6 +5,7 @@
 //! switch and release. Any step that would overrun `freeze_timeout` releases and aborts.
 
 use crate::capture::{wal_lsn, WalPosition};
+use crate::changelog::LogHead;
 use crate::control::Phase;
 use crate::error::CoordinatorError;
 use crate::run::RunCtx;
@@ -29,40 +30,20 @@ pub struct CutoverReport {
 /// Keys touched by changes after `after` (and up to `upto`), per table.
 async fn changed_keys(
     ctx: &RunCtx,
-    after: i64,
-    upto: i64,
+    after: &LogHead,
+    upto: &LogHead,
 ) -> Result<Vec<(u32, Vec<String>)>, CoordinatorError> {
-    let rows = ctx
-        .target
-        .query(
-            &format!(
-                "SELECT table_idx, op, old_key, vals FROM {} WHERE seq > $1 AND seq <= $2",
-                ctx.store.sql.table("changes")
-            ),
-            &[&after, &upto],
-        )
-        .await
-        .map_err(|e| CoordinatorError::db("reading changed keys", &e))?;
     let mut keys: BTreeSet<(u32, Vec<String>)> = BTreeSet::new();
-    for r in &rows {
-        let t = r.get::<_, i32>(0) as u32;
-        let Some(table) = ctx.plan.table(t) else {
+    for c in ctx.log_between(after, upto).await? {
+        let Some(table) = ctx.plan.table(c.table) else {
             continue;
         };
-        if let Some(old) = r.get::<_, Option<Vec<String>>>(2) {
-            keys.insert((t, old));
+        if let Some(old) = &c.old_key {
+            keys.insert((c.table, old.clone()));
         }
-        if Op::from_code(r.get(1)) != Some(Op::Delete) {
-            let vals: Vec<Option<String>> = r
-                .get::<_, Option<Vec<Option<String>>>>(3)
-                .unwrap_or_default();
-            let k: Option<Vec<String>> = table
-                .source_key_index()
-                .iter()
-                .map(|&i| vals.get(i).cloned().flatten())
-                .collect();
-            if let Some(k) = k {
-                keys.insert((t, k));
+        if c.op != Op::Delete {
+            if let Some(k) = c.key(&table.source_key_index()) {
+                keys.insert((c.table, k));
             }
         }
     }
@@ -123,7 +104,7 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
         let outcome = async {
             let (head, _) = ctx.catch_up_on(Some(lsn), Some(deadline)).await?;
             tracing::debug!(ms = t0.elapsed().as_millis() as u64, "freeze: drained");
-            let keys = changed_keys(ctx, baseline, head).await?;
+            let keys = changed_keys(ctx, &baseline, &head).await?;
             let diffs = ctx.recheck(&keys).await?;
             tracing::debug!(ms = t0.elapsed().as_millis() as u64, keys = keys.len(), "freeze: re-checked");
             if !diffs.is_empty() {
@@ -181,18 +162,7 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
                 tracing::info!(freeze_ms = report.freeze_ms, lsn = %lsn, "cut over");
                 // Writes that waited on the freeze commit on the source after it: carry them over.
                 let (after, _) = ctx.catch_up(None).await?;
-                let late = ctx
-                    .target
-                    .query_one(
-                        &format!(
-                            "SELECT count(*) FROM {} WHERE seq > $1 AND seq <= $2",
-                            ctx.store.sql.table("changes")
-                        ),
-                        &[&frozen_head, &after],
-                    )
-                    .await
-                    .map_err(|e| CoordinatorError::db("counting late changes", &e))?;
-                report.late_changes = late.get(0);
+                report.late_changes = ctx.log_between(&frozen_head, &after).await?.len() as i64;
                 let detail = serde_json::to_value(&report).unwrap_or_default();
                 ctx.store.event(&ctx.target, "cutover", detail).await?;
                 return Ok(report);

@@ -23,6 +23,8 @@ pub enum CoordinatorError {
     SlotBusy(String),
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    #[error("change log: {0}")]
+    ChangeLog(#[from] schemashift_worker::kafka::KafkaLogError),
     #[error("cutover aborted, source writable again: {0}")]
     CutoverAborted(String),
     #[error("{0}")]

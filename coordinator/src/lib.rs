@@ -2,6 +2,7 @@
 //! plan → shard → capture → (workers: backfill, replay, verify) → cutover.
 pub mod backfill;
 pub mod capture;
+pub mod changelog;
 pub mod control;
 pub mod cutover;
 pub mod distributed;

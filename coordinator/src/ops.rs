@@ -4,9 +4,10 @@ use crate::control::{Phase, Store};
 use crate::error::CoordinatorError;
 use crate::run::{RunCtx, VerifySummary, Workers};
 use schemashift_common::pg::connect;
-use schemashift_common::plan::ShardRange;
+use schemashift_common::plan::{LogPlan, ShardRange};
 use schemashift_common::spec::Spec;
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SlotStatus {
@@ -42,6 +43,17 @@ pub struct ShardStatus {
     pub last_error: Option<String>,
 }
 
+/// One change-log partition: where the log ends and how far replay applied it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PartitionLag {
+    pub partition: u32,
+    pub head: i64,
+    pub applied: i64,
+    /// Entries waiting to be applied (Kafka messages, or change-log rows).
+    pub lag: i64,
+    pub worker: Option<String>,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Status {
     pub run_id: Option<String>,
@@ -56,6 +68,9 @@ pub struct Status {
     pub report: Option<serde_json::Value>,
     pub workers: Vec<WorkerStatus>,
     pub shard_list: Vec<ShardStatus>,
+    /// `postgres` or the Kafka topic.
+    pub changelog: String,
+    pub partitions: Vec<PartitionLag>,
 }
 
 fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
@@ -152,6 +167,66 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
             last_error: r.get(8),
         })
         .collect();
+    let (heads, changelog) = match &state.plan.changelog {
+        LogPlan::Postgres => {
+            let rows = target
+                .query(
+                    &format!(
+                        "SELECT part, count(*) FROM {} GROUP BY part",
+                        store.sql.table("changes")
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(db("reading the change log"))?;
+            let heads: BTreeMap<u32, i64> = rows
+                .iter()
+                .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(1)))
+                .collect();
+            (Some(heads), "postgres".to_owned())
+        }
+        LogPlan::Kafka { brokers, topic, .. } => (
+            // Status must work while Kafka is down: then the heads are just unknown.
+            schemashift_worker::kafka::heads(brokers, topic, state.plan.partitions)
+                .await
+                .ok(),
+            format!("kafka topic {topic}"),
+        ),
+    };
+    st.changelog = changelog;
+    let kafka = matches!(state.plan.changelog, LogPlan::Kafka { .. });
+    for r in target
+        .query(
+            &format!(
+                "SELECT part, seq, applied, worker FROM {} ORDER BY part",
+                store.sql.table("replay")
+            ),
+            &[],
+        )
+        .await
+        .map_err(db("reading replay positions"))?
+    {
+        let part = r.get::<_, i32>(0) as u32;
+        let (seq, applied): (i64, i64) = (r.get(1), r.get(2));
+        let head = heads.as_ref().and_then(|h| h.get(&part).copied());
+        // A table log's seq is global; its lag is counted as rows after the position.
+        let (head, lag) = match (kafka, head) {
+            (true, Some(h)) => (h, (h - seq).max(0)),
+            (false, Some(h)) => (h, (h - applied).max(0)),
+            (_, None) => (-1, -1),
+        };
+        st.partitions.push(PartitionLag {
+            partition: part,
+            head,
+            applied: if kafka { seq } else { applied },
+            lag,
+            worker: r.get(3),
+        });
+    }
+    if kafka {
+        st.changes_logged = st.partitions.iter().map(|p| p.head.max(0)).sum();
+        st.replay_lag_changes = st.partitions.iter().map(|p| p.lag.max(0)).sum();
+    }
     st.capture_lsn = store
         .capture_position(&target)
         .await?

@@ -5,7 +5,9 @@ use crate::error::CoordinatorError;
 use crate::shard::plan_ranges;
 use schemashift_common::ids::ShardId;
 use schemashift_common::pg::{describe, install_helpers};
+use schemashift_common::plan::LogPlan;
 use schemashift_common::plan::{ColumnMap, RunPlan, SequenceMap, Shard, SourceColumn, TablePlan};
+use schemashift_common::spec::Changelog;
 use schemashift_common::spec::{Spec, Strategy, TableSpec};
 use schemashift_common::sql::{
     key_order, key_text_select, quote_ident, Helper, KeyCol, MappedExpr, QualifiedName,
@@ -113,10 +115,13 @@ pub async fn plan(
     let mut problems = Vec::new();
     let db = |e: tokio_postgres::Error| CoordinatorError::db("planning", &e);
 
-    if let Ok(schemashift_common::spec::Changelog::Kafka { .. }) = spec.changelog() {
-        problems.push(
-            "changelog: kafka is not available in this version; use `changelog: postgres` (the default)".into(),
-        );
+    if let Ok(Changelog::Kafka(k)) = spec.changelog() {
+        if let Err(e) = schemashift_worker::kafka::check_brokers(&k.brokers).await {
+            problems.push(format!(
+                "changelog: cannot reach the Kafka brokers {}: {e}; check the address, or use `changelog: postgres`",
+                k.brokers.join(",")
+            ));
+        }
     }
     let wal_level: String = source
         .query_one("SHOW wal_level", &[])
@@ -231,6 +236,8 @@ pub async fn plan(
             tables,
             partitions: opts.workers.max(1) as u32,
             control_schema: spec.control_schema.clone(),
+            // Set with the run id when the run is created (the topic is named after it).
+            changelog: LogPlan::Postgres,
         },
         shards,
         analysis,

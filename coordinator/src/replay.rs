@@ -4,11 +4,11 @@
 
 use crate::backfill::MAX_ATTEMPTS;
 use crate::capture::{flush_wal, wal_lsn, WalPosition};
+use crate::changelog::LogHead;
 use crate::error::CoordinatorError;
 use crate::run::RunCtx;
 use crate::service::Stage;
 use schemashift_common::ids::Lsn;
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 impl RunCtx {
@@ -17,7 +17,7 @@ impl RunCtx {
     pub async fn catch_up(
         &mut self,
         deadline: Option<Instant>,
-    ) -> Result<(i64, Duration), CoordinatorError> {
+    ) -> Result<(LogHead, Duration), CoordinatorError> {
         self.catch_up_on(None, deadline).await
     }
 
@@ -26,7 +26,7 @@ impl RunCtx {
         &mut self,
         lsn: Option<Lsn>,
         deadline: Option<Instant>,
-    ) -> Result<(i64, Duration), CoordinatorError> {
+    ) -> Result<(LogHead, Duration), CoordinatorError> {
         let t0 = Instant::now();
         if self.svc.stage() == Stage::Backfill {
             self.svc.set_stage(Stage::Replay);
@@ -58,24 +58,7 @@ impl RunCtx {
             let _ = tokio::time::timeout(Duration::from_millis(200), self.capture.changed()).await;
         }
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, "catch-up: captured");
-        let head = schemashift_worker::replay::head(&self.target, &self.store.sql)
-            .await
-            .map_err(|e| CoordinatorError::db("reading change log head", &e))?;
-        let parts = self
-            .target
-            .query(
-                &format!(
-                    "SELECT part, max(seq) FROM {} WHERE seq <= $1 GROUP BY part",
-                    self.store.sql.table("changes")
-                ),
-                &[&head],
-            )
-            .await
-            .map_err(|e| CoordinatorError::db("reading change log", &e))?;
-        let want: BTreeMap<u32, i64> = parts
-            .iter()
-            .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(1)))
-            .collect();
+        let want = self.log_head().await?;
         let mut polls = 0u64;
         loop {
             let have = self.store.replay_positions(&self.target).await?;
@@ -108,6 +91,6 @@ impl RunCtx {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        Ok((head, t0.elapsed()))
+        Ok((want, t0.elapsed()))
     }
 }

@@ -9,9 +9,11 @@ use crate::service::{ControlCoordinator, Stage};
 pub use crate::verify::VerifySummary;
 use schemashift_common::ids::{Lsn, RunId};
 use schemashift_common::pg::{connect, install_helpers};
-use schemashift_common::plan::RunPlan;
+use schemashift_common::plan::{LogPlan, RunPlan};
 use schemashift_common::service::{Registration, WorkerInfo};
+use schemashift_common::spec::Changelog;
 use schemashift_common::spec::Spec;
+use schemashift_worker::kafka;
 use schemashift_worker::runner::{run_worker, WorkerStats};
 use schemashift_worker::WorkerError;
 use serde::Serialize;
@@ -161,6 +163,15 @@ impl RunCtx {
                 )
                 .await?;
                 let run_id = RunId::generate();
+                let mut planned = planned;
+                planned.plan.changelog = match spec.changelog() {
+                    Ok(Changelog::Kafka(k)) => LogPlan::Kafka {
+                        brokers: k.brokers,
+                        topic: format!("{}{}", k.topic_prefix, run_id.0),
+                        replication_factor: k.replication_factor,
+                    },
+                    Ok(Changelog::Postgres) | Err(_) => LogPlan::Postgres,
+                };
                 store
                     .init(
                         &mut target,
@@ -195,6 +206,14 @@ impl RunCtx {
             )));
         }
         let plan = Arc::new(state.plan);
+        if let LogPlan::Kafka {
+            brokers,
+            topic,
+            replication_factor,
+        } = &plan.changelog
+        {
+            kafka::ensure_topic(brokers, topic, plan.partitions, *replication_factor).await?;
+        }
         // recheck() evaluates mapped rows on this session, inside the freeze too.
         install_helpers(&source, &plan.helpers, "source").await?;
         ensure_slot(&source, &plan, &state.slot).await?;

@@ -8,7 +8,9 @@ pub mod v1 {
 }
 
 mod convert;
+mod event;
 mod status;
 
 pub use convert::{lease_ref, verified_request, verified_result, worker, ProtoError};
+pub use event::{change_key, decode_change, encode_change};
 pub use status::{service_error, to_status, AUTHORIZATION, TRACEPARENT};

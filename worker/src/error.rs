@@ -32,6 +32,8 @@ pub enum WorkerError {
     Verify { table: String, reason: String },
     #[error("change log: {0}")]
     ChangeLog(String),
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaLogError),
     #[error("coordinator: {0}")]
     Coordinator(String),
     /// The coordinator does not let this worker in (token); retrying cannot help.
@@ -48,6 +50,7 @@ impl WorkerError {
                 *transient
             }
             WorkerError::LeaseLost { .. } | WorkerError::PartitionLost { .. } => false,
+            WorkerError::Kafka(e) => e.is_transient(),
             WorkerError::Verify { .. }
             | WorkerError::ChangeLog(_)
             | WorkerError::Coordinator(_)

@@ -3,6 +3,7 @@
 pub mod backfill;
 pub mod error;
 pub mod grpc;
+pub mod kafka;
 pub mod replay;
 pub mod runner;
 pub mod verify;

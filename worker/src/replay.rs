@@ -5,12 +5,13 @@
 //! action kind; the partition position is saved in the same transaction.
 
 use crate::error::pg_reason;
+use crate::kafka::PartitionReader;
 use crate::WorkerError;
 use futures_util::SinkExt;
 use schemashift_common::change::{Change, Op};
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::{ChangeSeq, LeaseEpoch, Lsn};
-use schemashift_common::plan::{RunPlan, TablePlan};
+use schemashift_common::plan::{LogPlan, RunPlan, TablePlan};
 use schemashift_common::service::PartitionLease;
 use schemashift_common::sql::{ident_list, quote_ident};
 use std::collections::{BTreeSet, HashMap};
@@ -18,10 +19,20 @@ use std::sync::Arc;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, GenericClient, Transaction};
 
+/// Where a partition's changes are read from.
+enum Source {
+    Table,
+    Kafka(PartitionReader),
+}
+
 pub struct PartitionReplayer {
     part: u32,
     epoch: LeaseEpoch,
     pos: ChangeSeq,
+    /// The last change applied, by (commit LSN, ordinal): Kafka may hold re-sent
+    /// duplicates after it, which are skipped.
+    last: (Lsn, u32),
+    source: Source,
     plan: Arc<RunPlan>,
     control: ControlSql,
 }
@@ -53,6 +64,28 @@ impl PartitionReplayer {
             .query_one(&control.replay_position(), &[&(part as i32)])
             .await
             .map_err(fail)?;
+        let pos = ChangeSeq(row.get(0));
+        let last = match (
+            row.get::<_, Option<String>>(1),
+            row.get::<_, Option<i32>>(2),
+        ) {
+            (Some(l), Some(o)) => (
+                l.parse::<Lsn>()
+                    .map_err(|e| WorkerError::ChangeLog(e.to_string()))?,
+                o.max(0) as u32,
+            ),
+            _ => (Lsn(0), 0),
+        };
+        let source = match &plan.changelog {
+            LogPlan::Postgres => Source::Table,
+            LogPlan::Kafka { brokers, topic, .. } => Source::Kafka(PartitionReader::open(
+                brokers,
+                topic,
+                part,
+                pos.0,
+                &format!("schemashift-replay-{part}"),
+            )?),
+        };
         for t in &plan.tables {
             let cols = t
                 .source_columns
@@ -71,7 +104,9 @@ impl PartitionReplayer {
         Ok(PartitionReplayer {
             part,
             epoch: lease.epoch,
-            pos: ChangeSeq(row.get(0)),
+            pos,
+            last,
+            source,
             plan,
             control,
         })
@@ -81,29 +116,56 @@ impl PartitionReplayer {
         self.pos
     }
 
+    /// Reads the next changes with their positions (empty: nothing new).
+    async fn fetch(
+        &mut self,
+        target: &Client,
+        max: i64,
+    ) -> Result<Vec<(ChangeSeq, Change)>, WorkerError> {
+        let part = self.part;
+        match &mut self.source {
+            Source::Table => {
+                let rows = target
+                    .query(
+                        &self.control.read_changes(),
+                        &[&(part as i32), &self.pos.0, &max],
+                    )
+                    .await
+                    .map_err(|e| replay_err(part, "-", &e))?;
+                rows.iter()
+                    .map(|r| row_to_change(r).map_err(WorkerError::ChangeLog))
+                    .collect()
+            }
+            Source::Kafka(reader) => Ok(reader
+                .read(max as usize, std::time::Duration::from_millis(20))
+                .await?),
+        }
+    }
+
     /// Applies up to `max` changes; returns how many were applied (0: caught up).
     pub async fn step(&mut self, target: &mut Client, max: i64) -> Result<usize, WorkerError> {
         let part = self.part;
-        let rows = target
-            .query(
-                &self.control.read_changes(),
-                &[&(part as i32), &self.pos.0, &max],
-            )
-            .await
-            .map_err(|e| replay_err(part, "-", &e))?;
-        if rows.is_empty() {
+        let fetched = self.fetch(target, max).await?;
+        let Some(last) = fetched.last().map(|(s, _)| *s) else {
             return Ok(0);
+        };
+        let mut batch = fetched;
+        if let Source::Kafka(_) = self.source {
+            // Capture re-sends what it produced but had not confirmed before a crash.
+            let applied = self.last;
+            batch.retain(|(_, c)| (c.lsn, c.ordinal) > applied);
         }
-        let mut batch = Vec::with_capacity(rows.len());
-        for r in &rows {
-            batch.push(row_to_change(r).map_err(WorkerError::ChangeLog)?);
-        }
-        let last = batch.last().map(|(s, _)| *s).unwrap_or(self.pos);
+        let marker = batch
+            .last()
+            .map(|(_, c)| (c.lsn, c.ordinal))
+            .unwrap_or(self.last);
         let mut tx = target
             .transaction()
             .await
             .map_err(|e| replay_err(part, "-", &e))?;
-        self.apply(&mut tx, &batch).await?;
+        if !batch.is_empty() {
+            self.apply(&mut tx, &batch).await?;
+        }
         let saved = tx
             .execute(
                 &self.control.save_replay_position(),
@@ -112,6 +174,8 @@ impl PartitionReplayer {
                     &last.0,
                     &(batch.len() as i64),
                     &self.epoch.0,
+                    &marker.0.to_string(),
+                    &(marker.1 as i32),
                 ],
             )
             .await
@@ -122,7 +186,9 @@ impl PartitionReplayer {
         }
         tx.commit().await.map_err(|e| replay_err(part, "-", &e))?;
         self.pos = last;
-        Ok(batch.len())
+        self.last = marker;
+        // Skipped duplicates count as progress, so the caller does not go idle on them.
+        Ok(batch.len().max(1))
     }
 
     async fn apply(
@@ -434,6 +500,8 @@ fn row_to_change(r: &tokio_postgres::Row) -> Result<(ChangeSeq, Change), String>
             table: table as u32,
             op: Op::from_code(op).ok_or_else(|| format!("change {seq} has unknown op {op}"))?,
             lsn: lsn.parse::<Lsn>().map_err(|e| e.to_string())?,
+            xid: 0,
+            ordinal: 0,
             old_key,
             values: vals.unwrap_or_default(),
             unchanged: unchanged

@@ -4,6 +4,10 @@
 //! between the two, transactions at or below the saved position are skipped.
 
 pub mod pgoutput;
+mod sink;
+
+use backon::BackoffBuilder;
+use sink::Sink;
 
 use crate::control::Store;
 use crate::error::CoordinatorError;
@@ -162,6 +166,7 @@ pub struct Capture {
     position: Lsn,
     relations: HashMap<u32, RelInfo>,
     changes: u64,
+    sink: Sink,
 }
 
 impl Capture {
@@ -172,6 +177,7 @@ impl Capture {
         slot: String,
     ) -> Result<Self, CoordinatorError> {
         let control = ControlSql::new(&plan.control_schema);
+        let sink = Sink::for_plan(&plan)?;
         let position = Store::new(&plan.control_schema)
             .capture_position(&target)
             .await?
@@ -185,6 +191,7 @@ impl Capture {
             position,
             relations: HashMap::new(),
             changes: 0,
+            sink,
         })
     }
 
@@ -269,6 +276,8 @@ impl Capture {
             table,
             op,
             lsn,
+            xid: 0,
+            ordinal: 0,
             old_key,
             values,
             unchanged,
@@ -304,6 +313,7 @@ impl Capture {
         let mut pending: Vec<(u32, Change)> = Vec::new();
         let mut tx_changes: Vec<(u32, Change)> = Vec::new();
         let mut tx_lsn = Lsn(0);
+        let mut tx_xid = 0u32;
         let mut last_end = self.position;
         let mut txs = 0;
         for r in &rows {
@@ -311,9 +321,10 @@ impl Capture {
             let msg =
                 pgoutput::decode(data).map_err(|e| CoordinatorError::Capture(e.to_string()))?;
             let change = match msg {
-                Message::Begin { final_lsn, .. } => {
+                Message::Begin { final_lsn, xid } => {
                     tx_changes.clear();
                     tx_lsn = final_lsn;
+                    tx_xid = xid;
                     None
                 }
                 Message::Relation(rel) => {
@@ -355,10 +366,22 @@ impl Capture {
                 }
                 Message::Origin { .. } | Message::Ignored => None,
             };
-            tx_changes.extend(change);
+            if let Some((part, mut c)) = change {
+                c.xid = tx_xid;
+                c.ordinal = tx_changes.len() as u32;
+                tx_changes.push((part, c));
+            }
         }
         if last_end > self.position {
-            self.append(&pending, last_end).await?;
+            self.sink
+                .write(
+                    &mut self.target,
+                    &self.control,
+                    &self.plan,
+                    &pending,
+                    last_end,
+                )
+                .await?;
             self.position = last_end;
         }
         if self.position > Lsn(0) {
@@ -376,54 +399,6 @@ impl Capture {
         Ok((txs, cut_short, head))
     }
 
-    async fn append(
-        &mut self,
-        changes: &[(u32, Change)],
-        end: Lsn,
-    ) -> Result<(), CoordinatorError> {
-        let rows: Vec<serde_json::Value> = changes
-            .iter()
-            .map(|(part, c)| {
-                serde_json::json!({
-                    "part": part,
-                    "table_idx": c.table,
-                    "op": (c.op.code() as u8 as char).to_string(),
-                    "lsn": c.lsn.to_string(),
-                    "old_key": c.old_key,
-                    "vals": if c.op == Op::Delete { None } else { Some(&c.values) },
-                    "unchanged": if c.unchanged.is_empty() { None } else { Some(&c.unchanged) },
-                })
-            })
-            .collect();
-        let e = db("appending to the change log");
-        let tx = self.target.transaction().await.map_err(&e)?;
-        if !rows.is_empty() {
-            tx.execute(
-                &format!(
-                    "INSERT INTO {} (part, table_idx, op, lsn, old_key, vals, unchanged) \
-                     SELECT part, table_idx, op::\"char\", lsn::pg_lsn, old_key, vals, unchanged \
-                     FROM jsonb_to_recordset($1::text::jsonb) AS x(part int, table_idx int, op text, lsn text, \
-                     old_key text[], vals text[], unchanged int2[])",
-                    self.control.table("changes")
-                ),
-                &[&serde_json::Value::Array(rows).to_string()],
-            )
-            .await
-            .map_err(&e)?;
-        }
-        tx.execute(
-            &format!(
-                "INSERT INTO {} (id, lsn) VALUES (1, $1::text::pg_lsn) ON CONFLICT (id) DO UPDATE SET lsn = EXCLUDED.lsn, updated_at = now()",
-                self.control.table("capture")
-            ),
-            &[&end.to_string()],
-        )
-        .await
-        .map_err(&e)?;
-        tx.commit().await.map_err(&e)?;
-        Ok(())
-    }
-
     /// Runs rounds until shutdown; publishes progress after each round. Idle rounds are
     /// `poll` apart unless `wake` is notified.
     pub async fn run(
@@ -434,6 +409,15 @@ impl Capture {
         wake: Arc<tokio::sync::Notify>,
     ) -> Result<(), CoordinatorError> {
         let mut busy_since: Option<Instant> = None;
+        let backoff = || {
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .without_max_times()
+                .with_jitter()
+                .build()
+        };
+        let mut kafka_backoff = backoff();
         loop {
             let started = Instant::now();
             let (_txs, cut_short, head) = match self.round().await {
@@ -448,9 +432,20 @@ impl Capture {
                         _ = shutdown.changed() => return Ok(()),
                     }
                 }
+                // Kafka slow or down: the slot keeps the WAL; try again, backing off.
+                Err(CoordinatorError::ChangeLog(e)) if e.is_transient() => {
+                    let wait = kafka_backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64,
+                        "change log unavailable; the slot holds the WAL, retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                }
                 Err(e) => return Err(e),
             };
             busy_since = None;
+            kafka_backoff = backoff();
             if !cut_short {
                 progress.send_replace(CaptureProgress {
                     caught_up_to: head,

@@ -1,0 +1,137 @@
+//! Where capture writes decoded changes: the control schema's `changes` table, or Kafka.
+//! Either way the capture position is saved only once the changes are durable (committed
+//! with them, or acknowledged by Kafka), and the slot advances only after that.
+
+use crate::error::CoordinatorError;
+use schemashift_common::change::{Change, Op};
+use schemashift_common::control::ControlSql;
+use schemashift_common::ids::Lsn;
+use schemashift_common::plan::{LogPlan, RunPlan};
+use schemashift_worker::kafka::{ChangeProducer, Outgoing};
+use tokio_postgres::Client;
+
+pub enum Sink {
+    Table,
+    Kafka(ChangeProducer),
+}
+
+/// Test hook: `SCHEMASHIFT_FAILPOINT=<name>` makes the process abort right there, like a
+/// crash at the worst moment.
+fn failpoint(name: &str) {
+    if std::env::var("SCHEMASHIFT_FAILPOINT").is_ok_and(|v| v == name) {
+        tracing::error!(failpoint = name, "failpoint reached: aborting");
+        std::process::abort();
+    }
+}
+
+fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
+    move |e| CoordinatorError::db(context, &e)
+}
+
+impl Sink {
+    pub fn for_plan(plan: &RunPlan) -> Result<Sink, CoordinatorError> {
+        Ok(match &plan.changelog {
+            LogPlan::Postgres => Sink::Table,
+            LogPlan::Kafka { brokers, topic, .. } => {
+                Sink::Kafka(ChangeProducer::new(brokers, topic)?)
+            }
+        })
+    }
+
+    /// Makes `changes` durable, then records `end` as the capture position.
+    pub async fn write(
+        &self,
+        target: &mut Client,
+        control: &ControlSql,
+        plan: &RunPlan,
+        changes: &[(u32, Change)],
+        end: Lsn,
+    ) -> Result<(), CoordinatorError> {
+        match self {
+            Sink::Table => append(target, control, changes, end).await,
+            Sink::Kafka(producer) => {
+                let batch: Vec<Outgoing> = changes
+                    .iter()
+                    .map(|(part, c)| {
+                        let key = plan
+                            .table(c.table)
+                            .and_then(|t| c.key(&t.source_key_index()))
+                            .unwrap_or_default();
+                        Outgoing {
+                            partition: *part,
+                            key: schemashift_proto::change_key(c.table, &key),
+                            value: schemashift_proto::encode_change(c),
+                            traceparent: None,
+                        }
+                    })
+                    .collect();
+                producer.send_all(&batch).await?;
+                failpoint("capture-after-kafka-ack");
+                save_position(target, control, end).await
+            }
+        }
+    }
+}
+
+async fn save_position(
+    target: &Client,
+    control: &ControlSql,
+    end: Lsn,
+) -> Result<(), CoordinatorError> {
+    target
+        .execute(&position_sql(control), &[&end.to_string()])
+        .await
+        .map_err(db("saving the capture position"))?;
+    Ok(())
+}
+
+fn position_sql(control: &ControlSql) -> String {
+    format!(
+        "INSERT INTO {} (id, lsn) VALUES (1, $1::text::pg_lsn) \
+         ON CONFLICT (id) DO UPDATE SET lsn = EXCLUDED.lsn, updated_at = now()",
+        control.table("capture")
+    )
+}
+
+/// The changes and the capture position in one target transaction.
+async fn append(
+    target: &mut Client,
+    control: &ControlSql,
+    changes: &[(u32, Change)],
+    end: Lsn,
+) -> Result<(), CoordinatorError> {
+    let rows: Vec<serde_json::Value> = changes
+        .iter()
+        .map(|(part, c)| {
+            serde_json::json!({
+                "part": part,
+                "table_idx": c.table,
+                "op": (c.op.code() as u8 as char).to_string(),
+                "lsn": c.lsn.to_string(),
+                "old_key": c.old_key,
+                "vals": if c.op == Op::Delete { None } else { Some(&c.values) },
+                "unchanged": if c.unchanged.is_empty() { None } else { Some(&c.unchanged) },
+            })
+        })
+        .collect();
+    let e = db("appending to the change log");
+    let tx = target.transaction().await.map_err(&e)?;
+    if !rows.is_empty() {
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (part, table_idx, op, lsn, old_key, vals, unchanged) \
+                 SELECT part, table_idx, op::\"char\", lsn::pg_lsn, old_key, vals, unchanged \
+                 FROM jsonb_to_recordset($1::text::jsonb) AS x(part int, table_idx int, op text, lsn text, \
+                 old_key text[], vals text[], unchanged int2[])",
+                control.table("changes")
+            ),
+            &[&serde_json::Value::Array(rows).to_string()],
+        )
+        .await
+        .map_err(&e)?;
+    }
+    tx.execute(&position_sql(control), &[&end.to_string()])
+        .await
+        .map_err(&e)?;
+    tx.commit().await.map_err(&e)
+}
