@@ -4,10 +4,12 @@
 
 use crate::error::CoordinatorError;
 use crate::run::RunCtx;
+use backon::{ExponentialBuilder, Retryable};
 use schemashift_common::change::{Change, Op};
 use schemashift_common::plan::LogPlan;
 use schemashift_worker::kafka;
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// Position per partition.
 pub type LogHead = BTreeMap<u32, i64>;
@@ -34,7 +36,21 @@ impl RunCtx {
                     .collect())
             }
             LogPlan::Kafka { brokers, topic, .. } => {
-                Ok(kafka::heads(brokers, topic, self.plan.partitions).await?)
+                // A broker outage is waited out (bounded), as capture and replay do.
+                let heads = || kafka::heads(brokers, topic, self.plan.partitions);
+                Ok(heads
+                    .retry(
+                        ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(200))
+                            .with_max_delay(Duration::from_secs(5))
+                            .with_max_times(30)
+                            .with_jitter(),
+                    )
+                    .when(|e| e.is_transient())
+                    .notify(|e, d| {
+                        tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "kafka unavailable, retrying")
+                    })
+                    .await?)
             }
         }
     }

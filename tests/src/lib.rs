@@ -8,9 +8,11 @@ use rand::Rng;
 use schemashift_common::cluster::{Cluster, ClusterOptions};
 use tokio_postgres::{Client, NoTls};
 
+mod broker;
 mod diff;
 mod procs;
 
+pub use broker::Broker;
 pub use diff::{concat_names, split_full_name, table_diff, table_diff_report, DiffReport};
 pub use procs::{free_port, Proc};
 
