@@ -1,6 +1,8 @@
 use crate::report;
 use clap::{Parser, Subcommand, ValueEnum};
 use schemashift_common::spec::Spec;
+use schemashift_coordinator::distributed::CoordinateOptions;
+use schemashift_coordinator::grpc::ServeOptions;
 use schemashift_coordinator::run::{RunOptions, Until};
 use schemashift_coordinator::CoordinatorError;
 use std::path::PathBuf;
@@ -69,6 +71,9 @@ pub enum Command {
         workers: Option<usize>,
         #[arg(long, value_enum, default_value = "verify")]
         until: PhaseArg,
+        /// Serve Prometheus metrics on HOST:PORT while the run goes.
+        #[arg(long)]
+        metrics_listen: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -90,6 +95,9 @@ pub enum Command {
         /// PEM private key of --tls-cert.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Serve Prometheus metrics on HOST:PORT.
+        #[arg(long)]
+        metrics_listen: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -128,25 +136,6 @@ pub enum Command {
     Rollback { spec: PathBuf },
     /// Drop slot, publication and control state.
     Cleanup { spec: PathBuf },
-}
-
-pub fn init_tracing(quiet: bool, json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let default = if quiet {
-        "warn"
-    } else {
-        "info,tokio_postgres=warn"
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    if json {
-        builder.json().init();
-    } else {
-        builder.compact().init();
-    }
 }
 
 pub(crate) fn load_spec(path: &std::path::Path) -> Result<Spec, i32> {
@@ -211,8 +200,9 @@ pub async fn execute(cli: Cli) -> i32 {
             spec,
             workers,
             until,
+            metrics_listen,
             json,
-        } => run_cmd(spec, workers, until, json).await,
+        } => run_cmd(spec, workers, until, metrics_listen, json).await,
         Command::Coordinator {
             spec,
             listen,
@@ -220,30 +210,31 @@ pub async fn execute(cli: Cli) -> i32 {
             lease_ttl,
             tls_cert,
             tls_key,
+            metrics_listen,
             json,
         } => {
             let spec = match load_spec(&spec) {
                 Ok(s) => s,
                 Err(c) => return c,
             };
-            let tls = tls_cert.zip(tls_key);
-            crate::fleet::coordinator(
-                &spec,
+            let opts = CoordinateOptions {
                 listen,
-                until.into(),
+                until: until.into(),
                 lease_ttl,
-                tls,
-                json,
-                shutdown_signal(),
-            )
-            .await
+                serve: ServeOptions {
+                    token: crate::fleet::token(),
+                    tls: tls_cert.zip(tls_key),
+                },
+                metrics_listen,
+            };
+            crate::fleet::coordinator(&spec, opts, json, shutdown_signal()).await
         }
         Command::Worker {
             coordinator,
             id,
             tls_ca,
         } => crate::fleet::worker(&coordinator, id, tls_ca, shutdown_signal()).await,
-        Command::Cutover { spec, json } => run_cmd(spec, None, PhaseArg::Cutover, json).await,
+        Command::Cutover { spec, json } => run_cmd(spec, None, PhaseArg::Cutover, None, json).await,
         Command::Status { spec, json } => {
             let spec = match load_spec(&spec) {
                 Ok(s) => s,
@@ -279,15 +270,24 @@ pub async fn execute(cli: Cli) -> i32 {
     }
 }
 
-async fn run_cmd(spec: PathBuf, workers: Option<usize>, until: PhaseArg, json: bool) -> i32 {
+async fn run_cmd(
+    spec: PathBuf,
+    workers: Option<usize>,
+    until: PhaseArg,
+    metrics_listen: Option<String>,
+    json: bool,
+) -> i32 {
     let spec = match load_spec(&spec) {
         Ok(s) => s,
         Err(c) => return c,
     };
     let until = until.into();
-    match schemashift_coordinator::run::run(&spec, RunOptions { workers, until }, shutdown_signal())
-        .await
-    {
+    let opts = RunOptions {
+        workers,
+        until,
+        metrics_listen,
+    };
+    match schemashift_coordinator::run::run(&spec, opts, shutdown_signal()).await {
         Ok(r) => {
             report::print_run(&r, json);
             0

@@ -79,6 +79,7 @@ pub async fn demo(rows: u64, workers: usize, load_rate: u32) -> anyhow::Result<D
         RunOptions {
             workers: Some(workers),
             until: Until::Cutover,
+            metrics_listen: None,
         },
         shutdown,
     )

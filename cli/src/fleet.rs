@@ -5,20 +5,17 @@ use crate::report;
 use schemashift_common::service::WorkerInfo;
 use schemashift_common::spec::Spec;
 use schemashift_coordinator::distributed::{coordinate, CoordinateOptions};
-use schemashift_coordinator::grpc::ServeOptions;
-use schemashift_coordinator::run::Until;
 use schemashift_worker::grpc::{ClientOptions, GrpcCoordinator};
 use schemashift_worker::runner::run_worker;
 use schemashift_worker::WorkerError;
 use secrecy::SecretString;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
 use tracing::Instrument;
 
 /// The shared token, from the environment only (a flag would show in `ps`).
-fn token() -> Option<SecretString> {
+pub fn token() -> Option<SecretString> {
     std::env::var("SCHEMASHIFT_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())
@@ -27,22 +24,10 @@ fn token() -> Option<SecretString> {
 
 pub async fn coordinator(
     spec: &Spec,
-    listen: String,
-    until: Until,
-    lease_ttl: Duration,
-    tls: Option<(PathBuf, PathBuf)>,
+    opts: CoordinateOptions,
     json: bool,
     shutdown: watch::Receiver<bool>,
 ) -> i32 {
-    let opts = CoordinateOptions {
-        listen,
-        until,
-        lease_ttl,
-        serve: ServeOptions {
-            token: token(),
-            tls,
-        },
-    };
     match coordinate(spec, opts, shutdown).await {
         Ok(r) => {
             report::print_run(&r, json);

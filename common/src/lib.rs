@@ -11,3 +11,4 @@ pub mod scenario;
 pub mod service;
 pub mod spec;
 pub mod sql;
+pub mod trace;

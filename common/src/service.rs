@@ -45,6 +45,8 @@ pub struct Registration {
     pub target: Dsn,
     pub plan: RunPlan,
     pub lease_ttl: Duration,
+    /// The coordinator's run span: workers make their spans its children.
+    pub traceparent: Option<String>,
 }
 
 /// One change-log partition held by a worker; the epoch fences its position writes.

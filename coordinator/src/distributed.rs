@@ -18,6 +18,8 @@ pub struct CoordinateOptions {
     pub until: Until,
     pub lease_ttl: Duration,
     pub serve: ServeOptions,
+    /// HOST:PORT for Prometheus metrics.
+    pub metrics_listen: Option<String>,
 }
 
 /// `schemashift coordinator`: serve workers and take the run as far as `until`.
@@ -36,6 +38,10 @@ pub async fn coordinate(
     let addr = listener
         .local_addr()
         .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
+    let (stop, stop_rx) = watch::channel(false);
+    if let Some(m) = &opts.metrics_listen {
+        crate::metrics::start(m, spec, stop_rx.clone()).await?;
+    }
     let ctx = RunCtx::open(
         spec,
         Workers::Remote {
@@ -43,7 +49,6 @@ pub async fn coordinate(
         },
     )
     .await?;
-    let (stop, stop_rx) = watch::channel(false);
     let server = tokio::spawn(
         serve(
             ctx.svc.clone(),

@@ -4,15 +4,19 @@
 use crate::error::CoordinatorError;
 use schemashift_common::service::CoordinatorService;
 use schemashift_common::spec::Spec;
+use schemashift_common::trace::set_parent;
 use schemashift_proto::v1 as pb;
 use schemashift_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
-use schemashift_proto::{lease_ref, to_status, verified_result, worker, AUTHORIZATION};
+use schemashift_proto::{
+    lease_ref, to_status, verified_result, worker, AUTHORIZATION, TRACEPARENT,
+};
 use secrecy::{ExposeSecret, SecretString};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 pub struct GrpcAdapter<S> {
     svc: Arc<S>,
@@ -21,9 +25,18 @@ pub struct GrpcAdapter<S> {
 
 type Reply<T> = Result<Response<T>, Status>;
 
+/// A span for one call, child of the caller's span when it sent a `traceparent`.
+fn rpc_span<T>(method: &'static str, r: &Request<T>) -> tracing::Span {
+    let span = tracing::info_span!("rpc", method);
+    let tp = r.metadata().get(TRACEPARENT).and_then(|v| v.to_str().ok());
+    set_parent(&span, tp);
+    span
+}
+
 #[tonic::async_trait]
 impl<S: CoordinatorService> Coordinator for GrpcAdapter<S> {
     async fn register(&self, r: Request<pb::RegisterRequest>) -> Reply<pb::RegisterReply> {
+        let span = rpc_span("Register", &r);
         let r = r.into_inner();
         let me = worker(r.worker, "RegisterRequest")?;
         if r.version != env!("CARGO_PKG_VERSION") {
@@ -33,19 +46,31 @@ impl<S: CoordinatorService> Coordinator for GrpcAdapter<S> {
                 env!("CARGO_PKG_VERSION")
             )));
         }
-        let reg = self.svc.register(&me).await.map_err(to_status)?;
+        let reg = self
+            .svc
+            .register(&me)
+            .instrument(span)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::RegisterReply::try_from(&reg)?))
     }
 
     async fn lease(&self, r: Request<pb::LeaseRequest>) -> Reply<pb::LeaseReply> {
+        let span = rpc_span("Lease", &r);
         let r = r.into_inner();
         let me = worker(r.worker, "LeaseRequest")?;
         let progress = r.progress.unwrap_or_default().into();
-        let work = self.svc.lease(&me, progress).await.map_err(to_status)?;
+        let work = self
+            .svc
+            .lease(&me, progress)
+            .instrument(span)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new((&work).into()))
     }
 
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatReply> {
+        let span = rpc_span("Heartbeat", &r);
         let r = r.into_inner();
         let me = worker(r.worker, "HeartbeatRequest")?;
         let lease = lease_ref(r.lease, "HeartbeatRequest")?;
@@ -53,6 +78,7 @@ impl<S: CoordinatorService> Coordinator for GrpcAdapter<S> {
         let beat = self
             .svc
             .heartbeat(&me, &lease, progress)
+            .instrument(span)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::HeartbeatReply {
@@ -61,6 +87,7 @@ impl<S: CoordinatorService> Coordinator for GrpcAdapter<S> {
     }
 
     async fn complete(&self, r: Request<pb::CompleteRequest>) -> Reply<pb::CompleteReply> {
+        let span = rpc_span("Complete", &r);
         let r = r.into_inner();
         let me = worker(r.worker, "CompleteRequest")?;
         self.svc
@@ -71,28 +98,33 @@ impl<S: CoordinatorService> Coordinator for GrpcAdapter<S> {
                 r.rows,
                 r.bytes,
             )
+            .instrument(span)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::CompleteReply {}))
     }
 
     async fn verified(&self, r: Request<pb::VerifiedRequest>) -> Reply<pb::VerifiedReply> {
+        let span = rpc_span("Verified", &r);
         let r = r.into_inner();
         let me = worker(r.worker.clone(), "VerifiedRequest")?;
         let (shard, epoch, result) = verified_result(&r)?;
         self.svc
             .verified(&me, shard, epoch, result)
+            .instrument(span)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::VerifiedReply {}))
     }
 
     async fn fail(&self, r: Request<pb::FailRequest>) -> Reply<pb::FailReply> {
+        let span = rpc_span("Fail", &r);
         let r = r.into_inner();
         let me = worker(r.worker, "FailRequest")?;
         let lease = lease_ref(r.lease, "FailRequest")?;
         self.svc
             .failed(&me, &lease, r.reason)
+            .instrument(span)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::FailReply {}))

@@ -8,6 +8,7 @@ pub mod cutover;
 pub mod distributed;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod ops;
 pub mod plan;
 pub mod replay;

@@ -71,6 +71,8 @@ pub struct Status {
     /// `postgres` or the Kafka topic.
     pub changelog: String,
     pub partitions: Vec<PartitionLag>,
+    /// Replay batches given back after an error.
+    pub replay_failures: i64,
 }
 
 fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
@@ -223,6 +225,17 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
             worker: r.get(3),
         });
     }
+    st.replay_failures = target
+        .query_one(
+            &format!(
+                "SELECT coalesce(sum(failures), 0)::bigint FROM {}",
+                store.sql.table("replay")
+            ),
+            &[],
+        )
+        .await
+        .map_err(db("reading replay failures"))?
+        .get(0);
     if kafka {
         st.changes_logged = st.partitions.iter().map(|p| p.head.max(0)).sum();
         st.replay_lag_changes = st.partitions.iter().map(|p| p.lag.max(0)).sum();

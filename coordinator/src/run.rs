@@ -35,6 +35,8 @@ pub enum Until {
 pub struct RunOptions {
     pub workers: Option<usize>,
     pub until: Until,
+    /// HOST:PORT for Prometheus metrics while the run goes.
+    pub metrics_listen: Option<String>,
 }
 
 /// Where the workers run.
@@ -265,6 +267,7 @@ impl RunCtx {
                 target: spec.target.clone(),
                 plan: (*plan).clone(),
                 lease_ttl,
+                traceparent: None,
             },
             stage,
         ));
@@ -385,12 +388,30 @@ pub async fn run(
     opts: RunOptions,
     shutdown: watch::Receiver<bool>,
 ) -> Result<RunReport, CoordinatorError> {
+    let (stop_metrics, metrics_rx) = watch::channel(false);
+    if let Some(addr) = &opts.metrics_listen {
+        crate::metrics::start(addr, spec, metrics_rx).await?;
+    }
     let ctx = RunCtx::open(spec, Workers::Embedded(opts.workers)).await?;
-    drive(ctx, opts.until, shutdown).await
+    let report = drive(ctx, opts.until, shutdown).await;
+    stop_metrics.send_replace(true);
+    report
 }
 
 /// Takes an open run as far as `until`; the same for embedded and remote workers.
 pub async fn drive(
+    ctx: RunCtx,
+    until: Until,
+    shutdown: watch::Receiver<bool>,
+) -> Result<RunReport, CoordinatorError> {
+    // The root of the run's trace; workers parent their spans on it.
+    let span = tracing::info_span!("run", run_id = %ctx.run_id, until = ?until);
+    ctx.svc
+        .set_traceparent(span.in_scope(schemashift_common::trace::current_traceparent));
+    drive_phases(ctx, until, shutdown).instrument(span).await
+}
+
+async fn drive_phases(
     mut ctx: RunCtx,
     until: Until,
     shutdown: watch::Receiver<bool>,
@@ -401,18 +422,26 @@ pub async fn drive(
         return ctx.finish().await;
     }
     if phase <= Phase::Backfill {
-        ctx.backfill(&shutdown).await?;
+        ctx.backfill(&shutdown)
+            .instrument(tracing::info_span!("backfill"))
+            .await?;
     }
     if until == Until::Backfill {
         return ctx.finish().await;
     }
-    let (_, lag) = ctx.catch_up(None).await?;
+    let (_, lag) = ctx
+        .catch_up(None)
+        .instrument(tracing::info_span!("replay"))
+        .await?;
     ctx.report.lag_seconds = lag.as_secs_f64();
     if until == Until::Replay {
         return ctx.finish().await;
     }
     ctx.store.set_phase(&ctx.target, Phase::Verify).await?;
-    let summary = ctx.verify().await?;
+    let summary = ctx
+        .verify()
+        .instrument(tracing::info_span!("verify"))
+        .await?;
     let clean = summary.differing.is_empty();
     if clean {
         ctx.store.set_phase(&ctx.target, Phase::Verified).await?;
@@ -426,7 +455,9 @@ pub async fn drive(
         )));
     }
     if until == Until::Cutover {
-        let cut = crate::cutover::cutover(&mut ctx).await?;
+        let cut = crate::cutover::cutover(&mut ctx)
+            .instrument(tracing::info_span!("cutover"))
+            .await?;
         ctx.report.cutover = Some(cut);
     }
     ctx.finish().await

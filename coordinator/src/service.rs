@@ -52,6 +52,7 @@ pub struct ControlCoordinator {
     stage: watch::Sender<Stage>,
     workers: Mutex<HashMap<String, Seen>>,
     verify: Mutex<VerifyRound>,
+    traceparent: Mutex<Option<String>>,
     /// Woken when a shard completes or fails, so the driver need not poll fast.
     pub changed: Notify,
 }
@@ -87,7 +88,15 @@ impl ControlCoordinator {
             stage: watch::Sender::new(stage),
             workers: Mutex::new(HashMap::new()),
             verify: Mutex::new(VerifyRound::default()),
+            traceparent: Mutex::new(None),
             changed: Notify::new(),
+        }
+    }
+
+    /// The run span workers should parent their spans on.
+    pub fn set_traceparent(&self, tp: Option<String>) {
+        if let Ok(mut t) = self.traceparent.lock() {
+            *t = tp;
         }
     }
 
@@ -270,7 +279,9 @@ impl CoordinatorService for ControlCoordinator {
         self.seen(worker, false);
         self.touch(worker, None, Progress::default(), "registered")
             .await;
-        Ok(self.registration.clone())
+        let mut reg = self.registration.clone();
+        reg.traceparent = self.traceparent.lock().ok().and_then(|t| t.clone());
+        Ok(reg)
     }
 
     async fn lease(&self, worker: &WorkerInfo, progress: Progress) -> Result<Work, ServiceError> {

@@ -103,6 +103,7 @@ impl TryFrom<&Registration> for pb::RegisterReply {
                 reason: e.to_string(),
             })?,
             lease_ttl_ms: r.lease_ttl.as_millis() as u64,
+            traceparent: r.traceparent.clone().unwrap_or_default(),
         })
     }
 }
@@ -127,6 +128,7 @@ impl TryFrom<pb::RegisterReply> for Registration {
             target: Dsn::new(r.target_dsn),
             plan,
             lease_ttl: Duration::from_millis(r.lease_ttl_ms),
+            traceparent: (!r.traceparent.is_empty()).then_some(r.traceparent),
         })
     }
 }

@@ -7,9 +7,10 @@ use schemashift_common::service::{
     Beat, CoordinatorService, LeaseRef, Progress, RangeCheck, Registration, ServiceError, Work,
     WorkerInfo,
 };
+use schemashift_common::trace::current_traceparent;
 use schemashift_proto::v1 as pb;
 use schemashift_proto::v1::coordinator_client::CoordinatorClient;
-use schemashift_proto::{service_error, verified_request, AUTHORIZATION};
+use schemashift_proto::{service_error, verified_request, AUTHORIZATION, TRACEPARENT};
 use secrecy::{ExposeSecret, SecretString};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,6 +33,10 @@ impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         if let Some(v) = &self.0 {
             req.metadata_mut().insert(AUTHORIZATION, v.clone());
+        }
+        // The coordinator's handler span becomes a child of the worker span making the call.
+        if let Some(tp) = current_traceparent().and_then(|t| t.parse().ok()) {
+            req.metadata_mut().insert(TRACEPARENT, tp);
         }
         Ok(req)
     }

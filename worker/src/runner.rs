@@ -16,6 +16,7 @@ use schemashift_common::service::{
     Beat, CoordinatorService, LeaseRef, PartitionLease, Progress, Registration, ServiceError, Work,
     WorkerInfo,
 };
+use schemashift_common::trace::set_parent;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -200,8 +201,10 @@ impl<S: CoordinatorService> Worker<S> {
                 shard.id, shard.table
             )));
         };
-        let span = tracing::info_span!("shard", worker = %self.me.id, table = %table.describe(), shard = %shard.id,
-            range = %shard.range, epoch = epoch.0, rows = tracing::field::Empty, bytes = tracing::field::Empty);
+        let span = tracing::info_span!("shard", run_id = %self.reg.run_id, worker = %self.me.id,
+            table = %table.describe(), shard = %shard.id, range = %shard.range, epoch = epoch.0,
+            rows = tracing::field::Empty, bytes = tracing::field::Empty);
+        set_parent(&span, self.reg.traceparent.as_deref());
         let progress = Arc::new(CopyProgress::default());
         let lease = LeaseRef::Shard {
             shard: shard.id,
@@ -276,11 +279,15 @@ impl<S: CoordinatorService> Worker<S> {
     /// Compares one range; the coordinator collects the results (and retries failures).
     async fn verify(&mut self, sessions: &Sessions, shard: Shard, epoch: LeaseEpoch) {
         let result = match self.plan.table(shard.table) {
-            Some(table) => verify_range(&sessions.source, &sessions.target, table, &shard.range)
-                .instrument(tracing::info_span!("verify", worker = %self.me.id,
-                    table = %table.describe(), shard = %shard.id, range = %shard.range))
-                .await
-                .map_err(|e| e.to_string()),
+            Some(table) => {
+                let span = tracing::info_span!("verify", run_id = %self.reg.run_id, worker = %self.me.id,
+                    table = %table.describe(), shard = %shard.id, range = %shard.range);
+                set_parent(&span, self.reg.traceparent.as_deref());
+                verify_range(&sessions.source, &sessions.target, table, &shard.range)
+                    .instrument(span)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
             None => Err(format!(
                 "shard {} names unknown table {}",
                 shard.id, shard.table
@@ -305,11 +312,15 @@ impl<S: CoordinatorService> Worker<S> {
             .map(|p| p.part.to_string())
             .collect::<Vec<_>>()
             .join(",");
-        let span = tracing::info_span!("replay", worker = %self.me.id, partitions = %parts);
+        let span = tracing::info_span!("replay", run_id = %self.reg.run_id, worker = %self.me.id,
+            partitions = %parts, changes = tracing::field::Empty);
+        set_parent(&span, self.reg.traceparent.as_deref());
+        let before = self.stats.changes;
         let outcome = self
             .replay_loop(target, &partitions, &lease)
             .instrument(span.clone())
             .await;
+        span.record("changes", self.stats.changes - before);
         match outcome {
             Ok(true) => {
                 // One try: at shutdown the coordinator may be gone, and the lease expires anyway.

@@ -50,6 +50,8 @@ impl Sink {
         match self {
             Sink::Table => append(target, control, changes, end).await,
             Sink::Kafka(producer) => {
+                // Consumers can link what they apply to the capture that produced it.
+                let traceparent = schemashift_common::trace::current_traceparent();
                 let batch: Vec<Outgoing> = changes
                     .iter()
                     .map(|(part, c)| {
@@ -61,7 +63,7 @@ impl Sink {
                             partition: *part,
                             key: schemashift_proto::change_key(c.table, &key),
                             value: schemashift_proto::encode_change(c),
-                            traceparent: None,
+                            traceparent: traceparent.clone(),
                         }
                     })
                     .collect();
