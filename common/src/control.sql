@@ -88,3 +88,13 @@ CREATE TABLE IF NOT EXISTS {schema}.events (
     kind   text NOT NULL,
     detail jsonb
 );
+
+-- Foreign keys of the target tables, dropped for the load (shards and replay partitions
+-- commit in any order) and put back after the cutover: NOT VALID, then VALIDATE.
+CREATE TABLE IF NOT EXISTS {schema}.constraints (
+    table_name text NOT NULL,
+    name       text NOT NULL,
+    definition text NOT NULL,
+    restored   boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (table_name, name)
+);

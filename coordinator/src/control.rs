@@ -167,6 +167,7 @@ impl Store {
             .await
             .map_err(&e)?;
         }
+        crate::constraints::record_and_drop(&tx, self, plan).await?;
         tx.execute(
             &format!(
                 "INSERT INTO {} (part, seq) SELECT p, 0 FROM generate_series(0, $1 - 1) AS p",

@@ -25,6 +25,7 @@ pub struct CutoverReport {
     pub keys_rechecked: usize,
     pub sequences_moved: usize,
     pub late_changes: i64,
+    pub foreign_keys_restored: usize,
 }
 
 /// Keys touched by changes after `after` (and up to `upto`), per table.
@@ -163,6 +164,8 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
                 // Writes that waited on the freeze commit on the source after it: carry them over.
                 let (after, _) = ctx.catch_up(None).await?;
                 report.late_changes = ctx.log_between(&frozen_head, &after).await?.len() as i64;
+                report.foreign_keys_restored =
+                    crate::constraints::restore(&ctx.target, &ctx.store).await?;
                 let detail = serde_json::to_value(&report).unwrap_or_default();
                 ctx.store.event(&ctx.target, "cutover", detail).await?;
                 return Ok(report);

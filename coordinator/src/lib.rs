@@ -3,6 +3,7 @@
 pub mod backfill;
 pub mod capture;
 pub mod changelog;
+pub mod constraints;
 pub mod control;
 pub mod cutover;
 pub mod distributed;

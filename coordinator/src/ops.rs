@@ -34,6 +34,7 @@ pub struct WorkerStatus {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ShardStatus {
     pub shard: i64,
+    pub estimated_rows: i64,
     pub table: String,
     pub range: String,
     pub state: String,
@@ -73,6 +74,10 @@ pub struct Status {
     pub partitions: Vec<PartitionLag>,
     /// Replay batches given back after an error.
     pub replay_failures: i64,
+    /// Rows per second of the backfill so far, and the estimated seconds until it is done
+    /// (then replay catches up and the run is ready to verify and cut over).
+    pub backfill_rows_per_s: f64,
+    pub eta_seconds: Option<f64>,
 }
 
 fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
@@ -141,7 +146,7 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
     st.shard_list = target
         .query(
             &format!(
-                "SELECT shard_id, table_idx, lo, hi, state, worker, rows, attempts, last_error \
+                "SELECT shard_id, table_idx, lo, hi, state, worker, rows, attempts, last_error, est_rows \
                  FROM {} ORDER BY shard_id",
                 store.sql.table("shards")
             ),
@@ -167,6 +172,7 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
             rows: r.get(6),
             attempts: r.get(7),
             last_error: r.get(8),
+            estimated_rows: r.get(9),
         })
         .collect();
     let (heads, changelog) = match &state.plan.changelog {
@@ -224,6 +230,24 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
             lag,
             worker: r.get(3),
         });
+    }
+    let (elapsed, remaining): (Option<f64>, i64) = target
+        .query_one(
+            &format!(
+                "SELECT extract(epoch FROM now() - min(started_at))::float8, \
+                 coalesce(sum(est_rows) FILTER (WHERE state <> 'done'), 0)::bigint FROM {}",
+                store.sql.table("shards")
+            ),
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .map_err(db("reading backfill progress"))?;
+    if let Some(secs) = elapsed.filter(|s| *s > 0.0) {
+        st.backfill_rows_per_s = st.shards.rows_done as f64 / secs;
+        if st.backfill_rows_per_s > 0.0 {
+            st.eta_seconds = Some(remaining as f64 / st.backfill_rows_per_s);
+        }
     }
     st.replay_failures = target
         .query_one(
@@ -322,6 +346,11 @@ pub async fn cleanup(spec: &Spec) -> Result<CleanupReport, CoordinatorError> {
         .await
         .map_err(db("checking control schema"))?
         .get(0);
+    // A run abandoned before its cutover must not leave the target without its keys.
+    let restored = crate::constraints::restore(&target, &store).await?;
+    if restored > 0 {
+        tracing::info!(restored, "foreign keys put back");
+    }
     store.drop_schema(&target).await?;
     report.control_schema_dropped = had;
     Ok(report)
