@@ -74,6 +74,9 @@ pub enum Command {
         /// Serve Prometheus metrics on HOST:PORT while the run goes.
         #[arg(long)]
         metrics_listen: Option<String>,
+        /// Write the final report to DIR/report.md and DIR/report.json.
+        #[arg(long, value_name = "DIR")]
+        report: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -98,6 +101,9 @@ pub enum Command {
         /// Serve Prometheus metrics on HOST:PORT.
         #[arg(long)]
         metrics_listen: Option<String>,
+        /// Write the final report to DIR/report.md and DIR/report.json.
+        #[arg(long, value_name = "DIR")]
+        report: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -136,6 +142,18 @@ pub enum Command {
     Rollback { spec: PathBuf },
     /// Drop slot, publication and control state.
     Cleanup { spec: PathBuf },
+    /// Measure schemashift side by side with its peers on two throwaway clusters.
+    Bench {
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        #[arg(long)]
+        json: bool,
+        /// Also write the report as a markdown document (e.g. docs/benchmarks.md).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 pub(crate) fn load_spec(path: &std::path::Path) -> Result<Spec, i32> {
@@ -163,6 +181,7 @@ fn shutdown_signal() -> watch::Receiver<bool> {
 }
 
 pub async fn execute(cli: Cli) -> i32 {
+    crate::progress::enable(crate::progress::wanted(cli.quiet, cli.log_json));
     match cli.command {
         Command::Demo {
             rows,
@@ -201,8 +220,9 @@ pub async fn execute(cli: Cli) -> i32 {
             workers,
             until,
             metrics_listen,
+            report,
             json,
-        } => run_cmd(spec, workers, until, metrics_listen, json).await,
+        } => run_cmd(spec, workers, until, metrics_listen, report, json).await,
         Command::Coordinator {
             spec,
             listen,
@@ -211,6 +231,7 @@ pub async fn execute(cli: Cli) -> i32 {
             tls_cert,
             tls_key,
             metrics_listen,
+            report,
             json,
         } => {
             let spec = match load_spec(&spec) {
@@ -227,14 +248,16 @@ pub async fn execute(cli: Cli) -> i32 {
                 },
                 metrics_listen,
             };
-            crate::fleet::coordinator(&spec, opts, json, shutdown_signal()).await
+            crate::fleet::coordinator(&spec, opts, report, json, shutdown_signal()).await
         }
         Command::Worker {
             coordinator,
             id,
             tls_ca,
         } => crate::fleet::worker(&coordinator, id, tls_ca, shutdown_signal()).await,
-        Command::Cutover { spec, json } => run_cmd(spec, None, PhaseArg::Cutover, None, json).await,
+        Command::Cutover { spec, json } => {
+            run_cmd(spec, None, PhaseArg::Cutover, None, None, json).await
+        }
         Command::Status { spec, json } => {
             let spec = match load_spec(&spec) {
                 Ok(s) => s,
@@ -267,6 +290,12 @@ pub async fn execute(cli: Cli) -> i32 {
         }
         Command::Rollback { spec } => cleanup_cmd(spec, true).await,
         Command::Cleanup { spec } => cleanup_cmd(spec, false).await,
+        Command::Bench {
+            rows,
+            workers,
+            json,
+            out,
+        } => crate::bench::bench(rows, workers, json, out).await,
     }
 }
 
@@ -275,6 +304,7 @@ async fn run_cmd(
     workers: Option<usize>,
     until: PhaseArg,
     metrics_listen: Option<String>,
+    report_dir: Option<PathBuf>,
     json: bool,
 ) -> i32 {
     let spec = match load_spec(&spec) {
@@ -287,8 +317,14 @@ async fn run_cmd(
         until,
         metrics_listen,
     };
-    match schemashift_coordinator::run::run(&spec, opts, shutdown_signal()).await {
+    let bars = crate::progress::enabled().then(|| crate::progress::start(&spec));
+    let result = schemashift_coordinator::run::run(&spec, opts, shutdown_signal()).await;
+    crate::progress::finish(bars);
+    match result {
         Ok(r) => {
+            if let Err(code) = report::write_report(report_dir.as_deref(), &r) {
+                return code;
+            }
             report::print_run(&r, json);
             0
         }

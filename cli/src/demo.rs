@@ -74,6 +74,7 @@ pub async fn demo(rows: u64, workers: usize, load_rate: u32) -> anyhow::Result<D
     )
     .await?;
     let (_tx, shutdown) = tokio::sync::watch::channel(false);
+    let bars = crate::progress::enabled().then(|| crate::progress::start(&spec));
     let result = run(
         &spec,
         RunOptions {
@@ -84,6 +85,7 @@ pub async fn demo(rows: u64, workers: usize, load_rate: u32) -> anyhow::Result<D
         shutdown,
     )
     .await;
+    crate::progress::finish(bars);
     let stats = load.stop().await;
     let mut report = result.map_err(|e| anyhow::anyhow!("{e}"))?;
     // The demo's application is not really switched: writes it made to the source

@@ -25,11 +25,18 @@ pub fn token() -> Option<SecretString> {
 pub async fn coordinator(
     spec: &Spec,
     opts: CoordinateOptions,
+    report_dir: Option<PathBuf>,
     json: bool,
     shutdown: watch::Receiver<bool>,
 ) -> i32 {
-    match coordinate(spec, opts, shutdown).await {
+    let bars = crate::progress::enabled().then(|| crate::progress::start(spec));
+    let result = coordinate(spec, opts, shutdown).await;
+    crate::progress::finish(bars);
+    match result {
         Ok(r) => {
+            if let Err(code) = report::write_report(report_dir.as_deref(), &r) {
+                return code;
+            }
             report::print_run(&r, json);
             0
         }

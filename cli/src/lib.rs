@@ -1,6 +1,8 @@
 //! The `schemashift` command line: commands of INTERFACE.md mapped onto the library.
+pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod fleet;
+pub mod progress;
 pub mod report;
 pub mod telemetry;

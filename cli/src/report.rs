@@ -96,6 +96,85 @@ pub fn print_run(r: &RunReport, json: bool) {
     eprintln!("  total {:.1}s", r.total_seconds);
 }
 
+/// The final report as markdown: what an operator pastes into a change ticket.
+pub fn run_markdown(r: &RunReport) -> String {
+    let mut o = format!("# schemashift run {}\n\n", r.run_id);
+    o.push_str("| | |\n|---|---|\n");
+    let mut row = |k: &str, v: String| o.push_str(&format!("| {k} | {v} |\n"));
+    row(
+        "phase",
+        format!("{}{}", r.phase, if r.resumed { " (resumed)" } else { "" }),
+    );
+    let tables: Vec<String> = r
+        .tables
+        .iter()
+        .map(|t| format!("{} → {}", t.source, t.target))
+        .collect();
+    row("tables", tables.join(", "));
+    row(
+        "rows copied",
+        format!(
+            "{} in {} shards ({:.1} MB)",
+            r.rows_copied,
+            r.shards,
+            mb(r.bytes_copied.max(0) as u64)
+        ),
+    );
+    row(
+        "backfill",
+        format!(
+            "{:.1} s, {:.0} rows/s",
+            r.backfill_seconds, r.rows_per_second
+        ),
+    );
+    row(
+        "changes",
+        format!(
+            "{} captured, {} replayed",
+            r.changes_captured, r.changes_replayed
+        ),
+    );
+    row("catch-up lag", format!("{:.2} s", r.lag_seconds));
+    if let Some(v) = &r.verify {
+        row(
+            "verify",
+            format!(
+                "source {} rows, target {} rows, {} differing",
+                v.source_rows,
+                v.target_rows,
+                v.differing.len()
+            ),
+        );
+    }
+    if let Some(c) = &r.cutover {
+        row(
+            "write freeze",
+            format!("{:.0} ms (lock attempt {})", c.freeze_ms, c.lock_attempts),
+        );
+        row(
+            "keys re-checked in the freeze",
+            c.keys_rechecked.to_string(),
+        );
+        row("sequences moved", c.sequences_moved.to_string());
+        row("changes after the freeze", c.late_changes.to_string());
+    }
+    row("total", format!("{:.1} s", r.total_seconds));
+    o
+}
+
+/// Writes DIR/report.md and DIR/report.json; the exit code on failure.
+pub fn write_report(dir: Option<&std::path::Path>, r: &RunReport) -> Result<(), i32> {
+    let Some(dir) = dir else { return Ok(()) };
+    let json = serde_json::to_string_pretty(r).unwrap_or_default();
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(dir.join("report.md"), run_markdown(r)))
+        .and_then(|()| std::fs::write(dir.join("report.json"), json));
+    written.map_err(|e| {
+        eprintln!("error: writing the report to {}: {e}", dir.display());
+        1
+    })
+}
+
 pub fn print_status(s: &Status, json: bool) {
     if json {
         return json_out(s);
@@ -105,9 +184,29 @@ pub fn print_status(s: &Status, json: bool) {
         Some(id) => {
             eprintln!("run {id} — phase {}", s.phase);
             eprintln!(
-                "  shards: {} done, {} leased, {} pending; {} rows copied",
-                s.shards.done, s.shards.leased, s.shards.pending, s.shards.rows_done
+                "  shards: {} done, {} leased, {} pending; {} rows copied ({:.0} rows/s{})",
+                s.shards.done,
+                s.shards.leased,
+                s.shards.pending,
+                s.shards.rows_done,
+                s.backfill_rows_per_s,
+                s.eta_seconds
+                    .map(|e| format!(", backfill done in about {e:.0} s"))
+                    .unwrap_or_default()
             );
+            for p in &s.partitions {
+                eprintln!(
+                    "  partition {}: log head {}, applied {}, {} waiting{}",
+                    p.partition,
+                    p.head,
+                    p.applied,
+                    p.lag,
+                    p.worker
+                        .as_deref()
+                        .map(|w| format!(" (worker {w})"))
+                        .unwrap_or_default()
+                );
+            }
             eprintln!(
                 "  change log: {} logged, {} applied, {} waiting; captured to {}",
                 s.changes_logged,

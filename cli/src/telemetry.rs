@@ -33,7 +33,7 @@ pub fn init(quiet: bool, json: bool, service: &str) -> Telemetry {
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(crate::progress::LogWriter)
         .with_target(false);
     let fmt = if json {
         fmt.json().boxed()

@@ -8,6 +8,8 @@ pub enum Op {
     Insert,
     Update,
     Delete,
+    /// A lookup table changed: re-read the row with key `old_key` from the source.
+    Refresh,
 }
 
 impl Op {
@@ -16,6 +18,7 @@ impl Op {
             Op::Insert => b'I' as i8,
             Op::Update => b'U' as i8,
             Op::Delete => b'D' as i8,
+            Op::Refresh => b'R' as i8,
         }
     }
     pub fn from_code(c: i8) -> Option<Op> {
@@ -23,6 +26,7 @@ impl Op {
             b'I' => Some(Op::Insert),
             b'U' => Some(Op::Update),
             b'D' => Some(Op::Delete),
+            b'R' => Some(Op::Refresh),
             _ => None,
         }
     }
@@ -56,7 +60,7 @@ impl Change {
     /// The key the change applies to after it happened (the old key for deletes).
     pub fn key(&self, key_index: &[usize]) -> Option<Vec<String>> {
         match self.op {
-            Op::Delete => self.old_key.clone(),
+            Op::Delete | Op::Refresh => self.old_key.clone(),
             Op::Insert | Op::Update => key_index
                 .iter()
                 .map(|&i| self.values.get(i).cloned().flatten())

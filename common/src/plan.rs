@@ -46,9 +46,38 @@ pub struct TablePlan {
     pub estimated_rows: u64,
     pub estimated_bytes: u64,
     pub shard_rows: u64,
+    /// Lookup tables (a merge): when present, replay refreshes whole target rows from
+    /// the source by key instead of mapping captured values on the target.
+    #[serde(default)]
+    pub lookups: Vec<LookupPlan>,
+}
+
+/// A lookup table of a merge: its changes become refreshes of the driving table's keys.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LookupPlan {
+    pub source: QualifiedName,
+    /// Positions, in the lookup table's attribute order, of the columns holding the key.
+    pub key_index: Vec<usize>,
+    /// All its columns in attribute order, as pgoutput sends them.
+    pub columns: Vec<String>,
 }
 
 impl TablePlan {
+    /// Replay re-reads rows from the source (the mapping reads other tables).
+    pub fn refreshes(&self) -> bool {
+        !self.lookups.is_empty()
+    }
+
+    /// The mapped rows of these keys, read from the source.
+    pub fn copy_out_keys_sql(&self, keys: &[Vec<String>]) -> String {
+        format!(
+            "COPY (SELECT {} FROM ONLY {} WHERE {}) TO STDOUT (FORMAT binary)",
+            self.mapped_select_list(),
+            self.source,
+            crate::sql::keys_in(&self.key, keys)
+        )
+    }
+
     pub fn target_column_names(&self) -> Vec<String> {
         self.columns.iter().map(|c| c.target.clone()).collect()
     }

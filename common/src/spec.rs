@@ -113,6 +113,19 @@ pub struct TableSpec {
     /// Source column → SQL expression over target columns (reverse sync, accuracy).
     #[serde(default)]
     pub reverse: Option<IndexMap<String, String>>,
+    /// Other source tables the column expressions read (a merge): their changes are
+    /// captured too and refresh the target rows of the keys they name.
+    #[serde(default)]
+    pub lookups: Vec<LookupSpec>,
+}
+
+/// A source table read by a table's expressions, and the columns of it that hold the
+/// driving table's key (in key order).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupSpec {
+    pub table: String,
+    pub key: KeySpec,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -5,8 +5,8 @@ use crate::error::CoordinatorError;
 use crate::shard::plan_ranges;
 use schemashift_common::ids::ShardId;
 use schemashift_common::pg::{describe, install_helpers};
-use schemashift_common::plan::LogPlan;
 use schemashift_common::plan::{ColumnMap, RunPlan, SequenceMap, Shard, SourceColumn, TablePlan};
+use schemashift_common::plan::{LogPlan, LookupPlan};
 use schemashift_common::spec::Changelog;
 use schemashift_common::spec::{Spec, Strategy, TableSpec};
 use schemashift_common::sql::{
@@ -428,10 +428,15 @@ async fn plan_table(
                 c.expr,
                 describe(&e)
             ));
-        } else if let Err(e) = target
-            .query(&format!("SELECT {sel} FROM {stage} LIMIT 0"), &[])
-            .await
-        {
+        } else if let Err(e) = if t.lookups.is_empty() {
+            target
+                .query(&format!("SELECT {sel} FROM {stage} LIMIT 0"), &[])
+                .await
+                .map(|_| ())
+        } else {
+            // With lookups, replay re-reads rows from the source: no target-side evaluation.
+            Ok(())
+        } {
             problems.push(format!(
                 "{at}: column {:?}: expression `{}` does not evaluate on the target: {}",
                 c.target,
@@ -476,6 +481,61 @@ async fn plan_table(
                 "{at}: target table {tgt_name} is not empty; schemashift fills empty tables only (TRUNCATE it or pick another target)"
             ));
         }
+    }
+    let mut lookups = Vec::new();
+    for (i, l) in t.lookups.iter().enumerate() {
+        let lat = format!("{at}: lookups[{i}]");
+        let Ok(lname) = QualifiedName::parse(&l.table) else {
+            problems.push(format!("{lat}: table {:?} is not a valid name", l.table));
+            continue;
+        };
+        let Some(lcols) = columns(source, &lname).await? else {
+            problems.push(format!("{lat}: source table {lname} does not exist"));
+            continue;
+        };
+        let lk: Vec<String> = l.key.columns().iter().map(|k| k.to_lowercase()).collect();
+        if lk.len() != key.len() {
+            problems.push(format!(
+                "{lat}: key names {} columns but the table's key has {}; list the columns of {lname} that hold ({})",
+                lk.len(),
+                key.len(),
+                key.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+            continue;
+        }
+        let live: Vec<&Col> = lcols.iter().filter(|c| !c.generated).collect();
+        let mut key_index = Vec::new();
+        for k in &lk {
+            match live.iter().position(|c| &c.name == k) {
+                Some(p) => key_index.push(p),
+                None => problems.push(format!("{lat}: key column {k:?} does not exist in {lname}")),
+            }
+        }
+        // Deletes must carry the key columns in their old tuple.
+        let full_or_covered: bool = source
+            .query_one(
+                "SELECT c.relreplident = 'f' OR EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid \
+                   AND (i.indisprimary AND c.relreplident = 'd' OR i.indisreplident) \
+                   AND (SELECT array_agg(a.attname::text) FROM pg_attribute a WHERE a.attrelid = c.oid \
+                        AND a.attnum = ANY (i.indkey)) @> $2::text[]) \
+                 FROM pg_class c WHERE c.oid = to_regclass($1)",
+                &[&lname.to_string(), &lk],
+            )
+            .await?
+            .get::<_, Option<bool>>(0)
+            .unwrap_or(false);
+        if !full_or_covered {
+            problems.push(format!(
+                "{lat}: deletes on {lname} would not carry ({}); make them part of its primary key or \
+                 ALTER TABLE {lname} REPLICA IDENTITY FULL",
+                lk.join(", ")
+            ));
+        }
+        lookups.push(LookupPlan {
+            source: lname,
+            key_index,
+            columns: live.iter().map(|c| c.name.clone()).collect(),
+        });
     }
     if problems.len() > start {
         return Ok(None);
@@ -573,6 +633,7 @@ async fn plan_table(
             estimated_rows: est_rows,
             estimated_bytes: est_bytes,
             shard_rows,
+            lookups,
         },
         ranges,
     )))

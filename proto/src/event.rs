@@ -12,6 +12,7 @@ pub fn encode_change(c: &Change) -> Vec<u8> {
         Op::Insert => pb::ChangeOp::Insert,
         Op::Update => pb::ChangeOp::Update,
         Op::Delete => pb::ChangeOp::Delete,
+        Op::Refresh => pb::ChangeOp::Refresh,
     };
     pb::ChangeEvent {
         table: c.table,
@@ -42,6 +43,7 @@ pub fn decode_change(bytes: &[u8]) -> Result<Change, ProtoError> {
         pb::ChangeOp::Insert => Op::Insert,
         pb::ChangeOp::Update => Op::Update,
         pb::ChangeOp::Delete => Op::Delete,
+        pb::ChangeOp::Refresh => Op::Refresh,
         pb::ChangeOp::Unspecified => return Err(bad("no op".into())),
     };
     let unchanged = e

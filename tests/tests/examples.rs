@@ -31,11 +31,20 @@ async fn rows(dsn: &str, sql: &str) -> anyhow::Result<Vec<String>> {
 }
 
 async fn run_example(dir: &Path) -> anyhow::Result<()> {
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let read = |f: &str| std::fs::read_to_string(dir.join(f));
     let env = TestEnv::new(&format!("example_{name}")).await?;
-    connect(&env.source_dsn).await?.batch_execute(&read("source.sql")?).await?;
-    connect(&env.target_dsn).await?.batch_execute(&read("target.sql")?).await?;
+    connect(&env.source_dsn)
+        .await?
+        .batch_execute(&read("source.sql")?)
+        .await?;
+    connect(&env.target_dsn)
+        .await?
+        .batch_execute(&read("target.sql")?)
+        .await?;
     let spec_text = read("spec.yaml")?
         .replace("${SOURCE_DSN}", &env.source_dsn)
         .replace("${TARGET_DSN}", &env.target_dsn);
@@ -51,14 +60,28 @@ async fn run_example(dir: &Path) -> anyhow::Result<()> {
         Ok(())
     };
     ok(&["run", &spec, "--until", "backfill"])?;
-    connect(&env.source_dsn).await?.batch_execute(&read("changes.sql")?).await?;
+    connect(&env.source_dsn)
+        .await?
+        .batch_execute(&read("changes.sql")?)
+        .await?;
     ok(&["run", &spec, "--until", "cutover"])?;
     ok(&["verify", &spec])?;
     let (src_q, tgt_q) = compare_queries(&read("compare.sql")?)?;
-    let (s, t) = (rows(&env.source_dsn, &src_q).await?, rows(&env.target_dsn, &tgt_q).await?);
-    anyhow::ensure!(!s.is_empty(), "example {name}: the compare query returns rows");
-    anyhow::ensure!(s == t, "example {name}: source and target differ ({} vs {} rows; first difference {:?})",
-        s.len(), t.len(), s.iter().zip(&t).find(|(a, b)| a != b));
+    let (s, t) = (
+        rows(&env.source_dsn, &src_q).await?,
+        rows(&env.target_dsn, &tgt_q).await?,
+    );
+    anyhow::ensure!(
+        !s.is_empty(),
+        "example {name}: the compare query returns rows"
+    );
+    anyhow::ensure!(
+        s == t,
+        "example {name}: source and target differ ({} vs {} rows; first difference {:?})",
+        s.len(),
+        t.len(),
+        s.iter().zip(&t).find(|(a, b)| a != b)
+    );
     schemashift(&["cleanup", &spec])?;
     env.drop_all().await
 }

@@ -290,13 +290,25 @@ async fn metrics_endpoint_parses_as_prometheus_and_matches_the_report() -> anyho
         &dir,
         &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(2_500)),
     )?;
-    let out = schemashift(&["run", &spec, "--until", "backfill", "--json"])?;
+    let report_dir = dir.path().join("report");
+    let rd = report_dir.to_string_lossy().into_owned();
+    let out = schemashift(&[
+        "run", &spec, "--until", "backfill", "--json", "--report", &rd,
+    ])?;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report_dir.join("report.json"))?)?;
+    assert_eq!(
+        saved["rows_copied"], report["rows_copied"],
+        "report.json is the report"
+    );
+    let md = std::fs::read_to_string(report_dir.join("report.md"))?;
+    assert!(md.contains("| rows copied | 20000 in "), "{md}");
     // A coordinator with no workers holds the run still while we scrape it.
     let addr = format!("127.0.0.1:{}", free_port()?);
     let listen = format!("127.0.0.1:{}", free_port()?);

@@ -143,7 +143,14 @@ impl PartitionReplayer {
     }
 
     /// Applies up to `max` changes; returns how many were applied (0: caught up).
-    pub async fn step(&mut self, target: &mut Client, max: i64) -> Result<usize, WorkerError> {
+    /// `source` serves tables whose mapping reads other tables (merges): their rows are
+    /// re-read from it by key.
+    pub async fn step(
+        &mut self,
+        target: &mut Client,
+        source: &Client,
+        max: i64,
+    ) -> Result<usize, WorkerError> {
         let part = self.part;
         let fetched = self.fetch(target, max).await?;
         let Some(last) = fetched.last().map(|(s, _)| *s) else {
@@ -163,6 +170,10 @@ impl PartitionReplayer {
             .transaction()
             .await
             .map_err(|e| replay_err(part, "-", &e))?;
+        let (refresh, batch): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|(_, c)| self.plan.table(c.table).is_some_and(|t| t.refreshes()));
+        self.refresh(&tx, source, &refresh).await?;
         if !batch.is_empty() {
             self.apply(&mut tx, &batch).await?;
         }
@@ -172,7 +183,7 @@ impl PartitionReplayer {
                 &[
                     &(part as i32),
                     &last.0,
-                    &(batch.len() as i64),
+                    &((batch.len() + refresh.len()) as i64),
                     &self.epoch.0,
                     &marker.0.to_string(),
                     &(marker.1 as i32),
@@ -188,7 +199,62 @@ impl PartitionReplayer {
         self.pos = last;
         self.last = marker;
         // Skipped duplicates count as progress, so the caller does not go idle on them.
-        Ok(batch.len().max(1))
+        Ok((batch.len() + refresh.len()).max(1))
+    }
+
+    /// Tables whose mapping reads other source tables: the target rows of every touched
+    /// key are replaced by the mapped rows read from the source now (a later change of
+    /// the same key refreshes it again, so reading the newest state is safe).
+    async fn refresh(
+        &self,
+        tx: &Transaction<'_>,
+        source: &Client,
+        changes: &[(ChangeSeq, Change)],
+    ) -> Result<(), WorkerError> {
+        let mut by_table: HashMap<u32, Vec<Vec<String>>> = HashMap::new();
+        for (_, c) in changes {
+            let Some(t) = self.plan.table(c.table) else {
+                continue;
+            };
+            let keys = by_table.entry(c.table).or_default();
+            let new_key = match c.op {
+                Op::Insert | Op::Update => c.key(&t.source_key_index()),
+                Op::Delete | Op::Refresh => None,
+            };
+            for k in c.old_key.iter().cloned().chain(new_key) {
+                if !keys.contains(&k) {
+                    keys.push(k);
+                }
+            }
+        }
+        for (t, keys) in by_table {
+            let Some(table) = self.plan.table(t) else {
+                continue;
+            };
+            let fail = |e: tokio_postgres::Error| replay_err(self.part, &table.describe(), &e);
+            tx.execute(
+                &format!(
+                    "DELETE FROM ONLY {} WHERE {}",
+                    table.target,
+                    schemashift_common::sql::keys_in(&table.target_key, &keys)
+                ),
+                &[],
+            )
+            .await
+            .map_err(fail)?;
+            let sink = tx.copy_in(&table.copy_in_sql()).await.map_err(fail)?;
+            futures_util::pin_mut!(sink);
+            let rows = source
+                .copy_out(&table.copy_out_keys_sql(&keys))
+                .await
+                .map_err(fail)?;
+            futures_util::pin_mut!(rows);
+            while let Some(chunk) = futures_util::StreamExt::next(&mut rows).await {
+                sink.feed(chunk.map_err(fail)?).await.map_err(fail)?;
+            }
+            sink.as_mut().finish().await.map_err(fail)?;
+        }
+        Ok(())
     }
 
     async fn apply(

@@ -155,7 +155,7 @@ pub async fn run_worker<S: CoordinatorService>(
         let work = call(&w.me, "lease work", || w.svc.lease(&w.me, progress)).await?;
         match work {
             Work::Backfill { shard, epoch } => w.backfill(&mut sessions, shard, epoch).await?,
-            Work::Replay { partitions } => w.replay(&mut sessions.target, partitions).await?,
+            Work::Replay { partitions } => w.replay(&mut sessions, partitions).await?,
             Work::Verify { shard, epoch } => w.verify(&sessions, shard, epoch).await,
             Work::Wait(d) => {
                 tokio::select! {
@@ -303,7 +303,7 @@ impl<S: CoordinatorService> Worker<S> {
     /// or shutdown; then gives them back.
     async fn replay(
         &mut self,
-        target: &mut Client,
+        sessions: &mut Sessions,
         partitions: Vec<PartitionLease>,
     ) -> Result<(), WorkerError> {
         let lease = LeaseRef::Partitions(partitions.clone());
@@ -317,7 +317,7 @@ impl<S: CoordinatorService> Worker<S> {
         set_parent(&span, self.reg.traceparent.as_deref());
         let before = self.stats.changes;
         let outcome = self
-            .replay_loop(target, &partitions, &lease)
+            .replay_loop(sessions, &partitions, &lease)
             .instrument(span.clone())
             .await;
         span.record("changes", self.stats.changes - before);
@@ -341,13 +341,13 @@ impl<S: CoordinatorService> Worker<S> {
     /// Ok(true): stopped while holding the lease (give it back); Ok(false): lease lost.
     async fn replay_loop(
         &mut self,
-        target: &mut Client,
+        sessions: &mut Sessions,
         partitions: &[PartitionLease],
         lease: &LeaseRef,
     ) -> Result<bool, WorkerError> {
         let mut replayers = Vec::with_capacity(partitions.len());
         for l in partitions {
-            replayers.push(PartitionReplayer::open(target, self.plan.clone(), *l).await?);
+            replayers.push(PartitionReplayer::open(&sessions.target, self.plan.clone(), *l).await?);
         }
         let every = (self.reg.lease_ttl / 3).min(Duration::from_secs(1));
         let mut last_beat = Instant::now();
@@ -357,7 +357,9 @@ impl<S: CoordinatorService> Worker<S> {
             }
             let mut applied = 0;
             for r in replayers.iter_mut() {
-                applied += r.step(target, REPLAY_BATCH).await?;
+                applied += r
+                    .step(&mut sessions.target, &sessions.source, REPLAY_BATCH)
+                    .await?;
             }
             self.stats.changes += applied as u64;
             if last_beat.elapsed() >= every {

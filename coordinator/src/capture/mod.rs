@@ -4,20 +4,21 @@
 //! between the two, transactions at or below the saved position are skipped.
 
 pub mod pgoutput;
+mod relations;
 mod sink;
 
 use backon::BackoffBuilder;
+use relations::Relations;
 use sink::Sink;
 
 use crate::control::Store;
 use crate::error::CoordinatorError;
-use pgoutput::{Datum, Message, OldTuple, Relation};
-use schemashift_common::change::{partition_of, Change, Op};
+use pgoutput::Message;
+use schemashift_common::change::{Change, Op};
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::Lsn;
 use schemashift_common::plan::RunPlan;
 use schemashift_common::sql::quote_ident;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -49,12 +50,16 @@ pub async fn ensure_slot(
         .map_err(db("checking publication"))?
         .get(0);
     if !has_pub {
-        let tables = plan
-            .tables
-            .iter()
-            .map(|t| t.source.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
+        // Lookup tables of merges too: their changes refresh the merged rows.
+        let mut names: Vec<String> = Vec::new();
+        for t in &plan.tables {
+            for n in std::iter::once(&t.source).chain(t.lookups.iter().map(|l| &l.source)) {
+                if !names.contains(&n.to_string()) {
+                    names.push(n.to_string());
+                }
+            }
+        }
+        let tables = names.join(", ");
         source
             .batch_execute(&format!(
                 "CREATE PUBLICATION {} FOR TABLE {tables}",
@@ -141,12 +146,6 @@ pub async fn flush_wal(source: &Client) -> Result<(), CoordinatorError> {
         .map_err(db("flushing source WAL"))
 }
 
-/// A published relation we migrate: its table and where its key sits in a tuple.
-struct RelInfo {
-    table: u32,
-    key_idx: Vec<usize>,
-}
-
 /// Where capture stands, for replay, lag and cutover.
 #[derive(Clone, Copy, Debug)]
 pub struct CaptureProgress {
@@ -164,7 +163,7 @@ pub struct Capture {
     control: ControlSql,
     slot: String,
     position: Lsn,
-    relations: HashMap<u32, RelInfo>,
+    relations: Relations,
     changes: u64,
     sink: Sink,
 }
@@ -178,6 +177,7 @@ impl Capture {
     ) -> Result<Self, CoordinatorError> {
         let control = ControlSql::new(&plan.control_schema);
         let sink = Sink::for_plan(&plan)?;
+        let relations = Relations::new(plan.clone());
         let position = Store::new(&plan.control_schema)
             .capture_position(&target)
             .await?
@@ -189,104 +189,10 @@ impl Capture {
             control,
             slot,
             position,
-            relations: HashMap::new(),
+            relations,
             changes: 0,
             sink,
         })
-    }
-
-    fn relation(&mut self, rel: &Relation) -> Result<(), CoordinatorError> {
-        let Some(t) = self
-            .plan
-            .tables
-            .iter()
-            .find(|t| t.source.schema == rel.namespace && t.source.name == rel.name)
-        else {
-            return Ok(());
-        };
-        let got: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
-        let want: Vec<&str> = t.source_columns.iter().map(|c| c.name.as_str()).collect();
-        if got != want {
-            return Err(CoordinatorError::Capture(format!(
-                "table {}: its columns changed during the run (now {got:?}, planned {want:?}); \
-                 DDL on a migrated table is not supported: roll back, change the spec, start again",
-                t.source
-            )));
-        }
-        self.relations.insert(
-            rel.oid,
-            RelInfo {
-                table: t.index,
-                key_idx: t.source_key_index(),
-            },
-        );
-        Ok(())
-    }
-
-    fn to_change(
-        &self,
-        rel: u32,
-        lsn: Lsn,
-        op: Op,
-        old: Option<&OldTuple>,
-        new: Option<&Vec<Datum>>,
-    ) -> Result<Option<(u32, Change)>, CoordinatorError> {
-        let Some(info) = self.relations.get(&rel) else {
-            return Ok(None);
-        };
-        let table = info.table;
-        let old_key = match old {
-            Some(o) => {
-                let t = o.tuple();
-                let k: Option<Vec<String>> = info
-                    .key_idx
-                    .iter()
-                    .map(|&i| match t.get(i) {
-                        Some(Datum::Text(s)) => Some(s.clone()),
-                        _ => None,
-                    })
-                    .collect();
-                Some(k.ok_or_else(|| {
-                    CoordinatorError::Capture(format!(
-                        "table {}: a change arrived without its key",
-                        self.plan
-                            .table(table)
-                            .map(|t| t.describe())
-                            .unwrap_or_default()
-                    ))
-                })?)
-            }
-            None => None,
-        };
-        let mut values = Vec::new();
-        let mut unchanged = Vec::new();
-        if let Some(n) = new {
-            for (i, d) in n.iter().enumerate() {
-                match d {
-                    Datum::Null => values.push(None),
-                    Datum::Text(s) => values.push(Some(s.clone())),
-                    Datum::Unchanged => {
-                        values.push(None);
-                        unchanged.push(i as u16);
-                    }
-                }
-            }
-        }
-        let change = Change {
-            table,
-            op,
-            lsn,
-            xid: 0,
-            ordinal: 0,
-            old_key,
-            values,
-            unchanged,
-        };
-        let key = change.key(&info.key_idx).unwrap_or_default();
-        Ok(Some((
-            partition_of(table, &key, self.plan.partitions),
-            change,
-        )))
     }
 
     /// One peek → append → advance round. Returns the number of transactions taken and
@@ -320,30 +226,33 @@ impl Capture {
             let data: &[u8] = r.get(0);
             let msg =
                 pgoutput::decode(data).map_err(|e| CoordinatorError::Capture(e.to_string()))?;
-            let change = match msg {
+            let changes = match msg {
                 Message::Begin { final_lsn, xid } => {
                     tx_changes.clear();
                     tx_lsn = final_lsn;
                     tx_xid = xid;
-                    None
+                    Vec::new()
                 }
                 Message::Relation(rel) => {
-                    self.relation(&rel)?;
-                    None
+                    self.relations.learn(&rel)?;
+                    Vec::new()
                 }
                 Message::Insert { rel, new } => {
-                    self.to_change(rel, tx_lsn, Op::Insert, None, Some(&new))?
+                    self.relations
+                        .changes(rel, tx_lsn, Op::Insert, None, Some(&new))?
                 }
                 Message::Update { rel, old, new } => {
-                    self.to_change(rel, tx_lsn, Op::Update, old.as_ref(), Some(&new))?
+                    self.relations
+                        .changes(rel, tx_lsn, Op::Update, old.as_ref(), Some(&new))?
                 }
                 Message::Delete { rel, old } => {
-                    self.to_change(rel, tx_lsn, Op::Delete, Some(&old), None)?
+                    self.relations
+                        .changes(rel, tx_lsn, Op::Delete, Some(&old), None)?
                 }
                 Message::Truncate { rels } => {
                     if let Some(t) = rels
                         .iter()
-                        .find_map(|r| self.relations.get(r))
+                        .find_map(|r| self.relations.tables_of(*r).next())
                         .and_then(|info| self.plan.table(info.table))
                     {
                         return Err(CoordinatorError::Capture(format!(
@@ -352,7 +261,7 @@ impl Capture {
                             t.source
                         )));
                     }
-                    None
+                    Vec::new()
                 }
                 Message::Commit { end_lsn, .. } => {
                     // Already in the change log from before a crash: skip, do not duplicate.
@@ -362,11 +271,11 @@ impl Capture {
                         txs += 1;
                     }
                     tx_changes.clear();
-                    None
+                    Vec::new()
                 }
-                Message::Origin { .. } | Message::Ignored => None,
+                Message::Origin { .. } | Message::Ignored => Vec::new(),
             };
-            if let Some((part, mut c)) = change {
+            for (part, mut c) in changes {
                 c.xid = tx_xid;
                 c.ordinal = tx_changes.len() as u32;
                 tx_changes.push((part, c));

@@ -1,0 +1,426 @@
+//! schemashift itself: the backfill at several worker counts, and capture and replay of
+//! a mixed change workload through the Postgres change log and (with tansu) Kafka.
+
+use super::{
+    parallelisms, target_table_and_indexes, Bench, Collected, Indexes, Kind, Measurement, Outcome,
+};
+use anyhow::Context;
+use schemashift_common::ids::{LeaseEpoch, Lsn};
+use schemashift_common::pg::{connect, install_helpers};
+use schemashift_common::scenario::{
+    users_spec_yaml, COMPLEX_NAMES, FIRST_NAMES, LAST_NAMES, TARGET_DDL,
+};
+use schemashift_common::service::PartitionLease;
+use schemashift_common::spec::Spec;
+use schemashift_coordinator::capture::{flush_wal, Capture};
+use schemashift_coordinator::control::Store;
+use schemashift_coordinator::ops::cleanup;
+use schemashift_coordinator::run::{run, RunOptions, RunReport, Until};
+use schemashift_worker::replay::PartitionReplayer;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+use tokio_postgres::Client;
+
+/// Changes per workload transaction: a few large transactions, as a batch job makes.
+const WORKLOAD_TX: u64 = 25_000;
+/// Changes per replay step.
+const REPLAY_BATCH: i64 = 5_000;
+/// Replay that applies nothing for this long while changes are missing has failed.
+const REPLAY_STALL: Duration = Duration::from_secs(60);
+/// How schemashift was measured, for the markdown report.
+pub(super) const HOW: &str = "\
+- **schemashift backfill**: `run --until backfill` in this process (embedded workers); the \
+time is the backfill phase of the run report, wall adds planning, slot creation and capture \
+start. *excluded*: the target has no name indexes and none are built.
+- **schemashift capture / replay**: after a one-worker backfill, a mixed change workload on \
+the source (40% inserts, 45% updates of full_name and bio, 15% deletes, in transactions of up \
+to 25,000 changes); capture alone (`Capture::round` until the source's WAL position), then \
+one `PartitionReplayer` applying the change log in batches of 5,000. Rows count changes.
+";
+/// Worker name of the bench's own replayer in the control schema.
+const REPLAYER: &str = "bench-replayer";
+
+pub(super) async fn run_all(b: &Bench, c: &mut Collected) -> Option<f64> {
+    for w in parallelisms(b.workers) {
+        let label = format!("schemashift_{w}_in_place");
+        b.measure(c, &label, TARGET_DDL, |db| {
+            backfill(b, db, w, Indexes::InPlace)
+        })
+        .await;
+    }
+    let (table_only, _) = target_table_and_indexes();
+    let label = format!("schemashift_{}_excluded", b.workers);
+    b.measure(c, &label, &table_only, |db| {
+        backfill(b, db, b.workers, Indexes::Excluded)
+    })
+    .await;
+    let peak = peak_rss_mib();
+    // The workload writes to the source, so this runs after every copy of the
+    // pristine table.
+    b.measure(c, "replay_postgres", TARGET_DDL, |db| replay(b, db, None))
+        .await;
+    match Tansu::start().await {
+        Ok(Some(broker)) => {
+            let url = broker.changelog();
+            b.measure(c, "replay_kafka", TARGET_DDL, |db| replay(b, db, Some(url)))
+                .await;
+            broker.stop().await;
+        }
+        Ok(None) => c.notes.push(
+            "kafka replay skipped: tansu not found on PATH or in ~/.cargo/bin \
+             (cargo install tansu --locked --features dynostore)"
+                .into(),
+        ),
+        Err(e) => {
+            c.notes
+                .push(format!("kafka replay: tansu did not start: {e:#}"));
+            c.failed = true;
+        }
+    }
+    peak
+}
+
+/// Peak resident set of this process (`VmHWM`), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    let kib: f64 = line.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn spec(b: &Bench, db: &str, workers: usize, changelog: Option<&str>) -> anyhow::Result<Spec> {
+    let mut yaml = users_spec_yaml(&b.source_dsn(), &b.tgt.dsn(db), workers, None);
+    if let Some(url) = changelog {
+        yaml = format!("changelog: {url}\n{yaml}");
+    }
+    Ok(Spec::parse(&yaml)?)
+}
+
+async fn run_backfill(spec: &Spec, workers: usize) -> anyhow::Result<RunReport> {
+    // Kept until the run returns: a dropped sender would wake every wait on it at once.
+    let (_keep, shutdown) = tokio::sync::watch::channel(false);
+    let opts = RunOptions {
+        workers: Some(workers),
+        until: Until::Backfill,
+        metrics_listen: None,
+    };
+    run(spec, opts, shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!("schemashift run: {e}"))
+}
+
+/// Drops slot, publication and control state; the run's result matters more than this.
+async fn cleaned<T>(spec: &Spec, r: anyhow::Result<T>) -> anyhow::Result<T> {
+    let c = cleanup(spec).await;
+    let v = r?;
+    c.map_err(|e| anyhow::anyhow!("schemashift cleanup: {e}"))?;
+    Ok(v)
+}
+
+async fn backfill(
+    b: &Bench,
+    db: String,
+    workers: usize,
+    indexes: Indexes,
+) -> anyhow::Result<Outcome> {
+    let spec = spec(b, &db, workers, None)?;
+    let started = Instant::now();
+    let r = run_backfill(&spec, workers).await;
+    let wall = started.elapsed().as_secs_f64();
+    let report = cleaned(&spec, r).await?;
+    let count = b.check_rows(&db).await?;
+    let mut m = b.copied(
+        Kind::SchemashiftBackfill,
+        "schemashift backfill",
+        workers,
+        indexes,
+    );
+    m.note = Some(format!("{} shards", report.shards));
+    Ok(Outcome::Measured(vec![b.timed(
+        m,
+        count,
+        report.backfill_seconds,
+        wall,
+    )]))
+}
+
+async fn replay(b: &Bench, db: String, kafka: Option<String>) -> anyhow::Result<Outcome> {
+    let spec = spec(b, &db, 1, kafka.as_deref())?;
+    let log = if kafka.is_some() {
+        "kafka log, tansu"
+    } else {
+        "postgres log"
+    };
+    let r = capture_and_replay(b, &spec, log).await;
+    Ok(Outcome::Measured(cleaned(&spec, r).await?))
+}
+
+/// A capture or replay result: one worker, no table copied, counts of changes.
+fn change_rate(b: &Bench, kind: Kind, method: String, count: u64, secs: f64) -> Measurement {
+    let m = Measurement {
+        kind,
+        method,
+        parallelism: 1,
+        // Replay applies the mapping; capture only decodes.
+        transformed: (kind == Kind::SchemashiftReplay).then_some(true),
+        unit: "changes",
+        ..Measurement::default()
+    };
+    b.timed(m, count, secs, secs)
+}
+
+async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result<Vec<Measurement>> {
+    run_backfill(spec, 1).await?;
+    let source = connect(&spec.source, "source").await?;
+    let total = (b.rows / 10).max(50_000);
+    tracing::info!(changes = total, "running the change workload on the source");
+    let changes = workload(&source, total).await?;
+    let end: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let end: Lsn = end.parse()?;
+    flush_wal(&source).await?;
+
+    let mut target = connect(&spec.target, "target").await?;
+    let store = Store::new(&spec.control_schema);
+    let state = store
+        .load(&target)
+        .await?
+        .context("no control state after the backfill")?;
+    let plan = Arc::new(state.plan);
+    let capture_target = connect(&spec.target, "target").await?;
+    let mut capture = Capture::open(source, capture_target, plan.clone(), state.slot).await?;
+    let started = Instant::now();
+    loop {
+        let (_, cut_short, head) = capture.round().await?;
+        if !cut_short && head >= end {
+            break;
+        }
+    }
+    let capture_secs = started.elapsed().as_secs_f64();
+    drop(capture);
+
+    install_helpers(&target, &plan.helpers, "target").await?;
+    // The run's embedded workers may have leased the partition when its backfill ended.
+    store.release_leases_of(&target, "embedded-").await?;
+    let lease = target
+        .query_opt(
+            &store.sql.lease_partitions(),
+            &[&REPLAYER, &3600.0f64, &1i64],
+        )
+        .await?
+        .context("change-log partition 0 could not be leased")?;
+    let (part, epoch): (i32, i64) = (lease.get(0), lease.get(1));
+    anyhow::ensure!(part == 0, "leased partition {part}, expected 0");
+    let lease = PartitionLease {
+        part: 0,
+        epoch: LeaseEpoch(epoch),
+    };
+    let mut replayer = PartitionReplayer::open(&target, plan, lease).await?;
+    let started = Instant::now();
+    // Only merges read the source during replay; the users split does not.
+    let replay_source = connect(&spec.source, "source").await?;
+    let applied = replay_all(&mut replayer, &mut target, &replay_source, changes).await?;
+    let replay_secs = started.elapsed().as_secs_f64();
+    Ok(vec![
+        change_rate(
+            b,
+            Kind::SchemashiftCapture,
+            format!("schemashift capture ({log})"),
+            changes,
+            capture_secs,
+        ),
+        change_rate(
+            b,
+            Kind::SchemashiftReplay,
+            format!("schemashift replay ({log})"),
+            applied,
+            replay_secs,
+        ),
+    ])
+}
+
+/// Steps until everything captured is applied and two steps in a row find nothing new.
+async fn replay_all(
+    r: &mut PartitionReplayer,
+    target: &mut Client,
+    source: &Client,
+    expected: u64,
+) -> anyhow::Result<u64> {
+    let (mut applied, mut idle) = (0u64, 0);
+    let mut last_progress = Instant::now();
+    while idle < 2 || applied < expected {
+        let n = r.step(target, source, REPLAY_BATCH).await?;
+        if n > 0 {
+            applied += n as u64;
+            idle = 0;
+            last_progress = Instant::now();
+            continue;
+        }
+        idle += 1;
+        anyhow::ensure!(
+            last_progress.elapsed() < REPLAY_STALL,
+            "replay applied {applied} of {expected} changes and then nothing for {REPLAY_STALL:?}"
+        );
+        if applied < expected {
+            // A Kafka consumer may still be connecting; do not spin on it.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(applied)
+}
+
+fn sql_array(items: &[&str]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|s| format!("'{}'", s.replace('\'', "''")))
+        .collect();
+    format!("(ARRAY[{}]::text[])", quoted.join(","))
+}
+
+/// A random element of a constant array, drawn per row.
+fn pick(items: &[&str]) -> String {
+    format!(
+        "{}[1 + floor(random() * {})::int]",
+        sql_array(items),
+        items.len()
+    )
+}
+
+/// A full name from the scenario's mix, `r` being a per-row random number.
+fn name_expr() -> String {
+    let (f, l, c) = (pick(FIRST_NAMES), pick(LAST_NAMES), pick(COMPLEX_NAMES));
+    format!(
+        "CASE WHEN r < 0.85 THEN {f} || ' ' || {l} WHEN r < 0.95 THEN {f} || ' ' || {f} || ' ' || {l} \
+         WHEN r < 0.99 THEN {f} ELSE {c} END"
+    )
+}
+
+/// About `total` changes on the source, all in SQL: 40% inserts of new users, 45%
+/// updates of full_name and bio of random existing users, 15% deletes, in
+/// transactions of at most [`WORKLOAD_TX`] changes. Returns the rows changed.
+async fn workload(source: &Client, total: u64) -> anyhow::Result<u64> {
+    let inserts = total * 40 / 100;
+    let updates = total * 45 / 100;
+    let deletes = total - inserts - updates;
+    let max_id: i64 = source
+        .query_one("SELECT coalesce(max(id), 0) FROM public.users", &[])
+        .await?
+        .get(0);
+    let name = name_expr();
+    let insert = source
+        .prepare(&format!(
+            "INSERT INTO public.users (id, email, full_name, bio) \
+             SELECT i, 'bench' || i || '@example.com', {name}, 'Bench user ' || i \
+             FROM (SELECT i, random() AS r FROM generate_series($1::bigint, $2::bigint) AS i) AS s"
+        ))
+        .await?;
+    // Existing ids only (not this workload's inserts), drawn without repeats.
+    let update = source
+        .prepare(&format!(
+            "UPDATE public.users u SET full_name = {name}, bio = 'Updated ' || md5(random()::text), \
+             updated_at = now() \
+             FROM (SELECT id, random() AS r FROM public.users WHERE id <= $1 \
+                   ORDER BY random() LIMIT $2) AS s WHERE u.id = s.id"
+        ))
+        .await?;
+    let delete = source
+        .prepare(
+            "DELETE FROM public.users WHERE id IN (SELECT id FROM public.users WHERE id <= $1 \
+             ORDER BY random() LIMIT $2)",
+        )
+        .await?;
+    let chunks = |n: u64| {
+        (0..n.div_ceil(WORKLOAD_TX))
+            .map(move |i| (i * WORKLOAD_TX, WORKLOAD_TX.min(n - i * WORKLOAD_TX)))
+    };
+    let mut changed = 0;
+    for (offset, n) in chunks(inserts) {
+        let lo = max_id + 1 + offset as i64;
+        changed += source
+            .execute(&insert, &[&lo, &(lo + n as i64 - 1)])
+            .await?;
+    }
+    for (_, n) in chunks(updates) {
+        changed += source.execute(&update, &[&max_id, &(n as i64)]).await?;
+    }
+    for (_, n) in chunks(deletes) {
+        changed += source.execute(&delete, &[&max_id, &(n as i64)]).await?;
+    }
+    Ok(changed)
+}
+
+/// A Kafka-protocol broker with in-memory storage, started like the tests start it.
+pub(super) struct Tansu {
+    child: Child,
+    port: u16,
+}
+
+/// tansu on PATH, then in ~/.cargo/bin (where `cargo install` puts it).
+fn tansu_bin() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join("tansu"))
+        .find(|p| p.is_file())
+}
+
+impl Tansu {
+    pub async fn start() -> anyhow::Result<Option<Tansu>> {
+        let Some(bin) = tansu_bin() else {
+            return Ok(None);
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("finding a free port for tansu")?
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting tansu")?;
+        let broker = Tansu { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "tansu did not listen on port {port}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(port, "tansu started");
+        Ok(Some(broker))
+    }
+
+    pub fn changelog(&self) -> String {
+        format!("kafka://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn stop(mut self) {
+        if let Err(e) = self.child.kill().await {
+            tracing::warn!(error = %e, "could not stop tansu");
+        }
+    }
+}

@@ -1,0 +1,461 @@
+//! The peers schemashift is measured against, each run the way its users run it: binary
+//! COPY pipes between two psql processes, postgres_fdw, pgcopydb and native logical
+//! replication. Also what the report says about the machine and its tools.
+
+use super::{
+    client, parallelisms, target_table_and_indexes, Bench, Collected, Indexes, Kind, Measurement,
+    Outcome, SOURCE_DB,
+};
+use anyhow::Context;
+use schemashift_common::cluster::{bin_dir, ClusterOptions};
+use schemashift_common::scenario::{SOURCE_DDL, SPLIT_FUNCTIONS, TARGET_DDL};
+use schemashift_common::sql::quote_ident;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+use tokio::process::Command;
+use tokio::task::JoinSet;
+use tokio_postgres::Client;
+
+/// One stream: the source evaluates the mapping, the target loads binary rows. psql
+/// connections and statements come from the environment, so nothing is shell-quoted.
+const PIPE: &str = "\"$PSQL\" -X -q -v ON_ERROR_STOP=1 -d \"$SRC\" -c \"$OUT_SQL\" \
+    | \"$PSQL\" -X -q -v ON_ERROR_STOP=1 -d \"$TGT\" -c \"$IN_SQL\"";
+
+const COPY_IN: &str = "COPY public.users (id, email, first_name, last_name, bio, created_at, \
+    updated_at) FROM STDIN (FORMAT binary)";
+
+/// The same mapping as the spec's, as plain SQL over the source table.
+const MAPPED: &str = "id, email, split_first(full_name), split_last(full_name), bio, \
+    created_at, updated_at";
+
+/// Server settings the report quotes: the clusters' own plus what bulk loads depend on.
+const SETTINGS: &str = "wal_level fsync synchronous_commit full_page_writes shared_buffers \
+    max_wal_size work_mem maintenance_work_mem max_parallel_maintenance_workers max_worker_processes";
+
+/// How often logical replication's sync state is polled.
+const SYNC_POLL: Duration = Duration::from_millis(20);
+/// A sync slower than this is reported as a failure rather than waited for forever.
+const SYNC_LIMIT: Duration = Duration::from_secs(3600);
+
+pub(super) async fn run_all(b: &Bench, c: &mut Collected) {
+    let (table_only, _) = target_table_and_indexes();
+    for k in parallelisms(b.workers) {
+        let label = format!("raw_{k}_in_place");
+        b.measure(c, &label, TARGET_DDL, |db| {
+            raw_pipe(b, db, k, Indexes::InPlace)
+        })
+        .await;
+    }
+    let mut rebuilt = vec![1, b.workers];
+    rebuilt.dedup();
+    for k in rebuilt {
+        let label = format!("raw_{k}_rebuilt");
+        b.measure(c, &label, &table_only, |db| {
+            raw_pipe(b, db, k, Indexes::Rebuilt)
+        })
+        .await;
+    }
+    b.measure(c, "fdw", TARGET_DDL, |db| fdw(b, db)).await;
+    b.measure(c, "pgcopydb", "", |db| pgcopydb(b, db)).await;
+    b.measure(c, "logical", SOURCE_DDL, |db| logical(b, db))
+        .await;
+}
+
+/// Real functions, not pg_temp ones: the peers evaluate them from plain psql sessions.
+pub(super) async fn create_split_functions(c: &Client) -> anyhow::Result<()> {
+    for f in SPLIT_FUNCTIONS {
+        c.batch_execute(f)
+            .await
+            .context("creating split functions")?;
+    }
+    Ok(())
+}
+
+/// Fills both ratio columns of the copy results from the raw-pipe rows.
+pub(super) fn ratios(results: &mut [Measurement]) {
+    let raw: Vec<(usize, Option<Indexes>, f64)> = results
+        .iter()
+        .filter(|m| m.kind == Kind::RawPipe)
+        .map(|m| (m.parallelism, m.indexes, m.per_second))
+        .collect();
+    let fastest = raw.iter().map(|r| r.2).fold(0.0, f64::max);
+    for m in results.iter_mut().filter(|m| m.unit == "rows") {
+        let same = raw
+            .iter()
+            .find(|r| r.0 == m.parallelism && r.1 == Some(Indexes::InPlace))
+            .map(|r| r.2)
+            .filter(|s| *s > 0.0);
+        m.vs_raw_same_parallelism = same.map(|s| m.per_second / s);
+        m.vs_fastest_raw = (fastest > 0.0).then(|| m.per_second / fastest);
+    }
+}
+
+/// The last `n` lines of a process's stderr, for an error message.
+fn stderr_tail(out: &Output, n: usize) -> String {
+    let text = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+async fn raw_pipe(
+    b: &Bench,
+    db: String,
+    streams: usize,
+    indexes: Indexes,
+) -> anyhow::Result<Outcome> {
+    let target = b.tgt.dsn(&db);
+    let span = i128::from(b.max_id) - i128::from(b.min_id) + 1;
+    let bound = |i: usize| (i128::from(b.min_id) + span * i as i128 / streams as i128) as i64;
+    let started = Instant::now();
+    let mut pipes = JoinSet::new();
+    for i in 0..streams {
+        let (lo, hi) = (bound(i), bound(i + 1));
+        let out_sql = format!(
+            "COPY (SELECT {MAPPED} FROM public.users WHERE id >= {lo} AND id < {hi}) \
+             TO STDOUT (FORMAT binary)"
+        );
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(PIPE)
+            .env("PSQL", &b.psql)
+            .env("SRC", b.source_dsn())
+            .env("TGT", &target)
+            .env("OUT_SQL", out_sql)
+            .env("IN_SQL", COPY_IN)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        pipes.spawn(async move { cmd.output().await });
+    }
+    while let Some(r) = pipes.join_next().await {
+        let out = r.context("pipe task")?.context("running sh")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "pipe failed ({}): {}",
+            out.status,
+            stderr_tail(&out, 5)
+        );
+    }
+    if indexes == Indexes::Rebuilt {
+        let (_, create) = target_table_and_indexes();
+        let mut builds = JoinSet::new();
+        for sql in create {
+            let dsn = target.clone();
+            builds.spawn(async move {
+                let c = client(&dsn).await?;
+                c.batch_execute(&sql).await.context("building an index")
+            });
+        }
+        while let Some(r) = builds.join_next().await {
+            r.context("index build task")??;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let count = b.check_rows(&db).await?;
+    let m = b.copied(
+        Kind::RawPipe,
+        "raw COPY pipe (psql to psql)",
+        streams,
+        indexes,
+    );
+    Ok(Outcome::Measured(vec![b.timed(m, count, secs, secs)]))
+}
+
+async fn fdw(b: &Bench, db: String) -> anyhow::Result<Outcome> {
+    let t = client(&b.tgt.dsn(&db)).await?;
+    let available: bool = t
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'postgres_fdw')",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !available {
+        return Ok(Outcome::Skipped(
+            "postgres_fdw not installed with this PostgreSQL (apt-get install postgresql-15)"
+                .into(),
+        ));
+    }
+    let started = Instant::now();
+    // fetch_size 10000 instead of the default 100: one round trip per 100 rows would
+    // measure latency, not the FDW.
+    t.batch_execute(&format!(
+        "CREATE EXTENSION postgres_fdw;
+         CREATE SERVER src FOREIGN DATA WRAPPER postgres_fdw
+             OPTIONS (host '127.0.0.1', port '{}', dbname '{SOURCE_DB}', fetch_size '10000');
+         CREATE USER MAPPING FOR postgres SERVER src OPTIONS (user 'postgres');
+         CREATE SCHEMA src;
+         IMPORT FOREIGN SCHEMA public LIMIT TO (users) FROM SERVER src INTO src",
+        b.src.port()
+    ))
+    .await
+    .context("setting up postgres_fdw")?;
+    create_split_functions(&t).await?;
+    let copy_started = Instant::now();
+    t.execute(
+        &format!(
+            "INSERT INTO public.users (id, email, first_name, last_name, bio, created_at, \
+             updated_at) SELECT {MAPPED} FROM src.users"
+        ),
+        &[],
+    )
+    .await
+    .context("INSERT ... SELECT over postgres_fdw")?;
+    let secs = copy_started.elapsed().as_secs_f64();
+    let wall = started.elapsed().as_secs_f64();
+    let count = b.check_rows(&db).await?;
+    let m = b.copied(
+        Kind::Fdw,
+        "postgres_fdw INSERT ... SELECT",
+        1,
+        Indexes::InPlace,
+    );
+    Ok(Outcome::Measured(vec![b.timed(m, count, secs, wall)]))
+}
+
+/// A program on PATH.
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+async fn pgcopydb(b: &Bench, db: String) -> anyhow::Result<Outcome> {
+    let Some(bin) = on_path("pgcopydb") else {
+        return Ok(Outcome::Skipped(
+            "pgcopydb not installed (apt-get install pgcopydb)".into(),
+        ));
+    };
+    let k = b.workers;
+    let work = tempfile::Builder::new()
+        .prefix("schemashift-bench-pgcopydb-")
+        .tempdir()
+        .context("creating pgcopydb's work directory")?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("clone")
+        .arg("--source")
+        .arg(b.source_dsn())
+        .arg("--target")
+        .arg(b.tgt.dsn(&db))
+        // pgcopydb refuses an existing directory as a leftover of a previous run.
+        .arg("--dir")
+        .arg(work.path().join("work"))
+        .args([
+            "--table-jobs",
+            &k.to_string(),
+            "--index-jobs",
+            &k.to_string(),
+        ])
+        .args(["--no-owner", "--no-acl", "--skip-extensions"]);
+    if k > 1 {
+        // pgcopydb copies a table in ceil(pg_table_size / threshold) parts; without
+        // this our single table would be one COPY whatever --table-jobs says.
+        let threshold = (b.bytes.max(1) as u64).div_ceil(k as u64);
+        cmd.arg("--split-tables-larger-than")
+            .arg(threshold.to_string());
+    }
+    // Its pg_dump and pg_restore from the servers' own version.
+    let mut path = vec![bin_dir()?];
+    if let Some(p) = std::env::var_os("PATH") {
+        path.extend(std::env::split_paths(&p));
+    }
+    cmd.env("PATH", std::env::join_paths(path)?)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let started = Instant::now();
+    let out = cmd.output().await.context("running pgcopydb")?;
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        out.status.success(),
+        "pgcopydb clone failed ({}): {}",
+        out.status,
+        stderr_tail(&out, 8)
+    );
+    let count = b.check_rows(&db).await?;
+    let mut m = b.copied(Kind::Pgcopydb, "pgcopydb clone", k, Indexes::Rebuilt);
+    m.note = Some(
+        "untransformed: pgcopydb cannot transform; its indexes are the source's two, \
+         and the time includes schema copy and VACUUM ANALYZE"
+            .into(),
+    );
+    Ok(Outcome::Measured(vec![b.timed(m, count, secs, secs)]))
+}
+
+async fn logical(b: &Bench, db: String) -> anyhow::Result<Outcome> {
+    let source = client(&b.source_dsn()).await?;
+    let target = client(&b.tgt.dsn(&db)).await?;
+    let name = quote_ident(&db);
+    source
+        .batch_execute(&format!("CREATE PUBLICATION {name} FOR TABLE public.users"))
+        .await
+        .context("creating the publication")?;
+    let synced = sync(b, &target, &db).await;
+    // Whatever happened: dropping the subscription drops its slot on the source.
+    let dropped = async {
+        target
+            .batch_execute(&format!("DROP SUBSCRIPTION IF EXISTS {name}"))
+            .await?;
+        source
+            .batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}"))
+            .await
+    }
+    .await;
+    let secs = synced?;
+    dropped.context("dropping the subscription and publication")?;
+    let count = b.check_rows(&db).await?;
+    let mut m = b.copied(
+        Kind::LogicalReplication,
+        "logical replication initial sync",
+        1,
+        Indexes::InPlace,
+    );
+    m.note = Some(
+        "untransformed: a subscription copies the table as it is; indexes are the source's two"
+            .into(),
+    );
+    Ok(Outcome::Measured(vec![b.timed(m, count, secs, secs)]))
+}
+
+/// Creates the subscription and waits until its table is synchronized; returns seconds.
+async fn sync(b: &Bench, target: &Client, name: &str) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    target
+        .batch_execute(&format!(
+            "CREATE SUBSCRIPTION {n} CONNECTION 'host=127.0.0.1 port={} user=postgres \
+             dbname={SOURCE_DB}' PUBLICATION {n} WITH (copy_data = true)",
+            b.src.port(),
+            n = quote_ident(name)
+        ))
+        .await
+        .context("creating the subscription")?;
+    loop {
+        let state: Option<String> = target
+            .query_opt(
+                "SELECT r.srsubstate::text FROM pg_subscription_rel r \
+                 JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.subname = $1",
+                &[&name],
+            )
+            .await?
+            .map(|r| r.get(0));
+        // 's': copied and synchronized; 'r': the apply worker has taken over too.
+        if matches!(state.as_deref(), Some("s" | "r")) {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        anyhow::ensure!(
+            started.elapsed() < SYNC_LIMIT,
+            "initial sync not done after {SYNC_LIMIT:?}"
+        );
+        tokio::time::sleep(SYNC_POLL).await;
+    }
+}
+
+/// First line a program prints for `--version`, if it runs.
+async fn version(program: &std::path::Path) -> Option<String> {
+    let out = Command::new(program).arg("--version").output().await.ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().next().map(|l| l.trim().to_string())
+}
+
+/// What the report says about this machine, its PostgreSQL and the peers' tools.
+pub(super) async fn machine(b: &Bench, source: &Client) -> anyhow::Result<Machine> {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let field = |text: &str, key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let cpu = field(&read("/proc/cpuinfo"), "model name").unwrap_or_else(|| "unknown".into());
+    let mem_kib: f64 = field(&read("/proc/meminfo"), "MemTotal")
+        .and_then(|v| v.trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    let opts = ClusterOptions::default();
+    let mut names: Vec<String> = SETTINGS.split_whitespace().map(String::from).collect();
+    names.extend(opts.extra_conf.iter().map(|(k, _)| k.clone()));
+    let rows = source
+        .query(
+            "SELECT n, current_setting(n) FROM unnest($1::text[]) WITH ORDINALITY AS s(n, i) \
+             ORDER BY i",
+            &[&names],
+        )
+        .await?;
+    let postgres: String = source.query_one("SHOW server_version", &[]).await?.get(0);
+    let pgcopydb = match on_path("pgcopydb") {
+        Some(p) => version(&p).await,
+        None => None,
+    };
+    Ok(Machine {
+        nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu,
+        memory_gib: mem_kib / 1_048_576.0,
+        postgres,
+        psql: version(&b.psql).await.unwrap_or_else(|| "unknown".into()),
+        pgcopydb,
+        settings: rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+    })
+}
+
+/// How the peers were run, for the markdown report.
+pub(super) const HOW: &str = "\
+- **raw COPY pipe**: `psql SOURCE -c \"COPY (SELECT id, email, split_first(full_name), \
+split_last(full_name), bio, created_at, updated_at FROM public.users WHERE id >= lo AND id < hi) \
+TO STDOUT (FORMAT binary)\" | psql TARGET -c \"COPY public.users (...) FROM STDIN (FORMAT binary)\"`, \
+as `sh -c` pipelines, one per id range (ranges split evenly between min and max id). \
+*rebuilt*: the table is created without its three name indexes, which are built after the \
+copy in three parallel sessions; the build is in the time. This is the speed limit of any \
+tool built on COPY: no bookkeeping, no retries, no change capture.
+- **postgres_fdw**: `IMPORT FOREIGN SCHEMA` of the source table (server option \
+`fetch_size '10000'`), the split functions created on the target, one \
+`INSERT INTO public.users SELECT ... FROM src.users`; the time is the INSERT, wall adds the setup.
+- **pgcopydb clone**: the source table as it is (pgcopydb cannot transform) into an empty \
+database, `--table-jobs K --index-jobs K --no-owner --no-acl --skip-extensions`, with \
+`--split-tables-larger-than` set so the table is copied in K parts; the time includes its \
+schema dump and restore, the two source indexes and its VACUUM ANALYZE.
+- **logical replication initial sync**: `CREATE SUBSCRIPTION ... WITH (copy_data = true)` to \
+a publication of the untransformed table, timed until `pg_subscription_rel` says synced.
+";
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu: String,
+    pub memory_gib: f64,
+    pub postgres: String,
+    pub psql: String,
+    pub pgcopydb: Option<String>,
+    /// Settings of `ClusterOptions::default()` clusters, as the server reports them.
+    pub settings: Vec<(String, String)>,
+}
+
+impl Machine {
+    /// Lines for the report's machine section.
+    pub(super) fn describe(&self) -> Vec<String> {
+        let settings: Vec<String> = self
+            .settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        vec![
+            format!(
+                "machine: {} cores ({}), {:.1} GiB memory",
+                self.nproc, self.cpu, self.memory_gib
+            ),
+            format!(
+                "PostgreSQL {} (clients: {}; pgcopydb: {})",
+                self.postgres,
+                self.psql,
+                self.pgcopydb.as_deref().unwrap_or("not installed")
+            ),
+            format!(
+                "clusters (ClusterOptions::default()): {}",
+                settings.join(", ")
+            ),
+        ]
+    }
+}
