@@ -82,6 +82,34 @@ async fn run_example(dir: &Path) -> anyhow::Result<()> {
         t.len(),
         s.iter().zip(&t).find(|(a, b)| a != b)
     );
+    // Every target sequence owned by a migrated column is past the values it must not repeat.
+    let t = connect(&env.target_dsn).await?;
+    let serials = t
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname), a.attname::text FROM pg_attribute a \
+             JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'public' AND c.relkind = 'r' AND a.attnum > 0 AND NOT a.attisdropped \
+             AND pg_get_serial_sequence(format('%I.%I', n.nspname, c.relname), a.attname) IS NOT NULL",
+            &[],
+        )
+        .await?;
+    for r in &serials {
+        let (table, col): (String, String) = (r.get(0), r.get(1));
+        let ok: bool = t
+            .query_one(
+                &format!(
+                    "SELECT (SELECT last_value FROM {seq}) >= coalesce((SELECT max({col}) FROM {table}), 0)",
+                    seq = t
+                        .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&table, &col])
+                        .await?
+                        .get::<_, String>(0),
+                ),
+                &[],
+            )
+            .await?
+            .get(0);
+        anyhow::ensure!(ok, "example {name}: the sequence of {table}.{col} was not moved past its values");
+    }
     schemashift(&["cleanup", &spec])?;
     env.drop_all().await
 }
