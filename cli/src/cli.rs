@@ -120,6 +120,16 @@ pub enum Command {
         #[arg(long)]
         tls_ca: Option<PathBuf>,
     },
+    /// After the cutover: apply target writes to the old schema continuously (reverse
+    /// sync), until Ctrl-C. `rollback` drains it by itself.
+    Reverse {
+        spec: PathBuf,
+        /// Apply what is there now, then exit.
+        #[arg(long)]
+        once: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Phase, shard progress and lag from the control state.
     Status {
         spec: PathBuf,
@@ -288,6 +298,34 @@ pub async fn execute(cli: Cli) -> i32 {
                 Err(e) => fail(e),
             }
         }
+        Command::Reverse { spec, once, json } => {
+            let spec = match load_spec(&spec) {
+                Ok(s) => s,
+                Err(c) => return c,
+            };
+            let until = if once {
+                match schemashift_coordinator::reverse::now(&spec).await {
+                    Ok(l) => schemashift_coordinator::reverse::Until::Lsn(l),
+                    Err(e) => return fail(e),
+                }
+            } else {
+                schemashift_coordinator::reverse::Until::Shutdown(shutdown_signal())
+            };
+            match schemashift_coordinator::reverse::sync(&spec, until).await {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        eprintln!(
+                            "reverse sync: {} changes captured, {} applied to the source in {:.1} s",
+                            r.changes_captured, r.changes_applied, r.seconds
+                        );
+                    }
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::Rollback { spec } => cleanup_cmd(spec, true).await,
         Command::Cleanup { spec } => cleanup_cmd(spec, false).await,
         Command::Bench {
@@ -340,15 +378,27 @@ async fn cleanup_cmd(spec: PathBuf, rollback: bool) -> i32 {
     let r = if rollback {
         schemashift_coordinator::ops::rollback(&spec).await
     } else {
-        schemashift_coordinator::ops::cleanup(&spec).await
+        schemashift_coordinator::ops::cleanup(&spec)
+            .await
+            .map(|cleanup| schemashift_coordinator::ops::RollbackOutcome {
+                switched_back: None,
+                cleanup,
+            })
     };
     match r {
-        Ok(r) => {
+        Ok(out) => {
+            if let Some(s) = &out.switched_back {
+                eprintln!(
+                    "switched back: {} target writes applied to the source, target frozen {:.0} ms, rollback took {:.1} s",
+                    s.changes_applied, s.freeze_ms, s.seconds
+                );
+            }
+            let r = &out.cleanup;
             eprintln!(
                 "slot dropped: {}, publication dropped: {}, control schema dropped: {}; a slot remains on the source: {}",
                 r.slot_dropped, r.publication_dropped, r.control_schema_dropped, r.slot_remains
             );
-            if rollback {
+            if rollback && out.switched_back.is_none() {
                 eprintln!("target tables were left as they are: empty them yourself before starting again");
             }
             0

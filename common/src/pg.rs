@@ -68,6 +68,44 @@ pub async fn install_helpers(
     Ok(())
 }
 
+/// Replication origins of our own replay sessions start with this: capture skips their
+/// transactions, so forward and reverse sync never echo each other's writes.
+pub const ORIGIN_PREFIX: &str = "schemashift_";
+
+/// Tags this session's transactions with a replication origin, when the role may (it
+/// needs superuser on PostgreSQL 15). Returns whether it did.
+pub async fn mark_origin(client: &Client, name: &str) -> bool {
+    let name = format!("{ORIGIN_PREFIX}{name}");
+    let created = client
+        .query_one(
+            "SELECT CASE WHEN pg_replication_origin_oid($1) IS NULL \
+             THEN pg_replication_origin_create($1) END",
+            &[&name],
+        )
+        .await;
+    match created {
+        // Another session created it at the same moment: fine.
+        Err(e) if e.code() != Some(&SqlState::UNIQUE_VIOLATION) => {
+            tracing::debug!(origin = %name, error = %describe(&e), "replication origin not created");
+            return false;
+        }
+        _ => {}
+    }
+    match client
+        .query_one(
+            "SELECT pg_replication_origin_session_setup($1)::text",
+            &[&name],
+        )
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!(origin = %name, error = %describe(&e), "replication origin not set");
+            false
+        }
+    }
+}
+
 /// The server's message (with detail and hint) rather than tokio-postgres' "db error".
 pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {

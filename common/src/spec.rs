@@ -137,6 +137,9 @@ pub struct CutoverSpec {
     pub freeze_timeout: Duration,
     #[serde(default)]
     pub switch_command: Option<String>,
+    /// Run by `rollback` after a cutover, in its freeze: point the application back.
+    #[serde(default)]
+    pub switch_back_command: Option<String>,
 }
 
 fn default_max_lag() -> Duration {
@@ -152,6 +155,7 @@ impl Default for CutoverSpec {
             max_lag: default_max_lag(),
             freeze_timeout: default_freeze_timeout(),
             switch_command: None,
+            switch_back_command: None,
         }
     }
 }

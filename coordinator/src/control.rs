@@ -131,6 +131,7 @@ impl Store {
         fingerprint: &str,
         plan: &RunPlan,
         shards: &[Shard],
+        drop_foreign_keys: bool,
     ) -> Result<(), CoordinatorError> {
         let e = err("creating control state");
         let tx = target.transaction().await.map_err(&e)?;
@@ -167,7 +168,9 @@ impl Store {
             .await
             .map_err(&e)?;
         }
-        crate::constraints::record_and_drop(&tx, self, plan).await?;
+        if drop_foreign_keys {
+            crate::constraints::record_and_drop(&tx, self, plan).await?;
+        }
         tx.execute(
             &format!(
                 "INSERT INTO {} (part, seq) SELECT p, 0 FROM generate_series(0, $1 - 1) AS p",
@@ -181,7 +184,11 @@ impl Store {
         Ok(())
     }
 
-    pub async fn set_phase(&self, target: &Client, phase: Phase) -> Result<(), CoordinatorError> {
+    pub async fn set_phase(
+        &self,
+        target: &impl tokio_postgres::GenericClient,
+        phase: Phase,
+    ) -> Result<(), CoordinatorError> {
         target
             .execute(
                 &format!(

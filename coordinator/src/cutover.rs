@@ -26,6 +26,8 @@ pub struct CutoverReport {
     pub sequences_moved: usize,
     pub late_changes: i64,
     pub foreign_keys_restored: usize,
+    /// A reverse slot records target writes for rollback (needs `reverse` mappings).
+    pub reverse_sync: bool,
 }
 
 /// Keys touched by changes after `after` (and up to `upto`), per table.
@@ -134,6 +136,9 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
                     moved += 1;
                 }
             }
+            // Before the application moves: every target write from now on flows back.
+            let reverse = crate::reverse::setup(&ctx.spec, &ctx.plan, &ctx.target).await?;
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, reverse, "freeze: reverse sync set up");
             if let Some(cmd) = &ctx.spec.cutover.switch_command {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let status = tokio::time::timeout(left, tokio::process::Command::new("sh").arg("-c").arg(cmd).status())
@@ -148,11 +153,12 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
                 return Err(CoordinatorError::CutoverAborted("freeze would exceed freeze_timeout".into()));
             }
             ctx.store.set_phase(&ctx.target, Phase::CutOver).await?;
-            Ok::<_, CoordinatorError>((keys.len(), moved, head))
+            Ok::<_, CoordinatorError>((keys.len(), moved, head, reverse))
         }
         .await;
         match outcome {
-            Ok((keys, moved, frozen_head)) => {
+            Ok((keys, moved, frozen_head, reverse)) => {
+                report.reverse_sync = reverse;
                 tx.commit()
                     .await
                     .map_err(|e| CoordinatorError::db("releasing freeze", &e))?;

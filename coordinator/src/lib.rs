@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod ops;
 pub mod plan;
 pub mod replay;
+pub mod reverse;
 pub mod run;
 pub mod service;
 pub mod shard;

@@ -324,6 +324,12 @@ pub async fn cleanup(spec: &Spec) -> Result<CleanupReport, CoordinatorError> {
     let target = connect(&spec.target, "target").await?;
     let store = Store::new(&spec.control_schema);
     let mut report = CleanupReport::default();
+    // Reverse sync: its slot on the target, its state on the source.
+    let rstore = Store::new(&crate::reverse::schema(spec));
+    if let Some(r) = rstore.load(&source).await? {
+        crate::capture::drop_slot(&target, &r.slot).await?;
+        rstore.drop_schema(&source).await?;
+    }
     if let Some(state) = store.load(&target).await? {
         let (slot, publication) = crate::capture::drop_slot(&source, &state.slot).await?;
         report.slot_dropped = slot;
@@ -357,19 +363,36 @@ pub async fn cleanup(spec: &Spec) -> Result<CleanupReport, CoordinatorError> {
 }
 
 /// Before cutover: stop and clean up (the application never left the source).
-pub async fn rollback(spec: &Spec) -> Result<CleanupReport, CoordinatorError> {
+pub async fn rollback(spec: &Spec) -> Result<RollbackOutcome, CoordinatorError> {
     let target = connect(&spec.target, "target").await?;
     let store = Store::new(&spec.control_schema);
     if let Some(state) = store.load(&target).await? {
         if state.phase == Phase::CutOver {
-            return Err(CoordinatorError::State(
-                "the run is cut over: switching back needs reverse sync, which this version does not have yet; \
-                 the source tables are unchanged since the cutover except for writes made to them since"
-                    .into(),
-            ));
+            // After the cutover: drain reverse sync in a short target freeze, switch back.
+            let switched = crate::reverse::rollback(spec, &state.plan).await?;
+            tracing::info!(
+                seconds = switched.seconds,
+                applied = switched.changes_applied,
+                "switched back to the source"
+            );
+            let cleaned = cleanup(spec).await?;
+            return Ok(RollbackOutcome {
+                switched_back: Some(switched),
+                cleanup: cleaned,
+            });
         }
     }
-    cleanup(spec).await
+    Ok(RollbackOutcome {
+        switched_back: None,
+        cleanup: cleanup(spec).await?,
+    })
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RollbackOutcome {
+    /// Set when the run was cut over and the application was switched back.
+    pub switched_back: Option<crate::reverse::RollbackReport>,
+    pub cleanup: CleanupReport,
 }
 
 /// `plan`: validate and analyse; writes nothing.

@@ -189,12 +189,6 @@ pub async fn plan(
     let mut shards = Vec::new();
     let mut analysis = Vec::new();
     for (i, t) in spec.tables.iter().enumerate() {
-        if t.reverse.is_some() {
-            tracing::warn!(
-                table = %t.source,
-                "reverse mapping accepted but not used yet: reverse sync after cutover is not in this version"
-            );
-        }
         match plan_table(i as u32, t, &helpers, source, target, opts, &mut problems)
             .await
             .map_err(db)?

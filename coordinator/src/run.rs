@@ -181,6 +181,7 @@ impl RunCtx {
                         &spec.fingerprint(),
                         &planned.plan,
                         &planned.shards,
+                        true,
                     )
                     .await?;
                 report.tables = planned.analysis;

@@ -108,7 +108,10 @@ async fn run_example(dir: &Path) -> anyhow::Result<()> {
             )
             .await?
             .get(0);
-        anyhow::ensure!(ok, "example {name}: the sequence of {table}.{col} was not moved past its values");
+        anyhow::ensure!(
+            ok,
+            "example {name}: the sequence of {table}.{col} was not moved past its values"
+        );
     }
     schemashift(&["cleanup", &spec])?;
     env.drop_all().await

@@ -101,6 +101,8 @@ impl Sessions {
             let target = connect(&reg.target, "target").await?;
             // Replay evaluates the mapping on the target.
             install_helpers(&target, &reg.plan.helpers, "target").await?;
+            // Reverse sync after the cutover must not send our own writes back.
+            schemashift_common::pg::mark_origin(&target, "forward").await;
             Ok::<_, WorkerError>(Sessions { source, target })
         };
         open.retry(db_backoff())

@@ -220,6 +220,7 @@ impl Capture {
         let mut tx_changes: Vec<(u32, Change)> = Vec::new();
         let mut tx_lsn = Lsn(0);
         let mut tx_xid = 0u32;
+        let mut ours = false;
         let mut last_end = self.position;
         let mut txs = 0;
         for r in &rows {
@@ -229,6 +230,7 @@ impl Capture {
             let changes = match msg {
                 Message::Begin { final_lsn, xid } => {
                     tx_changes.clear();
+                    ours = false;
                     tx_lsn = final_lsn;
                     tx_xid = xid;
                     Vec::new()
@@ -266,6 +268,10 @@ impl Capture {
                 Message::Commit { end_lsn, .. } => {
                     // Already in the change log from before a crash: skip, do not duplicate.
                     if end_lsn > self.position {
+                        if ours {
+                            // Written by our own replay in the other direction: an echo.
+                            tx_changes.clear();
+                        }
                         pending.append(&mut tx_changes);
                         last_end = end_lsn;
                         txs += 1;
@@ -273,7 +279,11 @@ impl Capture {
                     tx_changes.clear();
                     Vec::new()
                 }
-                Message::Origin { .. } | Message::Ignored => Vec::new(),
+                Message::Origin { name, .. } => {
+                    ours = name.starts_with(schemashift_common::pg::ORIGIN_PREFIX);
+                    Vec::new()
+                }
+                Message::Ignored => Vec::new(),
             };
             for (part, mut c) in changes {
                 c.xid = tx_xid;

@@ -1,0 +1,336 @@
+//! Reverse sync: after the cutover the application writes to the target, and those
+//! writes flow back into the old schema with the spec's `reverse` mappings, so a rollback
+//! loses nothing. It is the forward pipeline mirrored: a slot on the target (created in
+//! the cutover freeze, before the application is switched), a change log and replay
+//! position in a `<control_schema>_reverse` schema on the source database, and the same
+//! replayer applying to the source tables. Replay sessions carry replication origins, so
+//! neither direction sends the other's writes back.
+
+use crate::capture::{ensure_slot, flush_wal, wal_lsn, Capture, WalPosition};
+use crate::control::{Phase, Store};
+use crate::error::CoordinatorError;
+use schemashift_common::control::ControlSql;
+use schemashift_common::ids::{LeaseEpoch, Lsn, RunId};
+use schemashift_common::pg::{connect, install_helpers, mark_origin};
+use schemashift_common::plan::{ColumnMap, LogPlan, RunPlan, SourceColumn, TablePlan};
+use schemashift_common::service::PartitionLease;
+use schemashift_common::spec::Spec;
+use schemashift_common::sql::{quote_ident, MappedExpr};
+use schemashift_worker::replay::PartitionReplayer;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
+    move |e| CoordinatorError::db(context, &e)
+}
+
+/// The reverse run's control schema, in the source database.
+pub fn schema(spec: &Spec) -> String {
+    format!("{}_reverse", spec.control_schema)
+}
+
+async fn target_columns(
+    target: &Client,
+    table: &str,
+) -> Result<Vec<SourceColumn>, CoordinatorError> {
+    Ok(target
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped AND attgenerated = '' \
+             ORDER BY attnum",
+            &[&table],
+        )
+        .await
+        .map_err(db("reading target columns"))?
+        .iter()
+        .map(|r| SourceColumn {
+            name: r.get(0),
+            sql_type: r.get(1),
+        })
+        .collect())
+}
+
+/// The mirrored plan, or why reverse sync is not possible (a source column with neither
+/// a `reverse` expression nor a column copied as is).
+pub async fn plan(
+    spec: &Spec,
+    fwd: &RunPlan,
+    target: &Client,
+) -> Result<Result<RunPlan, String>, CoordinatorError> {
+    let mut tables = Vec::new();
+    for t in &fwd.tables {
+        let Some(ts) = spec.tables.get(t.index as usize) else {
+            return Ok(Err(format!("table {} is not in the spec", t.source)));
+        };
+        if t.refreshes() {
+            return Ok(Err(format!(
+                "table {} is a merge; reverse sync of merges is not supported",
+                t.target
+            )));
+        }
+        let tcols = target_columns(target, &t.target.to_string()).await?;
+        let names: Vec<String> = tcols.iter().map(|c| c.name.clone()).collect();
+        let mut columns = Vec::new();
+        for sc in &t.source_columns {
+            let expr = match ts.reverse.as_ref().and_then(|r| r.get(&sc.name)) {
+                Some(e) => e.clone(),
+                None => match t.columns.iter().find(|c| c.deps == [sc.name.clone()] && (c.expr == sc.name || c.expr == quote_ident(&sc.name))) {
+                    Some(c) => quote_ident(&c.target),
+                    None => {
+                        return Ok(Err(format!(
+                            "table {}: source column {} has no `reverse` expression and is not copied as is",
+                            t.source, sc.name
+                        )))
+                    }
+                },
+            };
+            let m = MappedExpr::parse(&expr, &fwd.helpers, &names).map_err(|e| {
+                CoordinatorError::State(format!("table {}: reverse of {}: {e}", t.source, sc.name))
+            })?;
+            columns.push(ColumnMap {
+                target: sc.name.clone(),
+                target_type: sc.sql_type.clone(),
+                expr: m.sql,
+                deps: m.deps.into_iter().collect(),
+            });
+        }
+        tables.push(TablePlan {
+            index: t.index,
+            source: t.target.clone(),
+            target: t.source.clone(),
+            key: t.target_key.clone(),
+            target_key: t.key.clone(),
+            columns,
+            source_columns: tcols,
+            sequences: Vec::new(),
+            estimated_rows: 0,
+            estimated_bytes: 0,
+            shard_rows: 1,
+            lookups: Vec::new(),
+        });
+    }
+    Ok(Ok(RunPlan {
+        helpers: fwd.helpers.clone(),
+        tables,
+        partitions: 1,
+        control_schema: schema(spec),
+        changelog: LogPlan::Postgres,
+    }))
+}
+
+/// In the cutover freeze: the reverse slot on the target (so no application write after
+/// the switch is missed) and the reverse control state on the source. False when the
+/// spec has no complete reverse mapping (rollback after cutover is then unavailable).
+pub async fn setup(spec: &Spec, fwd: &RunPlan, target: &Client) -> Result<bool, CoordinatorError> {
+    let rplan = match plan(spec, fwd, target).await? {
+        Ok(p) => p,
+        Err(why) => {
+            tracing::warn!(reason = %why, "no reverse sync: rollback after the cutover will not be possible");
+            return Ok(false);
+        }
+    };
+    let mut source = connect(&spec.source, "source").await?;
+    let store = Store::new(&rplan.control_schema);
+    if store.load(&source).await?.is_none() {
+        let run_id = RunId::generate();
+        store
+            .init(
+                &mut source,
+                &run_id,
+                &spec.fingerprint(),
+                &rplan,
+                &[],
+                false,
+            )
+            .await?;
+        store.set_phase(&source, Phase::Replay).await?;
+    }
+    let state = store
+        .load(&source)
+        .await?
+        .ok_or_else(|| CoordinatorError::State("reverse control state vanished".into()))?;
+    ensure_slot(target, &rplan, &state.slot).await?;
+    tracing::info!(slot = %state.slot, "reverse sync slot created on the target");
+    Ok(true)
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReverseReport {
+    pub changes_captured: u64,
+    pub changes_applied: u64,
+    pub seconds: f64,
+}
+
+/// How long reverse sync runs.
+pub enum Until {
+    /// Until shutdown (`schemashift reverse`).
+    Shutdown(watch::Receiver<bool>),
+    /// Until every target commit before this WAL position is applied (rollback).
+    Lsn(Lsn),
+}
+
+/// Captures target changes into the reverse change log and applies them to the source.
+pub async fn sync(spec: &Spec, until: Until) -> Result<ReverseReport, CoordinatorError> {
+    let t0 = Instant::now();
+    let schema = schema(spec);
+    let store = Store::new(&schema);
+    let control_db = connect(&spec.source, "source").await?;
+    let Some(state) = store.load(&control_db).await? else {
+        return Err(CoordinatorError::State(
+            "no reverse sync is set up: it starts at the cutover (with `reverse` mappings in the spec)".into(),
+        ));
+    };
+    let plan = Arc::new(state.plan);
+    let target = connect(&spec.target, "target").await?;
+    let mut capture = Capture::open(
+        connect(&spec.target, "target").await?,
+        connect(&spec.source, "source").await?,
+        plan.clone(),
+        state.slot.clone(),
+    )
+    .await?;
+    // The applier: helpers for the reverse expressions, an origin so forward capture
+    // (should it run) skips these writes, and a fresh lease that fences other appliers.
+    let mut applier = connect(&spec.source, "source").await?;
+    install_helpers(&applier, &plan.helpers, "source").await?;
+    mark_origin(&applier, "reverse").await;
+    let worker = format!("reverse-{}", std::process::id());
+    // Take the partition whoever holds it: the newest applier (a rollback, say) wins and
+    // the epoch fences the older one's next write.
+    let epoch: i64 = control_db
+        .query_one(
+            &format!(
+                "UPDATE {} SET lease_epoch = lease_epoch + 1, worker = $1, \
+                 lease_expires_at = now() + interval '1 day' WHERE part = 0 RETURNING lease_epoch",
+                ControlSql::new(&schema).table("replay")
+            ),
+            &[&worker],
+        )
+        .await
+        .map_err(db("leasing the reverse partition"))?
+        .get(0);
+    let mut replayer = PartitionReplayer::open(
+        &applier,
+        plan.clone(),
+        PartitionLease {
+            part: 0,
+            epoch: LeaseEpoch(epoch),
+        },
+    )
+    .await?;
+    let mut report = ReverseReport::default();
+    let mut shutdown = match &until {
+        Until::Shutdown(s) => Some(s.clone()),
+        Until::Lsn(_) => None,
+    };
+    if let Until::Lsn(_) = until {
+        flush_wal(&target).await?;
+    }
+    loop {
+        let (_, cut_short, head) = capture.round().await?;
+        loop {
+            let n = replayer.step(&mut applier, &control_db, 5_000).await?;
+            report.changes_applied += n as u64;
+            if n == 0 {
+                break;
+            }
+        }
+        match &until {
+            Until::Lsn(l) if head >= *l && !cut_short => break,
+            Until::Lsn(_) => continue,
+            Until::Shutdown(_) => {}
+        }
+        if let Some(s) = shutdown.as_mut() {
+            if *s.borrow() {
+                break;
+            }
+            if !cut_short {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = s.changed() => {}
+                }
+            }
+        }
+    }
+    report.changes_captured = control_db
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {}",
+                ControlSql::new(&schema).table("changes")
+            ),
+            &[],
+        )
+        .await
+        .map_err(db("counting reverse changes"))?
+        .get::<_, i64>(0) as u64;
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The target's WAL insert position now: `sync` to it applies every write made so far.
+pub async fn now(spec: &Spec) -> Result<Lsn, CoordinatorError> {
+    let target = connect(&spec.target, "target").await?;
+    wal_lsn(&target, WalPosition::Insert).await
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RollbackReport {
+    pub freeze_ms: f64,
+    pub changes_applied: u64,
+    pub seconds: f64,
+}
+
+/// After the cutover: freeze the target tables, apply every write made to them to the
+/// source, run the switch-back hook, release. Nothing written on either side is lost.
+pub async fn rollback(spec: &Spec, fwd: &RunPlan) -> Result<RollbackReport, CoordinatorError> {
+    let t0 = Instant::now();
+    let mut target = connect(&spec.target, "target").await?;
+    let tables = fwd
+        .tables
+        .iter()
+        .map(|t| t.target.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let tx = target
+        .transaction()
+        .await
+        .map_err(db("starting the rollback freeze"))?;
+    tx.batch_execute("SET LOCAL lock_timeout = '5s'")
+        .await
+        .map_err(db("setting lock_timeout"))?;
+    tx.batch_execute(&format!("LOCK TABLE {tables} IN EXCLUSIVE MODE"))
+        .await
+        .map_err(db("freezing writes on the target for the rollback"))?;
+    let frozen = Instant::now();
+    let lsn = wal_lsn(&tx, WalPosition::Insert).await?;
+    let synced = sync(spec, Until::Lsn(lsn)).await?;
+    if let Some(cmd) = &spec.cutover.switch_back_command {
+        let status = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .status()
+            .await
+            .map_err(|e| {
+                CoordinatorError::State(format!("switch_back_command cannot start: {e}"))
+            })?;
+        if !status.success() {
+            return Err(CoordinatorError::State(format!(
+                "switch_back_command failed ({status}); the target stays frozen until this process exits, nothing was switched"
+            )));
+        }
+    }
+    Store::new(&spec.control_schema)
+        .set_phase(&tx, Phase::RolledBack)
+        .await?;
+    tx.commit()
+        .await
+        .map_err(db("releasing the rollback freeze"))?;
+    Ok(RollbackReport {
+        freeze_ms: frozen.elapsed().as_secs_f64() * 1000.0,
+        changes_applied: synced.changes_applied,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,135 @@
+//! After the cutover: target writes flow back into the old schema (reverse sync), and a
+//! rollback switches back losing nothing; a freeze that cannot get its locks aborts
+//! cleanly and leaves the source writable.
+
+use schemashift_common::scenario::users_spec_yaml;
+use schemashift_tests::{connect, schemashift, table_diff, users_env, write_spec, Proc};
+use std::time::Duration;
+
+fn ok(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    let out = schemashift(args)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "schemashift {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out)
+}
+
+/// Application writes in the new schema (names without inner spaces in last names, so the
+/// split of the rebuilt full name gives them back).
+const TARGET_WRITES_1: &str = "
+    INSERT INTO users (email, first_name, last_name, bio) VALUES
+      ('after1@example.com', 'Grace Brewster', 'Hopper', 'admiral'), ('after2@example.com', 'Cher', '', NULL);
+    UPDATE users SET first_name = 'Ada', last_name = 'Lovelace' WHERE id % 10 = 3;
+    UPDATE users SET bio = 'changed after cutover' WHERE id % 10 = 4;
+    DELETE FROM users WHERE id % 10 = 5;";
+const TARGET_WRITES_2: &str = "
+    INSERT INTO users (email, first_name, last_name) VALUES ('after3@example.com', 'Alan', 'Turing');
+    UPDATE users SET last_name = 'Hopper-Murray' WHERE email = 'after1@example.com';
+    DELETE FROM users WHERE id % 10 = 6;";
+
+#[tokio::test]
+async fn target_writes_after_cutover_reach_the_old_schema_and_rollback_loses_nothing(
+) -> anyhow::Result<()> {
+    let env = users_env("reverse_sync", 5_000).await?;
+    let dir = tempfile::tempdir()?;
+    let switched_back = dir.path().join("switched-back");
+    let spec = write_spec(
+        &dir,
+        &format!(
+            "{}cutover:\n  switch_back_command: touch {}\n",
+            users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(1_000)),
+            switched_back.display()
+        ),
+    )?;
+    let out = ok(&["run", &spec, "--until", "cutover", "--json"])?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["cutover"]["reverse_sync"], true, "{report}");
+    let s = connect(&env.source_dsn).await?;
+    let t = connect(&env.target_dsn).await?;
+    t.batch_execute(TARGET_WRITES_1).await?;
+    ok(&["reverse", &spec, "--once"])?;
+    assert_eq!(
+        table_diff(&s, &t).await?,
+        (0, 0, 0),
+        "reverse sync brought the target writes back"
+    );
+    let rebuilt: String = s
+        .query_one(
+            "SELECT full_name FROM users WHERE email = 'after1@example.com'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(
+        rebuilt, "Grace Brewster Hopper",
+        "the reverse mapping rebuilt full_name"
+    );
+
+    t.batch_execute(TARGET_WRITES_2).await?;
+    let out = ok(&["rollback", &spec])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("switched back"), "{err}");
+    assert!(switched_back.exists(), "switch_back_command ran");
+    assert_eq!(
+        table_diff(&s, &t).await?,
+        (0, 0, 0),
+        "rollback lost nothing"
+    );
+    let slots: i64 = t
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(slots, 0, "the reverse slot is gone after the rollback");
+    env.drop_all().await
+}
+
+#[tokio::test]
+async fn cutover_that_cannot_get_its_locks_aborts_and_leaves_the_source_writable(
+) -> anyhow::Result<()> {
+    let env = users_env("lock_abort", 3_000).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        &dir,
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(1_000)),
+    )?;
+    ok(&["run", &spec])?;
+    // A long transaction holds a lock that conflicts with the freeze.
+    let blocker = connect(&env.source_dsn).await?;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE users IN SHARE MODE")
+        .await?;
+    let mut cut = Proc::spawn(dir.path(), "cutover", &["cutover", &spec], &[])?;
+    let status = cut.wait(Duration::from_secs(120)).await?;
+    assert_eq!(status.code(), Some(1), "{}", cut.stderr_tail());
+    assert!(
+        cut.stderr().contains("could not freeze"),
+        "{}",
+        cut.stderr_tail()
+    );
+    blocker.batch_execute("COMMIT").await?;
+    let s = connect(&env.source_dsn).await?;
+    s.batch_execute(
+        "SET lock_timeout = '2s'; INSERT INTO users (email, full_name) VALUES ('still@writable.example', 'Still Writable')",
+    )
+    .await?;
+    let st = ok(&["status", &spec, "--json"])?;
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout)?;
+    assert_ne!(
+        st["phase"], "cut_over",
+        "the aborted cutover switched nothing"
+    );
+    // With the blocker gone, the same cutover goes through.
+    ok(&["cutover", &spec])?;
+    ok(&["verify", &spec])?;
+    assert_eq!(
+        table_diff(&s, &connect(&env.target_dsn).await?).await?,
+        (0, 0, 0)
+    );
+    schemashift(&["cleanup", &spec])?;
+    env.drop_all().await
+}
