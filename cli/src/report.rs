@@ -194,6 +194,22 @@ pub fn print_status(s: &Status, json: bool) {
                     .map(|e| format!(", backfill done in about {e:.0} s"))
                     .unwrap_or_default()
             );
+            if s.throttled || s.throttled_seconds > 0.0 {
+                eprintln!(
+                    "  throttle: {}{}; {:.1} s throttled in {} episodes",
+                    if s.throttled {
+                        "holding new shards back"
+                    } else {
+                        "released"
+                    },
+                    s.throttle_reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default(),
+                    s.throttled_seconds,
+                    s.throttle_episodes
+                );
+            }
             for p in &s.partitions {
                 eprintln!(
                     "  partition {}: log head {}, applied {}, {} waiting{}",

@@ -98,3 +98,13 @@ CREATE TABLE IF NOT EXISTS {schema}.constraints (
     restored   boolean NOT NULL DEFAULT false,
     PRIMARY KEY (table_name, name)
 );
+
+-- Throttling: whether new shards are held back now, why, and for how long in all.
+CREATE TABLE IF NOT EXISTS {schema}.throttle (
+    id        int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    throttled boolean NOT NULL,
+    reason    text,
+    since     timestamptz NOT NULL,
+    seconds   double precision NOT NULL DEFAULT 0,
+    episodes  int NOT NULL DEFAULT 0
+);

@@ -177,6 +177,49 @@ pub struct Spec {
     pub tables: Vec<TableSpec>,
     #[serde(default)]
     pub cutover: CutoverSpec,
+    #[serde(default)]
+    pub throttle: ThrottleSpec,
+}
+
+/// Source health limits: while one is exceeded, no new backfill shard starts.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleSpec {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Latency of a one-row read of a migrated table on the source.
+    #[serde(default = "default_probe_latency", with = "humantime_serde")]
+    pub probe_latency: Duration,
+    /// Replay lag of the source's physical replicas (pg_stat_replication).
+    #[serde(default = "default_replica_lag", with = "humantime_serde")]
+    pub replica_lag: Duration,
+    /// Sessions waiting on a lock on the source.
+    #[serde(default = "default_lock_waiters")]
+    pub lock_waiters: i64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_probe_latency() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_replica_lag() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_lock_waiters() -> i64 {
+    10
+}
+
+impl Default for ThrottleSpec {
+    fn default() -> Self {
+        ThrottleSpec {
+            enabled: true,
+            probe_latency: default_probe_latency(),
+            replica_lag: default_replica_lag(),
+            lock_waiters: default_lock_waiters(),
+        }
+    }
 }
 
 fn default_changelog() -> String {

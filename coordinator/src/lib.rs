@@ -17,6 +17,7 @@ pub mod reverse;
 pub mod run;
 pub mod service;
 pub mod shard;
+pub mod throttle;
 pub mod verify;
 
 pub use error::CoordinatorError;

@@ -156,6 +156,20 @@ pub fn render(st: &Status) -> String {
         "Replay batch failures since the last success, summed over partitions.",
         &[("", st.replay_failures as f64)],
     );
+    metric(
+        &mut o,
+        "schemashift_throttled",
+        "gauge",
+        "1 while new shards are held back for the source's health.",
+        &[("", f64::from(u8::from(st.throttled)))],
+    );
+    metric(
+        &mut o,
+        "schemashift_throttled_seconds_total",
+        "counter",
+        "Time spent throttled.",
+        &[("", st.throttled_seconds)],
+    );
     let busy = st
         .workers
         .iter()

@@ -78,6 +78,12 @@ pub struct Status {
     /// (then replay catches up and the run is ready to verify and cut over).
     pub backfill_rows_per_s: f64,
     pub eta_seconds: Option<f64>,
+    /// New shards are held back because the source is under stress.
+    pub throttled: bool,
+    pub throttle_reason: Option<String>,
+    /// Time spent throttled so far, and how many times it started.
+    pub throttled_seconds: f64,
+    pub throttle_episodes: i32,
 }
 
 fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
@@ -248,6 +254,23 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
         if st.backfill_rows_per_s > 0.0 {
             st.eta_seconds = Some(remaining as f64 / st.backfill_rows_per_s);
         }
+    }
+    if let Some(r) = target
+        .query_opt(
+            &format!(
+                "SELECT throttled, reason, seconds + CASE WHEN throttled THEN extract(epoch FROM now() - since) ELSE 0 END, \
+                 episodes FROM {}",
+                store.sql.table("throttle")
+            ),
+            &[],
+        )
+        .await
+        .map_err(db("reading throttle state"))?
+    {
+        st.throttled = r.get(0);
+        st.throttle_reason = r.get(1);
+        st.throttled_seconds = r.get(2);
+        st.throttle_episodes = r.get(3);
     }
     st.replay_failures = target
         .query_one(

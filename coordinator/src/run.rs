@@ -260,6 +260,18 @@ impl RunCtx {
         } else {
             Stage::Replay
         };
+        let throttle = Arc::new(crate::throttle::Throttle::new(spec.throttle.enabled));
+        tokio::spawn(
+            crate::throttle::watch_source(
+                spec.clone(),
+                plan.clone(),
+                connect(&spec.source, "source").await?,
+                connect(&spec.target, "target").await?,
+                throttle.clone(),
+                capture_stop.subscribe(),
+            )
+            .instrument(tracing::info_span!("throttle", run_id = %state.run_id)),
+        );
         let svc = Arc::new(ControlCoordinator::new(
             connect(&spec.target, "target").await?,
             Registration {
@@ -271,6 +283,7 @@ impl RunCtx {
                 traceparent: None,
             },
             stage,
+            throttle,
         ));
         let local = match mode {
             Workers::Embedded(_) => Some(spawn_local(&svc, workers, &state.run_id)),

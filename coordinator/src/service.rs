@@ -4,6 +4,7 @@
 //! coordinator: a lease is an epoch, and every commit of work is fenced by it.
 
 use crate::control::Store;
+use crate::throttle::Throttle;
 use schemashift_common::ids::{LeaseEpoch, ShardId};
 use schemashift_common::pg::describe;
 use schemashift_common::plan::{Shard, ShardRange};
@@ -12,7 +13,7 @@ use schemashift_common::service::{
     ServiceError, Work, WorkerInfo,
 };
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 use tokio_postgres::Client;
@@ -53,6 +54,7 @@ pub struct ControlCoordinator {
     workers: Mutex<HashMap<String, Seen>>,
     verify: Mutex<VerifyRound>,
     traceparent: Mutex<Option<String>>,
+    throttle: Arc<Throttle>,
     /// Woken when a shard completes or fails, so the driver need not poll fast.
     pub changed: Notify,
 }
@@ -79,7 +81,12 @@ fn split(parts: &[PartitionLease]) -> (Vec<i32>, Vec<i64>) {
 }
 
 impl ControlCoordinator {
-    pub fn new(target: Client, registration: Registration, stage: Stage) -> Self {
+    pub fn new(
+        target: Client,
+        registration: Registration,
+        stage: Stage,
+        throttle: Arc<Throttle>,
+    ) -> Self {
         let store = Store::new(&registration.plan.control_schema);
         ControlCoordinator {
             target,
@@ -89,6 +96,7 @@ impl ControlCoordinator {
             workers: Mutex::new(HashMap::new()),
             verify: Mutex::new(VerifyRound::default()),
             traceparent: Mutex::new(None),
+            throttle,
             changed: Notify::new(),
         }
     }
@@ -286,6 +294,8 @@ impl CoordinatorService for ControlCoordinator {
 
     async fn lease(&self, worker: &WorkerInfo, progress: Progress) -> Result<Work, ServiceError> {
         let work = match self.stage() {
+            // The source is under stress: no new shard until it recovers.
+            Stage::Backfill if self.throttle.throttled() => Work::Wait(Duration::from_millis(250)),
             Stage::Backfill => self
                 .lease_shard(worker)
                 .await?

@@ -133,3 +133,42 @@ async fn cutover_that_cannot_get_its_locks_aborts_and_leaves_the_source_writable
     schemashift(&["cleanup", &spec])?;
     env.drop_all().await
 }
+
+#[tokio::test]
+async fn throttling_holds_shards_back_while_the_source_is_over_its_limit() -> anyhow::Result<()> {
+    let env = users_env("throttle", 3_000).await?;
+    let dir = tempfile::tempdir()?;
+    // A limit no probe can meet: the source always counts as stressed.
+    let spec = write_spec(
+        &dir,
+        &format!(
+            "{}throttle:\n  probe_latency: 0s\n",
+            users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(500))
+        ),
+    )?;
+    let mut run = Proc::spawn(dir.path(), "run", &["run", &spec], &[])?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut throttled_reads = 0;
+    while throttled_reads < 3 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never throttled");
+        let st = schemashift(&["status", &spec, "--json"])?;
+        let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
+        if st["throttled"] == true {
+            assert!(
+                st["throttle_reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("probe read")),
+                "{st}"
+            );
+            assert_eq!(
+                st["shards"]["done"], 0,
+                "no shard starts while throttled: {st}"
+            );
+            assert_eq!(st["shards"]["leased"], 0, "{st}");
+            throttled_reads += 1;
+        }
+    }
+    run.kill9().await?;
+    schemashift(&["cleanup", &spec])?;
+    env.drop_all().await
+}

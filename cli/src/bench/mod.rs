@@ -96,6 +96,9 @@ pub struct BenchReport {
     /// VmHWM of this process after the schemashift backfills (workers run in-process).
     pub peak_rss_mib: Option<f64>,
     pub total_seconds: f64,
+    /// 1-minute load average at the start and the end: other work on the machine skews
+    /// every number.
+    pub load_average: (Option<f64>, Option<f64>),
 }
 
 /// What a method gives back: its measurements, or why it did not run here.
@@ -293,6 +296,7 @@ pub async fn bench(rows: u64, workers: usize, json: bool, out: Option<PathBuf>) 
 
 async fn bench_inner(rows: u64, workers: usize) -> anyhow::Result<(BenchReport, bool)> {
     let t0 = Instant::now();
+    let load_before = load_average();
     let psql = bin_dir()?.join("psql");
     tracing::info!("starting source and target clusters");
     let (src, tgt) = tokio::try_join!(
@@ -351,6 +355,7 @@ async fn bench_inner(rows: u64, workers: usize) -> anyhow::Result<(BenchReport, 
         notes: c.notes,
         peak_rss_mib,
         total_seconds: t0.elapsed().as_secs_f64(),
+        load_average: (load_before, load_average()),
     };
     let Bench { src, tgt, .. } = b;
     let (s, t) = tokio::join!(src.stop(), tgt.stop());
@@ -358,6 +363,12 @@ async fn bench_inner(rows: u64, workers: usize) -> anyhow::Result<(BenchReport, 
         tracing::warn!(error = %e, "could not stop a bench cluster");
     }
     Ok((report, c.failed))
+}
+
+/// The 1-minute load average of the machine.
+fn load_average() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
 }
 
 /// 1234567 → "1,234,567".
@@ -444,10 +455,15 @@ fn machine_lines(r: &BenchReport) -> Vec<String> {
 }
 
 fn footer_lines(r: &BenchReport) -> Vec<String> {
+    let load = |l: Option<f64>| l.map_or("unknown".to_string(), |l| format!("{l:.2}"));
     let mut v = vec![format!(
-        "peak memory of this process after the schemashift backfills (VmHWM): {}; bench wall time {:.0} s",
-        r.peak_rss_mib.map_or("unknown".into(), |m| format!("{m:.0} MiB")),
-        r.total_seconds
+        "peak memory of this process after the schemashift backfills (VmHWM): {}; bench wall \
+         time {:.0} s; load average (1 min) {} at the start, {} at the end",
+        r.peak_rss_mib
+            .map_or("unknown".into(), |m| format!("{m:.0} MiB")),
+        r.total_seconds,
+        load(r.load_average.0),
+        load(r.load_average.1),
     )];
     v.extend(r.results.iter().filter_map(|m| {
         let note = m.note.as_ref()?;
