@@ -130,6 +130,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The built-in application load on the users scenario (the source of SPEC, or a DSN):
+    /// reads by key, inserts, updates, deletes; latency percentiles per operation.
+    Load {
+        /// A spec file (its source is loaded) or a connection string.
+        spec_or_dsn: String,
+        /// Operations per second in all.
+        #[arg(long, default_value_t = 300)]
+        rate: u32,
+        /// Weight of reads against inserts 60, updates 30, deletes 10.
+        #[arg(long, default_value_t = 100)]
+        reads: u8,
+        /// Stop after this many seconds (default: at Ctrl-C).
+        #[arg(long)]
+        seconds: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Phase, shard progress and lag from the control state.
     Status {
         spec: PathBuf,
@@ -326,6 +343,13 @@ pub async fn execute(cli: Cli) -> i32 {
                 Err(e) => fail(e),
             }
         }
+        Command::Load {
+            spec_or_dsn,
+            rate,
+            reads,
+            seconds,
+            json,
+        } => crate::load::load(&spec_or_dsn, rate, reads, seconds, json).await,
         Command::Rollback { spec } => cleanup_cmd(spec, true).await,
         Command::Cleanup { spec } => cleanup_cmd(spec, false).await,
         Command::Bench {

@@ -3,6 +3,7 @@ pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod fleet;
+pub mod load;
 pub mod progress;
 pub mod report;
 pub mod telemetry;

@@ -36,6 +36,8 @@ pub struct LoadOptions {
     pub insert_pct: u8,
     pub update_pct: u8,
     pub delete_pct: u8,
+    /// Reads of one row by key (the application's reads).
+    pub read_pct: u8,
     /// Share of updates that touch only `updated_at`/`full_name` of rows whose bio is TOASTed,
     /// leaving bio untouched (pgoutput then sends it as "unchanged TOAST").
     pub toast_update_pct: u8,
@@ -48,6 +50,7 @@ impl Default for LoadOptions {
             insert_pct: 60,
             update_pct: 30,
             delete_pct: 10,
+            read_pct: 0,
             toast_update_pct: 20,
         }
     }
@@ -68,7 +71,14 @@ pub struct LoadStats {
     pub reconnects: u64,
     /// Longest time one write took, waits for locks (e.g. a cutover freeze) included.
     pub max_write_wait: Duration,
+    /// Writes (inserts, updates, deletes).
     pub latencies_us: LatencyHistogram,
+    pub reads: u64,
+    /// Per operation kind: insert, update, delete, read.
+    pub insert_us: LatencyHistogram,
+    pub update_us: LatencyHistogram,
+    pub delete_us: LatencyHistogram,
+    pub read_us: LatencyHistogram,
 }
 
 impl LoadStats {
@@ -207,6 +217,7 @@ struct Session {
     update_bio: Statement,
     update_toasted: Statement,
     delete: Statement,
+    read: Statement,
 }
 
 impl Session {
@@ -242,6 +253,9 @@ impl Session {
             delete: client
                 .prepare("DELETE FROM public.users WHERE id = $1")
                 .await?,
+            read: client
+                .prepare("SELECT id, email, full_name, bio FROM public.users WHERE id = $1")
+                .await?,
             client,
         })
     }
@@ -254,18 +268,23 @@ enum OpKind {
     UpdateBio,
     UpdateToasted,
     Delete,
+    Read,
 }
 
 fn pick_op(rng: &mut StdRng, opts: &LoadOptions) -> Option<OpKind> {
-    let (i, u, d) = (
+    let (i, u, d, rd) = (
         u32::from(opts.insert_pct),
         u32::from(opts.update_pct),
         u32::from(opts.delete_pct),
+        u32::from(opts.read_pct),
     );
-    if i + u + d == 0 {
+    if i + u + d + rd == 0 {
         return None;
     }
-    let r = rng.gen_range(0..i + u + d);
+    let r = rng.gen_range(0..i + u + d + rd);
+    if r >= i + u + d {
+        return Some(OpKind::Read);
+    }
     Some(if r < i {
         OpKind::Insert
     } else if r < i + u {
@@ -362,16 +381,33 @@ fn record(
             return Err(e);
         }
     };
-    stats.latencies_us.record(elapsed.as_micros() as u64);
-    stats.max_write_wait = stats.max_write_wait.max(elapsed);
+    let us = elapsed.as_micros() as u64;
+    if !matches!(kind, OpKind::Read) {
+        stats.latencies_us.record(us);
+        stats.max_write_wait = stats.max_write_wait.max(elapsed);
+    }
     match kind {
-        OpKind::Insert => stats.inserts += 1,
-        OpKind::Delete => stats.deletes += 1,
+        OpKind::Insert => {
+            stats.inserts += 1;
+            stats.insert_us.record(us);
+        }
+        OpKind::Delete => {
+            stats.deletes += 1;
+            stats.delete_us.record(us);
+        }
         OpKind::UpdateToasted => {
             stats.updates += 1;
             stats.toast_updates += affected;
+            stats.update_us.record(us);
         }
-        OpKind::UpdateName | OpKind::UpdateBio => stats.updates += 1,
+        OpKind::UpdateName | OpKind::UpdateBio => {
+            stats.updates += 1;
+            stats.update_us.record(us);
+        }
+        OpKind::Read => {
+            stats.reads += 1;
+            stats.read_us.record(us);
+        }
     }
     Ok(())
 }
@@ -429,6 +465,7 @@ async fn execute(
                 .await
         }
         OpKind::Delete => session.client.execute(&session.delete, &[&id]).await,
+        OpKind::Read => Ok(session.client.query(&session.read, &[&id]).await?.len() as u64),
     }
 }
 

@@ -45,6 +45,7 @@ async fn load_writes_at_its_rate_without_failures() {
         insert_pct: 50,
         update_pct: 40,
         delete_pct: 10,
+        read_pct: 20,
         toast_update_pct: 50,
     };
     let started = Instant::now();
@@ -66,6 +67,16 @@ async fn load_writes_at_its_rate_without_failures() {
     assert!(stats.toast_updates > 0, "{stats:?}");
     assert_eq!(stats.failed, 0, "{stats:?}");
     assert_eq!(stats.latencies_us.count(), stats.ops());
+    assert!(
+        stats.reads > 0,
+        "reads by key are part of the mix: {stats:?}"
+    );
+    assert_eq!(stats.read_us.count(), stats.reads);
+    assert_eq!(
+        stats.insert_us.count() + stats.update_us.count() + stats.delete_us.count(),
+        stats.ops(),
+        "every write is in its operation's histogram"
+    );
     assert!(stats.p50() <= stats.p95() && stats.p95() <= stats.p99());
     assert!(stats.p99() <= stats.max_write_wait);
     // Every successful insert took one sequence value (deletes may remove inserted rows, so

@@ -172,3 +172,27 @@ async fn throttling_holds_shards_back_while_the_source_is_over_its_limit() -> an
     schemashift(&["cleanup", &spec])?;
     env.drop_all().await
 }
+
+#[tokio::test]
+async fn load_command_reports_percentiles_per_operation() -> anyhow::Result<()> {
+    let env = users_env("load_command", 2_000).await?;
+    let out = ok(&[
+        "load",
+        &env.source_dsn,
+        "--rate",
+        "200",
+        "--seconds",
+        "2",
+        "--json",
+    ])?;
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(r["failed"], 0, "{r}");
+    let ops = r["operations"].as_array().cloned().unwrap_or_default();
+    let names: Vec<&str> = ops.iter().filter_map(|o| o["op"].as_str()).collect();
+    assert_eq!(names, ["read", "insert", "update", "delete"]);
+    for o in &ops {
+        assert!(o["count"].as_u64().unwrap_or(0) > 0, "{o}");
+        assert!(o["p50_ms"].as_f64() <= o["p99_ms"].as_f64(), "{o}");
+    }
+    env.drop_all().await
+}
