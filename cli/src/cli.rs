@@ -55,6 +55,12 @@ pub enum Command {
         /// Application operations per second during the migration.
         #[arg(long, default_value_t = 300)]
         load_rate: u32,
+        /// Run without throttling, to compare the application's latency.
+        #[arg(long)]
+        no_throttle: bool,
+        /// After the cutover, write to the target, then roll back and compare.
+        #[arg(long)]
+        rollback: bool,
         #[arg(long)]
         json: bool,
     },
@@ -214,11 +220,14 @@ pub async fn execute(cli: Cli) -> i32 {
             rows,
             workers,
             load_rate,
+            no_throttle,
+            rollback,
             json,
-        } => match crate::demo::demo(rows, workers, load_rate).await {
+        } => match crate::demo::demo(rows, workers, load_rate, !no_throttle, rollback).await {
             Ok(r) => {
                 report::print_demo(&r, json);
-                if r.diff.0 + r.diff.1 + r.diff.2 == 0 {
+                let rolled = r.rollback_diff.map_or(0, |d| d.0 + d.1 + d.2);
+                if r.diff.0 + r.diff.1 + r.diff.2 + rolled == 0 {
                     0
                 } else {
                     1

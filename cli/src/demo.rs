@@ -32,6 +32,14 @@ pub struct DemoReport {
     /// Missing, extra, different rows by the demo's own compare.
     pub diff: (u64, u64, u64),
     pub total_seconds: f64,
+    /// Write p95 over a quiet period before the migration and while it ran.
+    pub p95_before_ms: f64,
+    pub p95_during_ms: f64,
+    pub throttling: bool,
+    /// With --rollback: target writes after the cutover, rollback time, and the compare
+    /// of every row after switching back.
+    pub rollback_seconds: Option<f64>,
+    pub rollback_diff: Option<(u64, u64, u64)>,
 }
 
 async fn client(dsn: &str) -> anyhow::Result<Client> {
@@ -43,7 +51,13 @@ async fn client(dsn: &str) -> anyhow::Result<Client> {
     Ok(c)
 }
 
-pub async fn demo(rows: u64, workers: usize, load_rate: u32) -> anyhow::Result<DemoReport> {
+pub async fn demo(
+    rows: u64,
+    workers: usize,
+    load_rate: u32,
+    throttle: bool,
+    rollback: bool,
+) -> anyhow::Result<DemoReport> {
     let t0 = Instant::now();
     tracing::info!("starting source and target clusters");
     let (src, tgt) = tokio::try_join!(
@@ -62,7 +76,8 @@ pub async fn demo(rows: u64, workers: usize, load_rate: u32) -> anyhow::Result<D
     let source = client(&src_dsn).await?;
     tracing::info!(rows, "loading the users scenario");
     load_users(&source, rows).await.context("loading users")?;
-    let spec = Spec::parse(&users_spec_yaml(&src_dsn, &tgt_dsn, workers, None))?;
+    let mut spec = Spec::parse(&users_spec_yaml(&src_dsn, &tgt_dsn, workers, None))?;
+    spec.throttle.enabled = throttle;
 
     tracing::info!(ops_per_s = load_rate, "starting the application write load");
     let load = start_load(
@@ -73,6 +88,9 @@ pub async fn demo(rows: u64, workers: usize, load_rate: u32) -> anyhow::Result<D
         },
     )
     .await?;
+    // The application's latency before the migration starts, to compare with during.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let before = load.stats();
     let (_tx, shutdown) = tokio::sync::watch::channel(false);
     let bars = crate::progress::enabled().then(|| crate::progress::start(&spec));
     let result = run(
@@ -87,6 +105,11 @@ pub async fn demo(rows: u64, workers: usize, load_rate: u32) -> anyhow::Result<D
     .await;
     crate::progress::finish(bars);
     let stats = load.stop().await;
+    let p95 = |h: &schemashift_common::load::LatencyHistogram| h.p95() as f64 / 1e3;
+    let (p95_before_ms, p95_during_ms) = (
+        p95(&before.latencies_us),
+        p95(&stats.latencies_us.since(&before.latencies_us)),
+    );
     let mut report = result.map_err(|e| anyhow::anyhow!("{e}"))?;
     // The demo's application is not really switched: writes it made to the source
     // after the freeze are carried over before the final compare.
@@ -98,6 +121,23 @@ pub async fn demo(rows: u64, workers: usize, load_rate: u32) -> anyhow::Result<D
     let target = client(&tgt_dsn).await?;
     let diff = compare(&source, &target).await?;
     let (accuracy, sample) = split_accuracy(&source, &target).await?;
+    let (mut rollback_seconds, mut rollback_diff) = (None, None);
+    if rollback {
+        // The application now writes to the new schema; then we change our minds.
+        target
+            .batch_execute(
+                // The demo's load kept writing to the source after the cutover, so pick a fresh id.
+                "INSERT INTO users (id, email, first_name, last_name) SELECT max(id) + 1000, 'after.cutover@example.com', 'Ada', 'Lovelace' FROM users;
+                 UPDATE users SET bio = 'edited after the cutover' WHERE id % 1000 = 7;
+                 DELETE FROM users WHERE id % 1000 = 9;",
+            )
+            .await?;
+        let out = schemashift_coordinator::ops::rollback(&spec)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        rollback_seconds = out.switched_back.map(|s| s.seconds);
+        rollback_diff = Some(compare(&source, &target).await?);
+    }
     let out = DemoReport {
         rows,
         run: report,
@@ -114,6 +154,11 @@ pub async fn demo(rows: u64, workers: usize, load_rate: u32) -> anyhow::Result<D
         accuracy_sample: sample,
         diff,
         total_seconds: t0.elapsed().as_secs_f64(),
+        p95_before_ms,
+        p95_during_ms,
+        throttling: throttle,
+        rollback_seconds,
+        rollback_diff,
     };
     drop((source, target));
     let _ = tokio::join!(src.stop(), tgt.stop());
@@ -123,7 +168,7 @@ pub async fn demo(rows: u64, workers: usize, load_rate: u32) -> anyhow::Result<D
 /// Row-by-row compare by the demo itself (not the tool's verify).
 async fn compare(source: &Client, target: &Client) -> anyhow::Result<(u64, u64, u64)> {
     for f in SPLIT_FUNCTIONS {
-        let sql = f.replacen("CREATE FUNCTION ", "CREATE FUNCTION pg_temp.", 1);
+        let sql = f.replacen("CREATE FUNCTION ", "CREATE OR REPLACE FUNCTION pg_temp.", 1);
         source.batch_execute(&sql).await?;
     }
     let s = source

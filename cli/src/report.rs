@@ -298,4 +298,71 @@ pub fn print_demo(d: &DemoReport, json: bool) {
         d.diff.0, d.diff.1, d.diff.2
     );
     eprintln!("  total {:.1}s", d.total_seconds);
+    eprintln!();
+    eprintln!(
+        "  the brief's success metrics (throttling {}):",
+        if d.throttling { "on" } else { "off" }
+    );
+    let lost = d.diff.0 + d.diff.1 + d.diff.2 + d.rollback_diff.map_or(0, |r| r.0 + r.1 + r.2);
+    let impact = if d.p95_before_ms > 0.0 {
+        (d.p95_during_ms / d.p95_before_ms - 1.0) * 100.0
+    } else {
+        0.0
+    };
+    let lag = d.run.lag_seconds;
+    let freeze = d.run.cutover.as_ref().map_or(0.0, |c| c.freeze_ms);
+    let rows: [(&str, String, &str, bool); 7] = [
+        (
+            "downtime (longest write wait)",
+            format!("{:.0} ms", d.max_write_wait_ms),
+            "0 s (writes wait, never fail; freeze < 1 s)",
+            d.load_failed == 0 && d.max_write_wait_ms < 1000.0,
+        ),
+        (
+            "write freeze",
+            format!("{freeze:.0} ms"),
+            "< 1 s",
+            freeze < 1000.0,
+        ),
+        ("rows lost or different", lost.to_string(), "0", lost == 0),
+        (
+            "split accuracy",
+            format!("{:.3}% of {}", d.split_accuracy * 100.0, d.accuracy_sample),
+            "> 99.9%",
+            d.split_accuracy > 0.999,
+        ),
+        (
+            "write p95 before → during",
+            format!(
+                "{:.1} → {:.1} ms ({impact:+.0}%)",
+                d.p95_before_ms, d.p95_during_ms
+            ),
+            "< +10%",
+            impact < 10.0,
+        ),
+        (
+            "catch-up lag before cutover",
+            format!("{lag:.2} s"),
+            "< 1 s",
+            lag < 1.0,
+        ),
+        (
+            "rollback",
+            d.rollback_seconds
+                .map_or("not run (--rollback)".into(), |s| {
+                    format!("{s:.1} s, nothing lost")
+                }),
+            "< 15 min",
+            d.rollback_seconds.is_some_and(|s| s < 900.0),
+        ),
+    ];
+    for (what, got, target, met) in rows {
+        eprintln!(
+            "    {:<32} {:<34} target {:<44} {}",
+            what,
+            got,
+            target,
+            if met { "met" } else { "NOT met" }
+        );
+    }
 }

@@ -50,6 +50,21 @@ impl LatencyHistogram {
         self.max = self.max.max(micros);
     }
 
+    /// What was recorded after `earlier` (a snapshot of this same histogram); the max is
+    /// the whole histogram's, an upper bound.
+    pub fn since(&self, earlier: &LatencyHistogram) -> LatencyHistogram {
+        LatencyHistogram {
+            counts: self
+                .counts
+                .iter()
+                .zip(&earlier.counts)
+                .map(|(a, b)| a.saturating_sub(*b))
+                .collect(),
+            total: self.total.saturating_sub(earlier.total),
+            max: self.max,
+        }
+    }
+
     pub fn count(&self) -> u64 {
         self.total
     }
