@@ -14,7 +14,7 @@ mod procs;
 
 pub use broker::Broker;
 pub use diff::{concat_names, split_full_name, table_diff, table_diff_report, DiffReport};
-pub use procs::{free_port, Proc};
+pub use procs::{free_port, local_listen, spawn_workers, Proc};
 
 /// Env vars with base DSNs (no database) of the shared clusters `scripts/test.sh` starts.
 pub const SOURCE_ENV: &str = "SCHEMASHIFT_TEST_SOURCE";

@@ -80,6 +80,25 @@ impl Proc {
     }
 }
 
+/// `schemashift worker` processes named `ids`, dialling `url`.
+pub fn spawn_workers(
+    dir: &std::path::Path,
+    url: &str,
+    ids: &[&str],
+    envs: &[(&str, &str)],
+) -> anyhow::Result<Vec<Proc>> {
+    ids.iter()
+        .map(|id| Proc::spawn(dir, id, &["worker", "--coordinator", url, "--id", id], envs))
+        .collect()
+}
+
+/// A free local address for a coordinator, and the URL workers dial.
+pub fn local_listen() -> anyhow::Result<(String, String)> {
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let url = format!("http://{listen}");
+    Ok((listen, url))
+}
+
 /// A port that was free a moment ago (the coordinator binds it right after).
 pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;

@@ -4,7 +4,8 @@
 use schemashift_common::load::{start_load, LoadOptions};
 use schemashift_common::scenario::users_spec_yaml;
 use schemashift_tests::{
-    connect, free_port, schemashift, table_diff, users_env, write_spec, Proc, TestEnv,
+    connect, free_port, local_listen, schemashift, spawn_workers, table_diff, users_env,
+    write_spec, Proc, TestEnv,
 };
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -85,8 +86,7 @@ async fn coordinator_and_three_workers_migrate_under_write_load_with_zero_diffs(
         &dir,
         &users_spec_yaml(&env.source_dsn, &env.target_dsn, 3, Some(2_500)),
     )?;
-    let listen = format!("127.0.0.1:{}", free_port()?);
-    let url = format!("http://{listen}");
+    let (listen, url) = local_listen()?;
     let load = start_load(
         env.source_dsn.clone(),
         LoadOptions {
@@ -101,16 +101,7 @@ async fn coordinator_and_three_workers_migrate_under_write_load_with_zero_diffs(
         &coordinator_args(&spec, &listen, "cutover"),
         &[],
     )?;
-    let mut workers = Vec::new();
-    for i in 0..3 {
-        let id = format!("w{i}");
-        workers.push(Proc::spawn(
-            dir.path(),
-            &id,
-            &["worker", "--coordinator", &url, "--id", &id],
-            &[],
-        )?);
-    }
+    let mut workers = spawn_workers(dir.path(), &url, &["w0", "w1", "w2"], &[])?;
     let status = coord.wait(LIMIT).await?;
     let stats = load.stop().await;
     assert!(status.success(), "coordinator: {}", coord.stderr_tail());
@@ -165,8 +156,7 @@ async fn worker_killed_mid_shard_is_replaced_and_no_shard_commits_twice() -> any
         &dir,
         &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(10_000)),
     )?;
-    let listen = format!("127.0.0.1:{}", free_port()?);
-    let url = format!("http://{listen}");
+    let (listen, url) = local_listen()?;
     let mut coord = Proc::spawn(
         dir.path(),
         "coordinator",
@@ -223,19 +213,10 @@ async fn coordinator_killed_mid_backfill_restarts_and_workers_reconnect() -> any
         &dir,
         &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(10_000)),
     )?;
-    let listen = format!("127.0.0.1:{}", free_port()?);
-    let url = format!("http://{listen}");
+    let (listen, url) = local_listen()?;
     let args = coordinator_args(&spec, &listen, "verify");
     let mut first = Proc::spawn(dir.path(), "coordinator-1", &args, &[])?;
-    let mut workers = Vec::new();
-    for id in ["x", "y"] {
-        workers.push(Proc::spawn(
-            dir.path(),
-            id,
-            &["worker", "--coordinator", &url, "--id", id],
-            &[],
-        )?);
-    }
+    let mut workers = spawn_workers(dir.path(), &url, &["x", "y"], &[])?;
     let t = connect(&env.target_dsn).await?;
     until(LIMIT, "backfill under way", || async {
         let (done, _, total, _) = shard_state(&t, "").await;

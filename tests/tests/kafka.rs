@@ -4,7 +4,8 @@
 use schemashift_common::load::{start_load, LoadOptions};
 use schemashift_common::scenario::users_spec_yaml;
 use schemashift_tests::{
-    connect, free_port, schemashift, table_diff, users_env, write_spec, Broker, Proc, TestEnv,
+    connect, local_listen, schemashift, spawn_workers, table_diff, users_env, write_spec, Broker,
+    Proc, TestEnv,
 };
 use std::time::Duration;
 
@@ -70,8 +71,7 @@ async fn kafka_changelog_with_three_workers_under_write_load_has_zero_diffs() ->
     let env = users_env("kafka_three_workers", 30_000).await?;
     let dir = tempfile::tempdir()?;
     let spec = write_spec(&dir, &kafka_spec(&env, &broker, 3, 2_500))?;
-    let listen = format!("127.0.0.1:{}", free_port()?);
-    let url = format!("http://{listen}");
+    let (listen, url) = local_listen()?;
     let load = start_load(
         env.source_dsn.clone(),
         LoadOptions {
@@ -95,16 +95,7 @@ async fn kafka_changelog_with_three_workers_under_write_load_has_zero_diffs() ->
         ],
         &[],
     )?;
-    let mut workers = Vec::new();
-    for i in 0..3 {
-        let id = format!("k{i}");
-        workers.push(Proc::spawn(
-            dir.path(),
-            &id,
-            &["worker", "--coordinator", &url, "--id", &id],
-            &[],
-        )?);
-    }
+    let mut workers = spawn_workers(dir.path(), &url, &["k0", "k1", "k2"], &[])?;
     let done = coord.wait(LIMIT).await?;
     let stats = load.stop().await;
     assert!(done.success(), "coordinator: {}", coord.stderr_tail());

@@ -11,7 +11,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use schemashift_common::scenario::users_spec_yaml;
-use schemashift_tests::{connect, free_port, schemashift, users_env, write_spec, Proc};
+use schemashift_tests::{
+    connect, free_port, local_listen, schemashift, spawn_workers, users_env, write_spec, Proc,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -118,8 +120,7 @@ async fn distributed_run_is_one_trace_with_a_span_per_shard_and_no_password() ->
             Some(2_000),
         ),
     )?;
-    let listen = format!("127.0.0.1:{}", free_port()?);
-    let url = format!("http://{listen}");
+    let (listen, url) = local_listen()?;
     let otel = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "200"),
@@ -139,15 +140,7 @@ async fn distributed_run_is_one_trace_with_a_span_per_shard_and_no_password() ->
         ],
         &otel,
     )?;
-    let mut workers = Vec::new();
-    for id in ["t0", "t1"] {
-        workers.push(Proc::spawn(
-            dir.path(),
-            id,
-            &["worker", "--coordinator", &url, "--id", id],
-            &otel,
-        )?);
-    }
+    let mut workers = spawn_workers(dir.path(), &url, &["t0", "t1"], &otel)?;
     assert!(
         coord.wait(LIMIT).await?.success(),
         "{}",
