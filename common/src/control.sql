@@ -108,3 +108,13 @@ CREATE TABLE IF NOT EXISTS {schema}.throttle (
     seconds   double precision NOT NULL DEFAULT 0,
     episodes  int NOT NULL DEFAULT 0
 );
+
+-- Secondary indexes of the target tables, dropped for the backfill (maintaining them row by
+-- row costs more than building them once) and built again, in parallel, after it.
+CREATE TABLE IF NOT EXISTS {schema}.indexes (
+    table_name text NOT NULL,
+    name       text NOT NULL,
+    definition text NOT NULL,
+    restored   boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (table_name, name)
+);

@@ -56,6 +56,17 @@ impl RunCtx {
                 _ = shutdown.changed() => {}
             }
         }
+        // Secondary indexes dropped for the load are built once now, before replay writes.
+        let built = crate::constraints::rebuild_indexes(
+            &self.spec.target,
+            &self.target,
+            &self.store,
+            self.workers,
+        )
+        .await?;
+        if built > 0 {
+            tracing::info!(indexes = built, "secondary indexes rebuilt");
+        }
         let c = self.store.shard_counts(&self.target).await?;
         self.report.shards = c.done;
         self.report.rows_copied = c.rows_done;

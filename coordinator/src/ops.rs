@@ -376,7 +376,8 @@ pub async fn cleanup(spec: &Spec) -> Result<CleanupReport, CoordinatorError> {
         .map_err(db("checking control schema"))?
         .get(0);
     // A run abandoned before its cutover must not leave the target without its keys.
-    let restored = crate::constraints::restore(&target, &store).await?;
+    let restored = crate::constraints::restore(&target, &store).await?
+        + crate::constraints::rebuild_indexes(&spec.target, &target, &store, 2).await?;
     if restored > 0 {
         tracing::info!(restored, "foreign keys put back");
     }

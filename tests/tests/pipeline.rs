@@ -65,6 +65,27 @@ async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Res
     )
     .await?;
     assert_eq!((missing, extra, different), (0, 0, 0));
+    // The name indexes were dropped for the backfill and built again after it.
+    let indexes: Vec<String> = connect(&env.target_dsn)
+        .await?
+        .query(
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'users' ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        indexes,
+        [
+            "users_email_key",
+            "users_first_name_idx",
+            "users_first_name_last_name_idx",
+            "users_last_name_idx",
+            "users_pkey"
+        ]
+    );
     let c = schemashift(&["cleanup", &spec])?;
     assert!(c.status.success());
     assert_eq!(
