@@ -76,7 +76,7 @@ pub struct Measurement {
     pub per_second: f64,
     /// Source table bytes (heap + TOAST) over `seconds`: one numerator for all methods.
     pub mb_per_second: Option<f64>,
-    /// rows/s over the raw pipe's with the same parallelism and indexes in place.
+    /// rows/s over the raw pipe's with the same parallelism and index handling.
     pub vs_raw_same_parallelism: Option<f64>,
     pub vs_fastest_raw: Option<f64>,
     pub note: Option<String>,
@@ -386,7 +386,7 @@ fn grouped(n: u64) -> String {
 
 /// Column titles; columns 0, 2 and 3 are text (left-aligned), the others numbers.
 const HEADER: &str = "method|par.|transformed|indexes|rows|s|wall s|rows/s|MB/s\
-    |× raw pipe same par.|× fastest raw pipe";
+    |× raw pipe same par. & indexes|× fastest raw pipe";
 
 fn cells(m: &Measurement) -> Vec<String> {
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
@@ -506,7 +506,8 @@ fn markdown(r: &BenchReport) -> String {
     md.push_str(
         "\nMB/s is the source table's size (heap + TOAST) over the time, the same numerator \
          for every method. Ratios compare rows/s with the raw pipe of the same parallelism \
-         (indexes in place) and with the fastest raw-pipe variant. In the capture and \
+         and index handling, and with the fastest raw-pipe variant (pgcopydb and logical \
+         replication build only the source's two indexes). In the capture and \
          replay rows, counts and rates are of changes (ch.).\n\n",
     );
     for l in footer_lines(r) {

@@ -41,21 +41,22 @@ const SYNC_LIMIT: Duration = Duration::from_secs(3600);
 
 pub(super) async fn run_all(b: &Bench, c: &mut Collected) {
     let (table_only, _) = target_table_and_indexes();
-    for k in parallelisms(b.workers) {
-        let label = format!("raw_{k}_in_place");
-        b.measure(c, &label, TARGET_DDL, |db| {
-            raw_pipe(b, db, k, Indexes::InPlace)
-        })
-        .await;
-    }
-    let mut rebuilt = vec![1, b.workers];
-    rebuilt.dedup();
-    for k in rebuilt {
-        let label = format!("raw_{k}_rebuilt");
-        b.measure(c, &label, &table_only, |db| {
-            raw_pipe(b, db, k, Indexes::Rebuilt)
-        })
-        .await;
+    // Every index handling at every parallelism schemashift runs with, so that each
+    // result has a raw pipe doing the same to compare with.
+    let mut variants: Vec<(usize, Indexes)> = parallelisms(b.workers)
+        .into_iter()
+        .flat_map(|k| [(k, Indexes::InPlace), (k, Indexes::Rebuilt)])
+        .collect();
+    variants.push((b.workers, Indexes::Excluded));
+    for (k, idx) in variants {
+        let label = format!("raw_{k}_{}", idx.label().replace(' ', "_"));
+        let ddl = if idx == Indexes::InPlace {
+            TARGET_DDL
+        } else {
+            &table_only
+        };
+        b.measure(c, &label, ddl, |db| raw_pipe(b, db, k, idx))
+            .await;
     }
     b.measure(c, "fdw", TARGET_DDL, |db| fdw(b, db)).await;
     b.measure(c, "pgcopydb", "", |db| pgcopydb(b, db)).await;
@@ -73,7 +74,8 @@ pub(super) async fn create_split_functions(c: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fills both ratio columns of the copy results from the raw-pipe rows.
+/// Fills both ratio columns of the copy results from the raw-pipe rows: the raw pipe
+/// with the same parallelism and index handling (else indexes in place), and the fastest.
 pub(super) fn ratios(results: &mut [Measurement]) {
     let raw: Vec<(usize, Option<Indexes>, f64)> = results
         .iter()
@@ -82,10 +84,13 @@ pub(super) fn ratios(results: &mut [Measurement]) {
         .collect();
     let fastest = raw.iter().map(|r| r.2).fold(0.0, f64::max);
     for m in results.iter_mut().filter(|m| m.unit == "rows") {
-        let same = raw
-            .iter()
-            .find(|r| r.0 == m.parallelism && r.1 == Some(Indexes::InPlace))
-            .map(|r| r.2)
+        let like = |idx: Option<Indexes>| {
+            raw.iter()
+                .find(|r| r.0 == m.parallelism && r.1 == idx)
+                .map(|r| r.2)
+        };
+        let same = like(m.indexes)
+            .or_else(|| like(Some(Indexes::InPlace)))
             .filter(|s| *s > 0.0);
         m.vs_raw_same_parallelism = same.map(|s| m.per_second / s);
         m.vs_fastest_raw = (fastest > 0.0).then(|| m.per_second / fastest);
@@ -408,7 +413,7 @@ split_last(full_name), bio, created_at, updated_at FROM public.users WHERE id >=
 TO STDOUT (FORMAT binary)\" | psql TARGET -c \"COPY public.users (...) FROM STDIN (FORMAT binary)\"`, \
 as `sh -c` pipelines, one per id range (ranges split evenly between min and max id). \
 *rebuilt*: the table is created without its three name indexes, which are built after the \
-copy in three parallel sessions; the build is in the time. This is the speed limit of any \
+copy in three parallel sessions; the build is in the time. *excluded*: they are never built. This is the speed limit of any \
 tool built on COPY: no bookkeeping, no retries, no change capture.
 - **postgres_fdw**: `IMPORT FOREIGN SCHEMA` of the source table (server option \
 `fetch_size '10000'`), the split functions created on the target, one \
