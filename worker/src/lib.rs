@@ -4,6 +4,7 @@ pub mod backfill;
 pub mod error;
 pub mod grpc;
 pub mod kafka;
+mod refresh;
 pub mod replay;
 pub mod runner;
 pub mod verify;

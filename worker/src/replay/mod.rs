@@ -17,7 +17,7 @@ use schemashift_common::sql::{ident_list, quote_ident};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, GenericClient, Transaction};
+use tokio_postgres::{Client, Transaction};
 
 /// Where a partition's changes are read from.
 enum Source {
@@ -173,7 +173,7 @@ impl PartitionReplayer {
         let (refresh, batch): (Vec<_>, Vec<_>) = batch
             .into_iter()
             .partition(|(_, c)| self.plan.table(c.table).is_some_and(|t| t.refreshes()));
-        self.refresh(&tx, source, &refresh).await?;
+        crate::refresh::refresh(&tx, source, &self.plan, self.part, &refresh).await?;
         if !batch.is_empty() {
             self.apply(&mut tx, &batch).await?;
         }
@@ -200,61 +200,6 @@ impl PartitionReplayer {
         self.last = marker;
         // Skipped duplicates count as progress, so the caller does not go idle on them.
         Ok((batch.len() + refresh.len()).max(1))
-    }
-
-    /// Tables whose mapping reads other source tables: the target rows of every touched
-    /// key are replaced by the mapped rows read from the source now (a later change of
-    /// the same key refreshes it again, so reading the newest state is safe).
-    async fn refresh(
-        &self,
-        tx: &Transaction<'_>,
-        source: &Client,
-        changes: &[(ChangeSeq, Change)],
-    ) -> Result<(), WorkerError> {
-        let mut by_table: HashMap<u32, Vec<Vec<String>>> = HashMap::new();
-        for (_, c) in changes {
-            let Some(t) = self.plan.table(c.table) else {
-                continue;
-            };
-            let keys = by_table.entry(c.table).or_default();
-            let new_key = match c.op {
-                Op::Insert | Op::Update => c.key(&t.source_key_index()),
-                Op::Delete | Op::Refresh => None,
-            };
-            for k in c.old_key.iter().cloned().chain(new_key) {
-                if !keys.contains(&k) {
-                    keys.push(k);
-                }
-            }
-        }
-        for (t, keys) in by_table {
-            let Some(table) = self.plan.table(t) else {
-                continue;
-            };
-            let fail = |e: tokio_postgres::Error| replay_err(self.part, &table.describe(), &e);
-            tx.execute(
-                &format!(
-                    "DELETE FROM ONLY {} WHERE {}",
-                    table.target,
-                    schemashift_common::sql::keys_in(&table.target_key, &keys)
-                ),
-                &[],
-            )
-            .await
-            .map_err(fail)?;
-            let sink = tx.copy_in(&table.copy_in_sql()).await.map_err(fail)?;
-            futures_util::pin_mut!(sink);
-            let rows = source
-                .copy_out(&table.copy_out_keys_sql(&keys))
-                .await
-                .map_err(fail)?;
-            futures_util::pin_mut!(rows);
-            while let Some(chunk) = futures_util::StreamExt::next(&mut rows).await {
-                sink.feed(chunk.map_err(fail)?).await.map_err(fail)?;
-            }
-            sink.as_mut().finish().await.map_err(fail)?;
-        }
-        Ok(())
     }
 
     async fn apply(
@@ -529,7 +474,7 @@ impl PartitionReplayer {
     }
 }
 
-fn replay_err(part: u32, table: &str, e: &tokio_postgres::Error) -> WorkerError {
+pub(crate) fn replay_err(part: u32, table: &str, e: &tokio_postgres::Error) -> WorkerError {
     let (reason, transient) = pg_reason(e);
     WorkerError::Replay {
         part,
@@ -539,71 +484,6 @@ fn replay_err(part: u32, table: &str, e: &tokio_postgres::Error) -> WorkerError 
     }
 }
 
-/// COPY text format escaping of one value.
-fn escape_copy_text(s: &str, out: &mut String) {
-    for ch in s.chars() {
-        match ch {
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
-        }
-    }
-}
-
-fn row_to_change(r: &tokio_postgres::Row) -> Result<(ChangeSeq, Change), String> {
-    let seq: i64 = r.get(0);
-    let table: i32 = r.get(1);
-    let op: i8 = r.get(2);
-    let lsn: String = r.get(3);
-    let old_key: Option<Vec<String>> = r.get(4);
-    let vals: Option<Vec<Option<String>>> = r.get(5);
-    let unchanged: Option<Vec<i16>> = r.get(6);
-    Ok((
-        ChangeSeq(seq),
-        Change {
-            table: table as u32,
-            op: Op::from_code(op).ok_or_else(|| format!("change {seq} has unknown op {op}"))?,
-            lsn: lsn.parse::<Lsn>().map_err(|e| e.to_string())?,
-            xid: 0,
-            ordinal: 0,
-            old_key,
-            values: vals.unwrap_or_default(),
-            unchanged: unchanged
-                .unwrap_or_default()
-                .into_iter()
-                .map(|i| i as u16)
-                .collect(),
-        },
-    ))
-}
-
-/// The highest sequence number in the change log, for lag.
-pub async fn head(
-    client: &impl GenericClient,
-    control: &ControlSql,
-) -> Result<i64, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT coalesce(max(seq), 0) FROM {}",
-                control.table("changes")
-            ),
-            &[],
-        )
-        .await?;
-    Ok(row.get(0))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copy_text_escapes_separators() {
-        let mut s = String::new();
-        escape_copy_text("a\tb\\c\nd", &mut s);
-        assert_eq!(s, "a\\tb\\\\c\\nd");
-    }
-}
+mod rows;
+pub use rows::head;
+use rows::{escape_copy_text, row_to_change};

@@ -1,12 +1,16 @@
 //! plan: validates the spec against both catalogs (every problem listed, nothing
 //! written), resolves each table's mapping, and cuts shards from sampled key quantiles.
 
+mod catalog;
+mod lookups;
+
 use crate::error::CoordinatorError;
 use crate::shard::plan_ranges;
+use catalog::{columns, same_set, unique_keys};
 use schemashift_common::ids::ShardId;
 use schemashift_common::pg::{describe, install_helpers};
+use schemashift_common::plan::LogPlan;
 use schemashift_common::plan::{ColumnMap, RunPlan, SequenceMap, Shard, SourceColumn, TablePlan};
-use schemashift_common::plan::{LogPlan, LookupPlan};
 use schemashift_common::spec::Changelog;
 use schemashift_common::spec::{Spec, Strategy, TableSpec};
 use schemashift_common::sql::{
@@ -31,73 +35,6 @@ pub struct Planned {
     pub plan: RunPlan,
     pub shards: Vec<Shard>,
     pub analysis: Vec<TableAnalysis>,
-}
-
-struct Col {
-    name: String,
-    sql_type: String,
-    not_null: bool,
-    has_default: bool,
-    generated: bool,
-}
-
-async fn columns(
-    c: &Client,
-    table: &QualifiedName,
-) -> Result<Option<Vec<Col>>, tokio_postgres::Error> {
-    let exists = c
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.to_string()])
-        .await?
-        .get::<_, bool>(0);
-    if !exists {
-        return Ok(None);
-    }
-    let rows = c
-        .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
-             a.atthasdef OR a.attidentity <> '', a.attgenerated <> '' \
-             FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 \
-             AND NOT a.attisdropped ORDER BY a.attnum",
-            &[&table.to_string()],
-        )
-        .await?;
-    Ok(Some(
-        rows.iter()
-            .map(|r| Col {
-                name: r.get(0),
-                sql_type: r.get(1),
-                not_null: r.get(2),
-                has_default: r.get(3),
-                generated: r.get(4),
-            })
-            .collect(),
-    ))
-}
-
-/// Column sets of unique, non-partial, non-expression indexes (the primary key first).
-async fn unique_keys(
-    c: &Client,
-    table: &QualifiedName,
-) -> Result<Vec<Vec<String>>, tokio_postgres::Error> {
-    let rows = c
-        .query(
-            "SELECT array_agg(a.attname::text ORDER BY k.ord) FROM pg_index i \
-             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indpred IS NULL \
-             AND i.indexprs IS NULL GROUP BY i.indexrelid, i.indisprimary ORDER BY i.indisprimary DESC",
-            &[&table.to_string()],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-fn same_set(a: &[String], b: &[String]) -> bool {
-    let mut a = a.to_vec();
-    let mut b = b.to_vec();
-    a.sort();
-    b.sort();
-    a == b
 }
 
 pub struct PlanOptions {
@@ -476,61 +413,7 @@ async fn plan_table(
             ));
         }
     }
-    let mut lookups = Vec::new();
-    for (i, l) in t.lookups.iter().enumerate() {
-        let lat = format!("{at}: lookups[{i}]");
-        let Ok(lname) = QualifiedName::parse(&l.table) else {
-            problems.push(format!("{lat}: table {:?} is not a valid name", l.table));
-            continue;
-        };
-        let Some(lcols) = columns(source, &lname).await? else {
-            problems.push(format!("{lat}: source table {lname} does not exist"));
-            continue;
-        };
-        let lk: Vec<String> = l.key.columns().iter().map(|k| k.to_lowercase()).collect();
-        if lk.len() != key.len() {
-            problems.push(format!(
-                "{lat}: key names {} columns but the table's key has {}; list the columns of {lname} that hold ({})",
-                lk.len(),
-                key.len(),
-                key.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(", ")
-            ));
-            continue;
-        }
-        let live: Vec<&Col> = lcols.iter().filter(|c| !c.generated).collect();
-        let mut key_index = Vec::new();
-        for k in &lk {
-            match live.iter().position(|c| &c.name == k) {
-                Some(p) => key_index.push(p),
-                None => problems.push(format!("{lat}: key column {k:?} does not exist in {lname}")),
-            }
-        }
-        // Deletes must carry the key columns in their old tuple.
-        let full_or_covered: bool = source
-            .query_one(
-                "SELECT c.relreplident = 'f' OR EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid \
-                   AND (i.indisprimary AND c.relreplident = 'd' OR i.indisreplident) \
-                   AND (SELECT array_agg(a.attname::text) FROM pg_attribute a WHERE a.attrelid = c.oid \
-                        AND a.attnum = ANY (i.indkey)) @> $2::text[]) \
-                 FROM pg_class c WHERE c.oid = to_regclass($1)",
-                &[&lname.to_string(), &lk],
-            )
-            .await?
-            .get::<_, Option<bool>>(0)
-            .unwrap_or(false);
-        if !full_or_covered {
-            problems.push(format!(
-                "{lat}: deletes on {lname} would not carry ({}); make them part of its primary key or \
-                 ALTER TABLE {lname} REPLICA IDENTITY FULL",
-                lk.join(", ")
-            ));
-        }
-        lookups.push(LookupPlan {
-            source: lname,
-            key_index,
-            columns: live.iter().map(|c| c.name.clone()).collect(),
-        });
-    }
+    let lookups = lookups::plan_lookups(source, t, &at, &key, problems).await?;
     if problems.len() > start {
         return Ok(None);
     }

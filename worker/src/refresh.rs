@@ -1,0 +1,67 @@
+//! Replay of tables whose mapping reads other source tables (merges): the changes only
+//! say which keys were touched, and the rows are read again from the source.
+
+use crate::replay::replay_err;
+use crate::WorkerError;
+use futures_util::SinkExt;
+use schemashift_common::change::{Change, Op};
+use schemashift_common::ids::ChangeSeq;
+use schemashift_common::plan::RunPlan;
+use std::collections::HashMap;
+use tokio_postgres::{Client, Transaction};
+
+/// Tables whose mapping reads other source tables: the target rows of every touched
+/// key are replaced by the mapped rows read from the source now (a later change of
+/// the same key refreshes it again, so reading the newest state is safe).
+pub(crate) async fn refresh(
+    tx: &Transaction<'_>,
+    source: &Client,
+    plan: &RunPlan,
+    part: u32,
+    changes: &[(ChangeSeq, Change)],
+) -> Result<(), WorkerError> {
+    let mut by_table: HashMap<u32, Vec<Vec<String>>> = HashMap::new();
+    for (_, c) in changes {
+        let Some(t) = plan.table(c.table) else {
+            continue;
+        };
+        let keys = by_table.entry(c.table).or_default();
+        let new_key = match c.op {
+            Op::Insert | Op::Update => c.key(&t.source_key_index()),
+            Op::Delete | Op::Refresh => None,
+        };
+        for k in c.old_key.iter().cloned().chain(new_key) {
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+    }
+    for (t, keys) in by_table {
+        let Some(table) = plan.table(t) else {
+            continue;
+        };
+        let fail = |e: tokio_postgres::Error| replay_err(part, &table.describe(), &e);
+        tx.execute(
+            &format!(
+                "DELETE FROM ONLY {} WHERE {}",
+                table.target,
+                schemashift_common::sql::keys_in(&table.target_key, &keys)
+            ),
+            &[],
+        )
+        .await
+        .map_err(fail)?;
+        let sink = tx.copy_in(&table.copy_in_sql()).await.map_err(fail)?;
+        futures_util::pin_mut!(sink);
+        let rows = source
+            .copy_out(&table.copy_out_keys_sql(&keys))
+            .await
+            .map_err(fail)?;
+        futures_util::pin_mut!(rows);
+        while let Some(chunk) = futures_util::StreamExt::next(&mut rows).await {
+            sink.feed(chunk.map_err(fail)?).await.map_err(fail)?;
+        }
+        sink.as_mut().finish().await.map_err(fail)?;
+    }
+    Ok(())
+}
