@@ -238,14 +238,21 @@ fn pick(items: &[&str]) -> String {
     )
 }
 
+/// A full name of the scenario's mix as SQL, `r` being a per-row `random()` in the query.
+pub fn name_mix_sql() -> String {
+    let (first, last, complex) = (pick(FIRST_NAMES), pick(LAST_NAMES), pick(COMPLEX_NAMES));
+    format!(
+        "CASE WHEN r < 0.85 THEN {first} || ' ' || {last} \
+         WHEN r < 0.95 THEN {first} || ' ' || {first} || ' ' || {last} \
+         WHEN r < 0.99 THEN {first} ELSE {complex} END"
+    )
+}
+
 /// One `INSERT ... SELECT` producing rows with ids `$1..=$2`. A subquery computes the random
 /// draws once per row (volatile target lists are not flattened by the planner). Large bios are
 /// base64 of distinct slices of one random `bytea` made once per statement: md5 per row
 /// (OpenSSL setup per call) or character offsets into a long text would dominate the time.
 fn insert_sql() -> String {
-    let first = pick(FIRST_NAMES);
-    let last = pick(LAST_NAMES);
-    let complex = pick(COMPLEX_NAMES);
     format!(
         "INSERT INTO public.users (id, email, full_name, bio, created_at, updated_at)
 WITH blob AS MATERIALIZED (
@@ -253,10 +260,7 @@ WITH blob AS MATERIALIZED (
     FROM generate_series(1, 2048) AS g)
 SELECT i,
        'user' || i || '@example.com',
-       CASE WHEN r < 0.85 THEN {first} || ' ' || {last}
-            WHEN r < 0.95 THEN {first} || ' ' || {first} || ' ' || {last}
-            WHEN r < 0.99 THEN {first}
-            ELSE {complex} END,
+       {name},
        CASE WHEN rb < 0.10 THEN NULL
             WHEN rb < 0.11 THEN md5(i::text) || encode(substring(b FROM 1 + floor(rb * 1e6)::int % 30000
                                                                    FOR 6200 + floor(r * 600)::int), 'base64')
@@ -267,6 +271,7 @@ FROM (SELECT i, random() AS r, random() AS rb,
              now() - random() * interval '1826 days' AS c
       FROM generate_series($1::bigint, $2::bigint) AS i) AS s,
      blob",
+        name = name_mix_sql(),
         opener = pick(BIO_OPENERS),
         middle = pick(BIO_MIDDLES),
         middle2 = pick(BIO_MIDDLES),

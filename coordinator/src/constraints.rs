@@ -74,14 +74,21 @@ pub async fn record_and_drop_indexes(
         let key: Vec<String> = t.target_key.iter().map(|k| k.name.clone()).collect();
         let rows = tx
             .query(
-                "SELECT i.indrelid::regclass::text, c.relname::text, pg_get_indexdef(i.indexrelid),                    (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a                      WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey))                  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid                  WHERE i.indrelid = to_regclass($1) AND NOT i.indisprimary                    AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
+                "SELECT i.indrelid::regclass::text, c.relname::text, pg_get_indexdef(i.indexrelid), \
+                   n.nspname::text, (SELECT array_agg(a.attname::text ORDER BY a.attname) \
+                     FROM pg_attribute a WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)) \
+                 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE i.indrelid = to_regclass($1) AND NOT i.indisprimary \
+                   AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
                 &[&t.target.to_string()],
             )
             .await
             .map_err(db("reading indexes"))?;
         for r in &rows {
-            let (table, name, def): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-            let mut cols: Vec<String> = r.get::<_, Option<Vec<String>>>(3).unwrap_or_default();
+            let (table, name, def, schema): (String, String, String, String) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            let mut cols: Vec<String> = r.get::<_, Option<Vec<String>>>(4).unwrap_or_default();
             let mut k = key.clone();
             cols.sort();
             k.sort();
@@ -97,18 +104,9 @@ pub async fn record_and_drop_indexes(
             )
             .await
             .map_err(db("recording indexes"))?;
-            // The definition is fully qualified, so is the name we drop.
-            let schema_of: String = tx
-                .query_one(
-                    "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace                      WHERE c.oid = to_regclass($1)",
-                    &[&table],
-                )
-                .await
-                .map_err(db("reading indexes"))?
-                .get(0);
             tx.batch_execute(&format!(
                 "DROP INDEX {}.{}",
-                quote_ident(&schema_of),
+                quote_ident(&schema),
                 quote_ident(&name)
             ))
             .await
@@ -131,31 +129,7 @@ pub async fn rebuild_indexes(
     store: &Store,
     parallel: usize,
 ) -> Result<usize, CoordinatorError> {
-    let exists: bool = target
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&store.sql.table("indexes")],
-        )
-        .await
-        .map_err(db("reading indexes"))?
-        .get(0);
-    if !exists {
-        return Ok(0);
-    }
-    let rows = target
-        .query(
-            &format!(
-                "SELECT table_name, name, definition FROM {} WHERE NOT restored ORDER BY table_name, name",
-                store.sql.table("indexes")
-            ),
-            &[],
-        )
-        .await
-        .map_err(db("reading indexes"))?;
-    let todo: Vec<(String, String, String)> = rows
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let todo = pending(target, store, "indexes").await?;
     let queue = std::sync::Arc::new(tokio::sync::Mutex::new(todo.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..parallel.max(1).min(todo.len()) {
@@ -197,30 +171,9 @@ pub async fn rebuild_indexes(
 /// Puts back every recorded foreign key not restored yet; returns how many. A key whose
 /// validation fails is left NOT VALID and reported.
 pub async fn restore(target: &Client, store: &Store) -> Result<usize, CoordinatorError> {
-    let exists: bool = target
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&store.sql.table("constraints")],
-        )
-        .await
-        .map_err(db("reading foreign keys"))?
-        .get(0);
-    if !exists {
-        return Ok(0);
-    }
-    let rows = target
-        .query(
-            &format!(
-                "SELECT table_name, name, definition FROM {} WHERE NOT restored ORDER BY table_name, name",
-                store.sql.table("constraints")
-            ),
-            &[],
-        )
-        .await
-        .map_err(db("reading foreign keys"))?;
-    for r in &rows {
-        let (table, name, def): (String, String, String) = (r.get(0), r.get(1), r.get(2));
-        let name_q = quote_ident(&name);
+    let rows = pending(target, store, "constraints").await?;
+    for (table, name, def) in &rows {
+        let name_q = quote_ident(name);
         let present: bool = target
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = $2)",
@@ -256,4 +209,34 @@ pub async fn restore(target: &Client, store: &Store) -> Result<usize, Coordinato
         tracing::info!(table = %table, constraint = %name, "foreign key restored and validated");
     }
     Ok(rows.len())
+}
+
+/// Recorded (table, name, definition) of `kind` ("constraints" or "indexes") not put
+/// back yet; none when the control schema has no such table.
+async fn pending(
+    target: &Client,
+    store: &Store,
+    kind: &str,
+) -> Result<Vec<(String, String, String)>, CoordinatorError> {
+    let table = store.sql.table(kind);
+    let exists: bool = target
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .map_err(db("reading the control schema"))?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    Ok(target
+        .query(
+            &format!(
+                "SELECT table_name, name, definition FROM {table} WHERE NOT restored ORDER BY table_name, name"
+            ),
+            &[],
+        )
+        .await
+        .map_err(db("reading the control schema"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
 }

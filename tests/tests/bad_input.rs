@@ -154,3 +154,45 @@ async fn source_without_logical_wal_level_is_refused_before_any_write() -> anyho
     src.stop().await?;
     Ok(())
 }
+
+/// Inputs of distributed mode, the Kafka change log and merges: exit 2, culprit named.
+#[tokio::test]
+async fn bad_fleet_kafka_and_lookup_input_exits_2_naming_it() -> anyhow::Result<()> {
+    let env = TestEnv::new("bad_fleet_input").await?;
+    users_tables(&env.source_dsn, &env.target_dsn).await?;
+    let good = users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, None);
+    // Nothing listens on port 1: the brokers cannot be reached.
+    let unreachable = format!("{good}changelog: kafka://127.0.0.1:1\n");
+    assert_refused(
+        &env,
+        &unreachable,
+        &env.source_dsn,
+        &["Kafka brokers 127.0.0.1:1"],
+    )
+    .await?;
+    let bad_lookup = good.replacen(
+        "    columns:\n",
+        "    lookups:\n      - table: public.no_such_table\n        key: id\n    columns:\n",
+        1,
+    );
+    assert_refused(
+        &env,
+        &bad_lookup,
+        &env.source_dsn,
+        &["lookups[0]", "no_such_table", "does not exist"],
+    )
+    .await?;
+
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(&dir, &good)?;
+    let out = schemashift(&["coordinator", &spec, "--listen", "not-an-address"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot listen on not-an-address"), "{err}");
+    let out = schemashift(&["worker", "--coordinator", "not a url"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("coordinator address not a url"), "{err}");
+    assert_eq!(slot_and_publication_count(&env.source_dsn).await?, (0, 0));
+    env.drop_all().await
+}

@@ -7,7 +7,7 @@ use futures_util::SinkExt;
 use schemashift_common::change::{Change, Op};
 use schemashift_common::ids::ChangeSeq;
 use schemashift_common::plan::RunPlan;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use tokio_postgres::{Client, Transaction};
 
 /// Tables whose mapping reads other source tables: the target rows of every touched
@@ -20,23 +20,23 @@ pub(crate) async fn refresh(
     part: u32,
     changes: &[(ChangeSeq, Change)],
 ) -> Result<(), WorkerError> {
-    let mut by_table: HashMap<u32, Vec<Vec<String>>> = HashMap::new();
+    // Per table: its key positions (computed once) and the distinct keys touched.
+    let mut by_table: HashMap<u32, (Vec<usize>, BTreeSet<Vec<String>>)> = HashMap::new();
     for (_, c) in changes {
         let Some(t) = plan.table(c.table) else {
             continue;
         };
-        let keys = by_table.entry(c.table).or_default();
+        let (key_idx, keys) = by_table
+            .entry(c.table)
+            .or_insert_with(|| (t.source_key_index(), BTreeSet::new()));
         let new_key = match c.op {
-            Op::Insert | Op::Update => c.key(&t.source_key_index()),
+            Op::Insert | Op::Update => c.key(key_idx),
             Op::Delete | Op::Refresh => None,
         };
-        for k in c.old_key.iter().cloned().chain(new_key) {
-            if !keys.contains(&k) {
-                keys.push(k);
-            }
-        }
+        keys.extend(c.old_key.iter().cloned().chain(new_key));
     }
-    for (t, keys) in by_table {
+    for (t, (_, keys)) in by_table {
+        let keys: Vec<Vec<String>> = keys.into_iter().collect();
         let Some(table) = plan.table(t) else {
             continue;
         };

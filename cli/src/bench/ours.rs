@@ -8,9 +8,7 @@ use anyhow::Context;
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::{LeaseEpoch, Lsn};
 use schemashift_common::pg::{connect, install_helpers};
-use schemashift_common::scenario::{
-    users_spec_yaml, COMPLEX_NAMES, FIRST_NAMES, LAST_NAMES, TARGET_DDL,
-};
+use schemashift_common::scenario::{users_spec_yaml, TARGET_DDL};
 use schemashift_common::service::PartitionLease;
 use schemashift_common::spec::Spec;
 use schemashift_coordinator::capture::{flush_wal, Capture};
@@ -311,32 +309,6 @@ async fn replay_all(
     Ok(applied)
 }
 
-fn sql_array(items: &[&str]) -> String {
-    let quoted: Vec<String> = items
-        .iter()
-        .map(|s| format!("'{}'", s.replace('\'', "''")))
-        .collect();
-    format!("(ARRAY[{}]::text[])", quoted.join(","))
-}
-
-/// A random element of a constant array, drawn per row.
-fn pick(items: &[&str]) -> String {
-    format!(
-        "{}[1 + floor(random() * {})::int]",
-        sql_array(items),
-        items.len()
-    )
-}
-
-/// A full name from the scenario's mix, `r` being a per-row random number.
-fn name_expr() -> String {
-    let (f, l, c) = (pick(FIRST_NAMES), pick(LAST_NAMES), pick(COMPLEX_NAMES));
-    format!(
-        "CASE WHEN r < 0.85 THEN {f} || ' ' || {l} WHEN r < 0.95 THEN {f} || ' ' || {f} || ' ' || {l} \
-         WHEN r < 0.99 THEN {f} ELSE {c} END"
-    )
-}
-
 /// About `total` changes on the source, all in SQL: 40% inserts of new users, 45%
 /// updates of full_name and bio of random existing users, 15% deletes, in
 /// transactions of at most [`WORKLOAD_TX`] changes. Returns the rows changed.
@@ -348,7 +320,7 @@ async fn workload(source: &Client, total: u64) -> anyhow::Result<u64> {
         .query_one("SELECT coalesce(max(id), 0) FROM public.users", &[])
         .await?
         .get(0);
-    let name = name_expr();
+    let name = schemashift_common::scenario::name_mix_sql();
     let insert = source
         .prepare(&format!(
             "INSERT INTO public.users (id, email, full_name, bio) \

@@ -293,13 +293,7 @@ impl Capture {
         }
         if last_end > self.position {
             self.sink
-                .write(
-                    &mut self.target,
-                    &self.control,
-                    &self.plan,
-                    &pending,
-                    last_end,
-                )
+                .write(&mut self.target, &self.control, &pending, last_end)
                 .await?;
             self.position = last_end;
         }

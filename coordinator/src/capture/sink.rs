@@ -8,11 +8,13 @@ use schemashift_common::control::ControlSql;
 use schemashift_common::ids::Lsn;
 use schemashift_common::plan::{LogPlan, RunPlan};
 use schemashift_worker::kafka::{ChangeProducer, Outgoing};
+use std::collections::HashMap;
 use tokio_postgres::Client;
 
 pub enum Sink {
     Table,
-    Kafka(ChangeProducer),
+    /// With each table's key positions, computed once (the message key needs them).
+    Kafka(ChangeProducer, HashMap<u32, Vec<usize>>),
 }
 
 /// Test hook: `SCHEMASHIFT_FAILPOINT=<name>` makes the process abort right there, like a
@@ -32,9 +34,13 @@ impl Sink {
     pub fn for_plan(plan: &RunPlan) -> Result<Sink, CoordinatorError> {
         Ok(match &plan.changelog {
             LogPlan::Postgres => Sink::Table,
-            LogPlan::Kafka { brokers, topic, .. } => {
-                Sink::Kafka(ChangeProducer::new(brokers, topic)?)
-            }
+            LogPlan::Kafka { brokers, topic, .. } => Sink::Kafka(
+                ChangeProducer::new(brokers, topic)?,
+                plan.tables
+                    .iter()
+                    .map(|t| (t.index, t.source_key_index()))
+                    .collect(),
+            ),
         })
     }
 
@@ -43,21 +49,20 @@ impl Sink {
         &self,
         target: &mut Client,
         control: &ControlSql,
-        plan: &RunPlan,
         changes: &[(u32, Change)],
         end: Lsn,
     ) -> Result<(), CoordinatorError> {
         match self {
             Sink::Table => append(target, control, changes, end).await,
-            Sink::Kafka(producer) => {
+            Sink::Kafka(producer, key_index) => {
                 // Consumers can link what they apply to the capture that produced it.
                 let traceparent = schemashift_common::trace::current_traceparent();
                 let batch: Vec<Outgoing> = changes
                     .iter()
                     .map(|(part, c)| {
-                        let key = plan
-                            .table(c.table)
-                            .and_then(|t| c.key(&t.source_key_index()))
+                        let key = key_index
+                            .get(&c.table)
+                            .and_then(|k| c.key(k))
                             .unwrap_or_default();
                         Outgoing {
                             partition: *part,
