@@ -485,5 +485,4 @@ pub(crate) fn replay_err(part: u32, table: &str, e: &tokio_postgres::Error) -> W
 }
 
 mod rows;
-pub use rows::head;
 use rows::{escape_copy_text, row_to_change};

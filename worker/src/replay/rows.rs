@@ -1,9 +1,7 @@
 //! Rows of the PostgreSQL change log and the text COPY format of the staging tables.
 
 use schemashift_common::change::{Change, Op};
-use schemashift_common::control::ControlSql;
 use schemashift_common::ids::{ChangeSeq, Lsn};
-use tokio_postgres::GenericClient;
 
 /// COPY text format escaping of one value.
 pub(super) fn escape_copy_text(s: &str, out: &mut String) {
@@ -43,23 +41,6 @@ pub(super) fn row_to_change(r: &tokio_postgres::Row) -> Result<(ChangeSeq, Chang
                 .collect(),
         },
     ))
-}
-
-/// The highest sequence number in the change log, for lag.
-pub async fn head(
-    client: &impl GenericClient,
-    control: &ControlSql,
-) -> Result<i64, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT coalesce(max(seq), 0) FROM {}",
-                control.table("changes")
-            ),
-            &[],
-        )
-        .await?;
-    Ok(row.get(0))
 }
 
 #[cfg(test)]
