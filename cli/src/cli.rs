@@ -387,6 +387,7 @@ async fn run_cmd(
         workers,
         until,
         metrics_listen,
+        ..RunOptions::default()
     };
     let bars = crate::progress::enabled().then(|| crate::progress::start(&spec));
     let result = schemashift_coordinator::run::run(&spec, opts, shutdown_signal()).await;

@@ -3,12 +3,12 @@
 
 use anyhow::Context;
 use schemashift_common::cluster::{Cluster, ClusterOptions};
-use schemashift_common::load::{start_load, LoadOptions};
+use schemashift_common::load::{start_load, LoadOptions, Schema};
 use schemashift_common::scenario::{
     load_users, users_spec_yaml, SOURCE_DDL, SPLIT_FUNCTIONS, TARGET_DDL,
 };
 use schemashift_common::spec::Spec;
-use schemashift_coordinator::run::{run, RunOptions, RunReport, Until};
+use schemashift_coordinator::run::{run, RunEvent, RunOptions, RunReport, Until};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -32,9 +32,16 @@ pub struct DemoReport {
     /// Missing, extra, different rows by the demo's own compare.
     pub diff: (u64, u64, u64),
     pub total_seconds: f64,
-    /// Write p95 over a quiet period before the migration and while it ran.
+    /// Write p95 over a quiet period before the migration, during the backfill, during
+    /// the rest of the run (replay, verify, cutover), and on the target after the switch.
     pub p95_before_ms: f64,
     pub p95_during_ms: f64,
+    pub p95_rest_ms: f64,
+    pub p95_after_ms: f64,
+    /// Application writes made on the target after the switch, and whether reverse sync
+    /// brought every one of them to the old schema (the compare after it).
+    pub writes_after_switch: u64,
+    pub reverse_applied: u64,
     pub throttling: bool,
     /// With --rollback: target writes after the cutover, rollback time, and the compare
     /// of every row after switching back.
@@ -93,26 +100,65 @@ pub async fn demo(
     let before = load.stats();
     let (_tx, shutdown) = tokio::sync::watch::channel(false);
     let bars = crate::progress::enabled().then(|| crate::progress::start(&spec));
+    // The demo's application follows the run: latency snapshots at its milestones, and a
+    // move to the new schema at the switch, as a real application's switch would.
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = {
+        let (router, stats_of, tgt_dsn) = (load.router(), load.stats_reader(), tgt_dsn.clone());
+        tokio::spawn(async move {
+            let mut backfilled = None;
+            while let Some(e) = events.recv().await {
+                match e {
+                    RunEvent::BackfillDone => backfilled = Some(stats_of()),
+                    RunEvent::Switched => {
+                        if let Err(e) = router.switch(&tgt_dsn, Schema::New) {
+                            tracing::warn!(error = %e, "demo load not switched");
+                        }
+                        return (backfilled, Some(stats_of()));
+                    }
+                }
+            }
+            (backfilled, None)
+        })
+    };
     let result = run(
         &spec,
         RunOptions {
             workers: Some(workers),
             until: Until::Cutover,
-            metrics_listen: None,
+            events: Some(events_tx),
+            ..RunOptions::default()
         },
         shutdown,
     )
     .await;
     crate::progress::finish(bars);
+    let (backfilled, switched) = watcher.await.unwrap_or((None, None));
+    let mut report = result.map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A few seconds of the application on the new schema, then its writes go back to the
+    // old one by reverse sync (what a rollback would rely on).
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let stats = load.stop().await;
     let p95 = |h: &schemashift_common::load::LatencyHistogram| h.p95() as f64 / 1e3;
-    let (p95_before_ms, p95_during_ms) = (
-        p95(&before.latencies_us),
-        p95(&stats.latencies_us.since(&before.latencies_us)),
-    );
-    let mut report = result.map_err(|e| anyhow::anyhow!("{e}"))?;
-    // The demo's application is not really switched: writes it made to the source
-    // after the freeze are carried over before the final compare.
+    let at_switch = switched.unwrap_or_else(|| stats.clone());
+    let backfilled = backfilled.unwrap_or_else(|| at_switch.clone());
+    let p95_before_ms = p95(&before.latencies_us);
+    let p95_during_ms = p95(&backfilled.latencies_us.since(&before.latencies_us));
+    let p95_rest_ms = p95(&at_switch.latencies_us.since(&backfilled.latencies_us));
+    let p95_after_ms = p95(&stats.latencies_us.since(&at_switch.latencies_us));
+    let writes_after_switch = stats.ops().saturating_sub(at_switch.ops());
+    let reverse = schemashift_coordinator::reverse::now(&spec)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let reverse_applied = schemashift_coordinator::reverse::sync(
+        &spec,
+        schemashift_coordinator::reverse::Until::Lsn(reverse),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("reverse sync: {e}"))?
+    .changes_applied;
+    // Source writes that waited on the freeze were carried over by the cutover; verify
+    // now compares both sides after the reverse sync.
     let v = schemashift_coordinator::ops::verify(&spec)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -126,7 +172,7 @@ pub async fn demo(
         // The application now writes to the new schema; then we change our minds.
         target
             .batch_execute(
-                // The demo's load kept writing to the source after the cutover, so pick a fresh id.
+                // Past every id the load used.
                 "INSERT INTO users (id, email, first_name, last_name) SELECT max(id) + 1000, 'after.cutover@example.com', 'Ada', 'Lovelace' FROM users;
                  UPDATE users SET bio = 'edited after the cutover' WHERE id % 1000 = 7;
                  DELETE FROM users WHERE id % 1000 = 9;",
@@ -156,6 +202,10 @@ pub async fn demo(
         total_seconds: t0.elapsed().as_secs_f64(),
         p95_before_ms,
         p95_during_ms,
+        p95_rest_ms,
+        p95_after_ms,
+        writes_after_switch,
+        reverse_applied,
         throttling: throttle,
         rollback_seconds,
         rollback_diff,

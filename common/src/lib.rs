@@ -12,3 +12,4 @@ pub mod service;
 pub mod spec;
 pub mod sql;
 pub mod trace;
+pub mod walstream;

@@ -1,7 +1,7 @@
 //! A paced write load against the source `users` table, standing in for the application while
 //! a migration runs (demo, tests): inserts, updates, deletes, with per-operation latency.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,10 +10,8 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
-use tokio_postgres::{Client, Config, NoTls, Statement};
+use tokio_postgres::Config;
 use tracing::Instrument;
-
-use crate::scenario::{random_full_name, random_large_bio, random_short_bio};
 
 /// `application_name` of the load's sessions, so tests and operators can find them.
 pub const LOAD_APPLICATION_NAME: &str = "schemashift-load";
@@ -58,7 +56,11 @@ impl Default for LoadOptions {
 
 #[path = "load_histogram.rs"]
 mod histogram;
+#[path = "load_session.rs"]
+mod session;
 pub use histogram::LatencyHistogram;
+pub use session::{split_name, Schema};
+use session::{Route, Session};
 
 #[derive(Debug, Clone, Default)]
 pub struct LoadStats {
@@ -102,6 +104,7 @@ impl LoadStats {
 
 /// A running load; stop it with [`LoadHandle::stop`] (dropping it stops it too, unawaited).
 pub struct LoadHandle {
+    shared: Arc<Shared>,
     stats: Arc<Mutex<LoadStats>>,
     stop_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -119,9 +122,35 @@ impl LoadHandle {
         self.stats()
     }
 
+    /// A function returning the counts so far, for a task that outlives this borrow.
+    pub fn stats_reader(&self) -> impl Fn() -> LoadStats + Send + 'static {
+        let stats = Arc::clone(&self.stats);
+        move || lock(&stats).clone()
+    }
+
+    /// A handle that moves the load to another database (see [`LoadRouter::switch`]).
+    pub fn router(&self) -> LoadRouter {
+        LoadRouter(Arc::clone(&self.shared))
+    }
+
     /// The counts so far.
     pub fn stats(&self) -> LoadStats {
         lock(&self.stats).clone()
+    }
+}
+
+/// Moves a running load, e.g. from a task waiting for the cutover's switch.
+#[derive(Clone)]
+pub struct LoadRouter(Arc<Shared>);
+
+impl LoadRouter {
+    /// Each connection finishes its operation in flight, then reconnects to `dsn` and
+    /// speaks `schema` from its next operation on.
+    pub fn switch(&self, dsn: &str, schema: Schema) -> Result<(), tokio_postgres::Error> {
+        let mut config: Config = dsn.parse()?;
+        config.application_name(LOAD_APPLICATION_NAME);
+        self.0.route.send_replace(Route { config, schema });
+        Ok(())
     }
 }
 
@@ -159,9 +188,13 @@ pub async fn start_load_with_shutdown(
             .div_ceil(OPS_PER_CONNECTION)
             .min(MAX_CONNECTIONS)
     };
+    let route = Route {
+        config,
+        schema: Schema::Old,
+    };
     let mut sessions = Vec::new();
     for _ in 0..connections {
-        sessions.push(Session::open(&config).await?);
+        sessions.push(Session::open(&route).await?);
     }
     let max_id: i64 = match sessions.first() {
         Some(s) => s
@@ -172,7 +205,7 @@ pub async fn start_load_with_shutdown(
         None => 0,
     };
     let shared = Arc::new(Shared {
-        config,
+        route: watch::channel(route).0,
         opts: opts.clone(),
         max_id: AtomicI64::new(max_id),
         prefix: format!("{:08x}", rand::thread_rng().gen::<u32>()),
@@ -196,69 +229,19 @@ pub async fn start_load_with_shutdown(
     tracing::info!(rate = opts.rate_per_sec, connections, "write load started");
     Ok(LoadHandle {
         stats: Arc::clone(&shared.stats),
+        shared,
         stop_tx,
         tasks,
     })
 }
 
 struct Shared {
-    config: Config,
+    route: watch::Sender<Route>,
     opts: LoadOptions,
     max_id: AtomicI64,
     /// Makes emails of this load unique against earlier runs on the same table.
     prefix: String,
     stats: Arc<Mutex<LoadStats>>,
-}
-
-struct Session {
-    client: Client,
-    insert: Statement,
-    update_name: Statement,
-    update_bio: Statement,
-    update_toasted: Statement,
-    delete: Statement,
-    read: Statement,
-}
-
-impl Session {
-    async fn open(config: &Config) -> Result<Session, tokio_postgres::Error> {
-        let (client, conn) = config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "load connection ended");
-            }
-        });
-        Ok(Session {
-            insert: client
-                .prepare(
-                    "INSERT INTO public.users (email, full_name, bio) VALUES ($1, $2, $3) \
-                     RETURNING id",
-                )
-                .await?,
-            update_name: client
-                .prepare("UPDATE public.users SET full_name = $2, updated_at = now() WHERE id = $1")
-                .await?,
-            update_bio: client
-                .prepare("UPDATE public.users SET bio = $2, updated_at = now() WHERE id = $1")
-                .await?,
-            update_toasted: client
-                .prepare(&format!(
-                    "UPDATE public.users SET full_name = $2, updated_at = now()
-                     WHERE id = (SELECT id FROM public.users
-                                 WHERE id >= $1 AND id < $1 + {TOAST_SEARCH_SPAN}
-                                   AND pg_column_size(bio) > 2000
-                                 ORDER BY id LIMIT 1)"
-                ))
-                .await?,
-            delete: client
-                .prepare("DELETE FROM public.users WHERE id = $1")
-                .await?,
-            read: client
-                .prepare("SELECT id, email, full_name, bio FROM public.users WHERE id = $1")
-                .await?,
-            client,
-        })
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -332,6 +315,7 @@ async fn run_worker(
     interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut credit = 0.0;
     let mut counter: u64 = 0;
+    let mut route = shared.route.subscribe();
     loop {
         tokio::select! {
             biased;
@@ -344,10 +328,24 @@ async fn run_worker(
             let Some(kind) = pick_op(&mut rng, &shared.opts) else {
                 continue;
             };
+            if route.has_changed().unwrap_or(false) {
+                let to = route.borrow_and_update().clone();
+                match Session::open(&to).await {
+                    Ok(s) => session = s,
+                    // Retried like any lost connection, on the new route.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "load switch: connect failed");
+                        match reconnect(&shared, &mut stop, &mut external).await {
+                            Some(s) => session = s,
+                            None => return,
+                        }
+                    }
+                }
+            }
             counter += 1;
             let email = format!("load.{}.{worker}.{counter}@example.com", shared.prefix);
             let started = Instant::now();
-            let result = execute(&session, &shared, &mut rng, kind, &email).await;
+            let result = session.execute(&shared, &mut rng, kind, &email).await;
             let elapsed = started.elapsed();
             let mut lost = false;
             if let Err(e) = record(&shared.stats, kind, elapsed, result) {
@@ -423,52 +421,6 @@ fn connection_lost(e: &tokio_postgres::Error) -> bool {
         })
 }
 
-/// Returns the operation's affected row count.
-async fn execute(
-    session: &Session,
-    shared: &Shared,
-    rng: &mut StdRng,
-    kind: OpKind,
-    email: &str,
-) -> Result<u64, tokio_postgres::Error> {
-    let max = shared.max_id.load(Ordering::Relaxed).max(1);
-    let id = rng.gen_range(1..=max);
-    match kind {
-        OpKind::Insert => {
-            let name = random_full_name(rng);
-            let roll = rng.gen_range(0..100);
-            let bio = match roll {
-                0 => Some(random_large_bio(rng)),
-                1..=10 => None,
-                _ => Some(random_short_bio(rng)),
-            };
-            let row = session
-                .client
-                .query_one(&session.insert, &[&email, &name, &bio])
-                .await?;
-            shared.max_id.fetch_max(row.get(0), Ordering::Relaxed);
-            Ok(1)
-        }
-        OpKind::UpdateName | OpKind::UpdateToasted => {
-            let stmt = match kind {
-                OpKind::UpdateName => &session.update_name,
-                _ => &session.update_toasted,
-            };
-            let name = random_full_name(rng);
-            session.client.execute(stmt, &[&id, &name]).await
-        }
-        OpKind::UpdateBio => {
-            let bio = random_large_bio(rng);
-            session
-                .client
-                .execute(&session.update_bio, &[&id, &bio])
-                .await
-        }
-        OpKind::Delete => session.client.execute(&session.delete, &[&id]).await,
-        OpKind::Read => Ok(session.client.query(&session.read, &[&id]).await?.len() as u64),
-    }
-}
-
 /// Reconnects with backoff until it works or the load is stopped (None).
 async fn reconnect(
     shared: &Shared,
@@ -477,7 +429,8 @@ async fn reconnect(
 ) -> Option<Session> {
     let mut delay = Duration::from_millis(50);
     loop {
-        match Session::open(&shared.config).await {
+        let route = shared.route.borrow().clone();
+        match Session::open(&route).await {
             Ok(session) => {
                 lock(&shared.stats).reconnects += 1;
                 tracing::info!("load reconnected");

@@ -106,6 +106,66 @@ pub async fn mark_origin(client: &Client, name: &str) -> bool {
     }
 }
 
+/// Lowers the CPU priority of this session's server process to nice 19 when it runs on
+/// this host, so the application's backends preempt our bulk work (a cheap throttle that
+/// costs the migration only idle CPU). A no-op, returning false, for remote servers, other
+/// PID namespaces or without permission (raising another user's nice needs CAP_SYS_NICE).
+pub async fn lower_priority(client: &Client) -> bool {
+    let row = match client
+        .query_one(
+            "SELECT pg_backend_pid(), current_user::text, current_database()::text",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %describe(&e), "backend process not identified");
+            return false;
+        }
+    };
+    let (pid, user, db): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
+    renice_backend(pid, &user, &db)
+}
+
+/// Renices a backend found in /proc, only if its process title shows our user and database:
+/// a PID from another host or namespace must not hit an unrelated local process.
+pub fn renice_backend(pid: i32, user: &str, db: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let title = String::from_utf8_lossy(&cmdline);
+    let ours = title.starts_with("postgres: ") && title.contains(&format!(" {user} {db} "));
+    let Some(pid) = rustix::process::Pid::from_raw(pid).filter(|_| ours) else {
+        return false;
+    };
+    if let Err(e) = rustix::process::setpriority_process(Some(pid), 19) {
+        tracing::debug!(error = %e, "backend priority not lowered");
+        return false;
+    }
+    // With autogroup scheduling, nice only ranks tasks inside one session's group, and every
+    // backend is a session of its own (setsid at fork): the group's nice is what counts.
+    let group = format!("/proc/{}/autogroup", pid.as_raw_nonzero());
+    if std::path::Path::new(&group).exists() && session_leader(pid.as_raw_nonzero().get()) {
+        if let Err(e) = std::fs::write(&group, "19") {
+            tracing::debug!(error = %e, "backend autogroup priority not lowered");
+        }
+    }
+    true
+}
+
+/// Whether the process leads its own session (so its autogroup holds only it).
+fn session_leader(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Fields after the parenthesised command: state, ppid, pgrp, session.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(3))
+        .and_then(|s| s.parse::<i32>().ok())
+        == Some(pid)
+}
+
 /// The server's message (with detail and hint) rather than tokio-postgres' "db error".
 pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {

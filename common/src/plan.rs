@@ -192,6 +192,9 @@ pub struct RunPlan {
     pub control_schema: String,
     #[serde(default)]
     pub changelog: LogPlan,
+    /// Bulk sessions lower their server process's CPU priority when it is on this host.
+    #[serde(default)]
+    pub low_priority: bool,
 }
 
 /// Where this run's change log lives.

@@ -127,6 +127,9 @@ pub enum Beat {
     Lost,
     /// The lease is still valid but the phase is over: finish the current step and ask again.
     Stop,
+    /// The lease was extended, but the source is throttled: pause the copy until a later
+    /// heartbeat answers `Keep`.
+    Hold,
 }
 
 pub trait CoordinatorService: Send + Sync + 'static {

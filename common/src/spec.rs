@@ -196,6 +196,14 @@ pub struct ThrottleSpec {
     /// Sessions waiting on a lock on the source.
     #[serde(default = "default_lock_waiters")]
     pub lock_waiters: i64,
+    /// How much slower than its baseline (measured before the backfill) the probe may
+    /// get, as a fraction: 0.10 = 10%. Copies pause mid-shard while it is exceeded.
+    #[serde(default = "default_probe_increase")]
+    pub probe_increase: f64,
+    /// Run our bulk sessions' server processes at the lowest CPU priority (nice 19) when
+    /// the database runs on this host, so the application's queries go first.
+    #[serde(default = "default_true")]
+    pub low_priority: bool,
 }
 
 fn default_true() -> bool {
@@ -210,6 +218,9 @@ fn default_replica_lag() -> Duration {
 fn default_lock_waiters() -> i64 {
     10
 }
+fn default_probe_increase() -> f64 {
+    0.10
+}
 
 impl Default for ThrottleSpec {
     fn default() -> Self {
@@ -218,6 +229,8 @@ impl Default for ThrottleSpec {
             probe_latency: default_probe_latency(),
             replica_lag: default_replica_lag(),
             lock_waiters: default_lock_waiters(),
+            probe_increase: default_probe_increase(),
+            low_priority: true,
         }
     }
 }
@@ -347,6 +360,12 @@ impl Spec {
                     problems.push(format!("{at}: columns.{col}: the expression is empty"));
                 }
             }
+        }
+        if !(self.throttle.probe_increase.is_finite() && self.throttle.probe_increase >= 0.0) {
+            problems.push(format!(
+                "throttle.probe_increase: {} is not a fraction >= 0 (0.10 allows the probe 10% slower than before the run)",
+                self.throttle.probe_increase
+            ));
         }
         if self.cutover.freeze_timeout.is_zero() {
             problems.push("cutover.freeze_timeout must be greater than 0".into());

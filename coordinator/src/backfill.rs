@@ -62,6 +62,7 @@ impl RunCtx {
             &self.target,
             &self.store,
             self.workers,
+            self.plan.low_priority,
         )
         .await?;
         if built > 0 {

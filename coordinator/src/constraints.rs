@@ -128,12 +128,16 @@ pub async fn rebuild_indexes(
     target: &Client,
     store: &Store,
     parallel: usize,
+    low_priority: bool,
 ) -> Result<usize, CoordinatorError> {
     let todo = pending(target, store, "indexes").await?;
     let queue = std::sync::Arc::new(tokio::sync::Mutex::new(todo.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..parallel.max(1).min(todo.len()) {
         let session = schemashift_common::pg::connect(target_dsn, "target").await?;
+        if low_priority {
+            schemashift_common::pg::lower_priority(&session).await;
+        }
         let (queue, done_sql) = (
             queue.clone(),
             format!(

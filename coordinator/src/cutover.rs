@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 use tokio_postgres::error::SqlState;
 
 const LOCK_ATTEMPTS: u32 = 10;
+/// Target sequences start this far past the source's: inserts that waited on the freeze
+/// take source ids after it, and their late copies must not collide with the ids the
+/// switched application gets on the target.
+const SEQUENCE_GAP: i64 = 10_000;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CutoverReport {
@@ -128,8 +132,8 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
                         .get(0);
                     ctx.target
                         .query_one(
-                            &format!("SELECT setval($1::text::regclass, greatest($2::bigint, (SELECT last_value FROM {})))", s.target_sequence),
-                            &[&s.target_sequence, &last],
+                            &format!("SELECT setval($1::text::regclass, greatest(least($2::bigint, (SELECT seqmax FROM pg_sequence WHERE seqrelid = $1::text::regclass)), (SELECT last_value FROM {})))", s.target_sequence),
+                            &[&s.target_sequence, &last.saturating_add(SEQUENCE_GAP)],
                         )
                         .await
                         .map_err(|e| CoordinatorError::db("moving target sequence", &e))?;
@@ -153,6 +157,7 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
                 return Err(CoordinatorError::CutoverAborted("freeze would exceed freeze_timeout".into()));
             }
             ctx.store.set_phase(&ctx.target, Phase::CutOver).await?;
+            ctx.event(crate::run::RunEvent::Switched);
             Ok::<_, CoordinatorError>((keys.len(), moved, head, reverse))
         }
         .await;

@@ -118,6 +118,8 @@ pub async fn plan(
         partitions: 1,
         control_schema: schema(spec),
         changelog: LogPlan::Postgres,
+        // The application runs on the target now: reverse sync goes after it.
+        low_priority: fwd.low_priority,
     }))
 }
 
@@ -187,6 +189,7 @@ pub async fn sync(spec: &Spec, until: Until) -> Result<ReverseReport, Coordinato
     let target = connect(&spec.target, "target").await?;
     let mut capture = Capture::open(
         connect(&spec.target, "target").await?,
+        spec.target.clone(),
         connect(&spec.source, "source").await?,
         plan.clone(),
         state.slot.clone(),

@@ -37,6 +37,29 @@ pub struct RunOptions {
     pub until: Until,
     /// HOST:PORT for Prometheus metrics while the run goes.
     pub metrics_listen: Option<String>,
+    /// Milestones for an application in this process (the demo's load): it measures its
+    /// latency per phase and moves to the target at the switch.
+    pub events: Option<tokio::sync::mpsc::UnboundedSender<RunEvent>>,
+}
+
+/// See [`RunOptions::events`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunEvent {
+    /// Every shard is copied and the target's indexes are rebuilt.
+    BackfillDone,
+    /// Inside the cutover freeze, right after `switch_command`: the application moves now.
+    Switched,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            workers: None,
+            until: Until::Cutover,
+            metrics_listen: None,
+            events: None,
+        }
+    }
 }
 
 /// Where the workers run.
@@ -105,6 +128,17 @@ pub struct RunCtx {
     pub workers: usize,
     pub report: RunReport,
     started: Instant,
+    /// See [`RunOptions::events`].
+    pub events: Option<tokio::sync::mpsc::UnboundedSender<RunEvent>>,
+}
+
+impl RunCtx {
+    /// Tells an in-process listener; one that went away does not matter to the run.
+    pub(crate) fn event(&self, e: RunEvent) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(e);
+        }
+    }
 }
 
 fn spawn_local(svc: &Arc<ControlCoordinator>, workers: usize, run_id: &RunId) -> LocalWorkers {
@@ -225,6 +259,7 @@ impl RunCtx {
         }
         let cap = Capture::open(
             connect(&spec.source, "source").await?,
+            spec.source.clone(),
             connect(&spec.target, "target").await?,
             plan.clone(),
             state.slot.clone(),
@@ -305,6 +340,7 @@ impl RunCtx {
             workers,
             report,
             started,
+            events: None,
         })
     }
 
@@ -406,7 +442,8 @@ pub async fn run(
     if let Some(addr) = &opts.metrics_listen {
         crate::metrics::start(addr, spec, metrics_rx).await?;
     }
-    let ctx = RunCtx::open(spec, Workers::Embedded(opts.workers)).await?;
+    let mut ctx = RunCtx::open(spec, Workers::Embedded(opts.workers)).await?;
+    ctx.events = opts.events;
     let report = drive(ctx, opts.until, shutdown).await;
     stop_metrics.send_replace(true);
     report
@@ -440,6 +477,7 @@ async fn drive_phases(
             .instrument(tracing::info_span!("backfill"))
             .await?;
     }
+    ctx.event(RunEvent::BackfillDone);
     if until == Until::Backfill {
         return ctx.finish().await;
     }

@@ -377,6 +377,11 @@ impl CoordinatorService for ControlCoordinator {
             (true, Stage::Stop) => Beat::Stop,
             // Replay pauses while workers verify.
             (true, Stage::Verify) if matches!(lease, LeaseRef::Partitions(_)) => Beat::Stop,
+            (true, Stage::Backfill)
+                if matches!(lease, LeaseRef::Shard { .. }) && self.throttle.throttled() =>
+            {
+                Beat::Hold
+            }
             (true, Stage::Backfill | Stage::Replay | Stage::Verify) => Beat::Keep,
         })
     }

@@ -1,7 +1,9 @@
 //! Throttling, gh-ost style: a probe watches the source's health (latency of a one-row
-//! read of a migrated table, replica replay lag, lock waiters) and, while a limit from the
-//! spec is exceeded, the coordinator starts no new backfill shard. Replay is not held back:
-//! its lag is what the cutover waits for. The state is saved for `status` and metrics.
+//! read of a migrated table, against its own latency before the copy started and an
+//! absolute limit; replica replay lag; lock waiters) and, while a limit from the spec is
+//! exceeded, the coordinator starts no new backfill shard and running copies pause at the
+//! next heartbeat. Replay is not held back: its lag is what the cutover waits for. The
+//! state is saved for `status` and metrics.
 
 use crate::error::CoordinatorError;
 use schemashift_common::control::ControlSql;
@@ -32,22 +34,64 @@ impl Throttle {
     }
 }
 
-/// One look at the source: the first limit exceeded, if any.
-async fn check(
+/// Probe latencies of the last half second: enough to see a trend, short enough that a
+/// pause shows in the probe before the next heartbeat.
+const WINDOW: usize = 10;
+const PROBE_EVERY: Duration = Duration::from_millis(50);
+/// Below this the probe's own noise dominates; a relative limit never goes tighter.
+const MIN_SLACK: Duration = Duration::from_micros(100);
+
+/// The 90th percentile of a few latencies (the second largest of ten).
+fn p90(samples: &[Duration]) -> Duration {
+    let mut v = samples.to_vec();
+    v.sort_unstable();
+    v.get((v.len() * 9 / 10).min(v.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
+/// The probe's latency at the start, before any copy runs (workers are held until the
+/// first verdict): what "slower" is measured against.
+async fn baseline(source: &Client, probe: &str) -> Result<Duration, tokio_postgres::Error> {
+    let mut samples = Vec::with_capacity(40);
+    for _ in 0..40 {
+        let t0 = Instant::now();
+        source.query(probe, &[]).await?;
+        samples.push(t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(p90(&samples))
+}
+
+/// The first limit the recent probes exceed, if any.
+fn judge(window: &[Duration], base: Duration, limits: &ThrottleSpec) -> Option<String> {
+    let now = p90(window);
+    if now > limits.probe_latency {
+        return Some(format!(
+            "probe read took {:.2} ms (limit {} ms)",
+            now.as_secs_f64() * 1e3,
+            limits.probe_latency.as_millis()
+        ));
+    }
+    let allowed = base
+        .mul_f64(1.0 + limits.probe_increase)
+        .max(base + MIN_SLACK);
+    (now > allowed).then(|| {
+        format!(
+            "probe read {:.2} ms is {:.0}% slower than before the run ({:.2} ms; limit {:.0}%)",
+            now.as_secs_f64() * 1e3,
+            (now.as_secs_f64() / base.as_secs_f64().max(1e-6) - 1.0) * 100.0,
+            base.as_secs_f64() * 1e3,
+            limits.probe_increase * 100.0
+        )
+    })
+}
+
+/// Replica lag and lock waiters: the first limit exceeded, if any.
+async fn check_server(
     source: &Client,
-    probe: &str,
     limits: &ThrottleSpec,
 ) -> Result<Option<String>, tokio_postgres::Error> {
-    let t0 = Instant::now();
-    source.query(probe, &[]).await?;
-    let latency = t0.elapsed();
-    if latency > limits.probe_latency {
-        return Ok(Some(format!(
-            "probe read took {} ms (limit {} ms)",
-            latency.as_millis(),
-            limits.probe_latency.as_millis()
-        )));
-    }
     let r = source
         .query_one(
             "SELECT coalesce((SELECT max(extract(epoch FROM replay_lag)) FROM pg_stat_replication), 0)::float8, \
@@ -69,6 +113,28 @@ async fn check(
         )));
     }
     Ok(None)
+}
+
+/// One probe, then (every few probes) the server-wide checks.
+async fn check(
+    source: &Client,
+    probe: &str,
+    window: &mut Vec<Duration>,
+    base: Duration,
+    limits: &ThrottleSpec,
+    server_check: bool,
+    last_server: &mut Option<String>,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    let t0 = Instant::now();
+    source.query(probe, &[]).await?;
+    if window.len() == WINDOW {
+        window.remove(0);
+    }
+    window.push(t0.elapsed());
+    if server_check {
+        *last_server = check_server(source, limits).await?;
+    }
+    Ok(judge(window, base, limits).or_else(|| last_server.clone()))
 }
 
 /// Probes every `every` until shutdown; records each change of state in the control schema.
@@ -98,9 +164,30 @@ pub async fn watch_source(
         sql.table("throttle"),
         t = sql.table("throttle"),
     );
+    let base = match baseline(&source, &probe).await {
+        Ok(b) => b,
+        Err(e) => {
+            return Err(CoordinatorError::db("measuring the probe's baseline", &e));
+        }
+    };
+    tracing::info!(
+        baseline_ms = base.as_secs_f64() * 1e3,
+        "throttle probe baseline measured"
+    );
+    let (mut window, mut last_server) = (Vec::with_capacity(WINDOW), None);
     let mut last: Option<Option<String>> = None;
-    loop {
-        let verdict = match check(&source, &probe, &limits).await {
+    for n in 0u64.. {
+        let checked = check(
+            &source,
+            &probe,
+            &mut window,
+            base,
+            &limits,
+            n % 5 == 0,
+            &mut last_server,
+        )
+        .await;
+        let verdict = match checked {
             Ok(v) => v,
             // A probe that fails is a source in trouble too.
             Err(e) => Some(format!(
@@ -126,8 +213,9 @@ pub async fn watch_source(
         }
         last = Some(verdict);
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep(PROBE_EVERY) => {}
             _ = shutdown.changed() => return Ok(()),
         }
     }
+    Ok(())
 }

@@ -334,6 +334,7 @@ impl From<Beat> for pb::BeatAnswer {
             Beat::Keep => pb::BeatAnswer::Keep,
             Beat::Lost => pb::BeatAnswer::Lost,
             Beat::Stop => pb::BeatAnswer::Stop,
+            Beat::Hold => pb::BeatAnswer::Hold,
         }
     }
 }
@@ -345,6 +346,7 @@ impl TryFrom<pb::HeartbeatReply> for Beat {
             pb::BeatAnswer::Keep => Ok(Beat::Keep),
             pb::BeatAnswer::Lost => Ok(Beat::Lost),
             pb::BeatAnswer::Stop => Ok(Beat::Stop),
+            pb::BeatAnswer::Hold => Ok(Beat::Hold),
             pb::BeatAnswer::Unspecified => Err(ProtoError::Invalid {
                 message: "HeartbeatReply",
                 reason: "no answer".into(),

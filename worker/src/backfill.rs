@@ -25,6 +25,13 @@ pub struct CopyProgress {
     pub messages: AtomicU64,
 }
 
+/// What the heartbeat task shares with a running copy: counters out, pauses in.
+pub struct CopyPacing {
+    pub progress: Arc<CopyProgress>,
+    /// True while the coordinator holds copies back (throttling).
+    pub hold: tokio::sync::watch::Receiver<bool>,
+}
+
 pub async fn copy_shard(
     source: &Client,
     target: &mut Client,
@@ -32,8 +39,9 @@ pub async fn copy_shard(
     table: &TablePlan,
     shard: &Shard,
     epoch: LeaseEpoch,
-    progress: Arc<CopyProgress>,
+    pacing: CopyPacing,
 ) -> Result<ShardOutcome, WorkerError> {
+    let CopyPacing { progress, mut hold } = pacing;
     let fail = |e: tokio_postgres::Error| {
         let (reason, transient) = pg_reason(&e);
         WorkerError::Shard {
@@ -53,7 +61,19 @@ pub async fn copy_shard(
         .map_err(fail)?;
     futures_util::pin_mut!(stream);
     let mut bytes = 0u64;
-    while let Some(chunk) = stream.next().await {
+    loop {
+        // Throttled: stop pulling rows; both servers' copy backends then sit idle on the
+        // socket (the transactions stay open) until the coordinator releases the hold.
+        if *hold.borrow_and_update() {
+            while *hold.borrow() {
+                if hold.changed().await.is_err() {
+                    break;
+                }
+            }
+        }
+        let Some(chunk) = stream.next().await else {
+            break;
+        };
         let chunk = chunk.map_err(fail)?;
         bytes += chunk.len() as u64;
         progress

@@ -3,7 +3,7 @@
 //! work is given back and the coordinator decides when a run fails; coordinator and
 //! database connections are re-established with bounded exponential backoff.
 
-use crate::backfill::{copy_shard, CopyProgress};
+use crate::backfill::{copy_shard, CopyPacing, CopyProgress};
 use crate::replay::PartitionReplayer;
 use crate::verify::verify_range;
 use crate::WorkerError;
@@ -103,6 +103,11 @@ impl Sessions {
             install_helpers(&target, &reg.plan.helpers, "target").await?;
             // Reverse sync after the cutover must not send our own writes back.
             schemashift_common::pg::mark_origin(&target, "forward").await;
+            if reg.plan.low_priority {
+                for s in [&source, &target] {
+                    schemashift_common::pg::lower_priority(s).await;
+                }
+            }
             Ok::<_, WorkerError>(Sessions { source, target })
         };
         open.retry(db_backoff())
@@ -212,8 +217,9 @@ impl<S: CoordinatorService> Worker<S> {
             shard: shard.id,
             epoch,
         };
-        // Heartbeats keep the lease while the copy runs; a lost lease is caught by the
-        // fenced commit, so the heartbeat only needs to try.
+        // Heartbeats keep the lease while the copy runs and say when to pause it (throttle);
+        // a lost lease is caught by the fenced commit, so the heartbeat only needs to try.
+        let (hold_tx, hold) = tokio::sync::watch::channel(false);
         let beat = {
             let (svc, me, progress, lease) = (
                 self.svc.clone(),
@@ -222,7 +228,8 @@ impl<S: CoordinatorService> Worker<S> {
                 lease.clone(),
             );
             let base = self.stats.progress();
-            let every = self.reg.lease_ttl / 3;
+            // Often enough that a pause takes effect while the source is still strained.
+            let every = (self.reg.lease_ttl / 3).min(Duration::from_millis(300));
             tokio::spawn(
                 async move {
                     loop {
@@ -232,8 +239,15 @@ impl<S: CoordinatorService> Worker<S> {
                             bytes: base.bytes + progress.bytes.load(Ordering::Relaxed),
                             changes: base.changes,
                         };
-                        if let Ok(Beat::Lost) = svc.heartbeat(&me, &lease, p).await {
-                            tracing::warn!("lease lost while copying");
+                        match svc.heartbeat(&me, &lease, p).await {
+                            Ok(Beat::Lost) => tracing::warn!("lease lost while copying"),
+                            Ok(Beat::Hold) => {
+                                hold_tx.send_if_modified(|h| !std::mem::replace(h, true));
+                            }
+                            Ok(Beat::Keep | Beat::Stop) => {
+                                hold_tx.send_if_modified(|h| std::mem::replace(h, false));
+                            }
+                            Err(_) => {}
                         }
                     }
                 }
@@ -247,7 +261,7 @@ impl<S: CoordinatorService> Worker<S> {
             table,
             &shard,
             epoch,
-            progress,
+            CopyPacing { progress, hold },
         )
         .instrument(span.clone())
         .await;
@@ -371,7 +385,8 @@ impl<S: CoordinatorService> Worker<S> {
                     .heartbeat(&self.me, lease, self.stats.progress())
                     .await
                 {
-                    Ok(Beat::Keep) => {}
+                    // Replay is not held back: its lag is what the cutover waits for.
+                    Ok(Beat::Keep | Beat::Hold) => {}
                     Ok(Beat::Stop) => return Ok(true),
                     Ok(Beat::Lost) => return Ok(false),
                     // Keep applying: every position write is fenced by the lease epoch.

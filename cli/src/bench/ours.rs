@@ -107,7 +107,7 @@ async fn run_backfill(spec: &Spec, workers: usize) -> anyhow::Result<RunReport> 
     let opts = RunOptions {
         workers: Some(workers),
         until: Until::Backfill,
-        metrics_listen: None,
+        ..RunOptions::default()
     };
     run(spec, opts, shutdown)
         .await
@@ -228,7 +228,14 @@ async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result
         .context("no control state after the backfill")?;
     let plan = Arc::new(state.plan);
     let capture_target = connect(&spec.target, "target").await?;
-    let mut capture = Capture::open(source, capture_target, plan.clone(), state.slot).await?;
+    let mut capture = Capture::open(
+        source,
+        spec.source.clone(),
+        capture_target,
+        plan.clone(),
+        state.slot,
+    )
+    .await?;
     let started = Instant::now();
     loop {
         let (_, cut_short, head) = capture.round().await?;

@@ -1,15 +1,18 @@
 //! capture: a publication and a pgoutput slot on the source, created before any shard is
-//! read; decoded transactions are appended to the change log together with the capture
-//! position (one target transaction), and only then is the slot advanced. After a crash
-//! between the two, transactions at or below the saved position are skipped.
+//! read; a replication stream (START_REPLICATION, so each WAL record is decoded once) feeds
+//! rounds whose complete transactions are appended to the change log together with the
+//! capture position (one target transaction); only then is the slot confirmed past them.
+//! After a crash between the two, transactions at or below the saved position are skipped.
 
 pub mod pgoutput;
 mod relations;
 mod sink;
+mod slot;
 
 use backon::BackoffBuilder;
 use relations::Relations;
 use sink::Sink;
+pub use slot::{drop_slot, ensure_slot, flush_wal, wal_lsn, WalPosition};
 
 use crate::control::Store;
 use crate::error::CoordinatorError;
@@ -18,132 +21,30 @@ use schemashift_common::change::{Change, Op};
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::Lsn;
 use schemashift_common::plan::RunPlan;
-use schemashift_common::sql::quote_ident;
+use schemashift_common::spec::Dsn;
+use schemashift_common::walstream::{WalMessage, WalStream, WalStreamError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-/// Decoded messages per peek; the server stops at the next transaction end after it.
-const PEEK_LIMIT: i32 = 20_000;
+/// Decoded messages per round before its batch is written (bounds memory and latency).
+const ROUND_MESSAGES: usize = 20_000;
+/// A round that has not reached its head by then ends without claiming it.
+const ROUND_TIME: Duration = Duration::from_secs(1);
+/// Silence after which the server is asked where it is.
+const QUIET: Duration = Duration::from_millis(50);
 /// How long a slot held by another reader (a killed process's backend) is waited for.
 const SLOT_BUSY_WAIT: Duration = Duration::from_secs(30);
 
-fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
-    move |e| CoordinatorError::db(context, &e)
-}
-
-/// Creates the publication and the slot when missing; returns the slot's consistent point.
-/// Slot creation waits for running transactions; if it takes long, the blocking
-/// backends are reported instead of waiting silently.
-pub async fn ensure_slot(
-    source: &Client,
-    plan: &RunPlan,
-    name: &str,
-) -> Result<(), CoordinatorError> {
-    let has_pub: bool = source
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&name],
-        )
-        .await
-        .map_err(db("checking publication"))?
-        .get(0);
-    if !has_pub {
-        // Lookup tables of merges too: their changes refresh the merged rows.
-        let mut names: Vec<String> = Vec::new();
-        for t in &plan.tables {
-            for n in std::iter::once(&t.source).chain(t.lookups.iter().map(|l| &l.source)) {
-                if !names.contains(&n.to_string()) {
-                    names.push(n.to_string());
-                }
-            }
-        }
-        let tables = names.join(", ");
-        source
-            .batch_execute(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {tables}",
-                quote_ident(name)
-            ))
-            .await
-            .map_err(db("creating publication"))?;
-        tracing::info!(publication = name, "publication created");
+/// A busy slot and a lost connection are waited out (the run loop retries them); the
+/// rest ends capture.
+fn stream_error(e: WalStreamError) -> CoordinatorError {
+    match e {
+        WalStreamError::SlotBusy(why) => CoordinatorError::SlotBusy(why),
+        e if e.is_transient() => CoordinatorError::SlotBusy(e.to_string()),
+        e => CoordinatorError::Capture(format!("replication stream: {e}")),
     }
-    let has_slot: bool = source
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-            &[&name],
-        )
-        .await
-        .map_err(db("checking slot"))?
-        .get(0);
-    if has_slot {
-        return Ok(());
-    }
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&name];
-    let create = source.query_one(
-        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-        &params,
-    );
-    tokio::pin!(create);
-    let started = Instant::now();
-    loop {
-        tokio::select! {
-            r = &mut create => {
-                let lsn: String = r.map_err(db("creating replication slot"))?.get(0);
-                tracing::info!(slot = name, consistent_point = %lsn, "replication slot created");
-                return Ok(());
-            }
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {
-                tracing::warn!(
-                    slot = name, waited_s = started.elapsed().as_secs(),
-                    "slot creation waits for running transactions on the source; see pg_stat_activity \
-                     rows with backend_xid set and an old xact_start (commit or cancel them)"
-                );
-            }
-        }
-    }
-}
-
-/// Which WAL position of the source to read.
-#[derive(Clone, Copy, Debug)]
-pub enum WalPosition {
-    /// End of WAL inserted so far: covers every commit made, flushed or not
-    /// (asynchronous commits are visible before their WAL is flushed).
-    Insert,
-    /// End of WAL flushed to disk: logical decoding returns nothing past it.
-    Flush,
-}
-
-pub async fn wal_lsn(
-    source: &impl tokio_postgres::GenericClient,
-    which: WalPosition,
-) -> Result<Lsn, CoordinatorError> {
-    let sql = match which {
-        WalPosition::Insert => "SELECT pg_current_wal_insert_lsn()::text",
-        WalPosition::Flush => "SELECT pg_current_wal_flush_lsn()::text",
-    };
-    let lsn: String = source
-        .query_one(sql, &[])
-        .await
-        .map_err(db("reading source WAL position"))?
-        .get(0);
-    lsn.parse()
-        .map_err(|e: schemashift_common::ids::LsnParseError| {
-            CoordinatorError::Capture(e.to_string())
-        })
-}
-
-/// Flushes the source's WAL up to now: a synchronous commit flushes everything before
-/// it. Without this, asynchronous commits wait for the WAL writer before they can be
-/// decoded. Costs one empty transaction (an xid, no table writes).
-pub async fn flush_wal(source: &Client) -> Result<(), CoordinatorError> {
-    source
-        .batch_execute(
-            "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id(); COMMIT",
-        )
-        .await
-        .map_err(db("flushing source WAL"))
 }
 
 /// Where capture stands, for replay, lag and cutover.
@@ -157,24 +58,50 @@ pub struct CaptureProgress {
 }
 
 pub struct Capture {
+    /// SQL session on the captured database: WAL positions and flushes.
     source: Client,
+    /// Where the replication stream connects (the same database as `source`).
+    source_dsn: Dsn,
+    stream: Option<WalStream>,
     target: Client,
     plan: Arc<RunPlan>,
     control: ControlSql,
     slot: String,
+    /// Every transaction committed up to here is in the change log.
     position: Lsn,
+    /// Everything before this was received: no commit of ours lies between `position`
+    /// and here unless a transaction is open.
+    received: Lsn,
+    tx: OpenTx,
     relations: Relations,
     changes: u64,
     sink: Sink,
 }
 
+/// The transaction being received; the stream may stop a round in the middle of it.
+#[derive(Default)]
+struct OpenTx {
+    open: bool,
+    lsn: Lsn,
+    xid: u32,
+    /// Written by our own replay in the other direction: an echo, dropped.
+    ours: bool,
+    changes: Vec<(u32, Change)>,
+}
+
 impl Capture {
     pub async fn open(
         source: Client,
+        source_dsn: Dsn,
         target: Client,
         plan: Arc<RunPlan>,
         slot: String,
     ) -> Result<Self, CoordinatorError> {
+        if plan.low_priority {
+            for c in [&source, &target] {
+                schemashift_common::pg::lower_priority(c).await;
+            }
+        }
         let control = ControlSql::new(&plan.control_schema);
         let sink = Sink::for_plan(&plan)?;
         let relations = Relations::new(plan.clone());
@@ -184,132 +111,233 @@ impl Capture {
             .unwrap_or_default();
         Ok(Capture {
             source,
+            source_dsn,
+            stream: None,
             target,
             plan,
             control,
             slot,
             position,
+            received: position,
+            tx: OpenTx::default(),
             relations,
             changes: 0,
             sink,
         })
     }
 
-    /// One peek → append → advance round. Returns the number of transactions taken and
-    /// whether the peek was cut short (more is waiting).
-    pub async fn round(&mut self) -> Result<(usize, bool, Lsn), CoordinatorError> {
-        // Decoding stops at the flushed end of WAL: only that much can be claimed.
-        let head = wal_lsn(&self.source, WalPosition::Flush).await?;
-        let rows = self
-            .source
-            .query(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, 'proto_version', '1', 'publication_names', $3)",
-                // Our names are lower-case hex: safe as the identifier list pgoutput parses.
-                &[&self.slot, &PEEK_LIMIT, &self.slot],
+    /// Starts streaming from the saved position; the server resumes at the slot's
+    /// confirmed position if that is later, and resends every transaction after it.
+    async fn connect(&mut self) -> Result<&mut WalStream, CoordinatorError> {
+        if self.stream.is_none() {
+            let stream = WalStream::start(
+                &self.source_dsn,
+                "schemashift-capture",
+                &self.slot,
+                &self.slot,
+                self.position,
             )
             .await
-            .map_err(|e| {
-                if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) {
-                    CoordinatorError::SlotBusy(schemashift_common::pg::describe(&e))
-                } else {
-                    CoordinatorError::db("decoding changes from the slot", &e)
-                }
-            })?;
-        let cut_short = rows.len() >= PEEK_LIMIT as usize;
-        let mut pending: Vec<(u32, Change)> = Vec::new();
-        let mut tx_changes: Vec<(u32, Change)> = Vec::new();
-        let mut tx_lsn = Lsn(0);
-        let mut tx_xid = 0u32;
-        let mut ours = false;
-        let mut last_end = self.position;
-        let mut txs = 0;
-        for r in &rows {
-            let data: &[u8] = r.get(0);
-            let msg =
-                pgoutput::decode(data).map_err(|e| CoordinatorError::Capture(e.to_string()))?;
-            let changes = match msg {
-                Message::Begin { final_lsn, xid } => {
-                    tx_changes.clear();
-                    ours = false;
-                    tx_lsn = final_lsn;
-                    tx_xid = xid;
-                    Vec::new()
-                }
-                Message::Relation(rel) => {
-                    self.relations.learn(&rel)?;
-                    Vec::new()
-                }
-                Message::Insert { rel, new } => {
-                    self.relations
-                        .changes(rel, tx_lsn, Op::Insert, None, Some(&new))?
-                }
-                Message::Update { rel, old, new } => {
-                    self.relations
-                        .changes(rel, tx_lsn, Op::Update, old.as_ref(), Some(&new))?
-                }
-                Message::Delete { rel, old } => {
-                    self.relations
-                        .changes(rel, tx_lsn, Op::Delete, Some(&old), None)?
-                }
-                Message::Truncate { rels } => {
-                    if let Some(t) = rels
-                        .iter()
-                        .find_map(|r| self.relations.tables_of(*r).next())
-                        .and_then(|info| self.plan.table(info.table))
-                    {
-                        return Err(CoordinatorError::Capture(format!(
-                            "table {} was truncated on the source during the run; its rows cannot be replayed. \
-                             Roll back and start the migration again",
-                            t.source
-                        )));
+            .map_err(stream_error)?;
+            self.tx = OpenTx::default();
+            self.received = self.position;
+            if self.plan.low_priority {
+                self.lower_walsender_priority().await;
+            }
+            self.stream = Some(stream);
+        }
+        self.stream
+            .as_mut()
+            .ok_or_else(|| CoordinatorError::Capture("replication stream not open".into()))
+    }
+
+    async fn lower_walsender_priority(&self) {
+        if let Ok(r) = self
+            .source
+            .query_one(
+                "SELECT active_pid, current_user::text, current_database()::text FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                &[&self.slot],
+            )
+            .await
+        {
+            schemashift_common::pg::renice_backend(r.get(0), r.get(1), r.get(2));
+        }
+    }
+
+    /// One receive → append → confirm round: reads the stream until everything committed
+    /// up to the source's flushed WAL position at the start is received (or a batch is
+    /// full), appends the complete transactions to the change log in one write, then lets
+    /// the slot go past them. Returns the transactions taken, whether the round was cut
+    /// short (more is waiting: the head is not claimed) and the head.
+    pub async fn round(&mut self) -> Result<(usize, bool, Lsn), CoordinatorError> {
+        let r = self.try_round().await;
+        if r.is_err() {
+            // Resent from the last confirmed position by the next stream.
+            self.stream = None;
+        }
+        r
+    }
+
+    async fn try_round(&mut self) -> Result<(usize, bool, Lsn), CoordinatorError> {
+        // Decoding stops at the flushed end of WAL: only that much can be claimed.
+        let head = wal_lsn(&self.source, WalPosition::Flush).await?;
+        self.connect().await?;
+        let started = Instant::now();
+        let (mut pending, mut last_end, mut txs, mut messages) =
+            (Vec::new(), self.position, 0, 0usize);
+        let mut flushed = false;
+        let cut_short = loop {
+            if !self.tx.open && self.received >= head {
+                break false;
+            }
+            if messages >= ROUND_MESSAGES || started.elapsed() > ROUND_TIME {
+                break true;
+            }
+            let confirmed = self.confirmable();
+            let stream = self.connect().await?;
+            let msg = match tokio::time::timeout(QUIET, stream.next()).await {
+                Ok(m) => m.map_err(stream_error)?,
+                Err(_) => {
+                    // The head may end inside a record only the next flush completes:
+                    // flush once, and ask the server where it is.
+                    if !flushed {
+                        flush_wal(&self.source).await?;
+                        flushed = true;
                     }
-                    Vec::new()
+                    let stream = self.connect().await?;
+                    stream
+                        .confirm(confirmed, true)
+                        .await
+                        .map_err(stream_error)?;
+                    continue;
                 }
-                Message::Commit { end_lsn, .. } => {
-                    // Already in the change log from before a crash: skip, do not duplicate.
-                    if end_lsn > self.position {
-                        if ours {
-                            // Written by our own replay in the other direction: an echo.
-                            tx_changes.clear();
-                        }
-                        pending.append(&mut tx_changes);
-                        last_end = end_lsn;
+            };
+            match msg {
+                WalMessage::Keepalive {
+                    wal_end,
+                    reply_requested,
+                } => {
+                    if !self.tx.open {
+                        self.received = self.received.max(wal_end);
+                    }
+                    if reply_requested {
+                        let stream = self.connect().await?;
+                        stream
+                            .confirm(confirmed, false)
+                            .await
+                            .map_err(stream_error)?;
+                    }
+                }
+                WalMessage::XLogData { data, .. } => {
+                    messages += 1;
+                    if let Some(end) = self.take(&data, &mut pending)? {
+                        last_end = last_end.max(end);
                         txs += 1;
                     }
-                    tx_changes.clear();
-                    Vec::new()
                 }
-                Message::Origin { name, .. } => {
-                    ours = name.starts_with(schemashift_common::pg::ORIGIN_PREFIX);
-                    Vec::new()
-                }
-                Message::Ignored => Vec::new(),
-            };
-            for (part, mut c) in changes {
-                c.xid = tx_xid;
-                c.ordinal = tx_changes.len() as u32;
-                tx_changes.push((part, c));
             }
-        }
+        };
         if last_end > self.position {
             self.sink
                 .write(&mut self.target, &self.control, &pending, last_end)
                 .await?;
             self.position = last_end;
         }
-        if self.position > Lsn(0) {
-            // Only after the change log committed: the slot may now release this WAL.
-            self.source
-                .query(
-                    "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn) FROM pg_replication_slots \
-                     WHERE slot_name = $1 AND confirmed_flush_lsn < $2::text::pg_lsn",
-                    &[&self.slot, &self.position.to_string()],
-                )
-                .await
-                .map_err(db("advancing the slot"))?;
-        }
+        // Only after the change log committed: the slot may now release this WAL.
+        let confirmed = self.confirmable();
+        let stream = self.connect().await?;
+        stream
+            .confirm(confirmed, false)
+            .await
+            .map_err(stream_error)?;
         self.changes += pending.len() as u64;
         Ok((txs, cut_short, head))
+    }
+
+    /// How far the slot may be confirmed: what is in the change log, or everything
+    /// received when no transaction is half read (nothing of ours lies in between).
+    fn confirmable(&self) -> Lsn {
+        if self.tx.open {
+            self.position
+        } else {
+            self.position.max(self.received)
+        }
+    }
+
+    /// Decodes one pgoutput message into the open transaction; at its commit, moves the
+    /// transaction's changes to `pending` and returns the commit's end position.
+    fn take(
+        &mut self,
+        data: &[u8],
+        pending: &mut Vec<(u32, Change)>,
+    ) -> Result<Option<Lsn>, CoordinatorError> {
+        let msg = pgoutput::decode(data).map_err(|e| CoordinatorError::Capture(e.to_string()))?;
+        let tx_lsn = self.tx.lsn;
+        let changes = match msg {
+            Message::Begin { final_lsn, xid } => {
+                self.tx = OpenTx {
+                    open: true,
+                    lsn: final_lsn,
+                    xid,
+                    ours: false,
+                    changes: Vec::new(),
+                };
+                return Ok(None);
+            }
+            Message::Relation(rel) => {
+                self.relations.learn(&rel)?;
+                return Ok(None);
+            }
+            Message::Insert { rel, new } => {
+                self.relations
+                    .changes(rel, tx_lsn, Op::Insert, None, Some(&new))?
+            }
+            Message::Update { rel, old, new } => {
+                self.relations
+                    .changes(rel, tx_lsn, Op::Update, old.as_ref(), Some(&new))?
+            }
+            Message::Delete { rel, old } => {
+                self.relations
+                    .changes(rel, tx_lsn, Op::Delete, Some(&old), None)?
+            }
+            Message::Truncate { rels } => {
+                if let Some(t) = rels
+                    .iter()
+                    .find_map(|r| self.relations.tables_of(*r).next())
+                    .and_then(|info| self.plan.table(info.table))
+                {
+                    return Err(CoordinatorError::Capture(format!(
+                        "table {} was truncated on the source during the run; its rows cannot be replayed. \
+                         Roll back and start the migration again",
+                        t.source
+                    )));
+                }
+                return Ok(None);
+            }
+            Message::Commit { end_lsn, .. } => {
+                let tx = std::mem::take(&mut self.tx);
+                self.received = self.received.max(end_lsn);
+                // At or below the saved position it is in the change log from before a
+                // crash: skipped, not duplicated. Our own replay's writes are echoes.
+                if end_lsn <= self.position || tx.ours {
+                    return Ok(None);
+                }
+                pending.extend(tx.changes);
+                return Ok(Some(end_lsn));
+            }
+            Message::Origin { name, .. } => {
+                self.tx.ours = name.starts_with(schemashift_common::pg::ORIGIN_PREFIX);
+                return Ok(None);
+            }
+            Message::Ignored => return Ok(None),
+        };
+        for (part, mut c) in changes {
+            c.xid = self.tx.xid;
+            c.ordinal = self.tx.changes.len() as u32;
+            self.tx.changes.push((part, c));
+        }
+        Ok(None)
     }
 
     /// Runs rounds until shutdown; publishes progress after each round. Idle rounds are
@@ -379,34 +407,4 @@ impl Capture {
             }
         }
     }
-}
-
-/// Drops the slot and publication; says whether anything was there.
-pub async fn drop_slot(source: &Client, name: &str) -> Result<(bool, bool), CoordinatorError> {
-    source
-        .query(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
-            &[&name],
-        )
-        .await
-        .map_err(db("stopping the slot's reader"))?;
-    let dropped_slot = source
-        .query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&name])
-        .await
-        .map_err(db("dropping the slot"))?
-        .len()
-        == 1;
-    let had_pub: bool = source
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&name],
-        )
-        .await
-        .map_err(db("checking publication"))?
-        .get(0);
-    source
-        .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name)))
-        .await
-        .map_err(db("dropping the publication"))?;
-    Ok((dropped_slot, had_pub))
 }

@@ -169,6 +169,7 @@ pub async fn plan(
             control_schema: spec.control_schema.clone(),
             // Set with the run id when the run is created (the topic is named after it).
             changelog: LogPlan::Postgres,
+            low_priority: spec.throttle.enabled && spec.throttle.low_priority,
         },
         shards,
         analysis,
