@@ -33,7 +33,7 @@ const ROUND_MESSAGES: usize = 20_000;
 /// A round that has not reached its head by then ends without claiming it.
 const ROUND_TIME: Duration = Duration::from_secs(1);
 /// Silence after which the server is asked where it is.
-const QUIET: Duration = Duration::from_millis(50);
+const QUIET: Duration = Duration::from_millis(10);
 /// How long a slot held by another reader (a killed process's backend) is waited for.
 const SLOT_BUSY_WAIT: Duration = Duration::from_secs(30);
 
@@ -166,10 +166,12 @@ impl Capture {
     }
 
     /// One receive → append → confirm round: reads the stream until everything committed
-    /// up to the source's flushed WAL position at the start is received (or a batch is
-    /// full), appends the complete transactions to the change log in one write, then lets
+    /// up to the source's flushed WAL position at the start is received, or the server says
+    /// it has sent all it can decode (the flushed end may lie inside a record), or a batch
+    /// is full; appends the complete transactions to the change log in one write, then lets
     /// the slot go past them. Returns the transactions taken, whether the round was cut
-    /// short (more is waiting: the head is not claimed) and the head.
+    /// short (more is waiting: nothing is claimed) and the position every commit before
+    /// which is now in the change log.
     pub async fn round(&mut self) -> Result<(usize, bool, Lsn), CoordinatorError> {
         let r = self.try_round().await;
         if r.is_err() {
@@ -186,9 +188,9 @@ impl Capture {
         let started = Instant::now();
         let (mut pending, mut last_end, mut txs, mut messages) =
             (Vec::new(), self.position, 0, 0usize);
-        let mut flushed = false;
+        let (mut asked, mut answered, mut keepalives, mut quiet) = (false, false, 0u32, 0u32);
         let cut_short = loop {
-            if !self.tx.open && self.received >= head {
+            if !self.tx.open && (self.received >= head || answered) {
                 break false;
             }
             if messages >= ROUND_MESSAGES || started.elapsed() > ROUND_TIME {
@@ -199,17 +201,15 @@ impl Capture {
             let msg = match tokio::time::timeout(QUIET, stream.next()).await {
                 Ok(m) => m.map_err(stream_error)?,
                 Err(_) => {
-                    // The head may end inside a record only the next flush completes:
-                    // flush once, and ask the server where it is.
-                    if !flushed {
-                        flush_wal(&self.source).await?;
-                        flushed = true;
-                    }
+                    quiet += 1;
+                    // Silent: ask the server where it is. Its answer covers every commit
+                    // before it, even if our head lies inside a record not flushed whole.
                     let stream = self.connect().await?;
                     stream
                         .confirm(confirmed, true)
                         .await
                         .map_err(stream_error)?;
+                    asked = true;
                     continue;
                 }
             };
@@ -218,8 +218,10 @@ impl Capture {
                     wal_end,
                     reply_requested,
                 } => {
+                    keepalives += 1;
                     if !self.tx.open {
                         self.received = self.received.max(wal_end);
+                        answered = asked;
                     }
                     if reply_requested {
                         let stream = self.connect().await?;
@@ -252,7 +254,11 @@ impl Capture {
             .await
             .map_err(stream_error)?;
         self.changes += pending.len() as u64;
-        Ok((txs, cut_short, head))
+        tracing::trace!(
+            %head, received = %self.received, messages, keepalives, quiet, txs, cut_short,
+            ms = started.elapsed().as_millis() as u64, "capture round"
+        );
+        Ok((txs, cut_short, self.received))
     }
 
     /// How far the slot may be confirmed: what is in the change log, or everything

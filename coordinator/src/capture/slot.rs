@@ -114,12 +114,15 @@ pub async fn wal_lsn(
 }
 
 /// Flushes the source's WAL up to now: a synchronous commit flushes everything before
-/// it. Without this, asynchronous commits wait for the WAL writer before they can be
-/// decoded. Costs one empty transaction (an xid, no table writes).
+/// it. Without this, asynchronous commits wait for the WAL writer (up to
+/// `wal_writer_delay`) before they can be decoded. A commit is only flushed if its
+/// transaction wrote WAL besides the commit record, hence the (transactional, so never
+/// decoded without pgoutput's `messages`) logical message; it needs no table.
 pub async fn flush_wal(source: &Client) -> Result<(), CoordinatorError> {
     source
         .batch_execute(
-            "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id(); COMMIT",
+            "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id(); \
+             SELECT pg_logical_emit_message(true, 'schemashift', ''); COMMIT",
         )
         .await
         .map_err(db("flushing source WAL"))
