@@ -92,6 +92,17 @@ pub fn print_run(r: &RunReport, json: bool) {
             "  cutover: write freeze {:.0} ms (lock attempt {}), {} keys re-checked inside it, {} sequences moved",
             c.freeze_ms, c.lock_attempts, c.keys_rechecked, c.sequences_moved
         );
+        eprintln!(
+            "    freeze steps: drained at {:.0} ms, re-checked at {:.0} ms, reverse slot made at {:.0} ms{}",
+            c.drained_ms,
+            c.rechecked_ms,
+            c.reverse_ms,
+            if c.autovacuums_cancelled > 0 {
+                format!("; {} autovacuum run(s) cancelled for the lock", c.autovacuums_cancelled)
+            } else {
+                String::new()
+            }
+        );
     }
     eprintln!("  total {:.1}s", r.total_seconds);
 }

@@ -32,6 +32,29 @@ pub struct CutoverReport {
     pub foreign_keys_restored: usize,
     /// A reverse slot records target writes for rollback (needs `reverse` mappings).
     pub reverse_sync: bool,
+    /// Where the freeze went, in ms from the lock: drained, re-checked, reverse slot made.
+    pub drained_ms: f64,
+    pub rechecked_ms: f64,
+    pub reverse_ms: f64,
+    /// Autovacuum workers on the frozen tables cancelled so the lock could be taken.
+    pub autovacuums_cancelled: i64,
+}
+
+/// Autovacuum takes a lock that conflicts with the freeze and only yields to waiters after
+/// `deadlock_timeout`, longer than our `lock_timeout`: cancel it (it starts again later).
+/// Not the anti-wraparound kind, which must finish. Needs the right to signal it
+/// (superuser, as autovacuum runs as one); without it, nothing happens.
+async fn cancel_autovacuum(source: &tokio_postgres::Client, tables: &[String]) -> i64 {
+    let sql = "SELECT count(pg_cancel_backend(a.pid)) FROM pg_stat_activity a \
+               WHERE a.backend_type = 'autovacuum worker' AND a.query NOT LIKE '%to prevent wraparound%' \
+               AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.relation = ANY ($1::text[]::regclass[]))";
+    match source.query_one(sql, &[&tables]).await {
+        Ok(r) => r.get(0),
+        Err(e) => {
+            tracing::debug!(error = %schemashift_common::pg::describe(&e), "autovacuum not cancelled");
+            0
+        }
+    }
 }
 
 /// Keys touched by changes after `after` (and up to `upto`), per table.
@@ -67,6 +90,12 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
         .map(|t| t.source.to_string())
         .collect::<Vec<_>>()
         .join(", ");
+    let names: Vec<String> = ctx
+        .plan
+        .tables
+        .iter()
+        .map(|t| t.source.to_string())
+        .collect();
     let lock_timeout_ms = (freeze_budget.as_millis() / 4).clamp(20, 500);
     let mut source = schemashift_common::pg::connect(&ctx.spec.source, "source").await?;
 
@@ -100,6 +129,7 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
                     "freeze lock not granted within lock_timeout; source stays writable, retrying"
                 );
                 drop(tx);
+                report.autovacuums_cancelled += cancel_autovacuum(&source, &names).await;
                 tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
                 continue;
             }
@@ -110,10 +140,13 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
         let lsn = wal_lsn(&tx, WalPosition::Insert).await?;
         let outcome = async {
             let (head, _) = ctx.catch_up_on(Some(lsn), Some(deadline)).await?;
-            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "freeze: drained");
+            let ms = || t0.elapsed().as_secs_f64() * 1e3;
+            let drained = ms();
+            tracing::debug!(ms = drained, "freeze: drained");
             let keys = changed_keys(ctx, &baseline, &head).await?;
             let diffs = ctx.recheck(&keys).await?;
-            tracing::debug!(ms = t0.elapsed().as_millis() as u64, keys = keys.len(), "freeze: re-checked");
+            let rechecked = ms();
+            tracing::debug!(ms = rechecked, keys = keys.len(), "freeze: re-checked");
             if !diffs.is_empty() {
                 return Err(CoordinatorError::CutoverAborted(format!(
                     "{} rows differ inside the freeze (first: {:?})",
@@ -142,7 +175,8 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
             }
             // Before the application moves: every target write from now on flows back.
             let reverse = crate::reverse::setup(&ctx.spec, &ctx.plan, &ctx.target).await?;
-            tracing::debug!(ms = t0.elapsed().as_millis() as u64, reverse, "freeze: reverse sync set up");
+            let reverse_ms = ms();
+            tracing::debug!(ms = reverse_ms, reverse, "freeze: reverse sync set up");
             if let Some(cmd) = &ctx.spec.cutover.switch_command {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let status = tokio::time::timeout(left, tokio::process::Command::new("sh").arg("-c").arg(cmd).status())
@@ -154,16 +188,22 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
                 }
             }
             if Instant::now() > deadline {
-                return Err(CoordinatorError::CutoverAborted("freeze would exceed freeze_timeout".into()));
+                return Err(CoordinatorError::CutoverAborted(format!(
+                    "freeze would exceed freeze_timeout (drained at {drained:.0} ms, re-checked at {rechecked:.0} ms, \
+                     reverse slot made at {reverse_ms:.0} ms, switched at {:.0} ms)",
+                    ms()
+                )));
             }
             ctx.store.set_phase(&ctx.target, Phase::CutOver).await?;
             ctx.event(crate::run::RunEvent::Switched);
-            Ok::<_, CoordinatorError>((keys.len(), moved, head, reverse))
+            Ok::<_, CoordinatorError>((keys.len(), moved, head, reverse, [drained, rechecked, reverse_ms]))
         }
         .await;
         match outcome {
-            Ok((keys, moved, frozen_head, reverse)) => {
+            Ok((keys, moved, frozen_head, reverse, [drained, rechecked, reverse_ms])) => {
                 report.reverse_sync = reverse;
+                (report.drained_ms, report.rechecked_ms, report.reverse_ms) =
+                    (drained, rechecked, reverse_ms);
                 tx.commit()
                     .await
                     .map_err(|e| CoordinatorError::db("releasing freeze", &e))?;

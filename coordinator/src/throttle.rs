@@ -45,7 +45,7 @@ const MIN_SLACK: Duration = Duration::from_micros(100);
 fn p90(samples: &[Duration]) -> Duration {
     let mut v = samples.to_vec();
     v.sort_unstable();
-    v.get((v.len() * 9 / 10).min(v.len().saturating_sub(1)))
+    v.get((v.len() * 9).div_ceil(10).saturating_sub(1))
         .copied()
         .unwrap_or_default()
 }
@@ -218,4 +218,51 @@ pub async fn watch_source(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: &[f64]) -> Vec<Duration> {
+        v.iter().map(|m| Duration::from_secs_f64(m / 1e3)).collect()
+    }
+
+    #[test]
+    fn probe_within_its_allowance_does_not_throttle() {
+        let limits = ThrottleSpec::default();
+        let base = Duration::from_micros(400);
+        // p90 of ten is the second largest: one outlier is ignored.
+        let window = ms(&[0.40, 0.41, 0.39, 0.42, 0.40, 0.43, 0.40, 0.41, 0.42, 5.0]);
+        assert_eq!(judge(&window, base, &limits), None);
+    }
+
+    #[test]
+    fn probe_slower_than_its_baseline_throttles_and_says_why() {
+        let limits = ThrottleSpec::default();
+        let base = Duration::from_micros(400);
+        let window = ms(&[0.9, 1.1, 0.8, 1.2, 0.9, 1.0, 1.3, 0.9, 1.0, 1.1]);
+        let why = judge(&window, base, &limits).expect("throttled");
+        assert!(why.contains("slower than before the run"), "{why}");
+    }
+
+    #[test]
+    fn tiny_baselines_get_the_minimum_slack() {
+        let limits = ThrottleSpec::default();
+        let base = Duration::from_micros(100);
+        // +50% but only 50 µs: noise, not load.
+        assert_eq!(judge(&ms(&[0.15; 10]), base, &limits), None);
+        assert!(judge(&ms(&[0.25; 10]), base, &limits).is_some());
+    }
+
+    #[test]
+    fn absolute_limit_applies_whatever_the_baseline() {
+        let limits = ThrottleSpec {
+            probe_increase: 100.0,
+            ..ThrottleSpec::default()
+        };
+        let base = Duration::from_millis(40);
+        let why = judge(&ms(&[60.0; 10]), base, &limits).expect("throttled");
+        assert!(why.contains("limit 50 ms"), "{why}");
+    }
 }

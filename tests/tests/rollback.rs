@@ -196,3 +196,31 @@ async fn load_command_reports_percentiles_per_operation() -> anyhow::Result<()> 
     }
     env.drop_all().await
 }
+
+#[tokio::test]
+async fn bulk_sessions_run_at_the_lowest_priority_when_the_database_is_local() -> anyhow::Result<()>
+{
+    let env = users_env("low_priority", 10).await?;
+    let bulk = connect(&env.source_dsn).await?;
+    let app = connect(&env.source_dsn).await?;
+    assert!(schemashift_common::pg::lower_priority(&bulk).await);
+    // Field 19 of /proc/PID/stat (after the parenthesised name) is the nice value.
+    let nice = |pid: i32| -> anyhow::Result<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        Ok(rest
+            .split_whitespace()
+            .nth(16)
+            .unwrap_or_default()
+            .parse()?)
+    };
+    let pid = "SELECT pg_backend_pid()";
+    let bulk_pid: i32 = bulk.query_one(pid, &[]).await?.get(0);
+    let app_pid: i32 = app.query_one(pid, &[]).await?.get(0);
+    assert_eq!(nice(bulk_pid)?, 19);
+    assert_eq!(nice(app_pid)?, 0, "other sessions keep their priority");
+    if let Ok(group) = std::fs::read_to_string(format!("/proc/{bulk_pid}/autogroup")) {
+        assert!(group.trim_end().ends_with("nice 19"), "{group}");
+    }
+    env.drop_all().await
+}
