@@ -49,6 +49,27 @@ pub struct DemoReport {
     pub rollback_diff: Option<(u64, u64, u64)>,
 }
 
+/// The demo application's runtime; dropping a runtime inside another one would block it,
+/// so it is shut down in the background, on every path out of the demo.
+struct AppRuntime(Option<tokio::runtime::Runtime>);
+
+impl AppRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for AppRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 async fn client(dsn: &str) -> anyhow::Result<Client> {
     let (c, conn) = tokio_postgres::connect(dsn, NoTls)
         .await
@@ -87,14 +108,26 @@ pub async fn demo(
     spec.throttle.enabled = throttle;
 
     tracing::info!(ops_per_s = load_rate, "starting the application write load");
-    let load = start_load(
-        src_dsn.clone(),
-        LoadOptions {
-            rate_per_sec: load_rate,
-            ..LoadOptions::default()
-        },
-    )
-    .await?;
+    // The application is not our process: its tasks get a runtime of their own, so its
+    // latency is not spent queued behind the migration's tasks.
+    let app_runtime = AppRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("demo-app")
+            .enable_all()
+            .build()
+            .context("starting the demo application's runtime")?,
+    ));
+    let load = app_runtime
+        .handle()
+        .spawn(start_load(
+            src_dsn.clone(),
+            LoadOptions {
+                rate_per_sec: load_rate,
+                ..LoadOptions::default()
+            },
+        ))
+        .await??;
     // The application's latency before the migration starts, to compare with during.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let before = load.stats();
@@ -212,6 +245,7 @@ pub async fn demo(
     };
     drop((source, target));
     let _ = tokio::join!(src.stop(), tgt.stop());
+    drop(app_runtime);
     Ok(out)
 }
 
