@@ -105,6 +105,11 @@ fn footer_lines(r: &BenchReport) -> Vec<String> {
         ))
     }));
     v.extend(r.notes.iter().cloned());
+    v.push(
+        "schemashift runs with `throttle.enabled: false` here: no application runs, and the \
+         peers have no throttle"
+            .into(),
+    );
     v
 }
 
