@@ -123,14 +123,16 @@ async fn load_reconnects_after_losing_its_connection() {
     wait_until(&handle, |s| s.reconnects >= 1).await;
     let before = handle.stats().ops();
     wait_until(&handle, |s| s.ops() >= before + 20).await;
-    assert!(handle.stats().failed >= 1, "the operation in flight fails");
+    // The operation in flight fails, unless the session died just after it answered
+    // (then the closed client is noticed before the next operation).
+    assert!(handle.stats().failed <= 2, "{:?}", handle.stats());
     // The external shutdown signal alone ends the workers: their sessions go away.
     ext_tx.send(true).expect("signal");
     wait_for_no_sessions(&client).await;
     let stats = handle.stop().await;
     assert!(stats.reconnects >= 1, "{stats:?}");
     assert!(
-        (1..=2).contains(&stats.failed),
+        stats.failed <= 2,
         "only operations in flight fail: {stats:?}"
     );
     drop(client);

@@ -174,7 +174,14 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
                 }
             }
             // Before the application moves: every target write from now on flows back.
-            let reverse = crate::reverse::setup(&ctx.spec, &ctx.plan, &ctx.target).await?;
+            // Bounded like every step: writes must not wait past freeze_timeout. A slot
+            // creation cut off here finishes on its own; the next attempt finds the slot.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let reverse = tokio::time::timeout(left, crate::reverse::setup(&ctx.spec, &ctx.plan, &ctx.target))
+                .await
+                .map_err(|_| CoordinatorError::CutoverAborted(format!(
+                    "setting up reverse sync did not finish within freeze_timeout (drained at {drained:.0} ms, re-checked at {rechecked:.0} ms)"
+                )))??;
             let reverse_ms = ms();
             tracing::debug!(ms = reverse_ms, reverse, "freeze: reverse sync set up");
             if let Some(cmd) = &ctx.spec.cutover.switch_command {

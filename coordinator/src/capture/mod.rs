@@ -196,7 +196,7 @@ impl Capture {
             if messages >= ROUND_MESSAGES || started.elapsed() > ROUND_TIME {
                 break true;
             }
-            let confirmed = self.confirmable();
+            let confirmed = self.confirmable(last_end > self.position);
             let stream = self.connect().await?;
             let msg = match tokio::time::timeout(QUIET, stream.next()).await {
                 Ok(m) => m.map_err(stream_error)?,
@@ -247,7 +247,7 @@ impl Capture {
             self.position = last_end;
         }
         // Only after the change log committed: the slot may now release this WAL.
-        let confirmed = self.confirmable();
+        let confirmed = self.confirmable(false);
         let stream = self.connect().await?;
         stream
             .confirm(confirmed, false)
@@ -262,9 +262,11 @@ impl Capture {
     }
 
     /// How far the slot may be confirmed: what is in the change log, or everything
-    /// received when no transaction is half read (nothing of ours lies in between).
-    fn confirmable(&self) -> Lsn {
-        if self.tx.open {
+    /// received when no transaction is half read and none taken is still unwritten
+    /// (`unwritten`): nothing of ours lies in between. Confirming past a taken but
+    /// unwritten transaction would lose it in a crash before the write.
+    fn confirmable(&self, unwritten: bool) -> Lsn {
+        if self.tx.open || unwritten {
             self.position
         } else {
             self.position.max(self.received)
