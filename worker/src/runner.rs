@@ -277,9 +277,11 @@ impl<S: CoordinatorService> Worker<S> {
                 self.stats.rows += out.rows;
                 self.stats.bytes += out.bytes;
                 // The commit already counted; the report only speeds the coordinator up.
+                // Sent in the shard's span: the coordinator's handler joins the run's trace.
                 let _ = self
                     .svc
                     .completed(&self.me, shard.id, epoch, out.rows, out.bytes)
+                    .instrument(span.clone())
                     .await;
             }
             Err(e) => {
