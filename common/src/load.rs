@@ -105,7 +105,6 @@ impl LoadStats {
 /// A running load; stop it with [`LoadHandle::stop`] (dropping it stops it too, unawaited).
 pub struct LoadHandle {
     shared: Arc<Shared>,
-    stats: Arc<Mutex<LoadStats>>,
     stop_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -124,7 +123,7 @@ impl LoadHandle {
 
     /// A function returning the counts so far, for a task that outlives this borrow.
     pub fn stats_reader(&self) -> impl Fn() -> LoadStats + Send + 'static {
-        let stats = Arc::clone(&self.stats);
+        let stats = Arc::clone(&self.shared.stats);
         move || lock(&stats).clone()
     }
 
@@ -135,7 +134,7 @@ impl LoadHandle {
 
     /// The counts so far.
     pub fn stats(&self) -> LoadStats {
-        lock(&self.stats).clone()
+        lock(&self.shared.stats).clone()
     }
 }
 
@@ -228,7 +227,6 @@ pub async fn start_load_with_shutdown(
     }
     tracing::info!(rate = opts.rate_per_sec, connections, "write load started");
     Ok(LoadHandle {
-        stats: Arc::clone(&shared.stats),
         shared,
         stop_tx,
         tasks,

@@ -64,12 +64,10 @@ pub async fn copy_shard(
     loop {
         // Throttled: stop pulling rows; both servers' copy backends then sit idle on the
         // socket (the transactions stay open) until the coordinator releases the hold.
-        if *hold.borrow_and_update() {
-            while *hold.borrow() {
-                if hold.changed().await.is_err() {
-                    break;
-                }
-            }
+        // `has_changed` is one atomic load: nothing is locked per row unless it changed.
+        if hold.has_changed().unwrap_or(false) && *hold.borrow_and_update() {
+            // A closed channel (heartbeat task gone) releases the hold.
+            let _ = hold.wait_for(|held| !*held).await;
         }
         let Some(chunk) = stream.next().await else {
             break;

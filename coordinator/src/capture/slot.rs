@@ -12,6 +12,23 @@ fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ 
     move |e| CoordinatorError::db(context, &e)
 }
 
+const PUBLICATION_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)";
+const SLOT_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)";
+
+/// Whether the catalog row `sql` looks for by `name` is there.
+async fn exists(
+    client: &Client,
+    sql: &str,
+    name: &str,
+    context: &str,
+) -> Result<bool, CoordinatorError> {
+    Ok(client
+        .query_one(sql, &[&name])
+        .await
+        .map_err(db(context))?
+        .get(0))
+}
+
 /// Creates the publication and the slot when missing; returns the slot's consistent point.
 /// Slot creation waits for running transactions; if it takes long, the blocking
 /// backends are reported instead of waiting silently.
@@ -20,14 +37,7 @@ pub async fn ensure_slot(
     plan: &RunPlan,
     name: &str,
 ) -> Result<(), CoordinatorError> {
-    let has_pub: bool = source
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&name],
-        )
-        .await
-        .map_err(db("checking publication"))?
-        .get(0);
+    let has_pub = exists(source, PUBLICATION_EXISTS, name, "checking publication").await?;
     if !has_pub {
         // Lookup tables of merges too: their changes refresh the merged rows.
         let mut names: Vec<String> = Vec::new();
@@ -48,14 +58,7 @@ pub async fn ensure_slot(
             .map_err(db("creating publication"))?;
         tracing::info!(publication = name, "publication created");
     }
-    let has_slot: bool = source
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-            &[&name],
-        )
-        .await
-        .map_err(db("checking slot"))?
-        .get(0);
+    let has_slot = exists(source, SLOT_EXISTS, name, "checking slot").await?;
     if has_slot {
         return Ok(());
     }
@@ -143,14 +146,7 @@ pub async fn drop_slot(source: &Client, name: &str) -> Result<(bool, bool), Coor
         .map_err(db("dropping the slot"))?
         .len()
         == 1;
-    let had_pub: bool = source
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&name],
-        )
-        .await
-        .map_err(db("checking publication"))?
-        .get(0);
+    let had_pub = exists(source, PUBLICATION_EXISTS, name, "checking publication").await?;
     source
         .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name)))
         .await
