@@ -56,7 +56,7 @@ async fn bad_input_exits_2_names_the_culprit_and_writes_nothing() -> anyhow::Res
     let good = users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, None);
 
     // (what is wrong, the spec edit, what the message must name)
-    let cases: [(&str, &str, &str, &[&str]); 7] = [
+    let cases: [(&str, &str, &str, &[&str]); 8] = [
         (
             "unknown source column",
             "bio: bio",
@@ -92,6 +92,12 @@ async fn bad_input_exits_2_names_the_culprit_and_writes_nothing() -> anyhow::Res
             "key: id",
             "key: id\n    shard_rowz: 5",
             &["shard_rowz"],
+        ),
+        (
+            "negative throttle allowance",
+            "\ntables:",
+            "\nthrottle:\n  probe_increase: -1\ntables:",
+            &["throttle.probe_increase", "-1"],
         ),
         (
             "key not mapped",
