@@ -109,12 +109,15 @@ CREATE TABLE IF NOT EXISTS {schema}.throttle (
     episodes  int NOT NULL DEFAULT 0
 );
 
--- Secondary indexes of the target tables, dropped for the backfill (maintaining them row by
--- row costs more than building them once) and built again, in parallel, after it.
+-- Indexes of the target tables, dropped for the backfill (maintaining them row by row costs
+-- more than building them once) and built again, in parallel, after it. constraint_type is
+-- 'p' or 'u' when the index backed a primary key or unique constraint, put back after.
 CREATE TABLE IF NOT EXISTS {schema}.indexes (
     table_name text NOT NULL,
     name       text NOT NULL,
     definition text NOT NULL,
     restored   boolean NOT NULL DEFAULT false,
+    constraint_type text,
     PRIMARY KEY (table_name, name)
 );
+ALTER TABLE {schema}.indexes ADD COLUMN IF NOT EXISTS constraint_type text;

@@ -15,6 +15,9 @@ pub struct ColumnMap {
     pub expr: String,
     /// Source columns the expression reads.
     pub deps: Vec<String>,
+    /// The source column copied as is, when the expression is a bare column reference.
+    #[serde(default)]
+    pub bare_column: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -72,10 +75,46 @@ impl TablePlan {
     pub fn copy_out_keys_sql(&self, keys: &[Vec<String>]) -> String {
         format!(
             "COPY (SELECT {} FROM ONLY {} WHERE {}) TO STDOUT (FORMAT binary)",
-            self.mapped_select_list(),
-            self.source,
+            self.source_select_list(),
+            self.source_from(),
             crate::sql::keys_in(&self.key, keys)
         )
+    }
+
+    /// The FROM list of a mapped read of the source (after `ONLY`): the table, and the
+    /// computed expressions in a LATERAL subquery that `OFFSET 0` keeps from being flattened.
+    /// PostgreSQL can then memoize it, evaluating a split once per distinct input instead of
+    /// once per row when inputs repeat (names do: 5x less source CPU on the scenario); with
+    /// distinct inputs the plan is a plain nested loop, costing what inline expressions do.
+    pub fn source_from(&self) -> String {
+        let computed: Vec<String> = self
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.bare_column.is_none())
+            .map(|(i, c)| format!("({})::{} AS {}", c.expr, c.target_type, mapped_alias(i)))
+            .collect();
+        if computed.is_empty() {
+            return self.source.to_string();
+        }
+        format!(
+            "{} CROSS JOIN LATERAL (SELECT {} OFFSET 0) AS {MAPPED}",
+            self.source,
+            computed.join(", ")
+        )
+    }
+
+    /// The mapped row in target column order, over [`Self::source_from`].
+    pub fn source_select_list(&self) -> String {
+        self.columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match &c.bare_column {
+                Some(col) => format!("({}.{})::{}", self.source, quote_ident(col), c.target_type),
+                None => format!("{MAPPED}.{}", mapped_alias(i)),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     pub fn target_column_names(&self) -> Vec<String> {
@@ -102,8 +141,8 @@ impl TablePlan {
     pub fn copy_out_sql(&self, shard: &ShardRange) -> String {
         format!(
             "COPY (SELECT {} FROM ONLY {} WHERE {}) TO STDOUT (FORMAT binary)",
-            self.mapped_select_list(),
-            self.source,
+            self.source_select_list(),
+            self.source_from(),
             range_predicate(&self.key, shard.lo.as_deref(), shard.hi.as_deref())
         )
     }
@@ -116,11 +155,12 @@ impl TablePlan {
         )
     }
 
-    /// Row hash of the mapped source row; equal to [`Self::target_row_hash`] when equal.
+    /// Row hash of the mapped source row over [`Self::source_from`]; equal to
+    /// [`Self::target_row_hash`] when the rows are equal.
     pub fn source_row_hash(&self) -> String {
         format!(
             "hashtextextended(ROW({})::text, 0)",
-            self.mapped_select_list()
+            self.source_select_list()
         )
     }
 
@@ -151,6 +191,15 @@ impl TablePlan {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// Alias of the LATERAL subquery of computed expressions in source reads.
+const MAPPED: &str = "schemashift_mapped";
+
+/// Output name of computed column `i`: quoted, with a space, so an unqualified source column
+/// name in a predicate can never be ambiguous with it.
+fn mapped_alias(i: usize) -> String {
+    format!("\"schemashift m{i}\"")
 }
 
 /// A key range `[lo, hi)` of one table; `None` is open. Bounds are key values as text.

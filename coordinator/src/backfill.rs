@@ -56,8 +56,9 @@ impl RunCtx {
                 _ = shutdown.changed() => {}
             }
         }
-        // Secondary indexes dropped for the load are built once now, before replay writes.
-        let built = crate::constraints::rebuild_indexes(
+        // Indexes dropped for the load (the key's included) are built once now, before replay
+        // writes.
+        let built = crate::indexes::rebuild(
             &self.spec.target,
             &self.target,
             &self.store,
@@ -66,7 +67,7 @@ impl RunCtx {
         )
         .await?;
         if built > 0 {
-            tracing::info!(indexes = built, "secondary indexes rebuilt");
+            tracing::info!(indexes = built, "indexes rebuilt");
         }
         let c = self.store.shard_counts(&self.target).await?;
         self.report.shards = c.done;

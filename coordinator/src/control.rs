@@ -170,7 +170,7 @@ impl Store {
         }
         if drop_foreign_keys {
             crate::constraints::record_and_drop(&tx, self, plan).await?;
-            crate::constraints::record_and_drop_indexes(&tx, self, plan).await?;
+            crate::indexes::record_and_drop(&tx, self, plan).await?;
         }
         tx.execute(
             &format!(

@@ -9,6 +9,7 @@ pub mod cutover;
 pub mod distributed;
 pub mod error;
 pub mod grpc;
+pub mod indexes;
 pub mod metrics;
 pub mod ops;
 pub mod plan;

@@ -94,6 +94,7 @@ pub async fn plan(
                 target: sc.name.clone(),
                 target_type: sc.sql_type.clone(),
                 expr: m.sql,
+                bare_column: m.bare_column.filter(|b| m.deps.contains(b)),
                 deps: m.deps.into_iter().collect(),
             });
         }

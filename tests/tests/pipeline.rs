@@ -86,6 +86,25 @@ async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Res
             "users_pkey"
         ]
     );
+    // The key and the unique constraint were dropped too, and are back on their rebuilt indexes.
+    let constraints: Vec<(String, String)> = connect(&env.target_dsn)
+        .await?
+        .query(
+            "SELECT conname::text, contype::text FROM pg_constraint \
+             WHERE conrelid = 'public.users'::regclass AND contype IN ('p', 'u') ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        constraints,
+        [
+            ("users_email_key".to_owned(), "u".to_owned()),
+            ("users_pkey".to_owned(), "p".to_owned())
+        ]
+    );
     let c = schemashift(&["cleanup", &spec])?;
     assert!(c.status.success());
     assert_eq!(

@@ -115,6 +115,8 @@ pub async fn verify_range(
 ) -> Result<RangeCheck, WorkerError> {
     let (src_hash, tgt_hash) = (table.source_row_hash(), table.target_row_hash());
     let (sf, tf) = (table.source.to_string(), table.target.to_string());
+    // Hashes read the mapped row, so their FROM has the mapping subquery.
+    let sm = table.source_from();
     let mut check = RangeCheck::default();
     let mut stack = vec![range.clone()];
     let mut first = true;
@@ -124,7 +126,7 @@ pub async fn verify_range(
             table.target_range_predicate(&r),
         );
         let (s, t) = tokio::try_join!(
-            summarize(source, &src_hash, &sf, &sp),
+            summarize(source, &src_hash, &sm, &sp),
             summarize(target, &tgt_hash, &tf, &tp)
         )
         .map_err(|e| verr(table, &e))?;
@@ -139,7 +141,7 @@ pub async fn verify_range(
         }
         if s.rows.max(t.rows) <= LEAF_ROWS {
             let (sk, tk) = tokio::try_join!(
-                key_hashes(source, &table.key, &src_hash, &sf, &sp),
+                key_hashes(source, &table.key, &src_hash, &sm, &sp),
                 key_hashes(target, &table.target_key, &tgt_hash, &tf, &tp)
             )
             .map_err(|e| verr(table, &e))?;
@@ -186,12 +188,14 @@ pub async fn recheck_keys(
 ) -> Result<Vec<KeyDiff>, WorkerError> {
     let mut out = Vec::new();
     let (src_hash, tgt_hash) = (table.source_row_hash(), table.target_row_hash());
-    let (sf, tf) = (table.source.to_string(), table.target.to_string());
+    let tf = table.target.to_string();
+    // Hashes read the mapped row, so their FROM has the mapping subquery.
+    let sm = table.source_from();
     for chunk in keys.chunks(500) {
         let sp = keys_in(&table.key, chunk);
         let tp = keys_in(&table.target_key, chunk);
         let (sk, tk) = tokio::try_join!(
-            key_hashes(source, &table.key, &src_hash, &sf, &sp),
+            key_hashes(source, &table.key, &src_hash, &sm, &sp),
             key_hashes(target, &table.target_key, &tgt_hash, &tf, &tp)
         )
         .map_err(|e| verr(table, &e))?;

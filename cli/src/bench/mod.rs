@@ -137,17 +137,39 @@ pub(crate) async fn client(dsn: &str) -> anyhow::Result<Client> {
     Ok(c)
 }
 
-/// The target table without its three secondary indexes, and those indexes.
-pub(crate) fn target_table_and_indexes() -> (String, Vec<String>) {
+/// The target table with its key and unique constraints but without the name indexes.
+pub(crate) fn target_table_with_keys() -> String {
+    TARGET_DDL
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && !s.starts_with("CREATE INDEX"))
+        .collect::<Vec<_>>()
+        .join(";\n")
+}
+
+/// The target table without any index (no key or unique constraint either), and what
+/// builds them after a load: the three name indexes, then the key's and the email's unique
+/// indexes with the statements that attach their constraints to them.
+pub(crate) fn target_table_and_indexes() -> (String, Vec<String>, Vec<String>) {
     let (idx, table): (Vec<&str>, Vec<&str>) = TARGET_DDL
         .split(';')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .partition(|s| s.starts_with("CREATE INDEX"));
-    (
-        table.join(";\n"),
-        idx.into_iter().map(String::from).collect(),
-    )
+    let bare = table
+        .join(";\n")
+        .replacen("BIGSERIAL PRIMARY KEY", "BIGSERIAL NOT NULL", 1)
+        .replacen("TEXT NOT NULL UNIQUE", "TEXT NOT NULL", 1);
+    let mut builds: Vec<String> = idx.into_iter().map(String::from).collect();
+    builds.push("CREATE UNIQUE INDEX users_pkey ON public.users (id)".into());
+    builds.push("CREATE UNIQUE INDEX users_email_key ON public.users (email)".into());
+    let attach = vec![
+        "ALTER TABLE public.users ADD CONSTRAINT users_pkey PRIMARY KEY USING INDEX users_pkey"
+            .into(),
+        "ALTER TABLE public.users ADD CONSTRAINT users_email_key UNIQUE USING INDEX users_email_key"
+            .into(),
+    ];
+    (bare, builds, attach)
 }
 
 /// 1, 2 and `workers`, each once, ascending.

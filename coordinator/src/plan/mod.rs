@@ -326,6 +326,7 @@ async fn plan_table(
             target_type: tc.sql_type.clone(),
             expr: m.sql.clone(),
             deps: m.deps.iter().cloned().collect(),
+            bare_column: m.bare_column.clone().filter(|b| m.deps.contains(b)),
         })
         .collect();
     let stage = quote_ident(&format!("schemashift_plan_{index}"));
