@@ -93,7 +93,7 @@ pub fn print_run(r: &RunReport, json: bool) {
             c.freeze_ms, c.lock_attempts, c.keys_rechecked, c.sequences_moved
         );
         eprintln!(
-            "    freeze steps: drained at {:.0} ms, re-checked at {:.0} ms, reverse slot made at {:.0} ms{}",
+            "    freeze steps: drained at {:.0} ms, re-checked at {:.0} ms, reverse sync started at {:.0} ms{}",
             c.drained_ms,
             c.rechecked_ms,
             c.reverse_ms,

@@ -111,6 +111,22 @@ pub async fn mark_origin(client: &Client, name: &str) -> bool {
 /// costs the migration only idle CPU). A no-op, returning false, for remote servers, other
 /// PID namespaces or without permission (raising another user's nice needs CAP_SYS_NICE).
 pub async fn lower_priority(client: &Client) -> bool {
+    match backend_identity(client).await {
+        Some((pid, user, db)) => renice_backend(pid, &user, &db),
+        None => false,
+    }
+}
+
+/// Whether this session's server process runs on this host (found in /proc under our
+/// user and database), so the host's CPU readings describe the database's.
+pub async fn backend_is_local(client: &Client) -> bool {
+    match backend_identity(client).await {
+        Some((pid, user, db)) => local_backend(pid, &user, &db).is_some(),
+        None => false,
+    }
+}
+
+async fn backend_identity(client: &Client) -> Option<(i32, String, String)> {
     let row = match client
         .query_one(
             "SELECT pg_backend_pid(), current_user::text, current_database()::text",
@@ -121,22 +137,25 @@ pub async fn lower_priority(client: &Client) -> bool {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(error = %describe(&e), "backend process not identified");
-            return false;
+            return None;
         }
     };
-    let (pid, user, db): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
-    renice_backend(pid, &user, &db)
+    Some((row.get(0), row.get(1), row.get(2)))
+}
+
+/// The local process of a backend, only if its process title shows our user and database:
+/// a PID from another host or namespace must not hit an unrelated local process.
+fn local_backend(pid: i32, user: &str, db: &str) -> Option<rustix::process::Pid> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let title = String::from_utf8_lossy(&cmdline);
+    let ours = title.starts_with("postgres: ") && title.contains(&format!(" {user} {db} "));
+    rustix::process::Pid::from_raw(pid).filter(|_| ours)
 }
 
 /// Renices a backend found in /proc, only if its process title shows our user and database:
 /// a PID from another host or namespace must not hit an unrelated local process.
 pub fn renice_backend(pid: i32, user: &str, db: &str) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let title = String::from_utf8_lossy(&cmdline);
-    let ours = title.starts_with("postgres: ") && title.contains(&format!(" {user} {db} "));
-    let Some(pid) = rustix::process::Pid::from_raw(pid).filter(|_| ours) else {
+    let Some(pid) = local_backend(pid, user, db) else {
         return false;
     };
     if let Err(e) = rustix::process::setpriority_process(Some(pid), 19) {

@@ -57,12 +57,12 @@ impl RunCtx {
             }
         }
         // Indexes dropped for the load (the key's included) are built once now, before replay
-        // writes.
+        // writes; as many at once as copies were allowed to run.
         let built = crate::indexes::rebuild(
             &self.spec.target,
             &self.target,
             &self.store,
-            self.workers,
+            self.workers.min(self.svc.throttle().allowed()),
             self.plan.low_priority,
         )
         .await?;

@@ -32,7 +32,7 @@ pub struct CutoverReport {
     pub foreign_keys_restored: usize,
     /// A reverse slot records target writes for rollback (needs `reverse` mappings).
     pub reverse_sync: bool,
-    /// Where the freeze went, in ms from the lock: drained, re-checked, reverse slot made.
+    /// Where the freeze went, in ms from the lock: drained, re-checked, reverse sync started.
     pub drained_ms: f64,
     pub rechecked_ms: f64,
     pub reverse_ms: f64,
@@ -98,6 +98,9 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
         .collect();
     let lock_timeout_ms = (freeze_budget.as_millis() / 4).clamp(20, 500);
     let mut source = schemashift_common::pg::connect(&ctx.spec.source, "source").await?;
+    // The reverse slot is made while writes still flow: its creation waits for whatever
+    // runs on the target, which must never stretch the freeze.
+    let reverse_start = crate::reverse::prepare(&ctx.spec, &ctx.plan, &ctx.target).await?;
 
     for attempt in 1..=LOCK_ATTEMPTS {
         report.lock_attempts = attempt;
@@ -174,14 +177,19 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
                 }
             }
             // Before the application moves: every target write from now on flows back.
-            // Bounded like every step: writes must not wait past freeze_timeout. A slot
-            // creation cut off here finishes on its own; the next attempt finds the slot.
+            // Bounded like every step: writes must not wait past freeze_timeout.
             let left = deadline.saturating_duration_since(Instant::now());
-            let reverse = tokio::time::timeout(left, crate::reverse::setup(&ctx.spec, &ctx.plan, &ctx.target))
-                .await
-                .map_err(|_| CoordinatorError::CutoverAborted(format!(
-                    "setting up reverse sync did not finish within freeze_timeout (drained at {drained:.0} ms, re-checked at {rechecked:.0} ms)"
-                )))??;
+            let reverse = match &reverse_start {
+                Some(r) => {
+                    tokio::time::timeout(left, r.mark(&ctx.target))
+                        .await
+                        .map_err(|_| CoordinatorError::CutoverAborted(format!(
+                            "starting reverse sync did not finish within freeze_timeout (drained at {drained:.0} ms, re-checked at {rechecked:.0} ms)"
+                        )))??;
+                    true
+                }
+                None => false,
+            };
             let reverse_ms = ms();
             tracing::debug!(ms = reverse_ms, reverse, "freeze: reverse sync set up");
             if let Some(cmd) = &ctx.spec.cutover.switch_command {
@@ -197,7 +205,7 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
             if Instant::now() > deadline {
                 return Err(CoordinatorError::CutoverAborted(format!(
                     "freeze would exceed freeze_timeout (drained at {drained:.0} ms, re-checked at {rechecked:.0} ms, \
-                     reverse slot made at {reverse_ms:.0} ms, switched at {:.0} ms)",
+                     reverse sync started at {reverse_ms:.0} ms, switched at {:.0} ms)",
                     ms()
                 )));
             }

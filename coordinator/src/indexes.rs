@@ -110,7 +110,14 @@ pub async fn rebuild(
     for _ in 0..sessions {
         let session = schemashift_common::pg::connect(target_dsn, "target").await?;
         if low_priority {
-            schemashift_common::pg::lower_priority(&session).await;
+            // Parallel maintenance workers are background workers of their own, which
+            // would keep the normal priority: the build runs in the reniced backend alone.
+            if schemashift_common::pg::lower_priority(&session).await {
+                session
+                    .batch_execute("SET max_parallel_maintenance_workers = 0")
+                    .await
+                    .map_err(db("configuring an index build session"))?;
+            }
         }
         let (queue, done_sql) = (queue.clone(), store.sql.table("indexes"));
         let done_sql =

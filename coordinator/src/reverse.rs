@@ -1,7 +1,8 @@
 //! Reverse sync: after the cutover the application writes to the target, and those
 //! writes flow back into the old schema with the spec's `reverse` mappings, so a rollback
-//! loses nothing. It is the forward pipeline mirrored: a slot on the target (created in
-//! the cutover freeze, before the application is switched), a change log and replay
+//! loses nothing. It is the forward pipeline mirrored: a slot on the target (created just
+//! before the cutover freeze; its start is marked inside it, before the application is
+//! switched), a change log and replay
 //! position in a `<control_schema>_reverse` schema on the source database, and the same
 //! replayer applying to the source tables. Replay sessions carry replication origins, so
 //! neither direction sends the other's writes back.
@@ -124,15 +125,20 @@ pub async fn plan(
     }))
 }
 
-/// In the cutover freeze: the reverse slot on the target (so no application write after
-/// the switch is missed) and the reverse control state on the source. False when the
-/// spec has no complete reverse mapping (rollback after cutover is then unavailable).
-pub async fn setup(spec: &Spec, fwd: &RunPlan, target: &Client) -> Result<bool, CoordinatorError> {
+/// Before the freeze: the mirrored plan, its control state on the source and the slot on
+/// the target. Creating a slot waits for the target's running transactions, so it happens
+/// while the application still writes, never inside the freeze. None when reverse sync is
+/// not possible (it says why).
+pub async fn prepare(
+    spec: &Spec,
+    fwd: &RunPlan,
+    target: &Client,
+) -> Result<Option<ReverseStart>, CoordinatorError> {
     let rplan = match plan(spec, fwd, target).await? {
         Ok(p) => p,
         Err(why) => {
             tracing::warn!(reason = %why, "no reverse sync: rollback after the cutover will not be possible");
-            return Ok(false);
+            return Ok(None);
         }
     };
     let mut source = connect(&spec.source, "source").await?;
@@ -156,8 +162,39 @@ pub async fn setup(spec: &Spec, fwd: &RunPlan, target: &Client) -> Result<bool, 
         .await?
         .ok_or_else(|| CoordinatorError::State("reverse control state vanished".into()))?;
     ensure_slot(target, &rplan, &state.slot).await?;
-    tracing::info!(slot = %state.slot, "reverse sync slot created on the target");
-    Ok(true)
+    tracing::info!(slot = %state.slot, "reverse sync slot ready on the target");
+    Ok(Some(ReverseStart {
+        source,
+        control: ControlSql::new(&rplan.control_schema),
+    }))
+}
+
+/// What the freeze needs to start reverse sync: one statement on an open session.
+pub struct ReverseStart {
+    source: Client,
+    control: ControlSql,
+}
+
+impl ReverseStart {
+    /// Inside the freeze, before the switch: reverse sync starts at the target's WAL
+    /// position now. Every target commit before it is skipped: those are forward replay's
+    /// writes, already on the source (and without origins they would flow back). Never
+    /// moves the start back, so an aborted attempt followed by a later one is fine.
+    pub async fn mark(&self, target: &Client) -> Result<Lsn, CoordinatorError> {
+        let lsn = wal_lsn(target, WalPosition::Insert).await?;
+        let table = self.control.table("capture");
+        self.source
+            .execute(
+                &format!(
+                    "INSERT INTO {table} AS c (id, lsn) VALUES (1, $1::text::pg_lsn) \
+                     ON CONFLICT (id) DO UPDATE SET lsn = greatest(c.lsn, EXCLUDED.lsn), updated_at = now()"
+                ),
+                &[&lsn.to_string()],
+            )
+            .await
+            .map_err(db("marking where reverse sync starts"))?;
+        Ok(lsn)
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

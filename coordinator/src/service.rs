@@ -174,6 +174,10 @@ impl ControlCoordinator {
         Some(Work::Verify { shard, epoch })
     }
 
+    pub fn throttle(&self) -> &Throttle {
+        &self.throttle
+    }
+
     pub fn lease_ttl(&self) -> Duration {
         self.registration.lease_ttl
     }
@@ -296,12 +300,21 @@ impl CoordinatorService for ControlCoordinator {
         let work = match self.stage() {
             // The source is under stress: no new shard until it recovers.
             Stage::Backfill if self.throttle.throttled() => Work::Wait(Duration::from_millis(250)),
-            Stage::Backfill => self
-                .lease_shard(worker)
-                .await?
+            // As many copies run as the host has room for.
+            Stage::Backfill if !self.throttle.may_start(self.lease_ttl()) => {
+                Work::Wait(Duration::from_millis(250))
+            }
+            Stage::Backfill => match self.lease_shard(worker).await? {
+                Some(work) => {
+                    if let Work::Backfill { shard, .. } = &work {
+                        self.throttle.copying(shard.id, self.lease_ttl());
+                    }
+                    work
+                }
                 // Others hold the remaining shards (one may expire and come back), or the
                 // backfill is over and replay starts soon.
-                .unwrap_or(Work::Wait(Duration::from_millis(200))),
+                None => Work::Wait(Duration::from_millis(200)),
+            },
             Stage::Replay => {
                 let partitions = self.lease_partitions(worker).await?;
                 if partitions.is_empty() {
@@ -365,6 +378,9 @@ impl CoordinatorService for ControlCoordinator {
                 n == parts.len()
             }
         };
+        if let (false, LeaseRef::Shard { shard, .. }) = (held, lease) {
+            self.throttle.finished(*shard);
+        }
         let state = if matches!(lease, LeaseRef::Shard { .. }) {
             "backfill"
         } else {
@@ -382,6 +398,13 @@ impl CoordinatorService for ControlCoordinator {
             {
                 Beat::Hold
             }
+            // Over the host's CPU allowance: the copies with the highest shard ids wait.
+            (true, Stage::Backfill)
+                if matches!(lease, LeaseRef::Shard { shard, .. }
+                    if !self.throttle.copying(*shard, self.lease_ttl())) =>
+            {
+                Beat::Hold
+            }
             (true, Stage::Backfill | Stage::Replay | Stage::Verify) => Beat::Keep,
         })
     }
@@ -395,6 +418,7 @@ impl CoordinatorService for ControlCoordinator {
         _bytes: u64,
     ) -> Result<(), ServiceError> {
         tracing::debug!(worker = %worker.id, %shard, rows, "shard reported done");
+        self.throttle.finished(shard);
         self.changed.notify_one();
         Ok(())
     }
@@ -448,6 +472,7 @@ impl CoordinatorService for ControlCoordinator {
         tracing::info!(worker = %worker.id, lease = %lease_text(lease), "work returned after failure");
         match lease {
             LeaseRef::Shard { shard, epoch } => {
+                self.throttle.finished(*shard);
                 self.target
                     .execute(&self.store.sql.fail_shard(), &[&shard.0, &epoch.0, &reason])
                     .await

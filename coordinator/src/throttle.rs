@@ -4,21 +4,33 @@
 //! exceeded, the coordinator starts no new backfill shard and running copies pause at the
 //! next heartbeat. Replay is not held back: its lag is what the cutover waits for. The
 //! state is saved for `status` and metrics.
+//!
+//! When the source runs on this host, the host's CPU is a limit too: on a saturated host the
+//! application's queries wait for a core whatever the priorities, so fewer copies (and index
+//! builds) run at once while it is busier than `max_host_cpu`, and one more only when the
+//! estimate of its share still fits.
 
 use crate::error::CoordinatorError;
 use schemashift_common::control::ControlSql;
+use schemashift_common::ids::ShardId;
 use schemashift_common::plan::RunPlan;
 use schemashift_common::spec::{Spec, ThrottleSpec};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-/// Shared with the service: whether to hold new shards back.
-#[derive(Debug, Default)]
+/// Shared with the service: whether to hold new shards back, and how many copies may run.
+#[derive(Debug)]
 pub struct Throttle {
     on: AtomicBool,
+    /// Copies (and index builds) allowed at once; unlimited unless the host CPU rule applies.
+    allowed: AtomicUsize,
+    /// Shard copies under way, with their last sign of life: the lowest ids within
+    /// `allowed` copy, the others hold.
+    running: Mutex<BTreeMap<ShardId, Instant>>,
 }
 
 impl Throttle {
@@ -26,11 +38,103 @@ impl Throttle {
     pub fn new(enabled: bool) -> Self {
         Throttle {
             on: AtomicBool::new(enabled),
+            allowed: AtomicUsize::new(usize::MAX),
+            running: Mutex::new(BTreeMap::new()),
         }
     }
 
     pub fn throttled(&self) -> bool {
         self.on.load(Ordering::Relaxed)
+    }
+
+    /// How many copies or index builds may run at once now.
+    pub fn allowed(&self) -> usize {
+        self.allowed.load(Ordering::Relaxed).max(1)
+    }
+
+    fn running(
+        &self,
+        stale_after: Duration,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<ShardId, Instant>> {
+        let mut r = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        // A copy whose worker vanished stops counting when its lease would expire.
+        r.retain(|_, seen| seen.elapsed() < stale_after);
+        r
+    }
+
+    /// Whether another copy may start now.
+    pub fn may_start(&self, stale_after: Duration) -> bool {
+        self.running(stale_after).len() < self.allowed()
+    }
+
+    /// A copy started or is alive; false while it must hold (beyond `allowed`).
+    pub fn copying(&self, shard: ShardId, stale_after: Duration) -> bool {
+        let mut r = self.running(stale_after);
+        r.insert(shard, Instant::now());
+        let allowed = self.allowed();
+        r.keys().take(allowed).any(|s| *s == shard)
+    }
+
+    /// A copy finished or failed.
+    pub fn finished(&self, shard: ShardId) {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&shard);
+    }
+
+    fn copies(&self) -> usize {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// The host's CPU counters from /proc/stat: busy and total jiffies since the last reading.
+#[derive(Debug, Default)]
+struct HostCpu {
+    last: Option<(u64, u64)>,
+}
+
+impl HostCpu {
+    /// The busy fraction since the previous call (None on the first call or without /proc).
+    fn sample(&mut self) -> Option<f64> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        let now = parse_cpu_line(text.lines().next()?)?;
+        let prev = self.last.replace(now)?;
+        let total = now.1.checked_sub(prev.1).filter(|t| *t > 0)?;
+        Some(now.0.saturating_sub(prev.0) as f64 / total as f64)
+    }
+}
+
+/// `(busy, total)` jiffies of the aggregate `cpu` line: idle and iowait are not busy.
+fn parse_cpu_line(line: &str) -> Option<(u64, u64)> {
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    // user nice system idle iowait irq softirq steal (guest time is inside user/nice).
+    let v: Vec<u64> = fields
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4)?;
+    Some((total - idle, total))
+}
+
+/// Copies allowed next, from the host's busy fraction: one fewer than run now while over
+/// the limit (never below one: a copy alone cannot saturate a multi-core host, and zero
+/// would never finish); one more only when all allowed ones run and the estimate of another's
+/// share (all load counted as the copies', so an over-estimate) still fits.
+/// A reading taken while copies were held says nothing about what they cost: no growth.
+fn next_allowed(allowed: usize, running: usize, busy: f64, max: f64, held: bool) -> usize {
+    if busy > max {
+        return allowed.min(running).saturating_sub(1).max(1);
+    }
+    let per_copy = busy / running.max(1) as f64;
+    if !held && running >= allowed && busy + per_copy <= max {
+        allowed.saturating_add(1)
+    } else {
+        allowed
     }
 }
 
@@ -174,9 +278,45 @@ pub async fn watch_source(
         baseline_ms = base.as_secs_f64() * 1e3,
         "throttle probe baseline measured"
     );
+    let mut host =
+        if limits.max_host_cpu < 1.0 && schemashift_common::pg::backend_is_local(&source).await {
+            // Slow start: one copy, more while the host has room.
+            state.allowed.store(1, Ordering::Relaxed);
+            let mut h = HostCpu::default();
+            h.sample();
+            tracing::info!(
+                max_host_cpu = limits.max_host_cpu,
+                "the source runs on this host: copies at once follow its CPU"
+            );
+            Some(h)
+        } else {
+            None
+        };
     let (mut window, mut last_server) = (Vec::with_capacity(WINDOW), None);
     let mut last: Option<Option<String>> = None;
+    let mut held_since_sample = false;
     for n in 0u64.. {
+        if n % 5 == 4 {
+            if let Some(busy) = host.as_mut().and_then(HostCpu::sample) {
+                let was = state.allowed();
+                let next = next_allowed(
+                    was,
+                    state.copies(),
+                    busy,
+                    limits.max_host_cpu,
+                    held_since_sample,
+                );
+                held_since_sample = false;
+                if next != was {
+                    state.allowed.store(next, Ordering::Relaxed);
+                    tracing::info!(
+                        allowed = next,
+                        host_cpu = format!("{:.0}%", busy * 100.0),
+                        "copies allowed at once changed"
+                    );
+                }
+            }
+        }
         let checked = check(
             &source,
             &probe,
@@ -196,6 +336,7 @@ pub async fn watch_source(
             )),
         };
         state.on.store(verdict.is_some(), Ordering::Relaxed);
+        held_since_sample |= verdict.is_some();
         let changed = last
             .as_ref()
             .is_none_or(|l| l.is_some() != verdict.is_some());
@@ -253,6 +394,53 @@ mod tests {
         // +50% but only 50 µs: noise, not load.
         assert_eq!(judge(&ms(&[0.15; 10]), base, &limits), None);
         assert!(judge(&ms(&[0.25; 10]), base, &limits).is_some());
+    }
+
+    #[test]
+    fn proc_stat_cpu_line_counts_idle_and_iowait_as_not_busy() {
+        let line = "cpu  100 50 30 800 20 0 0 0 0 0";
+        assert_eq!(parse_cpu_line(line), Some((180, 1000)));
+        assert_eq!(parse_cpu_line("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(parse_cpu_line("cpu  x"), None);
+    }
+
+    #[test]
+    fn busy_host_runs_fewer_copies_but_never_none() {
+        assert_eq!(next_allowed(4, 4, 0.95, 0.7, false), 3);
+        // Shrinks from what runs, not from a limit nobody uses.
+        assert_eq!(next_allowed(usize::MAX, 2, 0.95, 0.7, false), 1);
+        assert_eq!(next_allowed(1, 1, 0.99, 0.7, false), 1);
+    }
+
+    #[test]
+    fn another_copy_starts_only_when_its_share_fits() {
+        // One copy takes half of a 2-core host: a second would not fit under 70%.
+        assert_eq!(next_allowed(1, 1, 0.55, 0.7, false), 1);
+        // Four copies on a big host take 40%: a fifth fits.
+        assert_eq!(next_allowed(4, 4, 0.40, 0.7, false), 5);
+        // Not every allowed copy runs (the backfill is ending): no growth.
+        assert_eq!(next_allowed(4, 2, 0.20, 0.7, false), 4);
+        // Copies were held during the reading: it shows the host without them.
+        assert_eq!(next_allowed(1, 1, 0.12, 0.7, true), 1);
+    }
+
+    #[test]
+    fn copies_beyond_the_allowance_hold_and_the_lowest_ids_go_on() {
+        let t = Throttle::new(false);
+        let ttl = Duration::from_secs(30);
+        t.allowed.store(1, Ordering::Relaxed);
+        assert!(t.may_start(ttl));
+        assert!(t.copying(ShardId(7), ttl));
+        assert!(!t.may_start(ttl), "one runs, one is allowed");
+        assert!(!t.copying(ShardId(9), ttl), "the second copy holds");
+        assert!(t.copying(ShardId(7), ttl));
+        t.finished(ShardId(7));
+        assert!(
+            t.copying(ShardId(9), ttl),
+            "it goes on once the first is done"
+        );
+        // A copy whose worker went silent stops counting.
+        assert!(t.may_start(Duration::ZERO));
     }
 
     #[test]

@@ -56,7 +56,7 @@ async fn bad_input_exits_2_names_the_culprit_and_writes_nothing() -> anyhow::Res
     let good = users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, None);
 
     // (what is wrong, the spec edit, what the message must name)
-    let cases: [(&str, &str, &str, &[&str]); 8] = [
+    let cases: [(&str, &str, &str, &[&str]); 9] = [
         (
             "unknown source column",
             "bio: bio",
@@ -98,6 +98,12 @@ async fn bad_input_exits_2_names_the_culprit_and_writes_nothing() -> anyhow::Res
             "\ntables:",
             "\nthrottle:\n  probe_increase: -1\ntables:",
             &["throttle.probe_increase", "-1"],
+        ),
+        (
+            "host CPU limit over 100%",
+            "\ntables:",
+            "\nthrottle:\n  max_host_cpu: 1.5\ntables:",
+            &["throttle.max_host_cpu", "1.5"],
         ),
         (
             "key not mapped",
