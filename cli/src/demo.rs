@@ -128,8 +128,15 @@ pub async fn demo(
             },
         ))
         .await??;
-    // The application's latency before the migration starts, to compare with during.
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    // The migration's own threads (this process: relaying COPY data, capture, replay) are
+    // bulk work like its database sessions; the application's runtime keeps its priority.
+    if spec.throttle.enabled && spec.throttle.low_priority {
+        let n = schemashift_common::pg::lower_own_threads("demo-app");
+        tracing::debug!(threads = n, "migration threads at the lowest priority");
+    }
+    // The application's latency before the migration starts, to compare with during: long
+    // enough (about 2,400 operations at the default rate) that its p95 is not noise.
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
     let before = load.stats();
     let (_tx, shutdown) = tokio::sync::watch::channel(false);
     let bars = crate::progress::enabled().then(|| crate::progress::start(&spec));

@@ -173,6 +173,33 @@ pub fn renice_backend(pid: i32, user: &str, db: &str) -> bool {
     true
 }
 
+/// Lowers every thread of this process to nice 19 except those whose name starts with
+/// `keep` (the demo's application runtime). Threads started later inherit their creator's
+/// priority. Linux applies setpriority to single threads; returns how many were lowered.
+pub fn lower_own_threads(keep: &str) -> usize {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let mut lowered = 0;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with(keep) {
+            continue;
+        }
+        let tid = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<i32>().ok())
+            .and_then(rustix::process::Pid::from_raw);
+        if let Some(tid) = tid {
+            if rustix::process::setpriority_process(Some(tid), 19).is_ok() {
+                lowered += 1;
+            }
+        }
+    }
+    lowered
+}
+
 /// Whether the process leads its own session (so its autogroup holds only it).
 fn session_leader(pid: i32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

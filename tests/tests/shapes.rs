@@ -273,6 +273,73 @@ async fn two_tables_with_a_foreign_key_migrate_and_the_constraint_is_valid_after
 }
 
 #[tokio::test]
+async fn key_referenced_from_outside_the_migration_stays_and_unique_constraints_come_back(
+) -> anyhow::Result<()> {
+    let env = TestEnv::new("outside_reference").await?;
+    let ddl = "CREATE TABLE public.authors (id bigint PRIMARY KEY, name text NOT NULL UNIQUE)";
+    let s = connect(&env.source_dsn).await?;
+    s.batch_execute(ddl).await?;
+    s.batch_execute(
+        "INSERT INTO authors SELECT i, 'Author ' || i FROM generate_series(1, 5000) i; ANALYZE",
+    )
+    .await?;
+    let t = connect(&env.target_dsn).await?;
+    t.batch_execute(ddl).await?;
+    // A target table the run does not migrate points at the migrated table's key, so that
+    // key cannot be dropped for the load; the unique constraint on name can.
+    t.batch_execute(
+        "CREATE TABLE public.reviews (id bigint PRIMARY KEY, author_id bigint REFERENCES public.authors (id))",
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        &dir,
+        &spec_yaml(&env, 2, &[table_yaml("authors", &["id"], &["id", "name"])]),
+    )?;
+    let out = schemashift(&["run", &spec, "--until", "backfill"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same(&env, "SELECT * FROM authors ORDER BY id").await?;
+    let constraints: Vec<(String, String)> = t
+        .query(
+            "SELECT conname::text, contype::text FROM pg_constraint \
+             WHERE conrelid IN ('public.authors'::regclass, 'public.reviews'::regclass) ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let want = [
+        ("authors_name_key", "u"),
+        ("authors_pkey", "p"),
+        ("reviews_author_id_fkey", "f"),
+        ("reviews_pkey", "p"),
+    ];
+    assert_eq!(
+        constraints,
+        want.map(|(n, k)| (n.to_owned(), k.to_owned())),
+        "every constraint is there after the backfill"
+    );
+    let recorded: Vec<String> = t
+        .query("SELECT name FROM schemashift.indexes ORDER BY name", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        recorded,
+        ["authors_name_key"],
+        "only the unreferenced unique index was dropped for the load"
+    );
+    schemashift(&["cleanup", &spec])?;
+    env.drop_all().await
+}
+
+#[tokio::test]
 async fn values_of_every_kind_survive_mapping_replay_and_verify() -> anyhow::Result<()> {
     let env = TestEnv::new("value_types").await?;
     let src = "CREATE TABLE public.things (id bigint PRIMARY KEY, label text, empty text, uni text,
