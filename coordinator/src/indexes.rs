@@ -154,6 +154,7 @@ pub async fn rebuild(
     }
     // After every build: attaching takes an ACCESS EXCLUSIVE lock, which would queue behind
     // (and then hold up) builds still running on the same table.
+    crate::failpoint("indexes-built-constraints-not-attached");
     for (table, name, kind) in constraints {
         attach_constraint(target, store, &table, &name, kind.as_deref()).await?;
     }

@@ -22,3 +22,12 @@ pub mod throttle;
 pub mod verify;
 
 pub use error::CoordinatorError;
+
+/// Test hook: `SCHEMASHIFT_FAILPOINT=<name>` makes the process abort right there, like a
+/// crash at the worst moment.
+pub(crate) fn failpoint(name: &str) {
+    if std::env::var("SCHEMASHIFT_FAILPOINT").is_ok_and(|v| v == name) {
+        tracing::error!(failpoint = name, "failpoint reached: aborting");
+        std::process::abort();
+    }
+}

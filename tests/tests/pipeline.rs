@@ -225,6 +225,74 @@ async fn run_killed_mid_backfill_resumes_without_copying_a_shard_twice() -> anyh
 }
 
 #[tokio::test]
+async fn run_crashed_after_index_builds_resumes_and_puts_key_and_unique_constraints_back(
+) -> anyhow::Result<()> {
+    let env = users_env("crash_index_rebuild", 20_000).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        &dir,
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(5_000)),
+    )?;
+    // Aborts (like kill -9) when every index is built but no constraint is attached yet.
+    let crashed = Command::new(schemashift_bin())
+        .args(["run", &spec, "--until", "backfill"])
+        .env(
+            "SCHEMASHIFT_FAILPOINT",
+            "indexes-built-constraints-not-attached",
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()?;
+    assert!(!crashed.status.success(), "the failpoint stops the run");
+    assert!(
+        String::from_utf8_lossy(&crashed.stderr).contains("failpoint reached"),
+        "{}",
+        String::from_utf8_lossy(&crashed.stderr)
+    );
+    let t = connect(&env.target_dsn).await?;
+    let constraints = |t: tokio_postgres::Client| async move {
+        let rows = t
+            .query(
+                "SELECT conname::text FROM pg_constraint \
+                 WHERE conrelid = 'public.users'::regclass AND contype IN ('p', 'u') ORDER BY 1",
+                &[],
+            )
+            .await?;
+        anyhow::Ok(rows.iter().map(|r| r.get(0)).collect::<Vec<String>>())
+    };
+    assert!(
+        constraints(connect(&env.target_dsn).await?)
+            .await?
+            .is_empty(),
+        "the crash came before the constraints were attached"
+    );
+    let out = schemashift(&["run", &spec, "--until", "cutover", "--json"])?;
+    assert!(
+        out.status.success(),
+        "resume failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        constraints(connect(&env.target_dsn).await?).await?,
+        ["users_email_key", "users_pkey"]
+    );
+    let pending: i64 = t
+        .query_one(
+            "SELECT count(*) FROM schemashift.indexes WHERE NOT restored",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(pending, 0, "every recorded index is marked restored");
+    let v = schemashift(&["verify", &spec])?;
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let s = connect(&env.source_dsn).await?;
+    assert_eq!(table_diff(&s, &t).await?, (0, 0, 0));
+    schemashift(&["cleanup", &spec])?;
+    env.drop_all().await
+}
+
+#[tokio::test]
 async fn status_reports_progress_and_rollback_before_cutover_removes_slot_and_state(
 ) -> anyhow::Result<()> {
     let env = users_env("status_rollback", 5_000).await?;

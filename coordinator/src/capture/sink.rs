@@ -17,15 +17,6 @@ pub enum Sink {
     Kafka(ChangeProducer, HashMap<u32, Vec<usize>>),
 }
 
-/// Test hook: `SCHEMASHIFT_FAILPOINT=<name>` makes the process abort right there, like a
-/// crash at the worst moment.
-fn failpoint(name: &str) {
-    if std::env::var("SCHEMASHIFT_FAILPOINT").is_ok_and(|v| v == name) {
-        tracing::error!(failpoint = name, "failpoint reached: aborting");
-        std::process::abort();
-    }
-}
-
 fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
     move |e| CoordinatorError::db(context, &e)
 }
@@ -73,7 +64,7 @@ impl Sink {
                     })
                     .collect();
                 producer.send_all(&batch).await?;
-                failpoint("capture-after-kafka-ack");
+                crate::failpoint("capture-after-kafka-ack");
                 save_position(target, control, end).await
             }
         }
