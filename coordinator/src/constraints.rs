@@ -62,17 +62,10 @@ pub async fn record_and_drop(
 /// Puts back every recorded foreign key not restored yet; returns how many. A key whose
 /// validation fails is left NOT VALID and reported.
 pub async fn restore(target: &Client, store: &Store) -> Result<usize, CoordinatorError> {
-    let rows = pending(target, store, "constraints").await?;
+    let rows = pending(target, store).await?;
     for (table, name, def) in &rows {
         let name_q = quote_ident(name);
-        let present: bool = target
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = $2)",
-                &[&table, &name],
-            )
-            .await
-            .map_err(db("reading foreign keys"))?
-            .get(0);
+        let present = constraint_exists(target, table, name).await?;
         if !present {
             target
                 .batch_execute(&format!(
@@ -88,13 +81,7 @@ pub async fn restore(target: &Client, store: &Store) -> Result<usize, Coordinato
                 "validating foreign key {name} on {table} (it is back as NOT VALID)"
             )))?;
         target
-            .execute(
-                &format!(
-                    "UPDATE {} SET restored = true WHERE table_name = $1 AND name = $2",
-                    store.sql.table("constraints")
-                ),
-                &[&table, &name],
-            )
+            .execute(&restored_sql(store, "constraints"), &[&table, &name])
             .await
             .map_err(db("recording restored foreign keys"))?;
         tracing::info!(table = %table, constraint = %name, "foreign key restored and validated");
@@ -102,32 +89,63 @@ pub async fn restore(target: &Client, store: &Store) -> Result<usize, Coordinato
     Ok(rows.len())
 }
 
-/// Recorded (table, name, definition) of `kind` ("constraints" or "indexes") not put
-/// back yet; none when the control schema has no such table.
+/// Recorded (table, name, definition) of foreign keys not put back yet.
 async fn pending(
     target: &Client,
     store: &Store,
-    kind: &str,
 ) -> Result<Vec<(String, String, String)>, CoordinatorError> {
-    let table = store.sql.table(kind);
-    let exists: bool = target
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-        .await
-        .map_err(db("reading the control schema"))?
-        .get(0);
-    if !exists {
+    Ok(
+        pending_rows(target, store, "constraints", "table_name, name, definition")
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect(),
+    )
+}
+
+/// `columns` of the recorded rows of `kind` ("constraints" or "indexes") not put back yet,
+/// in name order; none when the control schema has no such table.
+pub(crate) async fn pending_rows(
+    target: &Client,
+    store: &Store,
+    kind: &str,
+    columns: &str,
+) -> Result<Vec<tokio_postgres::Row>, CoordinatorError> {
+    if !store.has_table(target, kind).await? {
         return Ok(Vec::new());
     }
-    Ok(target
+    target
         .query(
             &format!(
-                "SELECT table_name, name, definition FROM {table} WHERE NOT restored ORDER BY table_name, name"
+                "SELECT {columns} FROM {} WHERE NOT restored ORDER BY table_name, name",
+                store.sql.table(kind)
             ),
             &[],
         )
         .await
-        .map_err(db("reading the control schema"))?
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect())
+        .map_err(db("reading the control schema"))
+}
+
+/// Marks one recorded row of `kind` put back: `$1` table, `$2` name.
+pub(crate) fn restored_sql(store: &Store, kind: &str) -> String {
+    format!(
+        "UPDATE {} SET restored = true WHERE table_name = $1 AND name = $2",
+        store.sql.table(kind)
+    )
+}
+
+/// Whether `table` (regclass text) has a constraint of this name.
+pub(crate) async fn constraint_exists(
+    target: &Client,
+    table: &str,
+    name: &str,
+) -> Result<bool, CoordinatorError> {
+    Ok(target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = $2)",
+            &[&table, &name],
+        )
+        .await
+        .map_err(db("reading constraints"))?
+        .get(0))
 }

@@ -82,16 +82,20 @@ impl Store {
         }
     }
 
-    pub async fn load(&self, target: &Client) -> Result<Option<RunState>, CoordinatorError> {
-        let exists: bool = target
+    /// Whether the control schema has this table (it may not exist yet, or be dropped).
+    pub async fn has_table(&self, target: &Client, name: &str) -> Result<bool, CoordinatorError> {
+        Ok(target
             .query_one(
                 "SELECT to_regclass($1) IS NOT NULL",
-                &[&self.sql.table("run")],
+                &[&self.sql.table(name)],
             )
             .await
             .map_err(err("reading control state"))?
-            .get(0);
-        if !exists {
+            .get(0))
+    }
+
+    pub async fn load(&self, target: &Client) -> Result<Option<RunState>, CoordinatorError> {
+        if !self.has_table(target, "run").await? {
             return Ok(None);
         }
         let Some(row) = target

@@ -6,7 +6,7 @@
 //! before replay writes anything. Shards do not need the key's index: a shard's rows and its
 //! done mark commit in one transaction fenced by the lease epoch, so a shard lands once.
 
-use crate::constraints::db;
+use crate::constraints::{constraint_exists, db, pending_rows, restored_sql};
 use crate::control::Store;
 use crate::error::CoordinatorError;
 use schemashift_common::plan::RunPlan;
@@ -119,9 +119,7 @@ pub async fn rebuild(
                     .map_err(db("configuring an index build session"))?;
             }
         }
-        let (queue, done_sql) = (queue.clone(), store.sql.table("indexes"));
-        let done_sql =
-            format!("UPDATE {done_sql} SET restored = true WHERE table_name = $1 AND name = $2");
+        let (queue, done_sql) = (queue.clone(), restored_sql(store, "indexes"));
         tasks.spawn(async move {
             loop {
                 let Some(p) = queue.lock().await.pop() else {
@@ -170,14 +168,7 @@ async fn attach_constraint(
     name: &str,
     kind: Option<&str>,
 ) -> Result<(), CoordinatorError> {
-    let present: bool = target
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = $2)",
-            &[&table, &name],
-        )
-        .await
-        .map_err(db("reading constraints"))?
-        .get(0);
+    let present = constraint_exists(target, table, name).await?;
     if !present {
         let what = match kind {
             Some("p") => "PRIMARY KEY",
@@ -193,48 +184,27 @@ async fn attach_constraint(
         tracing::info!(table = %table, constraint = %name, "constraint put back on its rebuilt index");
     }
     target
-        .execute(
-            &format!(
-                "UPDATE {} SET restored = true WHERE table_name = $1 AND name = $2",
-                store.sql.table("indexes")
-            ),
-            &[&table, &name],
-        )
+        .execute(&restored_sql(store, "indexes"), &[&table, &name])
         .await
         .map_err(db("recording rebuilt indexes"))?;
     Ok(())
 }
 
-/// Recorded indexes not put back yet; none when the control schema has no such table.
+/// Recorded indexes not put back yet.
 async fn pending(target: &Client, store: &Store) -> Result<Vec<Pending>, CoordinatorError> {
-    let exists: bool = target
-        .query_one(
-            "SELECT to_regclass($1) IS NOT NULL",
-            &[&store.sql.table("indexes")],
-        )
-        .await
-        .map_err(db("reading the control schema"))?
-        .get(0);
-    if !exists {
-        return Ok(Vec::new());
-    }
-    Ok(target
-        .query(
-            &format!(
-                "SELECT table_name, name, definition, constraint_type FROM {} \
-                 WHERE NOT restored ORDER BY table_name, name",
-                store.sql.table("indexes")
-            ),
-            &[],
-        )
-        .await
-        .map_err(db("reading the control schema"))?
-        .iter()
-        .map(|r| Pending {
-            table: r.get(0),
-            name: r.get(1),
-            definition: r.get(2),
-            constraint: r.get(3),
-        })
-        .collect())
+    Ok(pending_rows(
+        target,
+        store,
+        "indexes",
+        "table_name, name, definition, constraint_type",
+    )
+    .await?
+    .iter()
+    .map(|r| Pending {
+        table: r.get(0),
+        name: r.get(1),
+        definition: r.get(2),
+        constraint: r.get(3),
+    })
+    .collect())
 }

@@ -56,7 +56,7 @@ impl Throttle {
         &self,
         stale_after: Duration,
     ) -> std::sync::MutexGuard<'_, BTreeMap<ShardId, Instant>> {
-        let mut r = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = self.lock_running();
         // A copy whose worker vanished stops counting when its lease would expire.
         r.retain(|_, seen| seen.elapsed() < stale_after);
         r
@@ -77,14 +77,16 @@ impl Throttle {
 
     /// A copy finished or failed.
     pub fn finished(&self, shard: ShardId) {
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&shard);
+        self.lock_running().remove(&shard);
     }
 
     fn copies(&self) -> usize {
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.lock_running().len()
+    }
+
+    /// Usable after a panic elsewhere: the map holds no invariant a panic could break.
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, BTreeMap<ShardId, Instant>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

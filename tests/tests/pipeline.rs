@@ -9,6 +9,22 @@ use schemashift_tests::{
 };
 use std::process::{Command, Stdio};
 
+/// The scenario target's primary key and unique constraint, as (name, contype).
+const USERS_KEY_CONSTRAINTS: [(&str, &str); 2] = [("users_email_key", "u"), ("users_pkey", "p")];
+
+/// Primary key and unique constraints of the target's `users`, as (name, contype).
+async fn key_constraints(t: &tokio_postgres::Client) -> anyhow::Result<Vec<(String, String)>> {
+    Ok(t.query(
+        "SELECT conname::text, contype::text FROM pg_constraint \
+         WHERE conrelid = 'public.users'::regclass AND contype IN ('p', 'u') ORDER BY 1",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect())
+}
+
 #[tokio::test]
 async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Result<()> {
     let env = users_env("concurrent_writes", 30_000).await?;
@@ -87,23 +103,9 @@ async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Res
         ]
     );
     // The key and the unique constraint were dropped too, and are back on their rebuilt indexes.
-    let constraints: Vec<(String, String)> = connect(&env.target_dsn)
-        .await?
-        .query(
-            "SELECT conname::text, contype::text FROM pg_constraint \
-             WHERE conrelid = 'public.users'::regclass AND contype IN ('p', 'u') ORDER BY 1",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
     assert_eq!(
-        constraints,
-        [
-            ("users_email_key".to_owned(), "u".to_owned()),
-            ("users_pkey".to_owned(), "p".to_owned())
-        ]
+        key_constraints(&connect(&env.target_dsn).await?).await?,
+        USERS_KEY_CONSTRAINTS.map(|(n, k)| (n.to_owned(), k.to_owned()))
     );
     let c = schemashift(&["cleanup", &spec])?;
     assert!(c.status.success());
@@ -250,31 +252,14 @@ async fn run_crashed_after_index_builds_resumes_and_puts_key_and_unique_constrai
         String::from_utf8_lossy(&crashed.stderr)
     );
     let t = connect(&env.target_dsn).await?;
-    let constraints = |t: tokio_postgres::Client| async move {
-        let rows = t
-            .query(
-                "SELECT conname::text FROM pg_constraint \
-                 WHERE conrelid = 'public.users'::regclass AND contype IN ('p', 'u') ORDER BY 1",
-                &[],
-            )
-            .await?;
-        anyhow::Ok(rows.iter().map(|r| r.get(0)).collect::<Vec<String>>())
-    };
     assert!(
-        constraints(connect(&env.target_dsn).await?)
-            .await?
-            .is_empty(),
+        key_constraints(&t).await?.is_empty(),
         "the crash came before the constraints were attached"
     );
-    let out = schemashift(&["run", &spec, "--until", "cutover", "--json"])?;
-    assert!(
-        out.status.success(),
-        "resume failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    schemashift_ok(&["run", &spec, "--until", "cutover", "--json"])?;
     assert_eq!(
-        constraints(connect(&env.target_dsn).await?).await?,
-        ["users_email_key", "users_pkey"]
+        key_constraints(&t).await?,
+        USERS_KEY_CONSTRAINTS.map(|(n, k)| (n.to_owned(), k.to_owned()))
     );
     let pending: i64 = t
         .query_one(
@@ -284,8 +269,7 @@ async fn run_crashed_after_index_builds_resumes_and_puts_key_and_unique_constrai
         .await?
         .get(0);
     assert_eq!(pending, 0, "every recorded index is marked restored");
-    let v = schemashift(&["verify", &spec])?;
-    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    schemashift_ok(&["verify", &spec])?;
     let s = connect(&env.source_dsn).await?;
     assert_eq!(table_diff(&s, &t).await?, (0, 0, 0));
     schemashift(&["cleanup", &spec])?;

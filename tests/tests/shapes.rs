@@ -3,7 +3,7 @@
 //! types that must survive mapping, replay and verify.
 
 use rand::Rng;
-use schemashift_tests::{connect, schemashift, write_spec, TestEnv};
+use schemashift_tests::{connect, schemashift, schemashift_ok, write_spec, TestEnv};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio_postgres::Client;
@@ -296,12 +296,7 @@ async fn key_referenced_from_outside_the_migration_stays_and_unique_constraints_
         &dir,
         &spec_yaml(&env, 2, &[table_yaml("authors", &["id"], &["id", "name"])]),
     )?;
-    let out = schemashift(&["run", &spec, "--until", "backfill"])?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    schemashift_ok(&["run", &spec, "--until", "backfill"])?;
     assert_same(&env, "SELECT * FROM authors ORDER BY id").await?;
     let constraints: Vec<(String, String)> = t
         .query(

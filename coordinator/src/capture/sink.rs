@@ -64,7 +64,11 @@ impl Sink {
                     })
                     .collect();
                 producer.send_all(&batch).await?;
-                crate::failpoint("capture-after-kafka-ack");
+                // Only where Kafka really holds changes the saved position does not cover: a
+                // round that only moves the position (no changes of ours) proves nothing.
+                if !batch.is_empty() {
+                    crate::failpoint("capture-after-kafka-ack");
+                }
                 save_position(target, control, end).await
             }
         }
