@@ -53,6 +53,14 @@ CREATE TABLE IF NOT EXISTS {schema}.capture (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Where each Kafka partition's log ends, as capture's acknowledged deliveries say (offset
+-- + 1), saved with the capture position. Brokers' own answers to "latest offset" are not
+-- relied on: some Kafka-protocol brokers report a batch's first offset there.
+CREATE TABLE IF NOT EXISTS {schema}.log_heads (
+    part int PRIMARY KEY,
+    head bigint NOT NULL
+);
+
 -- Applied position per change-log partition, written with the changes it covers and
 -- fenced by the partition's lease epoch (one worker applies a partition at a time).
 CREATE TABLE IF NOT EXISTS {schema}.replay (

@@ -4,12 +4,10 @@
 
 use crate::error::CoordinatorError;
 use crate::run::RunCtx;
-use backon::{ExponentialBuilder, Retryable};
 use schemashift_common::change::{Change, Op};
 use schemashift_common::plan::LogPlan;
 use schemashift_worker::kafka;
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 /// Position per partition.
 pub type LogHead = BTreeMap<u32, i64>;
@@ -17,42 +15,26 @@ pub type LogHead = BTreeMap<u32, i64>;
 impl RunCtx {
     /// Where each partition's log ends now.
     pub async fn log_head(&self) -> Result<LogHead, CoordinatorError> {
-        match &self.plan.changelog {
-            LogPlan::Postgres => {
-                let rows = self
-                    .target
-                    .query(
-                        &format!(
-                            "SELECT part, max(seq) FROM {} GROUP BY part",
-                            self.store.sql.table("changes")
-                        ),
-                        &[],
-                    )
-                    .await
-                    .map_err(|e| CoordinatorError::db("reading change log head", &e))?;
-                Ok(rows
-                    .iter()
-                    .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(1)))
-                    .collect())
-            }
-            LogPlan::Kafka { brokers, topic, .. } => {
-                // A broker outage is waited out (bounded), as capture and replay do.
-                let heads = || kafka::heads(brokers, topic, self.plan.partitions);
-                Ok(heads
-                    .retry(
-                        ExponentialBuilder::default()
-                            .with_min_delay(Duration::from_millis(200))
-                            .with_max_delay(Duration::from_secs(5))
-                            .with_max_times(30)
-                            .with_jitter(),
-                    )
-                    .when(|e| e.is_transient())
-                    .notify(|e, d| {
-                        tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "kafka unavailable, retrying")
-                    })
-                    .await?)
-            }
-        }
+        let sql = match &self.plan.changelog {
+            LogPlan::Postgres => format!(
+                "SELECT part, max(seq) FROM {} GROUP BY part",
+                self.store.sql.table("changes")
+            ),
+            // Capture saves the acknowledged ends with its position (see capture::sink).
+            LogPlan::Kafka { .. } => format!(
+                "SELECT part, head FROM {}",
+                self.store.sql.table("log_heads")
+            ),
+        };
+        let rows = self
+            .target
+            .query(&sql, &[])
+            .await
+            .map_err(|e| CoordinatorError::db("reading change log head", &e))?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(1)))
+            .collect())
     }
 
     /// The changes after `from` up to `to`, per partition.

@@ -181,32 +181,28 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
             estimated_rows: r.get(9),
         })
         .collect();
-    let (heads, changelog) = match &state.plan.changelog {
-        LogPlan::Postgres => {
-            let rows = target
-                .query(
-                    &format!(
-                        "SELECT part, count(*) FROM {} GROUP BY part",
-                        store.sql.table("changes")
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(db("reading the change log"))?;
-            let heads: BTreeMap<u32, i64> = rows
-                .iter()
-                .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(1)))
-                .collect();
-            (Some(heads), "postgres".to_owned())
-        }
-        LogPlan::Kafka { brokers, topic, .. } => (
-            // Status must work while Kafka is down: then the heads are just unknown.
-            schemashift_worker::kafka::heads(brokers, topic, state.plan.partitions)
-                .await
-                .ok(),
+    let (sql, changelog) = match &state.plan.changelog {
+        LogPlan::Postgres => (
+            format!(
+                "SELECT part, count(*) FROM {} GROUP BY part",
+                store.sql.table("changes")
+            ),
+            "postgres".to_owned(),
+        ),
+        // Where capture's acknowledged deliveries end (saved with its position); status
+        // needs no broker for it.
+        LogPlan::Kafka { topic, .. } => (
+            format!("SELECT part, head FROM {}", store.sql.table("log_heads")),
             format!("kafka topic {topic}"),
         ),
     };
+    let heads: BTreeMap<u32, i64> = target
+        .query(&sql, &[])
+        .await
+        .map_err(db("reading the change log"))?
+        .iter()
+        .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(1)))
+        .collect();
     st.changelog = changelog;
     let kafka = matches!(state.plan.changelog, LogPlan::Kafka { .. });
     for r in target
@@ -222,13 +218,10 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
     {
         let part = r.get::<_, i32>(0) as u32;
         let (seq, applied): (i64, i64) = (r.get(1), r.get(2));
-        let head = heads.as_ref().and_then(|h| h.get(&part).copied());
+        // Nothing logged to a partition yet: its log ends at 0.
+        let head = heads.get(&part).copied().unwrap_or(0);
         // A table log's seq is global; its lag is counted as rows after the position.
-        let (head, lag) = match (kafka, head) {
-            (true, Some(h)) => (h, (h - seq).max(0)),
-            (false, Some(h)) => (h, (h - applied).max(0)),
-            (_, None) => (-1, -1),
-        };
+        let lag = if kafka { head - seq } else { head - applied }.max(0);
         st.partitions.push(PartitionLag {
             partition: part,
             head,

@@ -47,35 +47,6 @@ fn config(brokers: &[String]) -> ClientConfig {
     c
 }
 
-/// The topic's partitions' high watermarks, as positions (next offset to be written).
-pub async fn heads(
-    brokers: &[String],
-    topic: &str,
-    partitions: u32,
-) -> Result<BTreeMap<u32, i64>, KafkaLogError> {
-    let (brokers, topic) = (brokers.to_vec(), topic.to_owned());
-    let t = topic.clone();
-    tokio::task::spawn_blocking(move || {
-        let c: BaseConsumer = config(&brokers)
-            .set("group.id", "schemashift-watermarks")
-            .create()
-            .map_err(|e| unavailable(&t, &e))?;
-        let mut out = BTreeMap::new();
-        for p in 0..partitions {
-            let (_, high) = c
-                .fetch_watermarks(&t, p as i32, Duration::from_secs(10))
-                .map_err(|e| unavailable(&t, &e))?;
-            out.insert(p, high);
-        }
-        Ok(out)
-    })
-    .await
-    .map_err(|e| KafkaLogError::Unavailable {
-        topic,
-        reason: e.to_string(),
-    })?
-}
-
 fn unavailable(topic: &str, e: &KafkaError) -> KafkaLogError {
     KafkaLogError::Unavailable {
         topic: topic.to_owned(),
@@ -162,10 +133,12 @@ impl ChangeProducer {
         })
     }
 
-    /// Produces every message and returns once all are acknowledged by the brokers.
+    /// Produces every message and returns once all are acknowledged by the brokers, with
+    /// where each partition written to now ends (the last acknowledged offset + 1).
     /// On error some may be in Kafka: the caller re-sends them later (duplicates are
     /// recognised by replay).
-    pub async fn send_all(&self, batch: &[Outgoing]) -> Result<(), KafkaLogError> {
+    pub async fn send_all(&self, batch: &[Outgoing]) -> Result<BTreeMap<u32, i64>, KafkaLogError> {
+        let mut heads = BTreeMap::new();
         let mut pending = Vec::with_capacity(batch.len());
         for m in batch {
             let mut headers = OwnedHeaders::new();
@@ -190,7 +163,7 @@ impl ChangeProducer {
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                         record = r;
                         for f in pending.drain(..) {
-                            wait_ack(&self.topic, f).await?;
+                            wait_ack(&self.topic, f, &mut heads).await?;
                         }
                     }
                     Err((e, _)) => return Err(unavailable(&self.topic, &e)),
@@ -198,15 +171,23 @@ impl ChangeProducer {
             }
         }
         for f in pending {
-            wait_ack(&self.topic, f).await?;
+            wait_ack(&self.topic, f, &mut heads).await?;
         }
-        Ok(())
+        Ok(heads)
     }
 }
 
-async fn wait_ack(topic: &str, f: rdkafka::producer::DeliveryFuture) -> Result<(), KafkaLogError> {
+async fn wait_ack(
+    topic: &str,
+    f: rdkafka::producer::DeliveryFuture,
+    heads: &mut BTreeMap<u32, i64>,
+) -> Result<(), KafkaLogError> {
     match f.await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(d)) => {
+            let head = heads.entry(d.partition as u32).or_insert(0);
+            *head = (*head).max(d.offset + 1);
+            Ok(())
+        }
         Ok(Err((e, _))) => Err(unavailable(topic, &e)),
         Err(_) => Err(KafkaLogError::Unavailable {
             topic: topic.to_owned(),

@@ -8,7 +8,7 @@ use schemashift_common::control::ControlSql;
 use schemashift_common::ids::Lsn;
 use schemashift_common::plan::{LogPlan, RunPlan};
 use schemashift_worker::kafka::{ChangeProducer, Outgoing};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use tokio_postgres::Client;
 
 pub enum Sink {
@@ -63,28 +63,46 @@ impl Sink {
                         }
                     })
                     .collect();
-                producer.send_all(&batch).await?;
+                let heads = producer.send_all(&batch).await?;
                 // Only where Kafka really holds changes the saved position does not cover: a
                 // round that only moves the position (no changes of ours) proves nothing.
                 if !batch.is_empty() {
                     crate::failpoint("capture-after-kafka-ack");
                 }
-                save_position(target, control, end).await
+                save_position(target, control, end, &heads).await
             }
         }
     }
 }
 
+/// The capture position and where the acknowledged deliveries end, in one transaction:
+/// a catch-up that sees the position also sees heads covering its changes.
 async fn save_position(
-    target: &Client,
+    target: &mut Client,
     control: &ControlSql,
     end: Lsn,
+    heads: &BTreeMap<u32, i64>,
 ) -> Result<(), CoordinatorError> {
-    target
-        .execute(&position_sql(control), &[&end.to_string()])
+    let e = db("saving the capture position");
+    let tx = target.transaction().await.map_err(&e)?;
+    if !heads.is_empty() {
+        let (parts, ends): (Vec<i32>, Vec<i64>) =
+            heads.iter().map(|(p, h)| (*p as i32, *h)).unzip();
+        tx.execute(
+            &format!(
+                "INSERT INTO {t} AS h (part, head) SELECT * FROM unnest($1::int[], $2::bigint[]) \
+                 ON CONFLICT (part) DO UPDATE SET head = GREATEST(h.head, EXCLUDED.head)",
+                t = control.table("log_heads")
+            ),
+            &[&parts, &ends],
+        )
         .await
-        .map_err(db("saving the capture position"))?;
-    Ok(())
+        .map_err(&e)?;
+    }
+    tx.execute(&position_sql(control), &[&end.to_string()])
+        .await
+        .map_err(&e)?;
+    tx.commit().await.map_err(&e)
 }
 
 fn position_sql(control: &ControlSql) -> String {

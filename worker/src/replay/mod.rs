@@ -158,9 +158,15 @@ impl PartitionReplayer {
         };
         let mut batch = fetched;
         if let Source::Kafka(_) = self.source {
-            // Capture re-sends what it produced but had not confirmed before a crash.
-            let applied = self.last;
-            batch.retain(|(_, c)| (c.lsn, c.ordinal) > applied);
+            // Capture re-sends what it produced but had not confirmed before a crash. A
+            // partition's changes come in (commit LSN, ordinal) order, so anything not after
+            // the latest seen is a copy, whether applied before or earlier in this batch.
+            let mut latest = self.last;
+            batch.retain(|(_, c)| {
+                let fresh = (c.lsn, c.ordinal) > latest;
+                latest = latest.max((c.lsn, c.ordinal));
+                fresh
+            });
         }
         let marker = batch
             .last()
