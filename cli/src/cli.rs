@@ -186,6 +186,9 @@ pub enum Command {
         /// Also write the report as a markdown document (e.g. docs/benchmarks.md).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Measure only schemashift (`ours`) or only the peers (`peers`); ratios need both.
+        #[arg(long, value_enum)]
+        only: Option<crate::bench::Only>,
     },
 }
 
@@ -366,7 +369,8 @@ pub async fn execute(cli: Cli) -> i32 {
             workers,
             json,
             out,
-        } => crate::bench::bench(rows, workers, json, out).await,
+            only,
+        } => crate::bench::bench(rows, workers, json, out, only).await,
     }
 }
 

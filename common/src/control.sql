@@ -129,3 +129,6 @@ CREATE TABLE IF NOT EXISTS {schema}.indexes (
     PRIMARY KEY (table_name, name)
 );
 ALTER TABLE {schema}.indexes ADD COLUMN IF NOT EXISTS constraint_type text;
+-- Relative cost of the build's sort (collatable key columns compare by locale): the
+-- costliest builds start first, so parallel builds end together.
+ALTER TABLE {schema}.indexes ADD COLUMN IF NOT EXISTS sort_cost int NOT NULL DEFAULT 1;

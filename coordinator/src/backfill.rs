@@ -57,12 +57,13 @@ impl RunCtx {
             }
         }
         // Indexes dropped for the load (the key's included) are built once now, before replay
-        // writes; as many at once as copies were allowed to run.
+        // writes; as many at once as there are workers (at least two: one worker's run still
+        // has the target's cores for this), within the host CPU limit.
         let built = crate::indexes::rebuild(
             &self.spec.target,
             &self.target,
             &self.store,
-            self.workers.min(self.svc.throttle().allowed()),
+            self.workers.max(2).min(self.svc.throttle().allowed()),
             self.plan.low_priority,
         )
         .await?;

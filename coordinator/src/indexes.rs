@@ -30,7 +30,11 @@ pub async fn record_and_drop(
         let rows = tx
             .query(
                 "SELECT i.indrelid::regclass::text, c.relname::text, pg_get_indexdef(i.indexrelid), \
-                   n.nspname::text, k.contype::text \
+                   n.nspname::text, k.contype::text, \
+                   (SELECT coalesce(sum(CASE WHEN a.attnum IS NULL THEN 2 \
+                                             WHEN a.attcollation <> 0 THEN 3 ELSE 1 END), 1)::int \
+                    FROM unnest(i.indkey::int2[]) AS key(n) \
+                    LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = key.n) \
                  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
                  JOIN pg_namespace n ON n.oid = c.relnamespace \
                  JOIN pg_class r ON r.oid = i.indrelid \
@@ -49,13 +53,14 @@ pub async fn record_and_drop(
         for r in &rows {
             let (table, name, def, schema): (String, String, String, String) =
                 (r.get(0), r.get(1), r.get(2), r.get(3));
-            let constraint: Option<String> = r.get(4);
+            let (constraint, cost): (Option<String>, i32) = (r.get(4), r.get(5));
             tx.execute(
                 &format!(
-                    "INSERT INTO {} (table_name, name, definition, constraint_type) VALUES ($1, $2, $3, $4)",
+                    "INSERT INTO {} (table_name, name, definition, constraint_type, sort_cost) \
+                     VALUES ($1, $2, $3, $4, $5)",
                     store.sql.table("indexes")
                 ),
-                &[&table, &name, &def, &constraint],
+                &[&table, &name, &def, &constraint, &cost],
             )
             .await
             .map_err(db("recording indexes"))?;
@@ -84,6 +89,7 @@ struct Pending {
     definition: String,
     /// `p` or `u`: the constraint it backed.
     constraint: Option<String>,
+    sort_cost: i32,
 }
 
 /// Builds every recorded index not built yet, `parallel` at a time (each on its own
@@ -97,7 +103,10 @@ pub async fn rebuild(
     parallel: usize,
     low_priority: bool,
 ) -> Result<usize, CoordinatorError> {
-    let builds = pending(target, store).await?;
+    let mut builds = pending(target, store).await?;
+    // Sessions pop from the end: the costliest builds start first (longest job first), so
+    // the last one to finish is a cheap one.
+    builds.sort_by_key(|p| p.sort_cost);
     let built = builds.len();
     let constraints: Vec<(String, String, Option<String>)> = builds
         .iter()
@@ -196,7 +205,7 @@ async fn pending(target: &Client, store: &Store) -> Result<Vec<Pending>, Coordin
         target,
         store,
         "indexes",
-        "table_name, name, definition, constraint_type",
+        "table_name, name, definition, constraint_type, sort_cost",
     )
     .await?
     .iter()
@@ -205,6 +214,7 @@ async fn pending(target: &Client, store: &Store) -> Result<Vec<Pending>, Coordin
         name: r.get(1),
         definition: r.get(2),
         constraint: r.get(3),
+        sort_cost: r.get(4),
     })
     .collect())
 }

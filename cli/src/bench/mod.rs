@@ -292,8 +292,21 @@ impl Bench {
 
 /// `schemashift bench`: prints the report (and writes it to `out` as markdown). Exit
 /// code 1 when the setup or any method failed; skipped peers are not failures.
-pub async fn bench(rows: u64, workers: usize, json: bool, out: Option<PathBuf>) -> i32 {
-    let (report, failed) = match bench_inner(rows, workers.max(1)).await {
+/// Which side of the comparison to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    Ours,
+    Peers,
+}
+
+pub async fn bench(
+    rows: u64,
+    workers: usize,
+    json: bool,
+    out: Option<PathBuf>,
+    only: Option<Only>,
+) -> i32 {
+    let (report, failed) = match bench_inner(rows, workers.max(1), only).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -318,7 +331,11 @@ pub async fn bench(rows: u64, workers: usize, json: bool, out: Option<PathBuf>) 
     i32::from(failed)
 }
 
-async fn bench_inner(rows: u64, workers: usize) -> anyhow::Result<(BenchReport, bool)> {
+async fn bench_inner(
+    rows: u64,
+    workers: usize,
+    only: Option<Only>,
+) -> anyhow::Result<(BenchReport, bool)> {
     let t0 = Instant::now();
     let load_before = load_average();
     let psql = bin_dir()?.join("psql");
@@ -365,8 +382,13 @@ async fn bench_inner(rows: u64, workers: usize) -> anyhow::Result<(BenchReport, 
     drop(source);
 
     let mut c = Collected::default();
-    peers::run_all(&b, &mut c).await;
-    let peak_rss_mib = ours::run_all(&b, &mut c).await;
+    if only != Some(Only::Ours) {
+        peers::run_all(&b, &mut c).await;
+    }
+    let peak_rss_mib = match only {
+        Some(Only::Peers) => None,
+        _ => ours::run_all(&b, &mut c).await,
+    };
     peers::ratios(&mut c.results);
     let report = BenchReport {
         command: std::env::args().collect::<Vec<_>>().join(" "),
