@@ -53,6 +53,28 @@ pub struct TablePlan {
     /// the source by key instead of mapping captured values on the target.
     #[serde(default)]
     pub lookups: Vec<LookupPlan>,
+    /// How shards move: binary COPY streams, or one `INSERT … SELECT` on the target from a
+    /// postgres_fdw foreign table of the source.
+    #[serde(default)]
+    pub transfer: Transfer,
+}
+
+/// A table's backfill strategy as planned (`auto` resolves to one of these at plan time).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transfer {
+    #[default]
+    Copy,
+    Fdw,
+}
+
+impl Transfer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transfer::Copy => "copy",
+            Transfer::Fdw => "fdw",
+        }
+    }
 }
 
 /// A lookup table of a merge: its changes become refreshes of the driving table's keys.
@@ -87,6 +109,12 @@ impl TablePlan {
     /// once per row when inputs repeat (names do: 5x less source CPU on the scenario); with
     /// distinct inputs the plan is a plain nested loop, costing what inline expressions do.
     pub fn source_from(&self) -> String {
+        self.mapped_from(&self.source.to_string())
+    }
+
+    /// [`Self::source_from`] over another relation with the source's columns (`rel` is a
+    /// FROM item its columns resolve against, e.g. `ft AS src`).
+    fn mapped_from(&self, rel: &str) -> String {
         let computed: Vec<String> = self
             .columns
             .iter()
@@ -95,26 +123,49 @@ impl TablePlan {
             .map(|(i, c)| format!("({})::{} AS {}", c.expr, c.target_type, mapped_alias(i)))
             .collect();
         if computed.is_empty() {
-            return self.source.to_string();
+            return rel.to_owned();
         }
         format!(
-            "{} CROSS JOIN LATERAL (SELECT {} OFFSET 0) AS {MAPPED}",
-            self.source,
+            "{rel} CROSS JOIN LATERAL (SELECT {} OFFSET 0) AS {MAPPED}",
             computed.join(", ")
         )
     }
 
     /// The mapped row in target column order, over [`Self::source_from`].
     pub fn source_select_list(&self) -> String {
+        self.mapped_select_over(&self.source.to_string())
+    }
+
+    /// The mapped row over [`Self::mapped_from`]; `rel_ref` names its relation.
+    fn mapped_select_over(&self, rel_ref: &str) -> String {
         self.columns
             .iter()
             .enumerate()
             .map(|(i, c)| match &c.bare_column {
-                Some(col) => format!("({}.{})::{}", self.source, quote_ident(col), c.target_type),
+                Some(col) => format!("({rel_ref}.{})::{}", quote_ident(col), c.target_type),
                 None => format!("{MAPPED}.{}", mapped_alias(i)),
             })
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// Name of this table's postgres_fdw foreign table in the control schema (unquoted).
+    pub fn foreign_table_name(&self) -> String {
+        format!("source {}", self.index)
+    }
+
+    /// A shard by the FDW strategy: one statement on the target, mapping evaluated there on
+    /// rows `foreign_table` (quoted, qualified) fetches from the source.
+    pub fn fdw_insert_sql(&self, foreign_table: &str, shard: &ShardRange) -> String {
+        let rel = format!("{foreign_table} AS {FDW_SOURCE}");
+        format!(
+            "INSERT INTO {} ({}) SELECT {} FROM {} WHERE {}",
+            self.target,
+            ident_list(&self.target_column_names()),
+            self.mapped_select_over(FDW_SOURCE),
+            self.mapped_from(&rel),
+            range_predicate(&self.key, shard.lo.as_deref(), shard.hi.as_deref())
+        )
     }
 
     pub fn target_column_names(&self) -> Vec<String> {
@@ -195,6 +246,7 @@ impl TablePlan {
 
 /// Alias of the LATERAL subquery of computed expressions in source reads.
 const MAPPED: &str = "schemashift_mapped";
+const FDW_SOURCE: &str = "schemashift_source";
 
 /// Output name of computed column `i`: quoted, with a space, so an unqualified source column
 /// name in a predicate can never be ambiguous with it.

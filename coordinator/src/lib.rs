@@ -8,6 +8,7 @@ pub mod control;
 pub mod cutover;
 pub mod distributed;
 pub mod error;
+pub mod fdw;
 pub mod grpc;
 pub mod indexes;
 pub mod metrics;

@@ -374,6 +374,7 @@ pub async fn cleanup(spec: &Spec) -> Result<CleanupReport, CoordinatorError> {
     if restored > 0 {
         tracing::info!(restored, "foreign keys put back");
     }
+    crate::fdw::drop(&target, &spec.control_schema).await?;
     store.drop_schema(&target).await?;
     report.control_schema_dropped = had;
     Ok(report)

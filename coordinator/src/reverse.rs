@@ -112,6 +112,7 @@ pub async fn plan(
             estimated_bytes: 0,
             shard_rows: 1,
             lookups: Vec::new(),
+            transfer: Default::default(),
         });
     }
     Ok(Ok(RunPlan {

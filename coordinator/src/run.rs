@@ -251,6 +251,9 @@ impl RunCtx {
         {
             kafka::ensure_topic(brokers, topic, plan.partitions, *replication_factor).await?;
         }
+        if state.phase <= Phase::Backfill {
+            crate::fdw::ensure(&target, &spec.source, &plan).await?;
+        }
         // recheck() evaluates mapped rows on this session, inside the freeze too.
         install_helpers(&source, &plan.helpers, "source").await?;
         ensure_slot(&source, &plan, &state.slot).await?;

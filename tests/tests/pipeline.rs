@@ -317,3 +317,72 @@ async fn status_reports_progress_and_rollback_before_cutover_removes_slot_and_st
     assert_eq!(after["phase"], "none");
     env.drop_all().await
 }
+
+/// The postgres_fdw servers on the target.
+async fn foreign_servers(target_dsn: &str) -> anyhow::Result<i64> {
+    Ok(connect(target_dsn)
+        .await?
+        .query_one("SELECT count(*) FROM pg_foreign_server", &[])
+        .await?
+        .get(0))
+}
+
+#[tokio::test]
+async fn fdw_strategy_migrates_under_write_load_with_zero_diffs_and_cleanup_drops_its_server(
+) -> anyhow::Result<()> {
+    let env = users_env("fdw_strategy", 12_000).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        &dir,
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(3_000))
+            .replace("    key: id\n", "    key: id\n    strategy: fdw\n"),
+    )?;
+    let plan: serde_json::Value =
+        serde_json::from_slice(&schemashift_ok(&["plan", &spec, "--json"])?.stdout)?;
+    assert_eq!(plan[0]["strategy"], "fdw", "{plan}");
+    assert_eq!(
+        foreign_servers(&env.target_dsn).await?,
+        0,
+        "plan writes nothing"
+    );
+    let load = start_load(
+        env.source_dsn.clone(),
+        LoadOptions {
+            rate_per_sec: 300,
+            ..LoadOptions::default()
+        },
+    )
+    .await?;
+    let spec_s = spec.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        schemashift(&["run", &spec_s, "--until", "cutover", "--json"])
+    })
+    .await??;
+    let stats = load.stop().await;
+    assert!(
+        out.status.success(),
+        "run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stats.failed, 0);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert!(
+        report["rows_copied"].as_i64().unwrap_or(0) >= 12_000,
+        "{report}"
+    );
+    assert_eq!(foreign_servers(&env.target_dsn).await?, 1);
+    schemashift_ok(&["verify", &spec])?;
+    let (missing, extra, different) = table_diff(
+        &connect(&env.source_dsn).await?,
+        &connect(&env.target_dsn).await?,
+    )
+    .await?;
+    assert_eq!((missing, extra, different), (0, 0, 0));
+    schemashift_ok(&["cleanup", &spec])?;
+    assert_eq!(
+        foreign_servers(&env.target_dsn).await?,
+        0,
+        "cleanup drops the server, its user mapping and foreign tables"
+    );
+    env.drop_all().await
+}

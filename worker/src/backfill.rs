@@ -1,13 +1,14 @@
 //! Backfill: one shard = one binary COPY stream from the source's mapped SELECT straight
-//! into the target's COPY FROM, inside one target transaction that also marks the shard
-//! done (fenced by lease epoch). Rows are never decoded in Rust.
+//! into the target's COPY FROM (or, by the FDW strategy, one `INSERT … SELECT` from the
+//! source's foreign table), inside one target transaction that also marks the shard done
+//! (fenced by lease epoch). Rows are never decoded in Rust.
 
 use crate::error::pg_reason;
 use crate::WorkerError;
 use futures_util::{SinkExt, StreamExt};
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::LeaseEpoch;
-use schemashift_common::plan::{Shard, TablePlan};
+use schemashift_common::plan::{Shard, TablePlan, Transfer};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio_postgres::Client;
@@ -42,17 +43,15 @@ pub async fn copy_shard(
     pacing: CopyPacing,
 ) -> Result<ShardOutcome, WorkerError> {
     let CopyPacing { progress, mut hold } = pacing;
-    let fail = |e: tokio_postgres::Error| {
-        let (reason, transient) = pg_reason(&e);
-        WorkerError::Shard {
-            table: table.describe(),
-            shard: shard.id,
-            range: shard.range.to_string(),
-            reason,
-            transient,
-        }
-    };
+    let fail = shard_err(table, shard);
     let tx = target.transaction().await.map_err(fail)?;
+    if table.transfer == Transfer::Fdw {
+        // One statement: the target fetches the range through the foreign table and maps
+        // it; a hold applies between shards only.
+        let sql = table.fdw_insert_sql(&control.table(&table.foreign_table_name()), &shard.range);
+        let rows = tx.execute(&sql, &[]).await.map_err(fail)?;
+        return finish(tx, control, table, shard, epoch, rows, 0).await;
+    }
     let sink = tx.copy_in(&table.copy_in_sql()).await.map_err(fail)?;
     futures_util::pin_mut!(sink);
     let stream = source
@@ -81,6 +80,38 @@ pub async fn copy_shard(
         sink.feed(chunk).await.map_err(fail)?;
     }
     let rows = sink.as_mut().finish().await.map_err(fail)?;
+    finish(tx, control, table, shard, epoch, rows, bytes).await
+}
+
+/// A database error as this shard's failure (transient or not, as the error says).
+fn shard_err<'a>(
+    table: &'a TablePlan,
+    shard: &'a Shard,
+) -> impl Fn(tokio_postgres::Error) -> WorkerError + Copy + 'a {
+    move |e| {
+        let (reason, transient) = pg_reason(&e);
+        WorkerError::Shard {
+            table: table.describe(),
+            shard: shard.id,
+            range: shard.range.to_string(),
+            reason,
+            transient,
+        }
+    }
+}
+
+/// Marks the shard done in the transaction that holds its rows (fenced by the lease epoch)
+/// and commits both.
+async fn finish(
+    tx: tokio_postgres::Transaction<'_>,
+    control: &ControlSql,
+    table: &TablePlan,
+    shard: &Shard,
+    epoch: LeaseEpoch,
+    rows: u64,
+    bytes: u64,
+) -> Result<ShardOutcome, WorkerError> {
+    let fail = shard_err(table, shard);
     let marked = tx
         .execute(
             &control.complete_shard(),
