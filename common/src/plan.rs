@@ -157,14 +157,26 @@ impl TablePlan {
     /// A shard by the FDW strategy: one statement on the target, mapping evaluated there on
     /// rows `foreign_table` (quoted, qualified) fetches from the source.
     pub fn fdw_insert_sql(&self, foreign_table: &str, shard: &ShardRange) -> String {
-        let rel = format!("{foreign_table} AS {FDW_SOURCE}");
+        self.fdw_insert_sql_into(&self.target.to_string(), foreign_table, shard, None)
+    }
+
+    /// [`Self::fdw_insert_sql`] into another table with the target's columns, optionally
+    /// only the first `limit` rows (for measuring the strategies).
+    pub fn fdw_insert_sql_into(
+        &self,
+        rel: &str,
+        foreign_table: &str,
+        shard: &ShardRange,
+        limit: Option<u64>,
+    ) -> String {
+        let from = format!("{foreign_table} AS {FDW_SOURCE}");
         format!(
-            "INSERT INTO {} ({}) SELECT {} FROM {} WHERE {}",
-            self.target,
+            "INSERT INTO {rel} ({}) SELECT {} FROM {} WHERE {}{}",
             ident_list(&self.target_column_names()),
             self.mapped_select_over(FDW_SOURCE),
-            self.mapped_from(&rel),
-            range_predicate(&self.key, shard.lo.as_deref(), shard.hi.as_deref())
+            self.mapped_from(&from),
+            range_predicate(&self.key, shard.lo.as_deref(), shard.hi.as_deref()),
+            limit.map(|n| format!(" LIMIT {n}")).unwrap_or_default()
         )
     }
 
@@ -199,10 +211,24 @@ impl TablePlan {
     }
 
     pub fn copy_in_sql(&self) -> String {
+        self.copy_in_sql_into(&self.target.to_string())
+    }
+
+    /// [`Self::copy_in_sql`] into another table with the target's columns.
+    pub fn copy_in_sql_into(&self, rel: &str) -> String {
         format!(
-            "COPY {} ({}) FROM STDIN (FORMAT binary)",
-            self.target,
+            "COPY {rel} ({}) FROM STDIN (FORMAT binary)",
             ident_list(&self.target_column_names())
+        )
+    }
+
+    /// The first `limit` rows of a shard's COPY, for measuring the strategies.
+    pub fn copy_out_sql_limited(&self, shard: &ShardRange, limit: u64) -> String {
+        format!(
+            "COPY (SELECT {} FROM ONLY {} WHERE {} LIMIT {limit}) TO STDOUT (FORMAT binary)",
+            self.source_select_list(),
+            self.source_from(),
+            range_predicate(&self.key, shard.lo.as_deref(), shard.hi.as_deref())
         )
     }
 
@@ -316,5 +342,84 @@ pub enum LogPlan {
 impl RunPlan {
     pub fn table(&self, index: u32) -> Option<&TablePlan> {
         self.tables.iter().find(|t| t.index == index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn users() -> TablePlan {
+        let col = |target: &str, expr: &str, bare: Option<&str>| ColumnMap {
+            target: target.into(),
+            target_type: "text".into(),
+            expr: expr.into(),
+            deps: vec!["full_name".into()],
+            bare_column: bare.map(Into::into),
+        };
+        TablePlan {
+            index: 3,
+            source: QualifiedName::parse("public.users").expect("name"),
+            target: QualifiedName::parse("new.users").expect("name"),
+            key: vec![KeyCol {
+                name: "id".into(),
+                sql_type: "bigint".into(),
+            }],
+            target_key: vec![KeyCol {
+                name: "id".into(),
+                sql_type: "bigint".into(),
+            }],
+            columns: vec![
+                col("id", "id", Some("id")),
+                col("first_name", "pg_temp.split_first(full_name)", None),
+            ],
+            source_columns: Vec::new(),
+            sequences: Vec::new(),
+            estimated_rows: 0,
+            estimated_bytes: 0,
+            shard_rows: 1,
+            lookups: Vec::new(),
+            transfer: Transfer::Fdw,
+        }
+    }
+
+    #[test]
+    fn fdw_insert_reads_the_foreign_table_under_one_alias_and_maps_in_a_lateral() {
+        let t = users();
+        let range = ShardRange {
+            lo: Some(vec!["10".into()]),
+            hi: Some(vec!["20".into()]),
+        };
+        let sql = t.fdw_insert_sql("\"ctl\".\"source 3\"", &range);
+        assert!(sql.starts_with("INSERT INTO \"new\".\"users\" (\"id\", \"first_name\") SELECT "));
+        assert!(sql.contains("FROM \"ctl\".\"source 3\" AS schemashift_source CROSS JOIN LATERAL"));
+        assert!(sql.contains("(schemashift_source.\"id\")::text"), "{sql}");
+        assert!(
+            !sql.contains("\"public\".\"users\""),
+            "the source table is not read directly: {sql}"
+        );
+        assert!(!sql.contains("LIMIT"));
+        let probe = t.fdw_insert_sql_into("pg_temp.p", "\"ctl\".\"source 3\"", &range, Some(5));
+        assert!(probe.starts_with("INSERT INTO pg_temp.p ") && probe.ends_with(" LIMIT 5"));
+        assert_eq!(t.foreign_table_name(), "source 3");
+    }
+
+    #[test]
+    fn copy_sql_targets_the_given_table_and_limits_the_sample() {
+        let t = users();
+        let range = ShardRange { lo: None, hi: None };
+        assert_eq!(
+            t.copy_in_sql(),
+            "COPY \"new\".\"users\" (\"id\", \"first_name\") FROM STDIN (FORMAT binary)"
+        );
+        assert!(t
+            .copy_in_sql_into("pg_temp.p")
+            .starts_with("COPY pg_temp.p ("));
+        let out = t.copy_out_sql_limited(&range, 7);
+        assert!(
+            out.contains("FROM ONLY \"public\".\"users\" CROSS JOIN LATERAL")
+                && out.contains(" LIMIT 7) TO STDOUT"),
+            "{out}"
+        );
     }
 }

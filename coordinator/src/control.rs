@@ -189,6 +189,23 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces the recorded plan (the strategies `auto` measured at run start).
+    pub async fn save_plan(&self, target: &Client, plan: &RunPlan) -> Result<(), CoordinatorError> {
+        let plan_json =
+            serde_json::to_string(plan).map_err(|x| CoordinatorError::State(x.to_string()))?;
+        target
+            .execute(
+                &format!(
+                    "UPDATE {} SET plan = $1::text::jsonb",
+                    self.sql.table("run")
+                ),
+                &[&plan_json],
+            )
+            .await
+            .map_err(err("saving the plan"))?;
+        Ok(())
+    }
+
     pub async fn set_phase(
         &self,
         target: &impl tokio_postgres::GenericClient,

@@ -5,7 +5,7 @@
 
 use crate::error::CoordinatorError;
 use schemashift_common::control::ControlSql;
-use schemashift_common::plan::{RunPlan, Transfer};
+use schemashift_common::plan::{RunPlan, ShardRange, TablePlan, Transfer};
 use schemashift_common::spec::Dsn;
 use schemashift_common::sql::{quote_ident, quote_literal};
 use tokio_postgres::config::Host;
@@ -23,6 +23,16 @@ pub async fn ensure(target: &Client, source: &Dsn, plan: &RunPlan) -> Result<(),
         .iter()
         .filter(|t| t.transfer == Transfer::Fdw)
         .collect();
+    ensure_for(target, source, &plan.control_schema, &tables).await
+}
+
+/// Creates the server, user mapping and these tables' foreign tables, unless there.
+pub async fn ensure_for(
+    target: &Client,
+    source: &Dsn,
+    control_schema: &str,
+    tables: &[&TablePlan],
+) -> Result<(), CoordinatorError> {
     if tables.is_empty() {
         return Ok(());
     }
@@ -41,8 +51,8 @@ pub async fn ensure(target: &Client, source: &Dsn, plan: &RunPlan) -> Result<(),
     let port = cfg.get_ports().first().copied().unwrap_or(5432);
     let user = cfg.get_user().unwrap_or("postgres");
     let dbname = cfg.get_dbname().unwrap_or(user);
-    let srv = server(&plan.control_schema);
-    let control = ControlSql::new(&plan.control_schema);
+    let srv = server(control_schema);
+    let control = ControlSql::new(control_schema);
     let mut sql = format!(
         "CREATE EXTENSION IF NOT EXISTS postgres_fdw; \
          CREATE SERVER IF NOT EXISTS {srv} FOREIGN DATA WRAPPER postgres_fdw \
@@ -102,4 +112,166 @@ pub async fn drop(target: &Client, control_schema: &str) -> Result<(), Coordinat
         ))
         .await
         .map_err(|e| CoordinatorError::db("dropping the postgres_fdw server", &e))
+}
+
+/// Rows per second of each strategy on this table, measured on its servers: the first
+/// `rows` rows of `range` moved both ways into a temporary table of the target's columns
+/// (so the real target is untouched), twice each, alternating, best of two.
+pub async fn measure(
+    source: &Client,
+    target_dsn: &Dsn,
+    plan: &RunPlan,
+    table: &TablePlan,
+    range: &ShardRange,
+    rows: u64,
+) -> Result<Speeds, CoordinatorError> {
+    let db = |what: &'static str| move |e: tokio_postgres::Error| CoordinatorError::db(what, &e);
+    let target = schemashift_common::pg::connect(target_dsn, "target").await?;
+    schemashift_common::pg::install_helpers(&target, &plan.helpers, "target").await?;
+    let probe = "pg_temp.\"schemashift probe\"";
+    target
+        .batch_execute(&format!(
+            "CREATE TEMP TABLE {probe} (LIKE {} INCLUDING DEFAULTS)",
+            table.target
+        ))
+        .await
+        .map_err(db("creating the strategy probe table"))?;
+    let ft = ControlSql::new(&plan.control_schema).table(&table.foreign_table_name());
+    let fdw_sql = table.fdw_insert_sql_into(probe, &ft, range, Some(rows));
+    let (copy_out, copy_in) = (
+        table.copy_out_sql_limited(range, rows),
+        table.copy_in_sql_into(probe),
+    );
+    let mut best = Speeds::default();
+    for _ in 0..2 {
+        let t0 = std::time::Instant::now();
+        let n = target
+            .execute(&fdw_sql, &[])
+            .await
+            .map_err(db("measuring the fdw strategy"))?;
+        best.fdw = best
+            .fdw
+            .max(n as f64 / t0.elapsed().as_secs_f64().max(1e-6));
+        target
+            .batch_execute(&format!("TRUNCATE {probe}"))
+            .await
+            .map_err(db("measuring the strategies"))?;
+        let t0 = std::time::Instant::now();
+        let n = pipe(source, &target, &copy_out, &copy_in)
+            .await
+            .map_err(db("measuring the copy strategy"))?;
+        best.copy = best
+            .copy
+            .max(n as f64 / t0.elapsed().as_secs_f64().max(1e-6));
+        target
+            .batch_execute(&format!("TRUNCATE {probe}"))
+            .await
+            .map_err(db("measuring the strategies"))?;
+    }
+    Ok(best)
+}
+
+/// Measured rows per second of each strategy.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Speeds {
+    pub copy: f64,
+    pub fdw: f64,
+}
+
+impl Speeds {
+    pub fn faster(&self) -> Transfer {
+        if self.fdw > self.copy {
+            Transfer::Fdw
+        } else {
+            Transfer::Copy
+        }
+    }
+}
+
+async fn pipe(
+    source: &Client,
+    target: &Client,
+    copy_out: &str,
+    copy_in: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    use futures_util::{SinkExt, StreamExt};
+    let sink = target.copy_in(copy_in).await?;
+    futures_util::pin_mut!(sink);
+    let stream = source.copy_out(copy_out).await?;
+    futures_util::pin_mut!(stream);
+    while let Some(chunk) = stream.next().await {
+        sink.feed(chunk?).await?;
+    }
+    sink.as_mut().finish().await
+}
+
+/// Rows each strategy moves in the measurement: enough to see both at speed, a fraction of
+/// a second each.
+const MEASURED_ROWS: u64 = 20_000;
+
+/// For tables planned `auto` that could also go by FDW (no lookups, postgres_fdw on the
+/// target): measures both strategies, keeps the faster in the recorded plan and shows both
+/// rates in the analysis. A measurement that cannot be made (say, no right to create the
+/// extension) leaves the table on copy.
+pub async fn choose_auto(
+    spec: &schemashift_common::spec::Spec,
+    source: &Client,
+    target: &Client,
+    store: &crate::control::Store,
+    planned: &mut crate::plan::Planned,
+) -> Result<(), CoordinatorError> {
+    use schemashift_common::spec::Strategy;
+    let mut changed = false;
+    for i in 0..planned.plan.tables.len() {
+        let t = &planned.plan.tables[i];
+        let auto = spec
+            .tables
+            .get(t.index as usize)
+            .is_some_and(|s| s.strategy == Strategy::Auto);
+        let mine: Vec<_> = planned
+            .shards
+            .iter()
+            .filter(|s| s.table == t.index)
+            .collect();
+        // The middle shard: the first and last are open-ended and may be thin.
+        let Some(shard) = mine.get(mine.len() / 2) else {
+            continue;
+        };
+        if !auto || !t.lookups.is_empty() {
+            continue;
+        }
+        let plan = &planned.plan;
+        let measured = async {
+            ensure_for(target, &spec.source, &plan.control_schema, &[t]).await?;
+            measure(source, &spec.target, plan, t, &shard.range, MEASURED_ROWS).await
+        }
+        .await;
+        match measured {
+            Ok(speeds) => {
+                let transfer = speeds.faster();
+                tracing::info!(
+                    table = %t.describe(),
+                    copy_rows_per_s = speeds.copy as u64,
+                    fdw_rows_per_s = speeds.fdw as u64,
+                    strategy = transfer.as_str(),
+                    "strategy auto: measured both, keeping the faster"
+                );
+                planned.plan.tables[i].transfer = transfer;
+                if let Some(a) = planned.analysis.get_mut(i) {
+                    a.strategy = transfer.as_str().into();
+                    a.measured_rows_per_s = Some(speeds);
+                }
+                changed = true;
+            }
+            Err(e) => tracing::warn!(
+                table = %t.describe(),
+                error = %e,
+                "strategy auto: fdw not measurable, using copy"
+            ),
+        }
+    }
+    if changed {
+        store.save_plan(target, &planned.plan).await?;
+    }
+    Ok(())
 }

@@ -218,6 +218,8 @@ impl RunCtx {
                         true,
                     )
                     .await?;
+                // `auto`: both strategies measured on the real servers, the faster kept.
+                crate::fdw::choose_auto(spec, &source, &target, &store, &mut planned).await?;
                 report.tables = planned.analysis;
                 tracing::info!(%run_id, shards = planned.shards.len(), "run planned");
                 store

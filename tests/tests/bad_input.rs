@@ -194,6 +194,25 @@ async fn bad_fleet_kafka_and_lookup_input_exits_2_naming_it() -> anyhow::Result<
         &["lookups[0]", "no_such_table", "does not exist"],
     )
     .await?;
+    // The FDW strategy reads one foreign table: it cannot serve a merge.
+    let fdw_merge = bad_lookup.replacen(
+        "    key: id
+",
+        "    key: id
+    strategy: fdw
+",
+        1,
+    );
+    assert_refused(
+        &env,
+        &fdw_merge,
+        &env.source_dsn,
+        &[
+            "table public.users",
+            "strategy fdw cannot read lookup tables",
+        ],
+    )
+    .await?;
 
     let dir = tempfile::tempdir()?;
     let spec = write_spec(&dir, &good)?;

@@ -58,6 +58,18 @@ async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Res
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(report["phase"], "cut_over");
+    // Strategy auto measured both ways on the servers and kept the faster.
+    let t = &report["tables"][0];
+    let (copy, fdw) = (
+        t["measured_rows_per_s"]["copy"].as_f64().unwrap_or(0.0),
+        t["measured_rows_per_s"]["fdw"].as_f64().unwrap_or(0.0),
+    );
+    assert!(copy > 0.0 && fdw > 0.0, "{t}");
+    assert_eq!(
+        t["strategy"],
+        if fdw > copy { "fdw" } else { "copy" },
+        "{t}"
+    );
     assert!(
         dir.path().join("switched").exists(),
         "switch_command runs during the cutover"

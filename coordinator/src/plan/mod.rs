@@ -32,6 +32,9 @@ pub struct TableAnalysis {
     pub shard_rows: u64,
     pub strategy: String,
     pub estimated_seconds: f64,
+    /// Rows/s of each strategy as `auto` measured them when the run started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured_rows_per_s: Option<crate::fdw::Speeds>,
 }
 
 pub struct Planned {
@@ -151,6 +154,7 @@ pub async fn plan(
                             Transfer::Copy => 40_000.0,
                             Transfer::Fdw => 15_000.0,
                         } * opts.workers.min(ranges.len()).max(1) as f64),
+                    measured_rows_per_s: None,
                 });
                 for r in ranges {
                     shards.push(Shard {
