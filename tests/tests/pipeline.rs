@@ -398,3 +398,37 @@ async fn fdw_strategy_migrates_under_write_load_with_zero_diffs_and_cleanup_drop
     );
     env.drop_all().await
 }
+
+#[tokio::test]
+async fn table_change_log_is_analyzed_as_it_grows_so_replay_reads_it_by_index() -> anyhow::Result<()>
+{
+    let env = users_env("change_log_analyzed", 12_000).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        &dir,
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, None),
+    )?;
+    schemashift_ok(&["run", &spec, "--until", "backfill"])?;
+    // One statement, 11,000 changes: past the size where capture analyzes the log.
+    connect(&env.source_dsn)
+        .await?
+        .batch_execute("UPDATE public.users SET bio = bio || '.' WHERE id <= 11000")
+        .await?;
+    schemashift_ok(&["run", &spec, "--until", "verify"])?;
+    let row = connect(&env.target_dsn)
+        .await?
+        .query_one(
+            "SELECT analyze_count, autoanalyze_count, n_live_tup FROM pg_stat_user_tables \
+             WHERE schemaname = 'schemashift' AND relname = 'changes'",
+            &[],
+        )
+        .await?;
+    let (analyzed, auto): (i64, i64) = (row.get(0), row.get(1));
+    assert!(
+        analyzed >= 1,
+        "capture analyzed the change log (autovacuum did {auto} times)"
+    );
+    schemashift_ok(&["verify", &spec])?;
+    schemashift_ok(&["cleanup", &spec])?;
+    env.drop_all().await
+}

@@ -9,10 +9,11 @@ use schemashift_common::ids::Lsn;
 use schemashift_common::plan::{LogPlan, RunPlan};
 use schemashift_worker::kafka::{ChangeProducer, Outgoing};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio_postgres::Client;
 
 pub enum Sink {
-    Table,
+    Table(Growth),
     /// With each table's key positions, computed once (the message key needs them).
     Kafka(ChangeProducer, HashMap<u32, Vec<usize>>),
 }
@@ -21,10 +22,45 @@ fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ 
     move |e| CoordinatorError::db(context, &e)
 }
 
+/// Rows this capture appended to the table log, and how many there were at its last
+/// ANALYZE. The log grows from nothing faster than autovacuum analyzes it (a million
+/// changes in seconds); with the empty table's statistics the planner reads a partition's
+/// next batch by sorting everything after the position (measured: 590 ms per batch at 1M
+/// rows, 2 ms once analyzed). So capture analyzes it whenever it has doubled.
+#[derive(Default)]
+pub struct Growth {
+    appended: AtomicU64,
+    analyzed_at: AtomicU64,
+}
+
+/// Below this the sort costs little.
+const ANALYZE_FROM_ROWS: u64 = 10_000;
+
+impl Growth {
+    async fn grew(
+        &self,
+        target: &Client,
+        control: &ControlSql,
+        rows: usize,
+    ) -> Result<(), CoordinatorError> {
+        let n = self.appended.fetch_add(rows as u64, Ordering::Relaxed) + rows as u64;
+        if n < ANALYZE_FROM_ROWS || n < 2 * self.analyzed_at.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        target
+            .batch_execute(&format!("ANALYZE {}", control.table("changes")))
+            .await
+            .map_err(db("analyzing the change log"))?;
+        self.analyzed_at.store(n, Ordering::Relaxed);
+        tracing::debug!(appended = n, "change log analyzed");
+        Ok(())
+    }
+}
+
 impl Sink {
     pub fn for_plan(plan: &RunPlan) -> Result<Sink, CoordinatorError> {
         Ok(match &plan.changelog {
-            LogPlan::Postgres => Sink::Table,
+            LogPlan::Postgres => Sink::Table(Growth::default()),
             LogPlan::Kafka { brokers, topic, .. } => Sink::Kafka(
                 ChangeProducer::new(brokers, topic)?,
                 plan.tables
@@ -44,7 +80,10 @@ impl Sink {
         end: Lsn,
     ) -> Result<(), CoordinatorError> {
         match self {
-            Sink::Table => append(target, control, changes, end).await,
+            Sink::Table(growth) => {
+                append(target, control, changes, end).await?;
+                growth.grew(target, control, changes.len()).await
+            }
             Sink::Kafka(producer, key_index) => {
                 // Consumers can link what they apply to the capture that produced it.
                 let traceparent = schemashift_common::trace::current_traceparent();

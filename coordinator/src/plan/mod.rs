@@ -11,9 +11,7 @@ use catalog::{columns, same_set, unique_keys};
 use schemashift_common::ids::ShardId;
 use schemashift_common::pg::{describe, install_helpers};
 use schemashift_common::plan::LogPlan;
-use schemashift_common::plan::{
-    ColumnMap, RunPlan, SequenceMap, Shard, SourceColumn, TablePlan, Transfer,
-};
+use schemashift_common::plan::{ColumnMap, RunPlan, SequenceMap, Shard, SourceColumn, TablePlan};
 use schemashift_common::spec::Changelog;
 use schemashift_common::spec::{Spec, TableSpec};
 use schemashift_common::sql::{
@@ -147,13 +145,11 @@ pub async fn plan(
                     shards: ranges.len(),
                     shard_rows: tp.shard_rows,
                     strategy: tp.transfer.as_str().into(),
-                    // Per stream on a small machine, both servers busy: ~40K rows/s by
-                    // COPY, ~15K by the FDW statement.
-                    estimated_seconds: est as f64
-                        / (match tp.transfer {
-                            Transfer::Copy => 40_000.0,
-                            Transfer::Fdw => 15_000.0,
-                        } * opts.workers.min(ranges.len()).max(1) as f64),
+                    estimated_seconds: strategy::estimated_seconds(
+                        tp.transfer,
+                        est,
+                        opts.workers.min(ranges.len()),
+                    ),
                     measured_rows_per_s: None,
                 });
                 for r in ranges {

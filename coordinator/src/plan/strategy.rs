@@ -1,12 +1,23 @@
 //! Which way a table's shards move. `copy` streams binary COPY from the source into the
 //! target (the mapping evaluated by the source); `fdw` runs one `INSERT … SELECT` per shard
 //! on the target over a postgres_fdw foreign table of the source (the mapping evaluated by
-//! the target). `auto` is `copy`: `schemashift bench` measures COPY at 2.5–3× the FDW
-//! statement per stream on the scenario, and a stream costs the same either way.
+//! the target). `auto` plans `copy`; when the run starts it measures both on the real
+//! servers and keeps the faster (`crate::fdw::choose_auto`).
 
 use schemashift_common::plan::Transfer;
 use schemashift_common::spec::{Strategy, TableSpec};
 use tokio_postgres::Client;
+
+/// Seconds to move `rows` by `streams` parallel shards: per stream on a small machine with
+/// both servers busy, ~40K rows/s by COPY, ~15K by the FDW statement (`auto` measures
+/// instead when the run starts).
+pub(super) fn estimated_seconds(transfer: Transfer, rows: u64, streams: usize) -> f64 {
+    let per_stream = match transfer {
+        Transfer::Copy => 40_000.0,
+        Transfer::Fdw => 15_000.0,
+    };
+    rows as f64 / (per_stream * streams.max(1) as f64)
+}
 
 /// The table's transfer, with what keeps `fdw` from working added to `problems`.
 pub(super) async fn transfer(
