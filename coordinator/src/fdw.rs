@@ -42,6 +42,27 @@ pub async fn ensure_for(
             source.redacted()
         ))
     })?;
+    let sql = setup_sql(&cfg, control_schema, tables);
+    let srv = server(control_schema);
+    // The statement holds the source's password: its error text is ours, not the server's
+    // echo of the statement.
+    target.batch_execute(&sql).await.map_err(|e| {
+        CoordinatorError::State(format!(
+            "setting up postgres_fdw on the target for the fdw strategy failed: {} \
+             (the target role needs to create the extension, a server and foreign tables; \
+             or use strategy copy)",
+            e.as_db_error()
+                .map(|d| d.message().to_owned())
+                .unwrap_or_else(|| "connection lost".into())
+        ))
+    })?;
+    tracing::info!(server = %srv, "postgres_fdw set up for the fdw strategy");
+    Ok(())
+}
+
+/// The statements that set up what `tables` read through: extension, server, user mapping
+/// (holding the source password), foreign tables. Every name and value quoted.
+fn setup_sql(cfg: &tokio_postgres::Config, control_schema: &str, tables: &[&TablePlan]) -> String {
     let host = match cfg.get_hosts().first() {
         Some(Host::Tcp(h)) => h.clone(),
         #[cfg(unix)]
@@ -87,20 +108,7 @@ pub async fn ensure_for(
             quote_literal(&t.source.name)
         ));
     }
-    // The statement holds the source's password: its error text is ours, not the server's
-    // echo of the statement.
-    target.batch_execute(&sql).await.map_err(|e| {
-        CoordinatorError::State(format!(
-            "setting up postgres_fdw on the target for the fdw strategy failed: {} \
-             (the target role needs to create the extension, a server and foreign tables; \
-             or use strategy copy)",
-            e.as_db_error()
-                .map(|d| d.message().to_owned())
-                .unwrap_or_else(|| "connection lost".into())
-        ))
-    })?;
-    tracing::info!(server = %srv, "postgres_fdw set up for the fdw strategy");
-    Ok(())
+    sql
 }
 
 /// Drops the source server and what depends on it (user mapping, foreign tables).
@@ -274,4 +282,44 @@ pub async fn choose_auto(
         store.save_plan(target, &planned.plan).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemashift_common::plan::SourceColumn;
+    use schemashift_common::sql::QualifiedName;
+
+    #[test]
+    fn setup_quotes_hostile_names_and_the_password() {
+        let cfg: tokio_postgres::Config =
+            "host=db.example port=5433 dbname=old user=mig password=pa'ss"
+                .parse()
+                .expect("dsn");
+        let mut t: TablePlan = serde_json::from_value(serde_json::json!({
+            "index": 2, "source": {"schema": "we\"ird", "name": "us'ers"},
+            "target": {"schema": "public", "name": "users"},
+            "key": [], "target_key": [], "columns": [], "source_columns": [],
+            "sequences": [], "estimated_rows": 0, "estimated_bytes": 0, "shard_rows": 1
+        }))
+        .expect("table plan");
+        t.source_columns.push(SourceColumn {
+            name: "full name".into(),
+            sql_type: "text".into(),
+        });
+        assert_eq!(
+            t.source,
+            QualifiedName {
+                schema: "we\"ird".into(),
+                name: "us'ers".into()
+            }
+        );
+        let sql = setup_sql(&cfg, "ctl", &[&t]);
+        assert!(sql.contains("CREATE SERVER IF NOT EXISTS \"ctl source\" FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host 'db.example', port '5433', dbname 'old'"), "{sql}");
+        assert!(
+            sql.contains("OPTIONS (user 'mig', password 'pa''ss')"),
+            "{sql}"
+        );
+        assert!(sql.contains("CREATE FOREIGN TABLE IF NOT EXISTS \"ctl\".\"source 2\" (\"full name\" text) SERVER \"ctl source\" OPTIONS (schema_name 'we\"ird', table_name 'us''ers');"), "{sql}");
+    }
 }
