@@ -173,11 +173,24 @@ async fn update_that_leaves_a_toasted_bio_unchanged_keeps_it_in_the_target() -> 
 
 #[tokio::test]
 async fn run_killed_mid_backfill_resumes_without_copying_a_shard_twice() -> anyhow::Result<()> {
-    let env = users_env("kill_mid_backfill", 200_000).await?;
+    killed_mid_backfill_and_resumed("kill_mid_backfill", "auto").await
+}
+
+#[tokio::test]
+async fn fdw_run_killed_mid_backfill_resumes_without_copying_a_shard_twice() -> anyhow::Result<()> {
+    killed_mid_backfill_and_resumed("fdw_kill_mid_backfill", "fdw").await
+}
+
+/// kill -9 once some shards (by `strategy`) have committed, then resume: every row once.
+async fn killed_mid_backfill_and_resumed(name: &str, strategy: &str) -> anyhow::Result<()> {
+    let env = users_env(name, 200_000).await?;
     let dir = tempfile::tempdir()?;
     let spec = write_spec(
         &dir,
-        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(10_000)),
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(10_000)).replace(
+            "    key: id\n",
+            &format!("    key: id\n    strategy: {strategy}\n"),
+        ),
     )?;
     let mut child = Command::new(schemashift_bin())
         .args(["run", &spec])
