@@ -47,6 +47,35 @@ pub async fn connect(dsn: &Dsn, role: &'static str) -> Result<Client, PgError> {
     Ok(client)
 }
 
+/// Streams one COPY's output into another COPY's input as it comes (no row decoded);
+/// returns the rows the input took.
+pub async fn pipe_copy(
+    sink: tokio_postgres::CopyInSink<bytes::Bytes>,
+    stream: tokio_postgres::CopyOutStream,
+) -> Result<u64, tokio_postgres::Error> {
+    use futures_util::{SinkExt, StreamExt};
+    futures_util::pin_mut!(sink);
+    futures_util::pin_mut!(stream);
+    while let Some(chunk) = stream.next().await {
+        sink.feed(chunk?).await?;
+    }
+    sink.as_mut().finish().await
+}
+
+/// Whether this PostgreSQL installation ships the extension (installed or not).
+pub async fn extension_available(
+    client: &Client,
+    name: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = $1)",
+            &[&name],
+        )
+        .await?
+        .get(0))
+}
+
 /// Creates the helpers as session-temporary functions: nothing stays behind.
 pub async fn install_helpers(
     client: &Client,

@@ -202,12 +202,7 @@ impl TablePlan {
 
     /// The source side of a shard, already mapped and cast: what lands in the target.
     pub fn copy_out_sql(&self, shard: &ShardRange) -> String {
-        format!(
-            "COPY (SELECT {} FROM ONLY {} WHERE {}) TO STDOUT (FORMAT binary)",
-            self.source_select_list(),
-            self.source_from(),
-            range_predicate(&self.key, shard.lo.as_deref(), shard.hi.as_deref())
-        )
+        self.copy_out_sql_with(shard, None)
     }
 
     pub fn copy_in_sql(&self) -> String {
@@ -224,11 +219,16 @@ impl TablePlan {
 
     /// The first `limit` rows of a shard's COPY, for measuring the strategies.
     pub fn copy_out_sql_limited(&self, shard: &ShardRange, limit: u64) -> String {
+        self.copy_out_sql_with(shard, Some(limit))
+    }
+
+    fn copy_out_sql_with(&self, shard: &ShardRange, limit: Option<u64>) -> String {
         format!(
-            "COPY (SELECT {} FROM ONLY {} WHERE {} LIMIT {limit}) TO STDOUT (FORMAT binary)",
+            "COPY (SELECT {} FROM ONLY {} WHERE {}{}) TO STDOUT (FORMAT binary)",
             self.source_select_list(),
             self.source_from(),
-            range_predicate(&self.key, shard.lo.as_deref(), shard.hi.as_deref())
+            range_predicate(&self.key, shard.lo.as_deref(), shard.hi.as_deref()),
+            limit.map(|n| format!(" LIMIT {n}")).unwrap_or_default()
         )
     }
 

@@ -150,6 +150,9 @@ pub async fn measure(
         table.copy_out_sql_limited(range, rows),
         table.copy_in_sql_into(probe),
     );
+    // Each move is timed, then the probe emptied for the next.
+    let rate = |n: u64, t0: std::time::Instant| n as f64 / t0.elapsed().as_secs_f64().max(1e-6);
+    let truncate = format!("TRUNCATE {probe}");
     let mut best = Speeds::default();
     for _ in 0..2 {
         let t0 = std::time::Instant::now();
@@ -157,22 +160,22 @@ pub async fn measure(
             .execute(&fdw_sql, &[])
             .await
             .map_err(db("measuring the fdw strategy"))?;
-        best.fdw = best
-            .fdw
-            .max(n as f64 / t0.elapsed().as_secs_f64().max(1e-6));
+        best.fdw = best.fdw.max(rate(n, t0));
         target
-            .batch_execute(&format!("TRUNCATE {probe}"))
+            .batch_execute(&truncate)
             .await
             .map_err(db("measuring the strategies"))?;
         let t0 = std::time::Instant::now();
-        let n = pipe(source, &target, &copy_out, &copy_in)
-            .await
-            .map_err(db("measuring the copy strategy"))?;
-        best.copy = best
-            .copy
-            .max(n as f64 / t0.elapsed().as_secs_f64().max(1e-6));
+        let copy = db("measuring the copy strategy");
+        let n = schemashift_common::pg::pipe_copy(
+            target.copy_in(&copy_in).await.map_err(copy)?,
+            source.copy_out(&copy_out).await.map_err(copy)?,
+        )
+        .await
+        .map_err(copy)?;
+        best.copy = best.copy.max(rate(n, t0));
         target
-            .batch_execute(&format!("TRUNCATE {probe}"))
+            .batch_execute(&truncate)
             .await
             .map_err(db("measuring the strategies"))?;
     }
@@ -194,23 +197,6 @@ impl Speeds {
             Transfer::Copy
         }
     }
-}
-
-async fn pipe(
-    source: &Client,
-    target: &Client,
-    copy_out: &str,
-    copy_in: &str,
-) -> Result<u64, tokio_postgres::Error> {
-    use futures_util::{SinkExt, StreamExt};
-    let sink = target.copy_in(copy_in).await?;
-    futures_util::pin_mut!(sink);
-    let stream = source.copy_out(copy_out).await?;
-    futures_util::pin_mut!(stream);
-    while let Some(chunk) = stream.next().await {
-        sink.feed(chunk?).await?;
-    }
-    sink.as_mut().finish().await
 }
 
 /// Rows each strategy moves in the measurement: enough to see both at speed, a fraction of
@@ -236,6 +222,9 @@ pub async fn choose_auto(
             .tables
             .get(t.index as usize)
             .is_some_and(|s| s.strategy == Strategy::Auto);
+        if !auto || !t.lookups.is_empty() {
+            continue;
+        }
         let mine: Vec<_> = planned
             .shards
             .iter()
@@ -245,9 +234,6 @@ pub async fn choose_auto(
         let Some(shard) = mine.get(mine.len() / 2) else {
             continue;
         };
-        if !auto || !t.lookups.is_empty() {
-            continue;
-        }
         let plan = &planned.plan;
         let measured = async {
             ensure_for(target, &spec.source, &plan.control_schema, &[t]).await?;

@@ -307,6 +307,18 @@ pub async fn users_env(name: &str, rows: u64) -> anyhow::Result<TestEnv> {
 }
 
 /// Writes a spec into `dir` and returns its path as a string for the command line.
+/// `verify` (which carries over the writes that waited on the freeze and landed on the
+/// source after it), then our own compare of every row: nothing missing, extra or different.
+pub async fn assert_verified_no_diffs(env: &TestEnv, spec: &str) -> anyhow::Result<()> {
+    schemashift_ok(&["verify", spec])?;
+    let (s, t) = (
+        connect(&env.source_dsn).await?,
+        connect(&env.target_dsn).await?,
+    );
+    assert_eq!(table_diff(&s, &t).await?, (0, 0, 0));
+    Ok(())
+}
+
 pub fn write_spec(dir: &tempfile::TempDir, yaml: &str) -> anyhow::Result<String> {
     let p = dir.path().join("spec.yaml");
     std::fs::write(&p, yaml)?;

@@ -4,8 +4,8 @@
 use schemashift_common::load::{start_load, LoadOptions};
 use schemashift_common::scenario::users_spec_yaml;
 use schemashift_tests::{
-    connect, local_listen, schemashift, spawn_workers, table_diff, users_env, write_spec, Broker,
-    Proc, TestEnv,
+    assert_verified_no_diffs, connect, local_listen, schemashift, spawn_workers, users_env,
+    write_spec, Broker, Proc, TestEnv,
 };
 use std::time::Duration;
 
@@ -17,20 +17,6 @@ fn kafka_spec(env: &TestEnv, broker: &Broker, workers: usize, shard_rows: u64) -
         users_spec_yaml(&env.source_dsn, &env.target_dsn, workers, Some(shard_rows)),
         broker.changelog()
     )
-}
-
-async fn assert_no_diffs(env: &TestEnv, spec: &str) -> anyhow::Result<()> {
-    // Writes that waited on the freeze land after it; carry them over, then compare.
-    let v = schemashift(&["verify", spec])?;
-    assert!(
-        v.status.success(),
-        "verify: {}",
-        String::from_utf8_lossy(&v.stderr)
-    );
-    let s = connect(&env.source_dsn).await?;
-    let t = connect(&env.target_dsn).await?;
-    assert_eq!(table_diff(&s, &t).await?, (0, 0, 0));
-    Ok(())
 }
 
 /// The run's status as JSON.
@@ -125,7 +111,7 @@ async fn kafka_changelog_with_three_workers_under_write_load_has_zero_diffs() ->
         st["changes_logged"].as_i64().unwrap_or(0) > 0,
         "changes went through Kafka: {st}"
     );
-    assert_no_diffs(&env, &spec).await?;
+    assert_verified_no_diffs(&env, &spec).await?;
     schemashift(&["cleanup", &spec])?;
     env.drop_all().await
 }
@@ -205,7 +191,7 @@ async fn capture_killed_between_kafka_ack_and_slot_confirm_loses_nothing() -> an
         "the re-sent batch is in the topic twice"
     );
     assert_eq!(distinct.len() as i64, applied, "each change applied once");
-    assert_no_diffs(&env, &spec).await?;
+    assert_verified_no_diffs(&env, &spec).await?;
     schemashift(&["cleanup", &spec])?;
     env.drop_all().await
 }
@@ -249,7 +235,7 @@ async fn broker_paused_20s_during_backfill_and_replay_run_waits_and_completes() 
         "the outage was noticed and retried: {}",
         run.stderr_tail()
     );
-    assert_no_diffs(&env, &spec).await?;
+    assert_verified_no_diffs(&env, &spec).await?;
     schemashift(&["cleanup", &spec])?;
     env.drop_all().await
 }

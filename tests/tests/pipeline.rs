@@ -1,11 +1,11 @@
 //! End-to-end behaviour of `schemashift run` against real PostgreSQL clusters
 //! (source and target are separate clusters), driven through the real binary.
 
-use schemashift_common::load::{start_load, LoadOptions};
+use schemashift_common::load::{start_load, LoadOptions, LoadStats};
 use schemashift_common::scenario::users_spec_yaml;
 use schemashift_tests::{
-    connect, schemashift, schemashift_bin, schemashift_ok, slot_and_publication_count, table_diff,
-    users_env, write_spec,
+    assert_verified_no_diffs, connect, schemashift, schemashift_bin, schemashift_ok,
+    slot_and_publication_count, table_diff, users_env, write_spec,
 };
 use std::process::{Command, Stdio};
 
@@ -37,26 +37,7 @@ async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Res
             dir.path().join("switched").display()
         ),
     )?;
-    let load = start_load(
-        env.source_dsn.clone(),
-        LoadOptions {
-            rate_per_sec: 400,
-            ..LoadOptions::default()
-        },
-    )
-    .await?;
-    let spec_s = spec.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        schemashift(&["run", &spec_s, "--until", "cutover", "--json"])
-    })
-    .await??;
-    let stats = load.stop().await;
-    assert!(
-        out.status.success(),
-        "run failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let (report, stats) = run_to_cutover_under_load(&env.source_dsn, &spec, 400).await?;
     assert_eq!(report["phase"], "cut_over");
     // Strategy auto measured both ways on the servers and kept the faster.
     let t = &report["tables"][0];
@@ -79,20 +60,7 @@ async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Res
         "the load wrote: {stats:?}"
     );
     assert_eq!(stats.failed, 0, "application writes must wait, not fail");
-    // Writes that waited on the freeze land on the source after it; carry them over, then compare.
-    let spec_s = spec.clone();
-    let v = tokio::task::spawn_blocking(move || schemashift(&["verify", &spec_s])).await??;
-    assert!(
-        v.status.success(),
-        "verify: {}",
-        String::from_utf8_lossy(&v.stderr)
-    );
-    let (missing, extra, different) = table_diff(
-        &connect(&env.source_dsn).await?,
-        &connect(&env.target_dsn).await?,
-    )
-    .await?;
-    assert_eq!((missing, extra, different), (0, 0, 0));
+    assert_verified_no_diffs(&env, &spec).await?;
     // The name indexes were dropped for the backfill and built again after it.
     let indexes: Vec<String> = connect(&env.target_dsn)
         .await?
@@ -343,6 +311,35 @@ async fn status_reports_progress_and_rollback_before_cutover_removes_slot_and_st
     env.drop_all().await
 }
 
+/// `run SPEC --until cutover --json` while the application load writes to the source at
+/// `rate` ops/s; the run must succeed. Its report, and what the load did.
+async fn run_to_cutover_under_load(
+    source_dsn: &str,
+    spec: &str,
+    rate: u32,
+) -> anyhow::Result<(serde_json::Value, LoadStats)> {
+    let load = start_load(
+        source_dsn.to_owned(),
+        LoadOptions {
+            rate_per_sec: rate,
+            ..LoadOptions::default()
+        },
+    )
+    .await?;
+    let spec_s = spec.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        schemashift(&["run", &spec_s, "--until", "cutover", "--json"])
+    })
+    .await??;
+    let stats = load.stop().await;
+    assert!(
+        out.status.success(),
+        "run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((serde_json::from_slice(&out.stdout)?, stats))
+}
+
 /// The postgres_fdw servers on the target.
 async fn foreign_servers(target_dsn: &str) -> anyhow::Result<i64> {
     Ok(connect(target_dsn)
@@ -370,39 +367,14 @@ async fn fdw_strategy_migrates_under_write_load_with_zero_diffs_and_cleanup_drop
         0,
         "plan writes nothing"
     );
-    let load = start_load(
-        env.source_dsn.clone(),
-        LoadOptions {
-            rate_per_sec: 300,
-            ..LoadOptions::default()
-        },
-    )
-    .await?;
-    let spec_s = spec.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        schemashift(&["run", &spec_s, "--until", "cutover", "--json"])
-    })
-    .await??;
-    let stats = load.stop().await;
-    assert!(
-        out.status.success(),
-        "run failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (report, stats) = run_to_cutover_under_load(&env.source_dsn, &spec, 300).await?;
     assert_eq!(stats.failed, 0);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert!(
         report["rows_copied"].as_i64().unwrap_or(0) >= 12_000,
         "{report}"
     );
     assert_eq!(foreign_servers(&env.target_dsn).await?, 1);
-    schemashift_ok(&["verify", &spec])?;
-    let (missing, extra, different) = table_diff(
-        &connect(&env.source_dsn).await?,
-        &connect(&env.target_dsn).await?,
-    )
-    .await?;
-    assert_eq!((missing, extra, different), (0, 0, 0));
+    assert_verified_no_diffs(&env, &spec).await?;
     schemashift_ok(&["cleanup", &spec])?;
     assert_eq!(
         foreign_servers(&env.target_dsn).await?,

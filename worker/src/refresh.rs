@@ -3,7 +3,6 @@
 
 use crate::replay::replay_err;
 use crate::WorkerError;
-use futures_util::SinkExt;
 use schemashift_common::change::{Change, Op};
 use schemashift_common::ids::ChangeSeq;
 use schemashift_common::plan::RunPlan;
@@ -52,16 +51,13 @@ pub(crate) async fn refresh(
         .await
         .map_err(fail)?;
         let sink = tx.copy_in(&table.copy_in_sql()).await.map_err(fail)?;
-        futures_util::pin_mut!(sink);
         let rows = source
             .copy_out(&table.copy_out_keys_sql(&keys))
             .await
             .map_err(fail)?;
-        futures_util::pin_mut!(rows);
-        while let Some(chunk) = futures_util::StreamExt::next(&mut rows).await {
-            sink.feed(chunk.map_err(fail)?).await.map_err(fail)?;
-        }
-        sink.as_mut().finish().await.map_err(fail)?;
+        schemashift_common::pg::pipe_copy(sink, rows)
+            .await
+            .map_err(fail)?;
     }
     Ok(())
 }

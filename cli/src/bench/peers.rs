@@ -182,14 +182,7 @@ async fn raw_pipe(
 
 async fn fdw(b: &Bench, db: String) -> anyhow::Result<Outcome> {
     let t = client(&b.tgt.dsn(&db)).await?;
-    let available: bool = t
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'postgres_fdw')",
-            &[],
-        )
-        .await?
-        .get(0);
-    if !available {
+    if !schemashift_common::pg::extension_available(&t, "postgres_fdw").await? {
         return Ok(Outcome::Skipped(
             "postgres_fdw not installed with this PostgreSQL (apt-get install postgresql-15)"
                 .into(),

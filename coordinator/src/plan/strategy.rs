@@ -34,14 +34,7 @@ pub(super) async fn transfer(
                     "{at}: strategy fdw cannot read lookup tables; use copy or auto for this table"
                 ));
             }
-            let available: bool = target
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'postgres_fdw')",
-                    &[],
-                )
-                .await?
-                .get(0);
-            if !available {
+            if !schemashift_common::pg::extension_available(target, "postgres_fdw").await? {
                 problems.push(format!(
                     "{at}: strategy fdw needs the postgres_fdw extension on the target \
                      (install postgresql-contrib there) or use copy"
