@@ -3,6 +3,7 @@
 pub mod change;
 pub mod cluster;
 pub mod control;
+pub mod idle_group;
 pub mod ids;
 pub mod load;
 pub mod pg;

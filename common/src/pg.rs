@@ -191,6 +191,9 @@ pub fn renice_backend(pid: i32, user: &str, db: &str) -> bool {
         tracing::debug!(error = %e, "backend priority not lowered");
         return false;
     }
+    if crate::idle_group::join(pid.as_raw_nonzero().get(), false) {
+        return true;
+    }
     // With autogroup scheduling, nice only ranks tasks inside one session's group, and every
     // backend is a session of its own (setsid at fork): the group's nice is what counts.
     let group = format!("/proc/{}/autogroup", pid.as_raw_nonzero());
@@ -222,6 +225,7 @@ pub fn lower_own_threads(keep: &str) -> usize {
             .and_then(rustix::process::Pid::from_raw);
         if let Some(tid) = tid {
             if rustix::process::setpriority_process(Some(tid), 19).is_ok() {
+                crate::idle_group::join(tid.as_raw_nonzero().get(), true);
                 lowered += 1;
             }
         }
