@@ -38,6 +38,9 @@ pub struct DemoReport {
     pub p95_during_ms: f64,
     pub p95_rest_ms: f64,
     pub p95_after_ms: f64,
+    /// Write p50, p95 and p99 before the migration and during the backfill.
+    pub percentiles_before_ms: [f64; 3],
+    pub percentiles_during_ms: [f64; 3],
     /// Application writes made on the target after the switch, and whether reverse sync
     /// brought every one of them to the old schema (the compare after it).
     pub writes_after_switch: u64,
@@ -182,8 +185,14 @@ pub async fn demo(
     let p95 = |h: &schemashift_common::load::LatencyHistogram| h.p95() as f64 / 1e3;
     let at_switch = switched.unwrap_or_else(|| stats.clone());
     let backfilled = backfilled.unwrap_or_else(|| at_switch.clone());
+    let during = backfilled.latencies_us.since(&before.latencies_us);
     let p95_before_ms = p95(&before.latencies_us);
-    let p95_during_ms = p95(&backfilled.latencies_us.since(&before.latencies_us));
+    let p95_during_ms = p95(&during);
+    let percentiles = |h: &schemashift_common::load::LatencyHistogram| {
+        [h.p50(), h.p95(), h.p99()].map(|us| us as f64 / 1e3)
+    };
+    let percentiles_before_ms = percentiles(&before.latencies_us);
+    let percentiles_during_ms = percentiles(&during);
     let p95_rest_ms = p95(&at_switch.latencies_us.since(&backfilled.latencies_us));
     let p95_after_ms = p95(&stats.latencies_us.since(&at_switch.latencies_us));
     let writes_after_switch = stats.ops().saturating_sub(at_switch.ops());
@@ -244,6 +253,8 @@ pub async fn demo(
         p95_during_ms,
         p95_rest_ms,
         p95_after_ms,
+        percentiles_before_ms,
+        percentiles_during_ms,
         writes_after_switch,
         reverse_applied,
         throttling: throttle,

@@ -385,6 +385,11 @@ pub fn print_demo(d: &DemoReport, json: bool) {
             if met { "met" } else { "NOT met" }
         );
     }
+    let [b50, b95, b99] = d.percentiles_before_ms;
+    let [d50, d95, d99] = d.percentiles_during_ms;
+    eprintln!(
+        "    (write p50/p95/p99 before {b50:.2}/{b95:.2}/{b99:.2} ms, during the backfill {d50:.2}/{d95:.2}/{d99:.2} ms)"
+    );
     eprintln!(
         "    (write p95 during replay, verify and cutover {:.2} ms; on the target after the switch {:.2} ms)",
         d.p95_rest_ms, d.p95_after_ms

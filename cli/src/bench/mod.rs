@@ -2,6 +2,7 @@
 //! postgres_fdw, pgcopydb, native logical replication) on one pair of throwaway clusters,
 //! in one run, on this machine. It measures and reports; it never judges timings.
 
+mod cpu;
 mod ours;
 mod peers;
 mod render;
@@ -9,6 +10,7 @@ mod render;
 pub use peers::Machine;
 
 use anyhow::Context;
+use cpu::{CpuMark, CpuUse};
 use render::{text, write_markdown};
 use schemashift_common::cluster::{bin_dir, Cluster, ClusterOptions};
 use schemashift_common::scenario::{load_users, SOURCE_DDL, TARGET_DDL};
@@ -81,6 +83,9 @@ pub struct Measurement {
     /// rows/s over the raw pipe's with the same parallelism and index handling.
     pub vs_raw_same_parallelism: Option<f64>,
     pub vs_fastest_raw: Option<f64>,
+    /// CPU seconds per million rows (or changes) on the source, the target and the client,
+    /// over the measured time (for schemashift backfill: over its wall time).
+    pub cpu_s_per_million: Option<CpuUse>,
     pub note: Option<String>,
 }
 
@@ -245,9 +250,21 @@ impl Bench {
         }
     }
 
-    /// Sets count and times, and the rates derived from them.
-    pub fn timed(&self, mut m: Measurement, count: u64, seconds: f64, wall: f64) -> Measurement {
+    /// A CPU reading of both clusters and this process, for [`timed`](Bench::timed).
+    pub fn cpu_mark(&self) -> CpuMark {
+        CpuMark::read(self.src.data_dir(), self.tgt.data_dir())
+    }
+
+    /// Sets count, times (measured and wall) and CPU used, and the rates derived from them.
+    pub fn timed(
+        &self,
+        mut m: Measurement,
+        count: u64,
+        (seconds, wall): (f64, f64),
+        cpu: CpuUse,
+    ) -> Measurement {
         let secs = seconds.max(1e-6);
+        m.cpu_s_per_million = Some(cpu.per_million(count));
         m.count = count;
         m.seconds = seconds;
         m.wall_seconds = wall;

@@ -2,7 +2,8 @@
 //! a mixed change workload through the Postgres change log and (with tansu) Kafka.
 
 use super::{
-    parallelisms, target_table_with_keys, Bench, Collected, Indexes, Kind, Measurement, Outcome,
+    cpu::CpuUse, parallelisms, target_table_with_keys, Bench, Collected, Indexes, Kind,
+    Measurement, Outcome,
 };
 use anyhow::Context;
 use schemashift_common::control::ControlSql;
@@ -144,9 +145,10 @@ async fn backfill(
     for t in &mut spec.tables {
         t.strategy = strategy;
     }
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), b.cpu_mark());
     let r = run_backfill(&spec, workers).await;
     let wall = started.elapsed().as_secs_f64();
+    let cpu = b.cpu_mark().since(&cpu);
     let r = match r {
         Ok(report) => dropped_indexes(&spec).await.map(|n| (report, n)),
         Err(e) => Err(e),
@@ -184,8 +186,8 @@ async fn backfill(
     Ok(Outcome::Measured(vec![b.timed(
         m,
         count,
-        report.backfill_seconds,
-        wall,
+        (report.backfill_seconds, wall),
+        cpu,
     )]))
 }
 
@@ -217,7 +219,14 @@ async fn replay(b: &Bench, db: String, kafka: Option<String>) -> anyhow::Result<
 }
 
 /// A capture or replay result: one worker, no table copied, counts of changes.
-fn change_rate(b: &Bench, kind: Kind, method: String, count: u64, secs: f64) -> Measurement {
+fn change_rate(
+    b: &Bench,
+    kind: Kind,
+    method: String,
+    count: u64,
+    secs: f64,
+    cpu: CpuUse,
+) -> Measurement {
     let m = Measurement {
         kind,
         method,
@@ -227,7 +236,7 @@ fn change_rate(b: &Bench, kind: Kind, method: String, count: u64, secs: f64) -> 
         unit: "changes",
         ..Measurement::default()
     };
-    b.timed(m, count, secs, secs)
+    b.timed(m, count, (secs, secs), cpu)
 }
 
 async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result<Vec<Measurement>> {
@@ -259,7 +268,7 @@ async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result
         state.slot,
     )
     .await?;
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), b.cpu_mark());
     loop {
         let (_, cut_short, head) = capture.round().await?;
         if !cut_short && head >= end {
@@ -267,6 +276,7 @@ async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result
         }
     }
     let capture_secs = started.elapsed().as_secs_f64();
+    let capture_cpu = b.cpu_mark().since(&cpu);
     drop(capture);
 
     install_helpers(&target, &plan.helpers, "target").await?;
@@ -286,11 +296,12 @@ async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result
         epoch: LeaseEpoch(epoch),
     };
     let mut replayer = PartitionReplayer::open(&target, plan, lease).await?;
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), b.cpu_mark());
     // Only merges read the source during replay; the users split does not.
     let replay_source = connect(&spec.source, "source").await?;
     let applied = replay_all(&mut replayer, &mut target, &replay_source, changes).await?;
     let replay_secs = started.elapsed().as_secs_f64();
+    let replay_cpu = b.cpu_mark().since(&cpu);
     Ok(vec![
         change_rate(
             b,
@@ -298,6 +309,7 @@ async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result
             format!("schemashift capture ({log})"),
             changes,
             capture_secs,
+            capture_cpu,
         ),
         change_rate(
             b,
@@ -305,6 +317,7 @@ async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result
             format!("schemashift replay ({log})"),
             applied,
             replay_secs,
+            replay_cpu,
         ),
     ])
 }

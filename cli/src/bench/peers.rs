@@ -113,7 +113,7 @@ async fn raw_pipe(
     let target = b.tgt.dsn(&db);
     let span = i128::from(b.max_id) - i128::from(b.min_id) + 1;
     let bound = |i: usize| (i128::from(b.min_id) + span * i as i128 / streams as i128) as i64;
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), b.cpu_mark());
     let mut pipes = JoinSet::new();
     for i in 0..streams {
         let (lo, hi) = (bound(i), bound(i + 1));
@@ -170,6 +170,7 @@ async fn raw_pipe(
         }
     }
     let secs = started.elapsed().as_secs_f64();
+    let cpu = b.cpu_mark().since(&cpu);
     let count = b.check_rows(&db).await?;
     let m = b.copied(
         Kind::RawPipe,
@@ -177,7 +178,12 @@ async fn raw_pipe(
         streams,
         indexes,
     );
-    Ok(Outcome::Measured(vec![b.timed(m, count, secs, secs)]))
+    Ok(Outcome::Measured(vec![b.timed(
+        m,
+        count,
+        (secs, secs),
+        cpu,
+    )]))
 }
 
 async fn fdw(b: &Bench, db: String) -> anyhow::Result<Outcome> {
@@ -203,7 +209,7 @@ async fn fdw(b: &Bench, db: String) -> anyhow::Result<Outcome> {
     .await
     .context("setting up postgres_fdw")?;
     create_split_functions(&t).await?;
-    let copy_started = Instant::now();
+    let (copy_started, cpu) = (Instant::now(), b.cpu_mark());
     t.execute(
         &format!(
             "INSERT INTO public.users (id, email, first_name, last_name, bio, created_at, \
@@ -214,6 +220,7 @@ async fn fdw(b: &Bench, db: String) -> anyhow::Result<Outcome> {
     .await
     .context("INSERT ... SELECT over postgres_fdw")?;
     let secs = copy_started.elapsed().as_secs_f64();
+    let cpu = b.cpu_mark().since(&cpu);
     let wall = started.elapsed().as_secs_f64();
     let count = b.check_rows(&db).await?;
     let m = b.copied(
@@ -222,7 +229,12 @@ async fn fdw(b: &Bench, db: String) -> anyhow::Result<Outcome> {
         1,
         Indexes::InPlace,
     );
-    Ok(Outcome::Measured(vec![b.timed(m, count, secs, wall)]))
+    Ok(Outcome::Measured(vec![b.timed(
+        m,
+        count,
+        (secs, wall),
+        cpu,
+    )]))
 }
 
 /// A program on PATH.
@@ -277,9 +289,10 @@ async fn pgcopydb(b: &Bench, db: String) -> anyhow::Result<Outcome> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), b.cpu_mark());
     let out = cmd.output().await.context("running pgcopydb")?;
     let secs = started.elapsed().as_secs_f64();
+    let cpu = b.cpu_mark().since(&cpu);
     anyhow::ensure!(
         out.status.success(),
         "pgcopydb clone failed ({}): {}",
@@ -293,7 +306,12 @@ async fn pgcopydb(b: &Bench, db: String) -> anyhow::Result<Outcome> {
          and the time includes schema copy and VACUUM ANALYZE"
             .into(),
     );
-    Ok(Outcome::Measured(vec![b.timed(m, count, secs, secs)]))
+    Ok(Outcome::Measured(vec![b.timed(
+        m,
+        count,
+        (secs, secs),
+        cpu,
+    )]))
 }
 
 async fn logical(b: &Bench, db: String) -> anyhow::Result<Outcome> {
@@ -304,7 +322,13 @@ async fn logical(b: &Bench, db: String) -> anyhow::Result<Outcome> {
         .batch_execute(&format!("CREATE PUBLICATION {name} FOR TABLE public.users"))
         .await
         .context("creating the publication")?;
+    let cpu = b.cpu_mark();
     let synced = sync(b, &target, &db).await;
+    // The table's sync worker may still be exiting: its CPU counts once it is gone.
+    if synced.is_ok() {
+        sync_worker_gone(&target, &db).await?;
+    }
+    let cpu = b.cpu_mark().since(&cpu);
     // Whatever happened: dropping the subscription drops its slot on the source.
     let dropped = async {
         target
@@ -328,7 +352,31 @@ async fn logical(b: &Bench, db: String) -> anyhow::Result<Outcome> {
         "untransformed: a subscription copies the table as it is; indexes are the source's two"
             .into(),
     );
-    Ok(Outcome::Measured(vec![b.timed(m, count, secs, secs)]))
+    Ok(Outcome::Measured(vec![b.timed(
+        m,
+        count,
+        (secs, secs),
+        cpu,
+    )]))
+}
+
+/// Waits until the subscription's table sync worker has left `pg_stat_subscription`.
+async fn sync_worker_gone(target: &Client, name: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while started.elapsed() < SYNC_LIMIT {
+        let n: i64 = target
+            .query_one(
+                "SELECT count(*) FROM pg_stat_subscription WHERE subname = $1 AND relid IS NOT NULL",
+                &[&name],
+            )
+            .await?
+            .get(0);
+        if n == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(SYNC_POLL).await;
+    }
+    anyhow::bail!("the table sync worker still runs after {SYNC_LIMIT:?}")
 }
 
 /// Creates the subscription and waits until its table is synchronized; returns seconds.

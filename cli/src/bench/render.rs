@@ -17,7 +17,8 @@ fn grouped(n: u64) -> String {
 
 /// Column titles; columns 0, 2 and 3 are text (left-aligned), the others numbers.
 const HEADER: &str = "method|par.|transformed|indexes|rows|s|wall s|rows/s|MB/s\
-    |× raw pipe same par. & indexes|× fastest raw pipe";
+    |× raw pipe same par. & indexes|× fastest raw pipe|CPU s/M source|CPU s/M target\
+    |CPU s/M client|CPU s/M total";
 
 fn cells(m: &Measurement) -> Vec<String> {
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
@@ -36,6 +37,10 @@ fn cells(m: &Measurement) -> Vec<String> {
         opt(m.mb_per_second, 1),
         opt(m.vs_raw_same_parallelism, 2),
         opt(m.vs_fastest_raw, 2),
+        opt(m.cpu_s_per_million.map(|c| c.source), 1),
+        opt(m.cpu_s_per_million.map(|c| c.target), 1),
+        opt(m.cpu_s_per_million.map(|c| c.client), 1),
+        opt(m.cpu_s_per_million.map(|c| c.total()), 1),
     ]
 }
 
@@ -144,7 +149,12 @@ fn markdown(r: &BenchReport) -> String {
          for every method. Ratios compare rows/s with the raw pipe of the same parallelism \
          and index handling, and with the fastest raw-pipe variant (pgcopydb and logical \
          replication build only the source's two indexes). In the capture and \
-         replay rows, counts and rates are of changes (ch.).\n\n",
+         replay rows, counts and rates are of changes (ch.). CPU s/M is CPU seconds per \
+         million rows (or changes): each cluster's postmaster with all its processes, and the \
+         client (this process with its embedded workers and the processes it waited for: \
+         sh, psql, pgcopydb), over the measured time; for schemashift backfill over its wall \
+         time, which includes the auto strategy's measurement. On this host both servers \
+         share the cores, so the total is what bounds a method.\n\n",
     );
     for l in footer_lines(r) {
         md.push_str(&format!("- {l}\n"));

@@ -1,0 +1,135 @@
+//! CPU time spent on each side of a method while it runs: the source cluster, the target
+//! cluster, and the client (this process with its embedded workers, plus the processes it
+//! waited for: `sh`, `psql`, `pgcopydb`). On a host where both servers share the cores, the
+//! sum is what limits every method, so the report gives it per million rows.
+
+use serde::Serialize;
+use std::path::Path;
+
+/// CPU seconds by side.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct CpuUse {
+    pub source: f64,
+    pub target: f64,
+    pub client: f64,
+}
+
+impl CpuUse {
+    pub fn total(&self) -> f64 {
+        self.source + self.target + self.client
+    }
+
+    /// Seconds per million of `count` (rows or changes).
+    pub fn per_million(&self, count: u64) -> CpuUse {
+        let m = (count as f64 / 1e6).max(1e-9);
+        CpuUse {
+            source: self.source / m,
+            target: self.target / m,
+            client: self.client / m,
+        }
+    }
+}
+
+/// A reading to subtract from a later one.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuMark(CpuUse);
+
+impl CpuMark {
+    pub fn read(source_data: &Path, target_data: &Path) -> CpuMark {
+        CpuMark(CpuUse {
+            source: cluster_seconds(source_data),
+            target: cluster_seconds(target_data),
+            client: process_seconds("self", true),
+        })
+    }
+
+    pub fn since(&self, earlier: &CpuMark) -> CpuUse {
+        CpuUse {
+            source: self.0.source - earlier.0.source,
+            target: self.0.target - earlier.0.target,
+            client: self.0.client - earlier.0.client,
+        }
+    }
+}
+
+/// The postmaster's own time, its reaped children's (exited backends and workers, counted
+/// in its cutime/cstime) and its live children's.
+fn cluster_seconds(data_dir: &Path) -> f64 {
+    let Some(pm) = std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_owned))
+    else {
+        return 0.0;
+    };
+    let mut total = process_seconds(&pm, true);
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let name = p.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+            if stat_fields(&stat).and_then(|f| f.get(1).copied()) == Some(pm.as_str()) {
+                total += process_seconds(pid, true);
+            }
+        }
+    }
+    total
+}
+
+/// utime + stime (and with `children`, cutime + cstime) of /proc/PID/stat, in seconds.
+fn process_seconds(pid: &str, children: bool) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_seconds(&stat, children)
+}
+
+fn stat_seconds(stat: &str, children: bool) -> f64 {
+    let Some(f) = stat_fields(stat) else {
+        return 0.0;
+    };
+    // After the name: state ppid … utime(11) stime(12) cutime(13) cstime(14), 0-based.
+    let take = if children { 11..15 } else { 11..13 };
+    let ticks: u64 = take
+        .filter_map(|i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    ticks as f64 / rustix::param::clock_ticks_per_second() as f64
+}
+
+/// The fields after the parenthesised command name (which may itself hold spaces).
+fn stat_fields(stat: &str) -> Option<Vec<&str>> {
+    stat.rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_times_are_read_after_a_name_with_spaces() {
+        let hz = rustix::param::clock_ticks_per_second() as f64;
+        let stat = "42 (postgres: a b) S 7 42 42 0 -1 4194560 1 2 3 4 100 50 30 20 20 0 1";
+        assert_eq!(stat_fields(stat).map(|f| f[1]), Some("7"));
+        assert_eq!(stat_seconds(stat, false), 150.0 / hz);
+        assert_eq!(stat_seconds(stat, true), 200.0 / hz);
+        assert_eq!(stat_seconds("garbage", true), 0.0);
+    }
+
+    #[test]
+    fn this_process_burns_measurable_cpu() {
+        let before = process_seconds("self", false);
+        let mut x = 0u64;
+        let t = std::time::Instant::now();
+        // Spins until the kernel has charged at least one tick (bounded, should it never).
+        while process_seconds("self", false) <= before && t.elapsed().as_secs() < 30 {
+            for _ in 0..100_000 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            }
+        }
+        std::hint::black_box(x);
+        assert!(process_seconds("self", false) > before);
+    }
+}
