@@ -97,6 +97,7 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
         .map(|t| t.source.to_string())
         .collect();
     let lock_timeout_ms = (freeze_budget.as_millis() / 4).clamp(20, 500);
+    let _unheld = ctx.svc.replay_unheld();
     let mut source = schemashift_common::pg::connect(&ctx.spec.source, "source").await?;
     // The reverse slot is made while writes still flow: its creation waits for whatever
     // runs on the target, which must never stretch the freeze.
@@ -113,6 +114,8 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
             );
             continue;
         }
+        // The lag the freeze starts from (the seed's "lag before cutover").
+        ctx.report.lag_seconds = lag.as_secs_f64();
         let tx = source
             .transaction()
             .await

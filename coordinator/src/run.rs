@@ -93,6 +93,8 @@ pub struct RunReport {
     pub rows_per_second: f64,
     pub changes_captured: i64,
     pub changes_replayed: i64,
+    /// How long the last catch-up took: after the backfill, or with a cutover the one the
+    /// freeze started from.
     pub lag_seconds: f64,
     pub verify: Option<VerifySummary>,
     pub cutover: Option<crate::cutover::CutoverReport>,

@@ -13,6 +13,7 @@ use schemashift_common::service::{
     ServiceError, Work, WorkerInfo,
 };
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
@@ -55,8 +56,20 @@ pub struct ControlCoordinator {
     verify: Mutex<VerifyRound>,
     traceparent: Mutex<Option<String>>,
     throttle: Arc<Throttle>,
+    /// Set during a cutover: replay is then never held back (see [`ReplayUnheld`]).
+    cutting_over: AtomicBool,
     /// Woken when a shard completes or fails, so the driver need not poll fast.
     pub changed: Notify,
+}
+
+/// While alive, the throttle does not hold replay back: a cutover's freeze must stay short,
+/// and writes carried over after the switch must arrive promptly.
+pub struct ReplayUnheld(Arc<ControlCoordinator>);
+
+impl Drop for ReplayUnheld {
+    fn drop(&mut self) {
+        self.0.cutting_over.store(false, Ordering::Relaxed);
+    }
 }
 
 fn unavailable(e: tokio_postgres::Error) -> ServiceError {
@@ -97,8 +110,15 @@ impl ControlCoordinator {
             verify: Mutex::new(VerifyRound::default()),
             traceparent: Mutex::new(None),
             throttle,
+            cutting_over: AtomicBool::new(false),
             changed: Notify::new(),
         }
+    }
+
+    /// Until the guard drops, replay partitions are not held back by the throttle.
+    pub fn replay_unheld(self: &Arc<Self>) -> ReplayUnheld {
+        self.cutting_over.store(true, Ordering::Relaxed);
+        ReplayUnheld(self.clone())
     }
 
     /// The run span workers should parent their spans on.
@@ -402,6 +422,15 @@ impl CoordinatorService for ControlCoordinator {
             (true, Stage::Backfill)
                 if matches!(lease, LeaseRef::Shard { shard, .. }
                     if !self.throttle.copying(*shard, self.lease_ttl())) =>
+            {
+                Beat::Hold
+            }
+            // Replay applies to the target, but its catch-up reads the source's WAL and, on
+            // a shared host, competes with it: it waits too, except during a cutover.
+            (true, Stage::Replay)
+                if matches!(lease, LeaseRef::Partitions(_))
+                    && self.throttle.throttled()
+                    && !self.cutting_over.load(Ordering::Relaxed) =>
             {
                 Beat::Hold
             }

@@ -44,6 +44,11 @@ impl Proc {
         })
     }
 
+    /// Whether the process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL, and reap it.
     pub async fn kill9(&mut self) -> anyhow::Result<()> {
         self.child.kill().await.context("kill -9")?;

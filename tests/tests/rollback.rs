@@ -174,6 +174,58 @@ async fn throttling_holds_shards_back_while_the_source_is_over_its_limit() -> an
 }
 
 #[tokio::test]
+async fn throttling_holds_replay_while_the_source_is_over_its_limit() -> anyhow::Result<()> {
+    let env = users_env("throttle_replay", 2_000).await?;
+    let (plain_dir, held_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let yaml = users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(500));
+    let plain = write_spec(&plain_dir, &yaml)?;
+    ok(&["run", &plain, "--until", "backfill"])?;
+    // Written after the backfill: only replay brings these over.
+    connect(&env.source_dsn)
+        .await?
+        .batch_execute(
+            "INSERT INTO users (email, full_name) \
+             SELECT 'late' || g || '@example.com', 'Late Writer' FROM generate_series(1, 300) g",
+        )
+        .await?;
+    // The same run resumed with a limit no probe can meet.
+    let held = write_spec(
+        &held_dir,
+        &format!("{yaml}throttle:\n  probe_latency: 0s\n"),
+    )?;
+    let mut run = Proc::spawn(
+        held_dir.path(),
+        "run",
+        &["run", &held, "--until", "replay"],
+        &[],
+    )?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut held_reads = 0;
+    while held_reads < 4 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never held replay");
+        let st = schemashift(&["status", &held, "--json"])?;
+        let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
+        let logged = st["changes_logged"].as_i64().unwrap_or(0);
+        if st["throttled"] == true && logged >= 300 {
+            // Captured, not applied: without the hold 300 changes take one batch.
+            assert_eq!(st["changes_applied"].as_i64(), Some(0), "{st}");
+            assert!(run.is_running(), "the run finished while throttled");
+            held_reads += 1;
+        }
+    }
+    run.kill9().await?;
+    // Released (the plain spec again), replay applies everything.
+    ok(&["run", &plain, "--until", "verify"])?;
+    let (s, t) = (
+        connect(&env.source_dsn).await?,
+        connect(&env.target_dsn).await?,
+    );
+    assert_eq!(table_diff(&s, &t).await?, (0, 0, 0));
+    schemashift(&["cleanup", &plain])?;
+    env.drop_all().await
+}
+
+#[tokio::test]
 async fn load_command_reports_percentiles_per_operation() -> anyhow::Result<()> {
     let env = users_env("load_command", 2_000).await?;
     let out = ok(&[

@@ -48,6 +48,8 @@ impl WorkerStats {
 const REPLAY_BATCH: i64 = 5_000;
 /// How long an idle replayer waits before looking at the change log again.
 const REPLAY_IDLE: Duration = Duration::from_millis(20);
+/// How often a held replay asks whether it may go on.
+const REPLAY_HELD_BEAT: Duration = Duration::from_millis(250);
 
 fn db_backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
@@ -368,27 +370,38 @@ impl<S: CoordinatorService> Worker<S> {
             replayers.push(PartitionReplayer::open(&sessions.target, self.plan.clone(), *l).await?);
         }
         let every = (self.reg.lease_ttl / 3).min(Duration::from_secs(1));
-        let mut last_beat = Instant::now();
+        // The first beat comes before the first batch, so a hold applies from the start.
+        let mut last_beat: Option<Instant> = None;
+        let mut held = false;
         loop {
             if *self.shutdown.borrow() {
                 return Ok(true);
             }
             let mut applied = 0;
-            for r in replayers.iter_mut() {
-                applied += r
-                    .step(&mut sessions.target, &sessions.source, REPLAY_BATCH)
-                    .await?;
+            if !held {
+                for r in replayers.iter_mut() {
+                    applied += r
+                        .step(&mut sessions.target, &sessions.source, REPLAY_BATCH)
+                        .await?;
+                }
             }
             self.stats.changes += applied as u64;
-            if last_beat.elapsed() >= every {
-                last_beat = Instant::now();
+            let beat_every = if held { REPLAY_HELD_BEAT } else { every };
+            if last_beat.is_none_or(|t| t.elapsed() >= beat_every) {
+                last_beat = Some(Instant::now());
                 match self
                     .svc
                     .heartbeat(&self.me, lease, self.stats.progress())
                     .await
                 {
-                    // Replay is not held back: its lag is what the cutover waits for.
-                    Ok(Beat::Keep | Beat::Hold) => {}
+                    // Throttled: apply nothing until a beat says go on (positions stay put).
+                    Ok(Beat::Hold) => {
+                        if !held {
+                            tracing::debug!("replay held by the throttle");
+                        }
+                        held = true;
+                    }
+                    Ok(Beat::Keep) => held = false,
                     Ok(Beat::Stop) => return Ok(true),
                     Ok(Beat::Lost) => return Ok(false),
                     // Keep applying: every position write is fenced by the lease epoch.
@@ -399,8 +412,9 @@ impl<S: CoordinatorService> Worker<S> {
                 }
             }
             if applied == 0 {
+                let idle = if held { REPLAY_HELD_BEAT } else { REPLAY_IDLE };
                 tokio::select! {
-                    _ = tokio::time::sleep(REPLAY_IDLE) => {}
+                    _ = tokio::time::sleep(idle) => {}
                     _ = self.shutdown.changed() => {}
                 }
             }
