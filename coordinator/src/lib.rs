@@ -13,6 +13,7 @@ pub mod grpc;
 pub mod indexes;
 pub mod metrics;
 pub mod ops;
+pub mod phases;
 pub mod plan;
 pub mod replay;
 pub mod reverse;

@@ -4,6 +4,7 @@
 use crate::capture::{ensure_slot, Capture, CaptureProgress};
 use crate::control::{Phase, Store};
 use crate::error::CoordinatorError;
+pub use crate::phases::{drive, run};
 use crate::plan::{plan, PlanOptions, TableAnalysis};
 use crate::service::{ControlCoordinator, Stage};
 pub use crate::verify::VerifySummary;
@@ -437,87 +438,4 @@ impl RunCtx {
         self.store.save_report(&self.target, &json).await?;
         Ok(self.report)
     }
-}
-
-/// `schemashift run`: plan or resume, then go as far as `until`.
-pub async fn run(
-    spec: &Spec,
-    opts: RunOptions,
-    shutdown: watch::Receiver<bool>,
-) -> Result<RunReport, CoordinatorError> {
-    let (stop_metrics, metrics_rx) = watch::channel(false);
-    if let Some(addr) = &opts.metrics_listen {
-        crate::metrics::start(addr, spec, metrics_rx).await?;
-    }
-    let mut ctx = RunCtx::open(spec, Workers::Embedded(opts.workers)).await?;
-    ctx.events = opts.events;
-    let report = drive(ctx, opts.until, shutdown).await;
-    stop_metrics.send_replace(true);
-    report
-}
-
-/// Takes an open run as far as `until`; the same for embedded and remote workers.
-pub async fn drive(
-    ctx: RunCtx,
-    until: Until,
-    shutdown: watch::Receiver<bool>,
-) -> Result<RunReport, CoordinatorError> {
-    // The root of the run's trace; workers parent their spans on it.
-    let span = tracing::info_span!("run", run_id = %ctx.run_id, until = ?until);
-    ctx.svc
-        .set_traceparent(span.in_scope(schemashift_common::trace::current_traceparent));
-    drive_phases(ctx, until, shutdown).instrument(span).await
-}
-
-async fn drive_phases(
-    mut ctx: RunCtx,
-    until: Until,
-    shutdown: watch::Receiver<bool>,
-) -> Result<RunReport, CoordinatorError> {
-    let phase = ctx.phase().await?;
-    if phase == Phase::CutOver {
-        tracing::info!("run already cut over");
-        return ctx.finish().await;
-    }
-    if phase <= Phase::Backfill {
-        ctx.backfill(&shutdown)
-            .instrument(tracing::info_span!("backfill"))
-            .await?;
-    }
-    ctx.event(RunEvent::BackfillDone);
-    if until == Until::Backfill {
-        return ctx.finish().await;
-    }
-    let (_, lag) = ctx
-        .catch_up(None)
-        .instrument(tracing::info_span!("replay"))
-        .await?;
-    ctx.report.lag_seconds = lag.as_secs_f64();
-    if until == Until::Replay {
-        return ctx.finish().await;
-    }
-    ctx.store.set_phase(&ctx.target, Phase::Verify).await?;
-    let summary = ctx
-        .verify()
-        .instrument(tracing::info_span!("verify"))
-        .await?;
-    let clean = summary.differing.is_empty();
-    if clean {
-        ctx.store.set_phase(&ctx.target, Phase::Verified).await?;
-    }
-    ctx.report.verify = Some(summary);
-    if !clean {
-        let report = ctx.finish().await?;
-        let n = report.verify.as_ref().map_or(0, |v| v.differing.len());
-        return Err(CoordinatorError::State(format!(
-            "verify found {n} differing rows after re-checks (see `schemashift verify --json`); not cutting over"
-        )));
-    }
-    if until == Until::Cutover {
-        let cut = crate::cutover::cutover(&mut ctx)
-            .instrument(tracing::info_span!("cutover"))
-            .await?;
-        ctx.report.cutover = Some(cut);
-    }
-    ctx.finish().await
 }

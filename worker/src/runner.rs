@@ -377,15 +377,6 @@ impl<S: CoordinatorService> Worker<S> {
             if *self.shutdown.borrow() {
                 return Ok(true);
             }
-            let mut applied = 0;
-            if !held {
-                for r in replayers.iter_mut() {
-                    applied += r
-                        .step(&mut sessions.target, &sessions.source, REPLAY_BATCH)
-                        .await?;
-                }
-            }
-            self.stats.changes += applied as u64;
             let beat_every = if held { REPLAY_HELD_BEAT } else { every };
             if last_beat.is_none_or(|t| t.elapsed() >= beat_every) {
                 last_beat = Some(Instant::now());
@@ -411,6 +402,15 @@ impl<S: CoordinatorService> Worker<S> {
                     Err(e) => return Err(WorkerError::Coordinator(e.to_string())),
                 }
             }
+            let mut applied = 0;
+            if !held {
+                for r in replayers.iter_mut() {
+                    applied += r
+                        .step(&mut sessions.target, &sessions.source, REPLAY_BATCH)
+                        .await?;
+                }
+            }
+            self.stats.changes += applied as u64;
             if applied == 0 {
                 let idle = if held { REPLAY_HELD_BEAT } else { REPLAY_IDLE };
                 tokio::select! {

@@ -3,11 +3,12 @@
 //! in one run, on this machine. It measures and reports; it never judges timings.
 
 mod cpu;
+mod machine;
 mod ours;
 mod peers;
 mod render;
 
-pub use peers::Machine;
+pub use machine::Machine;
 
 use anyhow::Context;
 use cpu::{CpuMark, CpuUse};
@@ -395,7 +396,7 @@ async fn bench_inner(
         next_db: AtomicU32::new(1),
     };
     let date: String = r.get(4);
-    let machine = peers::machine(&b, &source).await?;
+    let machine = machine::machine(&b, &source).await?;
     drop(source);
 
     let mut c = Collected::default();

@@ -3,10 +3,10 @@
 
 mod catalog;
 mod lookups;
+mod sizing;
 mod strategy;
 
 use crate::error::CoordinatorError;
-use crate::shard::plan_ranges;
 use catalog::{columns, same_set, unique_keys};
 use schemashift_common::ids::ShardId;
 use schemashift_common::pg::{describe, install_helpers};
@@ -14,10 +14,9 @@ use schemashift_common::plan::LogPlan;
 use schemashift_common::plan::{ColumnMap, RunPlan, SequenceMap, Shard, SourceColumn, TablePlan};
 use schemashift_common::spec::Changelog;
 use schemashift_common::spec::{Spec, TableSpec};
-use schemashift_common::sql::{
-    key_order, key_text_select, quote_ident, Helper, KeyCol, MappedExpr, QualifiedName,
-};
+use schemashift_common::sql::{quote_ident, Helper, KeyCol, MappedExpr, QualifiedName};
 use serde::Serialize;
+use sizing::Sizing;
 use tokio_postgres::Client;
 
 #[derive(Clone, Debug, Serialize)]
@@ -448,53 +447,12 @@ async fn plan_table(
         }
     }
 
-    let row = source
-        .query_one(
-            "SELECT greatest(c.reltuples, 0)::bigint, pg_table_size(c.oid) FROM pg_class c WHERE c.oid = to_regclass($1)",
-            &[&src_name.to_string()],
-        )
-        .await?;
-    let mut est_rows = row.get::<_, i64>(0) as u64;
-    let est_bytes = row.get::<_, i64>(1) as u64;
-    if est_rows < 200_000 {
-        // Never analyzed or small: count exactly, it is cheap.
-        est_rows = source
-            .query_one(&format!("SELECT count(*) FROM ONLY {src_name}"), &[])
-            .await?
-            .get::<_, i64>(0) as u64;
-    }
-    let shard_rows = t
-        .shard_rows
-        .unwrap_or_else(|| (est_rows / (opts.workers.max(1) as u64 * 8)).clamp(10_000, 250_000));
-    let wanted = est_rows.div_ceil(shard_rows).max(1);
-    let target_samples = (wanted * 64).clamp(1, 100_000);
-    let sample_sql = if est_rows <= target_samples * 4 {
-        format!(
-            "SELECT {} FROM ONLY {src_name} ORDER BY {}",
-            key_text_select(&key),
-            key_order(&key)
-        )
-    } else {
-        let pct = (100.0 * target_samples as f64 / est_rows as f64).clamp(0.0001, 100.0);
-        // Row-level sampling gives even quantiles; past 20M rows block sampling keeps it cheap.
-        let method = if est_rows <= 20_000_000 {
-            "BERNOULLI"
-        } else {
-            "SYSTEM"
-        };
-        format!(
-            "SELECT {} FROM ONLY {src_name} TABLESAMPLE {method} ({pct:.6}) REPEATABLE (7) ORDER BY {}",
-            key_text_select(&key),
-            key_order(&key)
-        )
-    };
-    let sample: Vec<Vec<String>> = source
-        .query(&sample_sql, &[])
-        .await?
-        .iter()
-        .map(|r| (0..r.len()).map(|i| r.get::<_, String>(i)).collect())
-        .collect();
-    let ranges = plan_ranges(&sample, est_rows, shard_rows);
+    let Sizing {
+        est_rows,
+        est_bytes,
+        shard_rows,
+        ranges,
+    } = sizing::size_and_cut(source, &src_name, &key, t.shard_rows, opts.workers).await?;
     Ok(Some((
         TablePlan {
             index,

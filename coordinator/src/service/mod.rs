@@ -12,12 +12,15 @@ use schemashift_common::service::{
     Beat, CoordinatorService, LeaseRef, PartitionLease, Progress, RangeCheck, Registration,
     ServiceError, Work, WorkerInfo,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 use tokio_postgres::Client;
+use verify_round::VerifyRound;
+
+mod verify_round;
 
 /// What the coordinator hands out now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,18 +31,6 @@ pub enum Stage {
     Verify,
     /// The run is over for workers.
     Stop,
-}
-
-/// One verify pass over every shard range, leased to workers from memory: a restarted
-/// coordinator simply verifies again.
-#[derive(Default)]
-struct VerifyRound {
-    pending: VecDeque<Shard>,
-    leased: HashMap<ShardId, (Shard, LeaseEpoch, Instant)>,
-    results: Vec<(u32, RangeCheck)>,
-    failures: HashMap<ShardId, (u32, String)>,
-    total: usize,
-    next_epoch: i64,
 }
 
 struct Seen {
@@ -134,64 +125,6 @@ impl ControlCoordinator {
 
     pub fn stage(&self) -> Stage {
         *self.stage.borrow()
-    }
-
-    /// Queues every range for a verify pass; workers pick them up in stage Verify.
-    pub fn start_verify(&self, shards: Vec<Shard>) {
-        if let Ok(mut v) = self.verify.lock() {
-            let next_epoch = v.next_epoch;
-            *v = VerifyRound {
-                total: shards.len(),
-                pending: shards.into(),
-                next_epoch,
-                ..VerifyRound::default()
-            };
-        }
-    }
-
-    /// Ok(Some(results)) once every range is compared; Err when one keeps failing.
-    pub fn verify_results(
-        &self,
-        max_attempts: u32,
-    ) -> Result<Option<Vec<(u32, RangeCheck)>>, String> {
-        let Ok(mut v) = self.verify.lock() else {
-            return Err("verify state poisoned".into());
-        };
-        if let Some((shard, (n, why))) = v.failures.iter().find(|(_, (n, _))| *n >= max_attempts) {
-            return Err(format!("verify of shard {shard} failed {n} times: {why}"));
-        }
-        if v.results.len() == v.total {
-            return Ok(Some(std::mem::take(&mut v.results)));
-        }
-        Ok(None)
-    }
-
-    /// (ranges compared, ranges in the pass), for progress.
-    pub fn verify_progress(&self) -> (usize, usize) {
-        self.verify
-            .lock()
-            .map(|v| (v.results.len(), v.total))
-            .unwrap_or_default()
-    }
-
-    fn lease_verify(&self) -> Option<Work> {
-        let mut v = self.verify.lock().ok()?;
-        // A verify lease has no heartbeat: a silent worker's range goes back after this.
-        let hold = self.registration.lease_ttl * 6;
-        let expired = v
-            .leased
-            .iter()
-            .find(|(_, (_, _, at))| at.elapsed() > hold)
-            .map(|(id, _)| *id);
-        let shard = match expired.and_then(|id| v.leased.remove(&id)) {
-            Some((shard, _, _)) => shard,
-            None => v.pending.pop_front()?,
-        };
-        v.next_epoch += 1;
-        let epoch = LeaseEpoch(v.next_epoch);
-        v.leased
-            .insert(shard.id, (shard.clone(), epoch, Instant::now()));
-        Some(Work::Verify { shard, epoch })
     }
 
     pub fn throttle(&self) -> &Throttle {
@@ -427,7 +360,7 @@ impl CoordinatorService for ControlCoordinator {
             }
             // Replay applies to the target, but its catch-up reads the source's WAL and, on
             // a shared host, competes with it: it waits too, except during a cutover.
-            (true, Stage::Replay)
+            (true, Stage::Backfill | Stage::Replay)
                 if matches!(lease, LeaseRef::Partitions(_))
                     && self.throttle.throttled()
                     && !self.cutting_over.load(Ordering::Relaxed) =>
