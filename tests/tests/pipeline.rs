@@ -48,7 +48,8 @@ async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Res
     assert!(copy > 0.0 && fdw > 0.0, "{t}");
     assert_eq!(
         t["strategy"],
-        if fdw > copy { "fdw" } else { "copy" },
+        // fdw only when clearly faster (see `fdw::Speeds::faster`).
+        if fdw > copy * 1.25 { "fdw" } else { "copy" },
         "{t}"
     );
     assert!(

@@ -217,6 +217,10 @@ impl PartitionReader {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "10")
+            // librdkafka prefetches up to 100,000 messages or 64 MB per partition by
+            // default; a worker's memory should not grow with the log's backlog.
+            .set("queued.min.messages", "20000")
+            .set("queued.max.messages.kbytes", "8192")
             .create()
             .map_err(|e| unavailable(topic, &e))?;
         let mut tpl = TopicPartitionList::new();

@@ -35,12 +35,24 @@ impl CpuUse {
 pub struct CpuMark(CpuUse);
 
 impl CpuMark {
-    pub fn read(source_data: &Path, target_data: &Path) -> CpuMark {
-        CpuMark(CpuUse {
-            source: cluster_seconds(source_data),
-            target: cluster_seconds(target_data),
-            client: process_seconds("self", true),
-        })
+    /// Reads both clusters and this process. An exited child shows no CPU time until the
+    /// postmaster reaps it (adding it to its own cutime), so a reading waits a little for
+    /// the clusters' zombies to go rather than miss their time.
+    pub async fn read(source_data: &Path, target_data: &Path) -> CpuMark {
+        let mut tries = 0;
+        loop {
+            let (source, s_zombies) = cluster_seconds(source_data);
+            let (target, t_zombies) = cluster_seconds(target_data);
+            tries += 1;
+            if !(s_zombies || t_zombies) || tries >= 200 {
+                return CpuMark(CpuUse {
+                    source,
+                    target,
+                    client: process_seconds("self", true),
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     pub fn since(&self, earlier: &CpuMark) -> CpuUse {
@@ -53,31 +65,30 @@ impl CpuMark {
 }
 
 /// The postmaster's own time, its reaped children's (exited backends and workers, counted
-/// in its cutime/cstime) and its live children's.
-fn cluster_seconds(data_dir: &Path) -> f64 {
+/// in its cutime/cstime) and its live children's; and whether any child is a zombie.
+fn cluster_seconds(data_dir: &Path) -> (f64, bool) {
     let Some(pm) = std::fs::read_to_string(data_dir.join("postmaster.pid"))
         .ok()
         .and_then(|s| s.lines().next().map(str::to_owned))
     else {
-        return 0.0;
+        return (0.0, false);
     };
     let mut total = process_seconds(&pm, true);
-    if let Ok(procs) = std::fs::read_dir("/proc") {
-        for p in procs.flatten() {
-            let name = p.file_name();
-            let Some(pid) = name
-                .to_str()
-                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-            else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
-            if stat_fields(&stat).and_then(|f| f.get(1).copied()) == Some(pm.as_str()) {
-                total += process_seconds(pid, true);
-            }
+    let mut zombies = false;
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return (total, false);
+    };
+    for p in procs.flatten() {
+        let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+        let Some(f) = stat_fields(&stat) else {
+            continue;
+        };
+        if f.get(1).copied() == Some(pm.as_str()) {
+            zombies |= f.first().copied() == Some("Z");
+            total += stat_seconds(&stat, true);
         }
     }
-    total
+    (total, zombies)
 }
 
 /// utime + stime (and with `children`, cutime + cstime) of /proc/PID/stat, in seconds.

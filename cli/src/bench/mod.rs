@@ -87,7 +87,17 @@ pub struct Measurement {
     /// CPU seconds per million rows (or changes) on the source, the target and the client,
     /// over the measured time (for schemashift backfill: over its wall time).
     pub cpu_s_per_million: Option<CpuUse>,
+    /// Peak resident set of this process over the measured span (VmHWM reset at its
+    /// start); None for peers, which run in processes of their own.
+    pub peak_rss_mib: Option<f64>,
     pub note: Option<String>,
+}
+
+impl Measurement {
+    pub fn with_peak(mut self, peak_rss_mib: Option<f64>) -> Self {
+        self.peak_rss_mib = peak_rss_mib;
+        self
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -252,8 +262,8 @@ impl Bench {
     }
 
     /// A CPU reading of both clusters and this process, for [`timed`](Bench::timed).
-    pub fn cpu_mark(&self) -> CpuMark {
-        CpuMark::read(self.src.data_dir(), self.tgt.data_dir())
+    pub async fn cpu_mark(&self) -> CpuMark {
+        CpuMark::read(self.src.data_dir(), self.tgt.data_dir()).await
     }
 
     /// Sets count, times (measured and wall) and CPU used, and the rates derived from them.

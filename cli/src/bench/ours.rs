@@ -94,6 +94,13 @@ pub(super) async fn run_all(b: &Bench, c: &mut Collected) -> Option<f64> {
     peak
 }
 
+/// Starts the peak resident set (`VmHWM`) over from the current one (Linux 4.0+).
+fn reset_peak_rss() {
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        tracing::debug!(error = %e, "peak memory not reset");
+    }
+}
+
 /// Peak resident set of this process (`VmHWM`), in MiB.
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -145,10 +152,12 @@ async fn backfill(
     for t in &mut spec.tables {
         t.strategy = strategy;
     }
-    let (started, cpu) = (Instant::now(), b.cpu_mark());
+    reset_peak_rss();
+    let (started, cpu) = (Instant::now(), b.cpu_mark().await);
     let r = run_backfill(&spec, workers).await;
     let wall = started.elapsed().as_secs_f64();
-    let cpu = b.cpu_mark().since(&cpu);
+    let cpu = b.cpu_mark().await.since(&cpu);
+    let peak = peak_rss_mib();
     let r = match r {
         Ok(report) => dropped_indexes(&spec).await.map(|n| (report, n)),
         Err(e) => Err(e),
@@ -167,6 +176,7 @@ async fn backfill(
         Strategy::Auto | Strategy::Copy => "schemashift backfill",
     };
     let mut m = b.copied(Kind::SchemashiftBackfill, method, workers, indexes);
+    m.peak_rss_mib = peak;
     // What `auto` measured at the start and kept.
     let chosen = report.tables.first().map(|t| match &t.measured_rows_per_s {
         Some(s) => format!(
@@ -268,7 +278,8 @@ async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result
         state.slot,
     )
     .await?;
-    let (started, cpu) = (Instant::now(), b.cpu_mark());
+    reset_peak_rss();
+    let (started, cpu) = (Instant::now(), b.cpu_mark().await);
     loop {
         let (_, cut_short, head) = capture.round().await?;
         if !cut_short && head >= end {
@@ -276,7 +287,8 @@ async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result
         }
     }
     let capture_secs = started.elapsed().as_secs_f64();
-    let capture_cpu = b.cpu_mark().since(&cpu);
+    let capture_cpu = b.cpu_mark().await.since(&cpu);
+    let capture_peak = peak_rss_mib();
     drop(capture);
 
     install_helpers(&target, &plan.helpers, "target").await?;
@@ -296,12 +308,14 @@ async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result
         epoch: LeaseEpoch(epoch),
     };
     let mut replayer = PartitionReplayer::open(&target, plan, lease).await?;
-    let (started, cpu) = (Instant::now(), b.cpu_mark());
+    reset_peak_rss();
+    let (started, cpu) = (Instant::now(), b.cpu_mark().await);
     // Only merges read the source during replay; the users split does not.
     let replay_source = connect(&spec.source, "source").await?;
     let applied = replay_all(&mut replayer, &mut target, &replay_source, changes).await?;
     let replay_secs = started.elapsed().as_secs_f64();
-    let replay_cpu = b.cpu_mark().since(&cpu);
+    let replay_cpu = b.cpu_mark().await.since(&cpu);
+    let replay_peak = peak_rss_mib();
     Ok(vec![
         change_rate(
             b,
@@ -310,7 +324,8 @@ async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result
             changes,
             capture_secs,
             capture_cpu,
-        ),
+        )
+        .with_peak(capture_peak),
         change_rate(
             b,
             Kind::SchemashiftReplay,
@@ -318,7 +333,8 @@ async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result
             applied,
             replay_secs,
             replay_cpu,
-        ),
+        )
+        .with_peak(replay_peak),
     ])
 }
 

@@ -108,7 +108,7 @@ async fn raw_pipe(
     let target = b.tgt.dsn(&db);
     let span = i128::from(b.max_id) - i128::from(b.min_id) + 1;
     let bound = |i: usize| (i128::from(b.min_id) + span * i as i128 / streams as i128) as i64;
-    let (started, cpu) = (Instant::now(), b.cpu_mark());
+    let (started, cpu) = (Instant::now(), b.cpu_mark().await);
     let mut pipes = JoinSet::new();
     for i in 0..streams {
         let (lo, hi) = (bound(i), bound(i + 1));
@@ -165,7 +165,7 @@ async fn raw_pipe(
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    let cpu = b.cpu_mark().since(&cpu);
+    let cpu = b.cpu_mark().await.since(&cpu);
     let count = b.check_rows(&db).await?;
     let m = b.copied(
         Kind::RawPipe,
@@ -204,7 +204,7 @@ async fn fdw(b: &Bench, db: String) -> anyhow::Result<Outcome> {
     .await
     .context("setting up postgres_fdw")?;
     create_split_functions(&t).await?;
-    let (copy_started, cpu) = (Instant::now(), b.cpu_mark());
+    let (copy_started, cpu) = (Instant::now(), b.cpu_mark().await);
     t.execute(
         &format!(
             "INSERT INTO public.users (id, email, first_name, last_name, bio, created_at, \
@@ -215,7 +215,7 @@ async fn fdw(b: &Bench, db: String) -> anyhow::Result<Outcome> {
     .await
     .context("INSERT ... SELECT over postgres_fdw")?;
     let secs = copy_started.elapsed().as_secs_f64();
-    let cpu = b.cpu_mark().since(&cpu);
+    let cpu = b.cpu_mark().await.since(&cpu);
     let wall = started.elapsed().as_secs_f64();
     let count = b.check_rows(&db).await?;
     let m = b.copied(
@@ -284,10 +284,10 @@ async fn pgcopydb(b: &Bench, db: String) -> anyhow::Result<Outcome> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let (started, cpu) = (Instant::now(), b.cpu_mark());
+    let (started, cpu) = (Instant::now(), b.cpu_mark().await);
     let out = cmd.output().await.context("running pgcopydb")?;
     let secs = started.elapsed().as_secs_f64();
-    let cpu = b.cpu_mark().since(&cpu);
+    let cpu = b.cpu_mark().await.since(&cpu);
     anyhow::ensure!(
         out.status.success(),
         "pgcopydb clone failed ({}): {}",
@@ -317,13 +317,13 @@ async fn logical(b: &Bench, db: String) -> anyhow::Result<Outcome> {
         .batch_execute(&format!("CREATE PUBLICATION {name} FOR TABLE public.users"))
         .await
         .context("creating the publication")?;
-    let cpu = b.cpu_mark();
+    let cpu = b.cpu_mark().await;
     let synced = sync(b, &target, &db).await;
     // The table's sync worker may still be exiting: its CPU counts once it is gone.
     if synced.is_ok() {
         sync_worker_gone(&target, &db).await?;
     }
-    let cpu = b.cpu_mark().since(&cpu);
+    let cpu = b.cpu_mark().await.since(&cpu);
     // Whatever happened: dropping the subscription drops its slot on the source.
     let dropped = async {
         target

@@ -18,7 +18,7 @@ fn grouped(n: u64) -> String {
 /// Column titles; columns 0, 2 and 3 are text (left-aligned), the others numbers.
 const HEADER: &str = "method|par.|transformed|indexes|rows|s|wall s|rows/s|MB/s\
     |× raw pipe same par. & indexes|× fastest raw pipe|CPU s/M source|CPU s/M target\
-    |CPU s/M client|CPU s/M total";
+    |CPU s/M client|CPU s/M total|peak MiB";
 
 fn cells(m: &Measurement) -> Vec<String> {
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
@@ -41,6 +41,7 @@ fn cells(m: &Measurement) -> Vec<String> {
         opt(m.cpu_s_per_million.map(|c| c.target), 1),
         opt(m.cpu_s_per_million.map(|c| c.client), 1),
         opt(m.cpu_s_per_million.map(|c| c.total()), 1),
+        opt(m.peak_rss_mib, 0),
     ]
 }
 
@@ -154,7 +155,9 @@ fn markdown(r: &BenchReport) -> String {
          client (this process with its embedded workers and the processes it waited for: \
          sh, psql, pgcopydb), over the measured time; for schemashift backfill over its wall \
          time, which includes the auto strategy's measurement. On this host both servers \
-         share the cores, so the total is what bounds a method.\n\n",
+         share the cores, so the total is what bounds a method. Peak MiB is this process's \
+         peak resident set over the measured span (VmHWM reset at its start), for the methods \
+         that run in it.\n\n",
     );
     for l in footer_lines(r) {
         md.push_str(&format!("- {l}\n"));
