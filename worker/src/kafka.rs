@@ -221,6 +221,7 @@ impl PartitionReader {
             // default; a worker's memory should not grow with the log's backlog.
             .set("queued.min.messages", "20000")
             .set("queued.max.messages.kbytes", "8192")
+            .set("fetch.max.bytes", "4194304")
             .create()
             .map_err(|e| unavailable(topic, &e))?;
         let mut tpl = TopicPartitionList::new();
