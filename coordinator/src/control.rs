@@ -9,6 +9,20 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use tokio_postgres::Client;
 
+/// A shard from a row whose first columns are shard_id, table_idx, lo, hi, est_rows (the
+/// order of the shards table, which the lease query returns too).
+pub(crate) fn shard_from_row(r: &tokio_postgres::Row) -> Shard {
+    Shard {
+        id: ShardId(r.get(0)),
+        table: r.get::<_, i32>(1) as u32,
+        range: ShardRange {
+            lo: r.get(2),
+            hi: r.get(3),
+        },
+        estimated_rows: r.get::<_, i64>(4) as u64,
+    }
+}
+
 /// Phases in order; persisted by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -371,21 +385,7 @@ impl Store {
             .map_err(err("reading shards"))?;
         Ok(rows
             .iter()
-            .map(|r| {
-                (
-                    Shard {
-                        id: ShardId(r.get(0)),
-                        table: r.get::<_, i32>(1) as u32,
-                        range: ShardRange {
-                            lo: r.get(2),
-                            hi: r.get(3),
-                        },
-                        estimated_rows: r.get::<_, i64>(4) as u64,
-                    },
-                    r.get(5),
-                    r.get(6),
-                )
-            })
+            .map(|r| (shard_from_row(r), r.get(5), r.get(6)))
             .collect())
     }
 

@@ -1,10 +1,47 @@
-//! CPU time spent on each side of a method while it runs: the source cluster, the target
-//! cluster, and the client (this process with its embedded workers, plus the processes it
-//! waited for: `sh`, `psql`, `pgcopydb`). On a host where both servers share the cores, the
-//! sum is what limits every method, so the report gives it per million rows.
+//! What a measured span costs: its time, the CPU time spent on each side (the source
+//! cluster, the target cluster, and the client: this process with its embedded workers,
+//! plus the processes it waited for: `sh`, `psql`, `pgcopydb`), and this process's peak
+//! memory. On a host where both servers share the cores, the CPU sum is what limits every
+//! method, so the report gives it per million rows.
 
 use serde::Serialize;
 use std::path::Path;
+use std::time::Instant;
+
+/// The start of a measured span.
+pub struct Span {
+    started: Instant,
+    cpu: CpuMark,
+}
+
+/// What a span cost.
+pub struct Spent {
+    pub seconds: f64,
+    pub cpu: CpuUse,
+    /// This process's peak resident set over the span.
+    pub peak_rss_mib: Option<f64>,
+}
+
+impl Span {
+    pub async fn start(source_data: &Path, target_data: &Path) -> Span {
+        reset_peak_rss();
+        Span {
+            started: Instant::now(),
+            cpu: CpuMark::read(source_data, target_data).await,
+        }
+    }
+
+    pub async fn end(&self, source_data: &Path, target_data: &Path) -> Spent {
+        let seconds = self.started.elapsed().as_secs_f64();
+        Spent {
+            seconds,
+            cpu: CpuMark::read(source_data, target_data)
+                .await
+                .since(&self.cpu),
+            peak_rss_mib: peak_rss_mib(),
+        }
+    }
+}
 
 /// CPU seconds by side.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -32,13 +69,13 @@ impl CpuUse {
 
 /// A reading to subtract from a later one.
 #[derive(Clone, Copy, Debug)]
-pub struct CpuMark(CpuUse);
+struct CpuMark(CpuUse);
 
 impl CpuMark {
     /// Reads both clusters and this process. An exited child shows no CPU time until the
     /// postmaster reaps it (adding it to its own cutime), so a reading waits a little for
     /// the clusters' zombies to go rather than miss their time.
-    pub async fn read(source_data: &Path, target_data: &Path) -> CpuMark {
+    async fn read(source_data: &Path, target_data: &Path) -> CpuMark {
         let mut tries = 0;
         loop {
             let (source, s_zombies) = cluster_seconds(source_data);
@@ -55,13 +92,28 @@ impl CpuMark {
         }
     }
 
-    pub fn since(&self, earlier: &CpuMark) -> CpuUse {
+    fn since(&self, earlier: &CpuMark) -> CpuUse {
         CpuUse {
             source: self.0.source - earlier.0.source,
             target: self.0.target - earlier.0.target,
             client: self.0.client - earlier.0.client,
         }
     }
+}
+
+/// Starts the peak resident set (`VmHWM`) over from the current one (Linux 4.0+).
+fn reset_peak_rss() {
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        tracing::debug!(error = %e, "peak memory not reset");
+    }
+}
+
+/// Peak resident set of this process (`VmHWM`), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    let kib: f64 = line.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 /// The postmaster's own time, its reaped children's (exited backends and workers, counted

@@ -11,7 +11,7 @@ mod render;
 pub use machine::Machine;
 
 use anyhow::Context;
-use cpu::{CpuMark, CpuUse};
+use cpu::{CpuUse, Span, Spent};
 use render::{text, write_markdown};
 use schemashift_common::cluster::{bin_dir, Cluster, ClusterOptions};
 use schemashift_common::scenario::{load_users, SOURCE_DDL, TARGET_DDL};
@@ -91,13 +91,6 @@ pub struct Measurement {
     /// start); None for peers, which run in processes of their own.
     pub peak_rss_mib: Option<f64>,
     pub note: Option<String>,
-}
-
-impl Measurement {
-    pub fn with_peak(mut self, peak_rss_mib: Option<f64>) -> Self {
-        self.peak_rss_mib = peak_rss_mib;
-        self
-    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -261,9 +254,14 @@ impl Bench {
         }
     }
 
-    /// A CPU reading of both clusters and this process, for [`timed`](Bench::timed).
-    pub async fn cpu_mark(&self) -> CpuMark {
-        CpuMark::read(self.src.data_dir(), self.tgt.data_dir()).await
+    /// Starts a measured span: time, CPU of both clusters and this process, peak memory.
+    pub async fn span(&self) -> Span {
+        Span::start(self.src.data_dir(), self.tgt.data_dir()).await
+    }
+
+    /// What the span cost so far (see [`Span::end`]).
+    pub async fn spent(&self, span: &Span) -> Spent {
+        span.end(self.src.data_dir(), self.tgt.data_dir()).await
     }
 
     /// Sets count, times (measured and wall) and CPU used, and the rates derived from them.

@@ -2,8 +2,8 @@
 //! a mixed change workload through the Postgres change log and (with tansu) Kafka.
 
 use super::{
-    cpu::CpuUse, parallelisms, target_table_with_keys, Bench, Collected, Indexes, Kind,
-    Measurement, Outcome,
+    cpu::{peak_rss_mib, Spent},
+    parallelisms, target_table_with_keys, Bench, Collected, Indexes, Kind, Measurement, Outcome,
 };
 use anyhow::Context;
 use schemashift_common::control::ControlSql;
@@ -94,21 +94,6 @@ pub(super) async fn run_all(b: &Bench, c: &mut Collected) -> Option<f64> {
     peak
 }
 
-/// Starts the peak resident set (`VmHWM`) over from the current one (Linux 4.0+).
-fn reset_peak_rss() {
-    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
-        tracing::debug!(error = %e, "peak memory not reset");
-    }
-}
-
-/// Peak resident set of this process (`VmHWM`), in MiB.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
-    let kib: f64 = line.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 fn spec(b: &Bench, db: &str, workers: usize, changelog: Option<&str>) -> anyhow::Result<Spec> {
     let mut yaml = users_spec_yaml(&b.source_dsn(), &b.tgt.dsn(db), workers, None);
     if let Some(url) = changelog {
@@ -152,12 +137,9 @@ async fn backfill(
     for t in &mut spec.tables {
         t.strategy = strategy;
     }
-    reset_peak_rss();
-    let (started, cpu) = (Instant::now(), b.cpu_mark().await);
+    let span = b.span().await;
     let r = run_backfill(&spec, workers).await;
-    let wall = started.elapsed().as_secs_f64();
-    let cpu = b.cpu_mark().await.since(&cpu);
-    let peak = peak_rss_mib();
+    let spent = b.spent(&span).await;
     let r = match r {
         Ok(report) => dropped_indexes(&spec).await.map(|n| (report, n)),
         Err(e) => Err(e),
@@ -176,7 +158,7 @@ async fn backfill(
         Strategy::Auto | Strategy::Copy => "schemashift backfill",
     };
     let mut m = b.copied(Kind::SchemashiftBackfill, method, workers, indexes);
-    m.peak_rss_mib = peak;
+    m.peak_rss_mib = spent.peak_rss_mib;
     // What `auto` measured at the start and kept.
     let chosen = report.tables.first().map(|t| match &t.measured_rows_per_s {
         Some(s) => format!(
@@ -196,8 +178,8 @@ async fn backfill(
     Ok(Outcome::Measured(vec![b.timed(
         m,
         count,
-        (report.backfill_seconds, wall),
-        cpu,
+        (report.backfill_seconds, spent.seconds),
+        spent.cpu,
     )]))
 }
 
@@ -229,14 +211,7 @@ async fn replay(b: &Bench, db: String, kafka: Option<String>) -> anyhow::Result<
 }
 
 /// A capture or replay result: one worker, no table copied, counts of changes.
-fn change_rate(
-    b: &Bench,
-    kind: Kind,
-    method: String,
-    count: u64,
-    secs: f64,
-    cpu: CpuUse,
-) -> Measurement {
+fn change_rate(b: &Bench, kind: Kind, method: String, count: u64, spent: Spent) -> Measurement {
     let m = Measurement {
         kind,
         method,
@@ -244,9 +219,10 @@ fn change_rate(
         // Replay applies the mapping; capture only decodes.
         transformed: (kind == Kind::SchemashiftReplay).then_some(true),
         unit: "changes",
+        peak_rss_mib: spent.peak_rss_mib,
         ..Measurement::default()
     };
-    b.timed(m, count, (secs, secs), cpu)
+    b.timed(m, count, (spent.seconds, spent.seconds), spent.cpu)
 }
 
 async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result<Vec<Measurement>> {
@@ -278,17 +254,14 @@ async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result
         state.slot,
     )
     .await?;
-    reset_peak_rss();
-    let (started, cpu) = (Instant::now(), b.cpu_mark().await);
+    let span = b.span().await;
     loop {
         let (_, cut_short, head) = capture.round().await?;
         if !cut_short && head >= end {
             break;
         }
     }
-    let capture_secs = started.elapsed().as_secs_f64();
-    let capture_cpu = b.cpu_mark().await.since(&cpu);
-    let capture_peak = peak_rss_mib();
+    let captured = b.spent(&span).await;
     drop(capture);
 
     install_helpers(&target, &plan.helpers, "target").await?;
@@ -308,33 +281,26 @@ async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result
         epoch: LeaseEpoch(epoch),
     };
     let mut replayer = PartitionReplayer::open(&target, plan, lease).await?;
-    reset_peak_rss();
-    let (started, cpu) = (Instant::now(), b.cpu_mark().await);
+    let span = b.span().await;
     // Only merges read the source during replay; the users split does not.
     let replay_source = connect(&spec.source, "source").await?;
     let applied = replay_all(&mut replayer, &mut target, &replay_source, changes).await?;
-    let replay_secs = started.elapsed().as_secs_f64();
-    let replay_cpu = b.cpu_mark().await.since(&cpu);
-    let replay_peak = peak_rss_mib();
+    let replayed = b.spent(&span).await;
     Ok(vec![
         change_rate(
             b,
             Kind::SchemashiftCapture,
             format!("schemashift capture ({log})"),
             changes,
-            capture_secs,
-            capture_cpu,
-        )
-        .with_peak(capture_peak),
+            captured,
+        ),
         change_rate(
             b,
             Kind::SchemashiftReplay,
             format!("schemashift replay ({log})"),
             applied,
-            replay_secs,
-            replay_cpu,
-        )
-        .with_peak(replay_peak),
+            replayed,
+        ),
     ])
 }
 

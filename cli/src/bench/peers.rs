@@ -108,7 +108,7 @@ async fn raw_pipe(
     let target = b.tgt.dsn(&db);
     let span = i128::from(b.max_id) - i128::from(b.min_id) + 1;
     let bound = |i: usize| (i128::from(b.min_id) + span * i as i128 / streams as i128) as i64;
-    let (started, cpu) = (Instant::now(), b.cpu_mark().await);
+    let span = b.span().await;
     let mut pipes = JoinSet::new();
     for i in 0..streams {
         let (lo, hi) = (bound(i), bound(i + 1));
@@ -164,8 +164,7 @@ async fn raw_pipe(
                 .context("attaching a constraint")?;
         }
     }
-    let secs = started.elapsed().as_secs_f64();
-    let cpu = b.cpu_mark().await.since(&cpu);
+    let spent = b.spent(&span).await;
     let count = b.check_rows(&db).await?;
     let m = b.copied(
         Kind::RawPipe,
@@ -176,8 +175,8 @@ async fn raw_pipe(
     Ok(Outcome::Measured(vec![b.timed(
         m,
         count,
-        (secs, secs),
-        cpu,
+        (spent.seconds, spent.seconds),
+        spent.cpu,
     )]))
 }
 
@@ -204,7 +203,7 @@ async fn fdw(b: &Bench, db: String) -> anyhow::Result<Outcome> {
     .await
     .context("setting up postgres_fdw")?;
     create_split_functions(&t).await?;
-    let (copy_started, cpu) = (Instant::now(), b.cpu_mark().await);
+    let span = b.span().await;
     t.execute(
         &format!(
             "INSERT INTO public.users (id, email, first_name, last_name, bio, created_at, \
@@ -214,8 +213,7 @@ async fn fdw(b: &Bench, db: String) -> anyhow::Result<Outcome> {
     )
     .await
     .context("INSERT ... SELECT over postgres_fdw")?;
-    let secs = copy_started.elapsed().as_secs_f64();
-    let cpu = b.cpu_mark().await.since(&cpu);
+    let spent = b.spent(&span).await;
     let wall = started.elapsed().as_secs_f64();
     let count = b.check_rows(&db).await?;
     let m = b.copied(
@@ -227,8 +225,8 @@ async fn fdw(b: &Bench, db: String) -> anyhow::Result<Outcome> {
     Ok(Outcome::Measured(vec![b.timed(
         m,
         count,
-        (secs, wall),
-        cpu,
+        (spent.seconds, wall),
+        spent.cpu,
     )]))
 }
 
@@ -284,10 +282,9 @@ async fn pgcopydb(b: &Bench, db: String) -> anyhow::Result<Outcome> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let (started, cpu) = (Instant::now(), b.cpu_mark().await);
+    let span = b.span().await;
     let out = cmd.output().await.context("running pgcopydb")?;
-    let secs = started.elapsed().as_secs_f64();
-    let cpu = b.cpu_mark().await.since(&cpu);
+    let spent = b.spent(&span).await;
     anyhow::ensure!(
         out.status.success(),
         "pgcopydb clone failed ({}): {}",
@@ -304,8 +301,8 @@ async fn pgcopydb(b: &Bench, db: String) -> anyhow::Result<Outcome> {
     Ok(Outcome::Measured(vec![b.timed(
         m,
         count,
-        (secs, secs),
-        cpu,
+        (spent.seconds, spent.seconds),
+        spent.cpu,
     )]))
 }
 
@@ -317,13 +314,13 @@ async fn logical(b: &Bench, db: String) -> anyhow::Result<Outcome> {
         .batch_execute(&format!("CREATE PUBLICATION {name} FOR TABLE public.users"))
         .await
         .context("creating the publication")?;
-    let cpu = b.cpu_mark().await;
+    let span = b.span().await;
     let synced = sync(b, &target, &db).await;
     // The table's sync worker may still be exiting: its CPU counts once it is gone.
     if synced.is_ok() {
         sync_worker_gone(&target, &db).await?;
     }
-    let cpu = b.cpu_mark().await.since(&cpu);
+    let spent = b.spent(&span).await;
     // Whatever happened: dropping the subscription drops its slot on the source.
     let dropped = async {
         target
@@ -351,7 +348,7 @@ async fn logical(b: &Bench, db: String) -> anyhow::Result<Outcome> {
         m,
         count,
         (secs, secs),
-        cpu,
+        spent.cpu,
     )]))
 }
 

@@ -7,7 +7,6 @@ use crate::control::Store;
 use crate::throttle::Throttle;
 use schemashift_common::ids::{LeaseEpoch, ShardId};
 use schemashift_common::pg::describe;
-use schemashift_common::plan::{Shard, ShardRange};
 use schemashift_common::service::{
     Beat, CoordinatorService, LeaseRef, PartitionLease, Progress, RangeCheck, Registration,
     ServiceError, Work, WorkerInfo,
@@ -200,15 +199,7 @@ impl ControlCoordinator {
             return Ok(None);
         };
         Ok(Some(Work::Backfill {
-            shard: Shard {
-                id: ShardId(r.get(0)),
-                table: r.get::<_, i32>(1) as u32,
-                range: ShardRange {
-                    lo: r.get(2),
-                    hi: r.get(3),
-                },
-                estimated_rows: r.get::<_, i64>(4) as u64,
-            },
+            shard: crate::control::shard_from_row(&r),
             epoch: LeaseEpoch(r.get(5)),
         }))
     }
