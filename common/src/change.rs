@@ -57,15 +57,63 @@ pub struct Change {
 }
 
 impl Change {
-    /// The key the change applies to after it happened (the old key for deletes).
+    /// The key the change applies to after it happened (the old key for deletes). A key
+    /// column pgoutput withheld as unchanged TOAST comes from the old key, which PostgreSQL
+    /// logs whenever the key has out-of-line values.
     pub fn key(&self, key_index: &[usize]) -> Option<Vec<String>> {
         match self.op {
             Op::Delete | Op::Refresh => self.old_key.clone(),
             Op::Insert | Op::Update => key_index
                 .iter()
-                .map(|&i| self.values.get(i).cloned().flatten())
+                .enumerate()
+                .map(|(j, &i)| {
+                    let withheld = self.unchanged.contains(&(i as u16));
+                    match self.values.get(i).cloned().flatten() {
+                        Some(v) if !withheld => Some(v),
+                        _ if withheld => self.old_key.as_ref().and_then(|o| o.get(j).cloned()),
+                        _ => None,
+                    }
+                })
                 .collect(),
         }
+    }
+
+    /// Splits an UPDATE that changed the row's key into what each key sees: a delete of
+    /// the old key, and the new row, or (when pgoutput withheld unchanged out-of-line
+    /// values, which then exist only in the old row) a refresh of the new key from the
+    /// source. Each key's changes then stay in that key's partition, in order; a move
+    /// never writes a partial row to a key that may not exist. Anything else is returned
+    /// as it is.
+    pub fn split_move(self, key_index: &[usize]) -> (Option<Change>, Change) {
+        let (Op::Update, Some(old), Some(new)) = (self.op, &self.old_key, self.key(key_index))
+        else {
+            return (None, self);
+        };
+        if *old == new {
+            return (None, self);
+        }
+        let delete = Change {
+            op: Op::Delete,
+            values: Vec::new(),
+            unchanged: Vec::new(),
+            ..self.clone()
+        };
+        let arrive = if self.unchanged.is_empty() {
+            Change {
+                op: Op::Insert,
+                old_key: None,
+                ..self
+            }
+        } else {
+            Change {
+                op: Op::Refresh,
+                old_key: Some(new),
+                values: Vec::new(),
+                unchanged: Vec::new(),
+                ..self
+            }
+        };
+        (Some(delete), arrive)
     }
 }
 
@@ -103,5 +151,47 @@ mod tests {
             .collect();
         assert_eq!(spread.len(), 8);
         assert_eq!(partition_of(3, &k, 1), 0);
+    }
+
+    fn update(old: &str, vals: &[Option<&str>], unchanged: &[u16]) -> Change {
+        Change {
+            table: 0,
+            op: Op::Update,
+            lsn: Lsn(7),
+            xid: 1,
+            ordinal: 3,
+            old_key: Some(vec![old.to_owned()]),
+            values: vals.iter().map(|v| v.map(str::to_owned)).collect(),
+            unchanged: unchanged.to_vec(),
+        }
+    }
+
+    #[test]
+    fn key_change_with_withheld_value_becomes_delete_and_refresh() {
+        let (del, arrive) = update("1", &[Some("2"), None], &[1]).split_move(&[0]);
+        let del = del.expect("the old key is deleted");
+        assert_eq!((del.op, del.old_key), (Op::Delete, Some(vec!["1".into()])));
+        assert_eq!(arrive.op, Op::Refresh);
+        assert_eq!(arrive.old_key, Some(vec!["2".to_owned()]));
+        assert!(arrive.values.is_empty() && arrive.unchanged.is_empty());
+    }
+
+    #[test]
+    fn key_change_with_every_value_becomes_delete_and_insert() {
+        let (del, arrive) = update("1", &[Some("2"), Some("x")], &[]).split_move(&[0]);
+        assert_eq!(del.map(|d| d.op), Some(Op::Delete));
+        assert_eq!((arrive.op, arrive.old_key.clone()), (Op::Insert, None));
+        assert_eq!(arrive.key(&[0]), Some(vec!["2".to_owned()]));
+    }
+
+    #[test]
+    fn update_keeping_its_key_is_not_split() {
+        let (del, same) = update("1", &[Some("1"), None], &[1]).split_move(&[0]);
+        assert!(del.is_none());
+        assert_eq!(same.op, Op::Update);
+        // A withheld key column is the old key's value.
+        let (del, same) = update("1", &[None, Some("x")], &[0]).split_move(&[0]);
+        assert!(del.is_none());
+        assert_eq!(same.key(&[0]), Some(vec!["1".to_owned()]));
     }
 }

@@ -322,6 +322,13 @@ pub struct RunPlan {
     /// Bulk sessions lower their server process's CPU priority when it is on this host.
     #[serde(default)]
     pub low_priority: bool,
+    /// Changes per replay transaction (spec `replay.batch`).
+    #[serde(default = "default_replay_batch")]
+    pub replay_batch: u32,
+}
+
+fn default_replay_batch() -> u32 {
+    5_000
 }
 
 /// Where this run's change log lives.
@@ -340,6 +347,10 @@ pub enum LogPlan {
 }
 
 impl RunPlan {
+    pub fn replay_batch(&self) -> i64 {
+        i64::from(self.replay_batch.max(1))
+    }
+
     pub fn table(&self, index: u32) -> Option<&TablePlan> {
         self.tables.iter().find(|t| t.index == index)
     }

@@ -179,6 +179,28 @@ pub struct Spec {
     pub cutover: CutoverSpec,
     #[serde(default)]
     pub throttle: ThrottleSpec,
+    #[serde(default)]
+    pub replay: ReplaySpec,
+}
+
+/// Replay tuning: changes applied per partition in one target transaction.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaySpec {
+    #[serde(default = "default_replay_batch")]
+    pub batch: u32,
+}
+
+fn default_replay_batch() -> u32 {
+    5_000
+}
+
+impl Default for ReplaySpec {
+    fn default() -> Self {
+        ReplaySpec {
+            batch: default_replay_batch(),
+        }
+    }
 }
 
 /// Source health limits: while one is exceeded, no new backfill shard starts.
@@ -323,6 +345,12 @@ impl Spec {
         }
         if let Err(e) = self.changelog() {
             problems.push(e);
+        }
+        if !(1..=100_000).contains(&self.replay.batch) {
+            problems.push(format!(
+                "replay.batch: {} is out of range (1..=100000)",
+                self.replay.batch
+            ));
         }
         if let Some(w) = self.workers {
             if !(1..=256).contains(&w) {

@@ -123,6 +123,7 @@ pub async fn plan(
         changelog: LogPlan::Postgres,
         // The application runs on the target now: reverse sync goes after it.
         low_priority: fwd.low_priority,
+        replay_batch: fwd.replay_batch,
     }))
 }
 
@@ -226,6 +227,9 @@ pub async fn sync(spec: &Spec, until: Until) -> Result<ReverseReport, Coordinato
     };
     let plan = Arc::new(state.plan);
     let target = connect(&spec.target, "target").await?;
+    // Rows the replayer must read again (a key change that withheld an unchanged
+    // out-of-line value) come from the target, mapped back by the reverse expressions.
+    install_helpers(&target, &plan.helpers, "target").await?;
     let mut capture = Capture::open(
         connect(&spec.target, "target").await?,
         spec.target.clone(),
@@ -274,7 +278,9 @@ pub async fn sync(spec: &Spec, until: Until) -> Result<ReverseReport, Coordinato
     loop {
         let (_, cut_short, head) = capture.round().await?;
         loop {
-            let n = replayer.step(&mut applier, &control_db, 5_000).await?;
+            let n = replayer
+                .step(&mut applier, &target, plan.replay_batch())
+                .await?;
             report.changes_applied += n as u64;
             if n == 0 {
                 break;

@@ -5,7 +5,7 @@ use crate::replay::replay_err;
 use crate::WorkerError;
 use schemashift_common::change::{Change, Op};
 use schemashift_common::ids::ChangeSeq;
-use schemashift_common::plan::RunPlan;
+use schemashift_common::plan::{RunPlan, TablePlan};
 use std::collections::{BTreeSet, HashMap};
 use tokio_postgres::{Client, Transaction};
 
@@ -39,25 +39,36 @@ pub(crate) async fn refresh(
         let Some(table) = plan.table(t) else {
             continue;
         };
-        let fail = |e: tokio_postgres::Error| replay_err(part, &table.describe(), &e);
-        tx.execute(
-            &format!(
-                "DELETE FROM ONLY {} WHERE {}",
-                table.target,
-                schemashift_common::sql::keys_in(&table.target_key, &keys)
-            ),
-            &[],
-        )
-        .await
-        .map_err(fail)?;
-        let sink = tx.copy_in(&table.copy_in_sql()).await.map_err(fail)?;
-        let rows = source
-            .copy_out(&table.copy_out_keys_sql(&keys))
+        refresh_keys(tx, source, table, &keys)
             .await
-            .map_err(fail)?;
-        schemashift_common::pg::pipe_copy(sink, rows)
-            .await
-            .map_err(fail)?;
+            .map_err(|e| replay_err(part, &table.describe(), &e))?;
     }
     Ok(())
+}
+
+/// Replaces the target rows of `keys` by the mapped rows the source has now (none where
+/// the source has none).
+pub(crate) async fn refresh_keys(
+    tx: &Transaction<'_>,
+    source: &Client,
+    table: &TablePlan,
+    keys: &[Vec<String>],
+) -> Result<(), tokio_postgres::Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        &format!(
+            "DELETE FROM ONLY {} WHERE {}",
+            table.target,
+            schemashift_common::sql::keys_in(&table.target_key, keys)
+        ),
+        &[],
+    )
+    .await?;
+    let sink = tx.copy_in(&table.copy_in_sql()).await?;
+    let rows = source.copy_out(&table.copy_out_keys_sql(keys)).await?;
+    schemashift_common::pg::pipe_copy(sink, rows)
+        .await
+        .map(|_| ())
 }

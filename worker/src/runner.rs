@@ -44,8 +44,6 @@ impl WorkerStats {
     }
 }
 
-/// Changes applied per partition and step; one transaction each.
-const REPLAY_BATCH: i64 = 5_000;
 /// How long an idle replayer waits before looking at the change log again.
 const REPLAY_IDLE: Duration = Duration::from_millis(20);
 /// How often a held replay asks whether it may go on.
@@ -406,7 +404,11 @@ impl<S: CoordinatorService> Worker<S> {
             if !held {
                 for r in replayers.iter_mut() {
                     applied += r
-                        .step(&mut sessions.target, &sessions.source, REPLAY_BATCH)
+                        .step(
+                            &mut sessions.target,
+                            &sessions.source,
+                            self.plan.replay_batch(),
+                        )
                         .await?;
                 }
             }

@@ -144,10 +144,20 @@ impl Relations {
                 }
                 continue;
             }
+            // With REPLICA IDENTITY FULL the old row carries every value (PostgreSQL
+            // inlines its out-of-line ones), so nothing the new row withholds is unknown.
+            let full_old = match old {
+                Some(OldTuple::Full(t)) => Some(t),
+                _ => None,
+            };
             let mut values = Vec::new();
             let mut unchanged = Vec::new();
             if let Some(n) = new {
                 for (i, d) in n.iter().enumerate() {
+                    let d = match (d, full_old.and_then(|o| o.get(i))) {
+                        (Datum::Unchanged, Some(o @ (Datum::Null | Datum::Text(_)))) => o,
+                        _ => d,
+                    };
                     match d {
                         Datum::Null => values.push(None),
                         Datum::Text(s) => values.push(Some(s.clone())),
@@ -168,8 +178,13 @@ impl Relations {
                 values,
                 unchanged,
             };
-            let key = change.key(&info.key_idx).unwrap_or_default();
-            out.push((part(&key), change));
+            // A key change becomes a delete in the old key's partition and the new row
+            // (or a refresh of it) in the new key's: each key's history stays in order.
+            let (left, arrived) = change.split_move(&info.key_idx);
+            for c in left.into_iter().chain([arrived]) {
+                let key = c.key(&info.key_idx).unwrap_or_default();
+                out.push((part(&key), c));
+            }
         }
         Ok(out)
     }

@@ -176,6 +176,7 @@ pub async fn plan(
             // Set with the run id when the run is created (the topic is named after it).
             changelog: LogPlan::Postgres,
             low_priority: spec.throttle.enabled && spec.throttle.low_priority,
+            replay_batch: spec.replay.batch,
         },
         shards,
         analysis,

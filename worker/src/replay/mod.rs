@@ -7,15 +7,15 @@
 use crate::error::pg_reason;
 use crate::kafka::PartitionReader;
 use crate::WorkerError;
-use futures_util::SinkExt;
-use schemashift_common::change::{Change, Op};
+use schemashift_common::change::Change;
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::{ChangeSeq, LeaseEpoch, Lsn};
-use schemashift_common::plan::{LogPlan, RunPlan, TablePlan};
+use schemashift_common::plan::{LogPlan, RunPlan};
 use schemashift_common::service::PartitionLease;
-use schemashift_common::sql::{ident_list, quote_ident};
-use std::collections::{BTreeSet, HashMap};
+use schemashift_common::sql::quote_ident;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Transaction};
 
@@ -35,20 +35,19 @@ pub struct PartitionReplayer {
     source: Source,
     plan: Arc<RunPlan>,
     control: ControlSql,
+    /// A batch another partition's rows conflict with (a unique value not yet released
+    /// there), kept to try again, with the end of what was read and since when.
+    held: Option<Held>,
 }
 
-/// What one key ends up as after the changes of a batch.
-#[derive(Clone, Debug)]
-enum Action {
-    Delete,
-    Upsert(Vec<Option<String>>),
-    /// Values with the positions that were not sent (unchanged TOAST).
-    Partial(Vec<Option<String>>, BTreeSet<u16>),
+struct Held {
+    last: ChangeSeq,
+    batch: Vec<(ChangeSeq, Change)>,
+    since: Instant,
 }
 
-fn stage_name(table: u32) -> String {
-    quote_ident(&format!("schemashift_stage_{table}"))
-}
+/// How long a batch may wait for other partitions to release a unique value.
+const HELD_LIMIT: Duration = Duration::from_secs(60);
 
 impl PartitionReplayer {
     /// Reads the partition's position and creates the session's staging tables.
@@ -109,6 +108,7 @@ impl PartitionReplayer {
             source,
             plan,
             control,
+            held: None,
         })
     }
 
@@ -142,7 +142,24 @@ impl PartitionReplayer {
         }
     }
 
-    /// Applies up to `max` changes; returns how many were applied (0: caught up).
+    /// Drops Kafka's re-sent copies. Capture re-sends what it produced but had not
+    /// confirmed before a crash. A partition's changes come in (commit LSN, ordinal) order,
+    /// so anything not after the latest seen is a copy, whether applied before or earlier
+    /// in this batch.
+    fn fresh(&self, mut batch: Vec<(ChangeSeq, Change)>) -> Vec<(ChangeSeq, Change)> {
+        if let Source::Kafka(_) = self.source {
+            let mut latest = self.last;
+            batch.retain(|(_, c)| {
+                let fresh = (c.lsn, c.ordinal) > latest;
+                latest = latest.max((c.lsn, c.ordinal));
+                fresh
+            });
+        }
+        batch
+    }
+
+    /// Applies up to `max` changes; returns how many were applied (0: caught up, or
+    /// waiting for another partition).
     /// `source` serves tables whose mapping reads other tables (merges): their rows are
     /// re-read from it by key.
     pub async fn step(
@@ -152,22 +169,16 @@ impl PartitionReplayer {
         max: i64,
     ) -> Result<usize, WorkerError> {
         let part = self.part;
-        let fetched = self.fetch(target, max).await?;
-        let Some(last) = fetched.last().map(|(s, _)| *s) else {
-            return Ok(0);
+        let (last, batch, held_since) = match self.held.take() {
+            Some(h) => (h.last, h.batch, Some(h.since)),
+            None => {
+                let fetched = self.fetch(target, max).await?;
+                let Some(last) = fetched.last().map(|(s, _)| *s) else {
+                    return Ok(0);
+                };
+                (last, self.fresh(fetched), None)
+            }
         };
-        let mut batch = fetched;
-        if let Source::Kafka(_) = self.source {
-            // Capture re-sends what it produced but had not confirmed before a crash. A
-            // partition's changes come in (commit LSN, ordinal) order, so anything not after
-            // the latest seen is a copy, whether applied before or earlier in this batch.
-            let mut latest = self.last;
-            batch.retain(|(_, c)| {
-                let fresh = (c.lsn, c.ordinal) > latest;
-                latest = latest.max((c.lsn, c.ordinal));
-                fresh
-            });
-        }
         let marker = batch
             .last()
             .map(|(_, c)| (c.lsn, c.ordinal))
@@ -181,7 +192,36 @@ impl PartitionReplayer {
             .partition(|(_, c)| self.plan.table(c.table).is_some_and(|t| t.refreshes()));
         crate::refresh::refresh(&tx, source, &self.plan, self.part, &refresh).await?;
         if !batch.is_empty() {
-            self.apply(&mut tx, &batch).await?;
+            match self.apply(&mut tx, source, &batch).await {
+                Ok(()) => {}
+                // With several partitions, a row of this batch may take a unique value that
+                // a row of another partition still holds on the target (a row moved to a key
+                // of another partition, whose old key that partition has not deleted yet):
+                // keep the batch and try again once the others have moved on.
+                Err((e, true)) if self.plan.partitions > 1 => {
+                    let since = held_since.unwrap_or_else(Instant::now);
+                    if since.elapsed() > HELD_LIMIT {
+                        return Err(WorkerError::Replay {
+                            part,
+                            table: "-".into(),
+                            reason: format!(
+                                "{e}; no other partition released the value in {} s: the changes \
+                                 conflict across partitions (values swapped between rows), which \
+                                 parallel replay cannot apply; roll back and run with `workers: 1`",
+                                HELD_LIMIT.as_secs()
+                            ),
+                            transient: false,
+                        });
+                    }
+                    tracing::debug!(part, error = %e, "batch waits for another partition");
+                    let mut batch = batch;
+                    batch.extend(refresh);
+                    batch.sort_by_key(|(s, _)| *s);
+                    self.held = Some(Held { last, batch, since });
+                    return Ok(0);
+                }
+                Err((e, _)) => return Err(e),
+            }
         }
         let saved = tx
             .execute(
@@ -211,40 +251,37 @@ impl PartitionReplayer {
     async fn apply(
         &self,
         tx: &mut Transaction<'_>,
+        source: &Client,
         batch: &[(ChangeSeq, Change)],
-    ) -> Result<(), WorkerError> {
+    ) -> Result<(), (WorkerError, bool)> {
         // Collapsing is safe unless a unique constraint other than the key sees an
-        // intermediate state; then the batch is applied change by change, in order.
-        let mut sp = tx
-            .savepoint("collapsed")
-            .await
-            .map_err(|e| replay_err(self.part, "-", &e))?;
-        match self.apply_collapsed(&mut sp, batch).await {
-            Ok(()) => sp
-                .commit()
-                .await
-                .map_err(|e| replay_err(self.part, "-", &e)),
+        // intermediate state; then the batch is applied change by change, in order. Err
+        // says whether a unique constraint still refused it then.
+        let db = |e: tokio_postgres::Error| (replay_err(self.part, "-", &e), false);
+        let mut sp = tx.savepoint("collapsed").await.map_err(db)?;
+        match self.apply_collapsed(&mut sp, source, batch).await {
+            Ok(()) => sp.commit().await.map_err(db),
             Err((e, unique)) if unique => {
                 drop(sp);
                 tracing::debug!(part = self.part, error = %e, "batch conflicts when collapsed; applying in order");
                 for one in batch {
-                    self.apply_collapsed(tx, std::slice::from_ref(one))
-                        .await
-                        .map_err(|(e, _)| e)?;
+                    self.apply_collapsed(tx, source, std::slice::from_ref(one))
+                        .await?;
                     // Commit would clear the stage; within this transaction we must.
                     tx.execute(&format!("DELETE FROM {}", stage_name(one.1.table)), &[])
                         .await
-                        .map_err(|e| replay_err(self.part, "-", &e))?;
+                        .map_err(db)?;
                 }
                 Ok(())
             }
-            Err((e, _)) => Err(e),
+            Err(e) => Err(e),
         }
     }
 
     async fn apply_collapsed(
         &self,
         tx: &mut Transaction<'_>,
+        source: &Client,
         batch: &[(ChangeSeq, Change)],
     ) -> Result<(), (WorkerError, bool)> {
         let mut by_table: HashMap<u32, Vec<&(ChangeSeq, Change)>> = HashMap::new();
@@ -260,221 +297,12 @@ impl PartitionReplayer {
                     false,
                 ));
             };
-            self.apply_table(tx, table, &changes).await.map_err(|e| {
-                let unique = e.code() == Some(&SqlState::UNIQUE_VIOLATION);
-                (replay_err(self.part, &table.describe(), &e), unique)
-            })?;
-        }
-        Ok(())
-    }
-
-    async fn apply_table(
-        &self,
-        tx: &Transaction<'_>,
-        table: &TablePlan,
-        changes: &[&(ChangeSeq, Change)],
-    ) -> Result<(), tokio_postgres::Error> {
-        let key_idx = table.source_key_index();
-        let ncols = table.source_columns.len();
-        let mut last: HashMap<Vec<String>, (ChangeSeq, Action)> = HashMap::new();
-        for (seq, c) in changes.iter().map(|x| (&x.0, &x.1)) {
-            let new_key = c.key(&key_idx);
-            if let Some(old) = &c.old_key {
-                if c.op == Op::Delete || Some(old) != new_key.as_ref() {
-                    last.insert(old.clone(), (*seq, Action::Delete));
-                }
-            }
-            if c.op == Op::Delete {
-                continue;
-            }
-            let Some(key) = new_key else { continue };
-            let action = if c.unchanged.is_empty() {
-                Action::Upsert(c.values.clone())
-            } else {
-                let mut vals = c.values.clone();
-                let mut missing: BTreeSet<u16> = c.unchanged.iter().copied().collect();
-                match last.get(&key) {
-                    Some((_, Action::Upsert(prev))) => {
-                        for &i in &missing {
-                            vals[i as usize] = prev[i as usize].clone();
-                        }
-                        missing.clear();
-                    }
-                    Some((_, Action::Partial(prev, prev_missing))) => {
-                        missing.retain(|i| {
-                            if prev_missing.contains(i) {
-                                true
-                            } else {
-                                vals[*i as usize] = prev[*i as usize].clone();
-                                false
-                            }
-                        });
-                    }
-                    _ => {}
-                }
-                if missing.is_empty() {
-                    Action::Upsert(vals)
-                } else {
-                    Action::Partial(vals, missing)
-                }
-            };
-            last.insert(key, (*seq, action));
-        }
-
-        // Stage: group -1 deletes (key only), 0 upserts, 1.. one per set of missing columns.
-        let mut groups: Vec<BTreeSet<u16>> = Vec::new();
-        let mut lines = String::new();
-        let mut entries: Vec<_> = last.into_iter().collect();
-        entries.sort_by_key(|(_, (seq, _))| *seq);
-        for (key, (seq, action)) in &entries {
-            let (grp, vals): (i32, Vec<Option<String>>) = match action {
-                Action::Delete => {
-                    let mut v = vec![None; ncols];
-                    for (k, &i) in key.iter().zip(&key_idx) {
-                        v[i] = Some(k.clone());
-                    }
-                    (-1, v)
-                }
-                Action::Upsert(v) => (0, v.clone()),
-                Action::Partial(v, missing) => {
-                    let g = match groups.iter().position(|m| m == missing) {
-                        Some(g) => g,
-                        None => {
-                            groups.push(missing.clone());
-                            groups.len() - 1
-                        }
-                    };
-                    (g as i32 + 1, v.clone())
-                }
-            };
-            lines.push_str(&seq.0.to_string());
-            lines.push('\t');
-            lines.push_str(&grp.to_string());
-            for v in vals.iter().take(ncols) {
-                lines.push('\t');
-                match v {
-                    None => lines.push_str("\\N"),
-                    Some(s) => escape_copy_text(s, &mut lines),
-                }
-            }
-            lines.push('\n');
-        }
-        let stage = stage_name(table.index);
-        let sink = tx
-            .copy_in(&format!("COPY {stage} FROM STDIN (FORMAT text)"))
-            .await?;
-        futures_util::pin_mut!(sink);
-        sink.feed(bytes::Bytes::from(lines)).await?;
-        sink.as_mut().finish().await?;
-
-        let tkeys: Vec<String> = table.target_key.iter().map(|k| k.name.clone()).collect();
-        let key_join = table
-            .key
-            .iter()
-            .zip(&table.target_key)
-            .map(|(s, t)| format!("t.{} = s.{}", quote_ident(&t.name), quote_ident(&s.name)))
-            .collect::<Vec<_>>()
-            .join(" AND ");
-        tx.execute(
-            &format!(
-                "DELETE FROM {} t USING {stage} s WHERE s.__grp = -1 AND {key_join}",
-                table.target
-            ),
-            &[],
-        )
-        .await?;
-        let non_key: Vec<&String> = table
-            .columns
-            .iter()
-            .map(|c| &c.target)
-            .filter(|c| !tkeys.contains(c))
-            .collect();
-        let on_conflict = if non_key.is_empty() {
-            "DO NOTHING".to_owned()
-        } else {
-            format!(
-                "DO UPDATE SET {}",
-                non_key
-                    .iter()
-                    .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
-        tx.execute(
-            &format!(
-                "INSERT INTO {} ({}) SELECT {} FROM {stage} WHERE __grp = 0 ORDER BY __seq \
-                 ON CONFLICT ({}) {on_conflict}",
-                table.target,
-                ident_list(&table.target_column_names()),
-                table.mapped_select_list(),
-                ident_list(&tkeys),
-            ),
-            &[],
-        )
-        .await?;
-        for (g, missing) in groups.iter().enumerate() {
-            let missing_names: BTreeSet<&str> = missing
-                .iter()
-                .filter_map(|&i| {
-                    table
-                        .source_columns
-                        .get(i as usize)
-                        .map(|c| c.name.as_str())
-                })
-                .collect();
-            let settable: Vec<_> = table
-                .columns
-                .iter()
-                .filter(|c| !tkeys.contains(&c.target))
-                .filter(|c| c.deps.iter().all(|d| !missing_names.contains(d.as_str())))
-                .collect();
-            if settable.is_empty() {
-                continue;
-            }
-            let names: Vec<String> = settable.iter().map(|c| c.target.clone()).collect();
-            let exprs = settable
-                .iter()
-                .map(|c| {
-                    format!(
-                        "({})::{} AS {}",
-                        c.expr,
-                        c.target_type,
-                        quote_ident(&c.target)
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            let keys = table
-                .key
-                .iter()
-                .enumerate()
-                .map(|(i, k)| format!("{} AS __k{i}", quote_ident(&k.name)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let m_join = table
-                .target_key
-                .iter()
-                .enumerate()
-                .map(|(i, t)| format!("t.{} = m.__k{i}", quote_ident(&t.name)))
-                .collect::<Vec<_>>()
-                .join(" AND ");
-            let m_cols = names
-                .iter()
-                .map(|n| format!("m.{}", quote_ident(n)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            tx.execute(
-                &format!(
-                    "UPDATE {} t SET ({}) = ROW({m_cols}) FROM (SELECT {exprs}, {keys} FROM {stage} \
-                     WHERE __grp = {}) m WHERE {m_join}",
-                    table.target,
-                    ident_list(&names),
-                    g + 1
-                ),
-                &[],
-            )
-            .await?;
+            apply::apply_table(tx, source, table, &changes)
+                .await
+                .map_err(|e| {
+                    let unique = e.code() == Some(&SqlState::UNIQUE_VIOLATION);
+                    (replay_err(self.part, &table.describe(), &e), unique)
+                })?;
         }
         Ok(())
     }
@@ -490,5 +318,8 @@ pub(crate) fn replay_err(part: u32, table: &str, e: &tokio_postgres::Error) -> W
     }
 }
 
+mod apply;
+mod collapse;
 mod rows;
-use rows::{escape_copy_text, row_to_change};
+use apply::stage_name;
+use rows::row_to_change;
