@@ -53,6 +53,14 @@ impl ControlSql {
         )
     }
 
+    /// One row when the shard is done under lease epoch $2.
+    pub fn shard_done_at(&self) -> String {
+        format!(
+            "SELECT 1 FROM {} WHERE shard_id = $1 AND lease_epoch = $2 AND state = 'done'",
+            self.table("shards")
+        )
+    }
+
     pub fn extend_lease(&self) -> String {
         format!(
             "UPDATE {} SET lease_expires_at = now() + make_interval(secs => $3) \

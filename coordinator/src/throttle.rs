@@ -12,7 +12,7 @@
 
 use crate::error::CoordinatorError;
 use schemashift_common::control::ControlSql;
-use schemashift_common::ids::ShardId;
+use schemashift_common::ids::{LeaseEpoch, ShardId};
 use schemashift_common::plan::RunPlan;
 use schemashift_common::spec::{Spec, ThrottleSpec};
 use std::collections::BTreeMap;
@@ -28,9 +28,9 @@ pub struct Throttle {
     on: AtomicBool,
     /// Copies (and index builds) allowed at once; unlimited unless the host CPU rule applies.
     allowed: AtomicUsize,
-    /// Shard copies under way, with their last sign of life: the lowest ids within
-    /// `allowed` copy, the others hold.
-    running: Mutex<BTreeMap<ShardId, Instant>>,
+    /// Shard copies under way, with the lease epoch and their last sign of life: the
+    /// lowest ids within `allowed` copy, the others hold.
+    running: Mutex<BTreeMap<ShardId, (LeaseEpoch, Instant)>>,
 }
 
 impl Throttle {
@@ -55,10 +55,10 @@ impl Throttle {
     fn running(
         &self,
         stale_after: Duration,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<ShardId, Instant>> {
+    ) -> std::sync::MutexGuard<'_, BTreeMap<ShardId, (LeaseEpoch, Instant)>> {
         let mut r = self.lock_running();
         // A copy whose worker vanished stops counting when its lease would expire.
-        r.retain(|_, seen| seen.elapsed() < stale_after);
+        r.retain(|_, (_, seen)| seen.elapsed() < stale_after);
         r
     }
 
@@ -67,17 +67,25 @@ impl Throttle {
         self.running(stale_after).len() < self.allowed()
     }
 
-    /// A copy started or is alive; false while it must hold (beyond `allowed`).
-    pub fn copying(&self, shard: ShardId, stale_after: Duration) -> bool {
+    /// A copy started or is alive; false while it must hold (beyond `allowed`). A sign
+    /// of life from an older lease of the shard than the one counted changes nothing.
+    pub fn copying(&self, shard: ShardId, epoch: LeaseEpoch, stale_after: Duration) -> bool {
         let mut r = self.running(stale_after);
-        r.insert(shard, Instant::now());
+        match r.get(&shard) {
+            Some((e, _)) if *e > epoch => return false,
+            _ => r.insert(shard, (epoch, Instant::now())),
+        };
         let allowed = self.allowed();
         r.keys().take(allowed).any(|s| *s == shard)
     }
 
-    /// A copy finished or failed.
-    pub fn finished(&self, shard: ShardId) {
-        self.lock_running().remove(&shard);
+    /// A copy under this lease finished, failed or lost its lease; a late report from an
+    /// older lease leaves the current holder's place alone.
+    pub fn finished(&self, shard: ShardId, epoch: LeaseEpoch) {
+        let mut r = self.lock_running();
+        if r.get(&shard).is_some_and(|(e, _)| *e == epoch) {
+            r.remove(&shard);
+        }
     }
 
     fn copies(&self) -> usize {
@@ -85,7 +93,7 @@ impl Throttle {
     }
 
     /// Usable after a panic elsewhere: the map holds no invariant a panic could break.
-    fn lock_running(&self) -> std::sync::MutexGuard<'_, BTreeMap<ShardId, Instant>> {
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, BTreeMap<ShardId, (LeaseEpoch, Instant)>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -432,17 +440,36 @@ mod tests {
         let ttl = Duration::from_secs(30);
         t.allowed.store(1, Ordering::Relaxed);
         assert!(t.may_start(ttl));
-        assert!(t.copying(ShardId(7), ttl));
+        let e = LeaseEpoch(1);
+        assert!(t.copying(ShardId(7), e, ttl));
         assert!(!t.may_start(ttl), "one runs, one is allowed");
-        assert!(!t.copying(ShardId(9), ttl), "the second copy holds");
-        assert!(t.copying(ShardId(7), ttl));
-        t.finished(ShardId(7));
+        assert!(!t.copying(ShardId(9), e, ttl), "the second copy holds");
+        assert!(t.copying(ShardId(7), e, ttl));
+        t.finished(ShardId(7), e);
         assert!(
-            t.copying(ShardId(9), ttl),
+            t.copying(ShardId(9), e, ttl),
             "it goes on once the first is done"
         );
         // A copy whose worker went silent stops counting.
         assert!(t.may_start(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_late_report_of_an_older_lease_keeps_the_new_holders_place() {
+        let t = Throttle::new(false);
+        let ttl = Duration::from_secs(30);
+        t.allowed.store(1, Ordering::Relaxed);
+        assert!(t.copying(ShardId(7), LeaseEpoch(1), ttl));
+        // Re-leased at epoch 2; the old holder then reports done, failed, or beats.
+        assert!(t.copying(ShardId(7), LeaseEpoch(2), ttl));
+        t.finished(ShardId(7), LeaseEpoch(1));
+        assert!(
+            !t.copying(ShardId(7), LeaseEpoch(1), ttl),
+            "the old lease copies no more"
+        );
+        assert!(!t.may_start(ttl), "the new holder still counts");
+        t.finished(ShardId(7), LeaseEpoch(2));
+        assert!(t.may_start(ttl));
     }
 
     #[test]

@@ -20,9 +20,11 @@ SELECT g % 10, md5('o' || g)::uuid,
        g
 FROM generate_series(1, 2000) g;";
 
-/// `summary` reads the note and the price together; `note_len` only the note.
+/// `summary` reads the note and the price together; `note_len` only the note. Order ids
+/// are unique on their own too: a row moved to another tenant (so, often, to another
+/// replay partition) takes its order id along while the old row may still hold it.
 const TARGET_DDL: &str = "
-CREATE TABLE orders (tenant_id int, order_id uuid, note text, price numeric,
+CREATE TABLE orders (tenant_id int, order_id uuid UNIQUE, note text, price numeric,
                      summary text, note_len int, PRIMARY KEY (tenant_id, order_id));";
 
 const MOVE_40: &str = "

@@ -250,8 +250,8 @@ impl CoordinatorService for ControlCoordinator {
             }
             Stage::Backfill => match self.lease_shard(worker).await? {
                 Some(work) => {
-                    if let Work::Backfill { shard, .. } = &work {
-                        self.throttle.copying(shard.id, self.lease_ttl());
+                    if let Work::Backfill { shard, epoch } = &work {
+                        self.throttle.copying(shard.id, *epoch, self.lease_ttl());
                     }
                     work
                 }
@@ -322,8 +322,8 @@ impl CoordinatorService for ControlCoordinator {
                 n == parts.len()
             }
         };
-        if let (false, LeaseRef::Shard { shard, .. }) = (held, lease) {
-            self.throttle.finished(*shard);
+        if let (false, LeaseRef::Shard { shard, epoch }) = (held, lease) {
+            self.throttle.finished(*shard, *epoch);
         }
         let state = if matches!(lease, LeaseRef::Shard { .. }) {
             "backfill"
@@ -344,8 +344,8 @@ impl CoordinatorService for ControlCoordinator {
             }
             // Over the host's CPU allowance: the copies with the highest shard ids wait.
             (true, Stage::Backfill)
-                if matches!(lease, LeaseRef::Shard { shard, .. }
-                    if !self.throttle.copying(*shard, self.lease_ttl())) =>
+                if matches!(lease, LeaseRef::Shard { shard, epoch }
+                    if !self.throttle.copying(*shard, *epoch, self.lease_ttl())) =>
             {
                 Beat::Hold
             }
@@ -366,12 +366,26 @@ impl CoordinatorService for ControlCoordinator {
         &self,
         worker: &WorkerInfo,
         shard: ShardId,
-        _epoch: LeaseEpoch,
+        epoch: LeaseEpoch,
         rows: u64,
         _bytes: u64,
     ) -> Result<(), ServiceError> {
+        // The rows committed with the done mark, fenced by the epoch; a report from a
+        // lease that was taken over since is refused and changes nothing here.
+        let done = self
+            .target
+            .query_opt(&self.store.sql.shard_done_at(), &[&shard.0, &epoch.0])
+            .await
+            .map_err(unavailable)?
+            .is_some();
+        if !done {
+            return Err(ServiceError::Rejected(format!(
+                "shard {shard}: completion under lease epoch {epoch} refused: the shard is not \
+                 done under that lease (it was leased again since)"
+            )));
+        }
         tracing::debug!(worker = %worker.id, %shard, rows, "shard reported done");
-        self.throttle.finished(shard);
+        self.throttle.finished(shard, epoch);
         self.changed.notify_one();
         Ok(())
     }
@@ -425,7 +439,7 @@ impl CoordinatorService for ControlCoordinator {
         tracing::info!(worker = %worker.id, lease = %lease_text(lease), "work returned after failure");
         match lease {
             LeaseRef::Shard { shard, epoch } => {
-                self.throttle.finished(*shard);
+                self.throttle.finished(*shard, *epoch);
                 self.target
                     .execute(&self.store.sql.fail_shard(), &[&shard.0, &epoch.0, &reason])
                     .await

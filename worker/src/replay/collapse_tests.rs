@@ -230,81 +230,132 @@ fn apply(
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+const CASES: u32 = 2_000;
 
-    /// Capture runs behind the source and replay behind capture, by random amounts; a
-    /// refresh reads the source as it is at that moment.
-    #[test]
-    fn collapsed_partitions_in_any_interleaving_end_equal_to_the_mapped_source(
-        initial in 0u8..8,
-        steps in proptest::collection::vec(step(), 0..40),
-        partitions in 1u32..4,
-        events in proptest::collection::vec((0u32..4, 1usize..6, 0usize..3, 0usize..3), 1..60),
-        mixed in any::<bool>(),
-    ) {
-        let (log, states) = history(initial, &steps);
-        let last = states.len() - 1;
-        let mut parts: Vec<Vec<(ChangeSeq, Change)>> = vec![Vec::new(); partitions as usize];
-        for (seq, c) in log.into_iter().enumerate() {
-            let key = c.key(&KEY_IDX).expect("every change has a key");
-            parts[partition_of(0, &key, partitions) as usize].push((ChangeSeq(seq as i64), c));
-        }
-        let mut target: BTreeMap<String, Vec<Option<String>>> =
-            states[0].iter().map(|(k, r)| (k.clone(), map_row(r, mixed))).collect();
-        let mut pos = vec![0usize; partitions as usize];
-        let mut now = 0usize;
-        // Random interleaving, then everything left (a catch-up drains every partition).
-        let drain = (0..partitions).map(|p| (p, usize::MAX, last, 0));
-        for (p, size, advance, lag) in events
-            .into_iter()
-            .map(|(p, s, a, l)| (p % partitions, s, a, l))
-            .chain(drain)
-        {
-            now = now.saturating_add(advance).min(last);
-            let captured = now.saturating_sub(lag) as u64;
-            let p = p as usize;
-            let visible = parts[p][pos[p]..].iter().take_while(|(_, c)| c.lsn.0 <= captured).count();
-            let end = pos[p] + visible.min(size);
-            let batch = &parts[p][pos[p]..end];
-            pos[p] = end;
-            let entries = collapse(batch.iter().map(|(s, c)| (*s, c)), &KEY_IDX, needs_row(mixed));
-            apply(&mut target, entries, &states[now], mixed);
-        }
-        let want: BTreeMap<String, Vec<Option<String>>> =
-            states[last].iter().map(|(k, r)| (k.clone(), map_row(r, mixed))).collect();
-        prop_assert_eq!(target, want);
+/// Runs `check` on `CASES` generated inputs and says how many passed (a failure panics
+/// with the shrunk input).
+fn run_cases<S: Strategy>(
+    name: &str,
+    strategy: S,
+    check: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) where
+    S::Value: std::fmt::Debug,
+{
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: CASES,
+        ..ProptestConfig::default()
+    });
+    if let Err(e) = runner.run(&strategy, check) {
+        panic!("{name}: {e}");
     }
+    eprintln!("{name}: {CASES} cases passed");
+}
 
-    /// Without refreshes in play, one partition collapsed in batches ends where applying
-    /// each change in turn ends: the collapse itself loses nothing.
-    #[test]
-    fn collapsed_batches_equal_change_by_change_replay(
-        initial in 0u8..8,
-        steps in proptest::collection::vec(step(), 0..40),
-        size in 1usize..8,
-    ) {
-        let (log, states) = history(initial, &steps);
-        let (before, after) = (&states[0], &states[states.len() - 1]);
-        let seqd: Vec<(ChangeSeq, Change)> =
-            log.into_iter().enumerate().map(|(s, c)| (ChangeSeq(s as i64), c)).collect();
-        let start: BTreeMap<String, Vec<Option<String>>> =
-            before.iter().map(|(k, r)| (k.clone(), map_row(r, false))).collect();
-        let mut batched = start.clone();
-        let mut one_by_one = start;
-        for chunk in seqd.chunks(size) {
-            let e = collapse(chunk.iter().map(|(s, c)| (*s, c)), &KEY_IDX, needs_row(false));
-            apply(&mut batched, e, after, false);
-        }
-        for one in &seqd {
-            let e = collapse([(one.0, &one.1)], &KEY_IDX, needs_row(false));
-            apply(&mut one_by_one, e, after, false);
-        }
-        prop_assert_eq!(&batched, &one_by_one);
-        let want: BTreeMap<String, Vec<Option<String>>> =
-            after.iter().map(|(k, r)| (k.clone(), map_row(r, false))).collect();
-        prop_assert_eq!(batched, want);
-    }
+/// Capture runs behind the source and replay behind capture, by random amounts; a
+/// refresh reads the source as it is at that moment.
+#[test]
+fn collapsed_partitions_in_any_interleaving_end_equal_to_the_mapped_source() {
+    let strategy = (
+        0u8..8,
+        proptest::collection::vec(step(), 0..40),
+        1u32..4,
+        proptest::collection::vec((0u32..4, 1usize..6, 0usize..3, 0usize..3), 1..60),
+        any::<bool>(),
+    );
+    run_cases(
+        "partitions interleaved",
+        strategy,
+        |(initial, steps, partitions, events, mixed)| {
+            let (log, states) = history(initial, &steps);
+            let last = states.len() - 1;
+            let mut parts: Vec<Vec<(ChangeSeq, Change)>> = vec![Vec::new(); partitions as usize];
+            for (seq, c) in log.into_iter().enumerate() {
+                let key = c.key(&KEY_IDX).expect("every change has a key");
+                parts[partition_of(0, &key, partitions) as usize].push((ChangeSeq(seq as i64), c));
+            }
+            let mut target: BTreeMap<String, Vec<Option<String>>> = states[0]
+                .iter()
+                .map(|(k, r)| (k.clone(), map_row(r, mixed)))
+                .collect();
+            let mut pos = vec![0usize; partitions as usize];
+            let mut now = 0usize;
+            // Random interleaving, then everything left (a catch-up drains every partition).
+            let drain = (0..partitions).map(|p| (p, usize::MAX, last, 0));
+            for (p, size, advance, lag) in events
+                .into_iter()
+                .map(|(p, s, a, l)| (p % partitions, s, a, l))
+                .chain(drain)
+            {
+                now = now.saturating_add(advance).min(last);
+                let captured = now.saturating_sub(lag) as u64;
+                let p = p as usize;
+                let visible = parts[p][pos[p]..]
+                    .iter()
+                    .take_while(|(_, c)| c.lsn.0 <= captured)
+                    .count();
+                let end = pos[p] + visible.min(size);
+                let batch = &parts[p][pos[p]..end];
+                pos[p] = end;
+                let entries = collapse(
+                    batch.iter().map(|(s, c)| (*s, c)),
+                    &KEY_IDX,
+                    needs_row(mixed),
+                );
+                apply(&mut target, entries, &states[now], mixed);
+            }
+            let want: BTreeMap<String, Vec<Option<String>>> = states[last]
+                .iter()
+                .map(|(k, r)| (k.clone(), map_row(r, mixed)))
+                .collect();
+            prop_assert_eq!(target, want);
+            Ok(())
+        },
+    );
+}
+
+/// One partition collapsed in batches ends where applying each change in turn ends: the
+/// collapse itself loses nothing.
+#[test]
+fn collapsed_batches_equal_change_by_change_replay() {
+    let strategy = (0u8..8, proptest::collection::vec(step(), 0..40), 1usize..8);
+    run_cases(
+        "batches against one by one",
+        strategy,
+        |(initial, steps, size)| {
+            let (log, states) = history(initial, &steps);
+            let (before, after) = (&states[0], &states[states.len() - 1]);
+            let seqd: Vec<(ChangeSeq, Change)> = log
+                .into_iter()
+                .enumerate()
+                .map(|(s, c)| (ChangeSeq(s as i64), c))
+                .collect();
+            let start: BTreeMap<String, Vec<Option<String>>> = before
+                .iter()
+                .map(|(k, r)| (k.clone(), map_row(r, false)))
+                .collect();
+            let mut batched = start.clone();
+            let mut one_by_one = start;
+            for chunk in seqd.chunks(size) {
+                let e = collapse(
+                    chunk.iter().map(|(s, c)| (*s, c)),
+                    &KEY_IDX,
+                    needs_row(false),
+                );
+                apply(&mut batched, e, after, false);
+            }
+            for one in &seqd {
+                let e = collapse([(one.0, &one.1)], &KEY_IDX, needs_row(false));
+                apply(&mut one_by_one, e, after, false);
+            }
+            prop_assert_eq!(&batched, &one_by_one);
+            let want: BTreeMap<String, Vec<Option<String>>> = after
+                .iter()
+                .map(|(k, r)| (k.clone(), map_row(r, false)))
+                .collect();
+            prop_assert_eq!(batched, want);
+            Ok(())
+        },
+    );
 }
 
 #[test]

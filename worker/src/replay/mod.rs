@@ -46,6 +46,25 @@ struct Held {
     since: Instant,
 }
 
+/// Why a batch did not apply, as far as waiting for other partitions can help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Conflict {
+    No,
+    /// A unique constraint other than the key refused a row.
+    Unique,
+    /// Another partition's transaction waits on this one's rows and this one on its
+    /// (a unique value moving between them); PostgreSQL aborted this one.
+    Deadlock,
+}
+
+fn conflict_of(e: &tokio_postgres::Error) -> Conflict {
+    match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => Conflict::Unique,
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED => Conflict::Deadlock,
+        _ => Conflict::No,
+    }
+}
+
 /// How long a batch may wait for other partitions to release a unique value.
 const HELD_LIMIT: Duration = Duration::from_secs(60);
 
@@ -179,49 +198,64 @@ impl PartitionReplayer {
                 (last, self.fresh(fetched), None)
             }
         };
-        let marker = batch
-            .last()
-            .map(|(_, c)| (c.lsn, c.ordinal))
-            .unwrap_or(self.last);
         let mut tx = target
             .transaction()
             .await
             .map_err(|e| replay_err(part, "-", &e))?;
-        let (refresh, batch): (Vec<_>, Vec<_>) = batch
+        let (refresh, mut batch): (Vec<_>, Vec<_>) = batch
             .into_iter()
             .partition(|(_, c)| self.plan.table(c.table).is_some_and(|t| t.refreshes()));
         crate::refresh::refresh(&tx, source, &self.plan, self.part, &refresh).await?;
-        if !batch.is_empty() {
-            match self.apply(&mut tx, source, &batch).await {
-                Ok(()) => {}
-                // With several partitions, a row of this batch may take a unique value that
-                // a row of another partition still holds on the target (a row moved to a key
-                // of another partition, whose old key that partition has not deleted yet):
-                // keep the batch and try again once the others have moved on.
-                Err((e, true)) if self.plan.partitions > 1 => {
-                    let since = held_since.unwrap_or_else(Instant::now);
-                    if since.elapsed() > HELD_LIMIT {
-                        return Err(WorkerError::Replay {
-                            part,
-                            table: "-".into(),
-                            reason: format!(
-                                "{e}; no other partition released the value in {} s: the changes \
-                                 conflict across partitions (values swapped between rows), which \
-                                 parallel replay cannot apply; roll back and run with `workers: 1`",
-                                HELD_LIMIT.as_secs()
-                            ),
-                            transient: false,
-                        });
-                    }
-                    tracing::debug!(part, error = %e, "batch waits for another partition");
-                    let mut batch = batch;
-                    batch.extend(refresh);
-                    batch.sort_by_key(|(s, _)| *s);
-                    self.held = Some(Held { last, batch, since });
-                    return Ok(0);
-                }
-                Err((e, _)) => return Err(e),
+        let applied = self.apply(&mut tx, source, &batch).await?;
+        // With several partitions, a change may take a unique value that a row of another
+        // partition still holds on the target (a key change moves its row's unique values
+        // to the new key's partition while the old key's partition has not deleted it
+        // yet). What comes before it commits; it and the rest wait for the others.
+        let (last, rest) = if applied < batch.len() {
+            let rest = batch.split_off(applied);
+            let since = match (applied, held_since) {
+                (0, Some(since)) => since,
+                _ => Instant::now(),
+            };
+            if since.elapsed() > HELD_LIMIT {
+                return Err(WorkerError::Replay {
+                    part,
+                    table: "-".into(),
+                    reason: format!(
+                        "a change has conflicted for {} s with rows of other partitions (a unique \
+                         value taken on the target): the changes swap values across partitions, \
+                         which parallel replay cannot apply; roll back and run with `workers: 1`",
+                        HELD_LIMIT.as_secs()
+                    ),
+                    transient: false,
+                });
             }
+            if applied == 0 {
+                // Nothing to commit: the transaction (and the refreshes) roll back.
+                let mut batch = rest;
+                batch.extend(refresh);
+                batch.sort_by_key(|(s, _)| *s);
+                self.held = Some(Held { last, batch, since });
+                return Ok(0);
+            }
+            (
+                batch[applied - 1].0,
+                Some(Held {
+                    last,
+                    batch: rest,
+                    since,
+                }),
+            )
+        } else {
+            (last, None)
+        };
+        // The last change the saved position covers: Kafka copies not after it are dropped.
+        // With a remainder held, refreshes past the prefix do not count (after a crash they
+        // are read and applied again, which changes nothing).
+        let at = |c: &Change| (c.lsn, c.ordinal);
+        let mut marker = batch.last().map_or(self.last, |(_, c)| at(c));
+        if rest.is_none() {
+            marker = marker.max(refresh.last().map_or(self.last, |(_, c)| at(c)));
         }
         let saved = tx
             .execute(
@@ -244,37 +278,94 @@ impl PartitionReplayer {
         tx.commit().await.map_err(|e| replay_err(part, "-", &e))?;
         self.pos = last;
         self.last = marker;
+        self.held = rest;
         // Skipped duplicates count as progress, so the caller does not go idle on them.
         Ok((batch.len() + refresh.len()).max(1))
     }
 
+    /// Applies `batch` in `tx`; returns how many of its first changes were applied: all,
+    /// or (with several partitions) those before a change that conflicts with rows of
+    /// other partitions.
     async fn apply(
         &self,
         tx: &mut Transaction<'_>,
         source: &Client,
         batch: &[(ChangeSeq, Change)],
-    ) -> Result<(), (WorkerError, bool)> {
+    ) -> Result<usize, WorkerError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
         // Collapsing is safe unless a unique constraint other than the key sees an
-        // intermediate state; then the batch is applied change by change, in order. Err
-        // says whether a unique constraint still refused it then.
-        let db = |e: tokio_postgres::Error| (replay_err(self.part, "-", &e), false);
+        // intermediate state; then the batch is applied change by change, in order.
+        let db = |e: tokio_postgres::Error| replay_err(self.part, "-", &e);
         let mut sp = tx.savepoint("collapsed").await.map_err(db)?;
         match self.apply_collapsed(&mut sp, source, batch).await {
-            Ok(()) => sp.commit().await.map_err(db),
-            Err((e, unique)) if unique => {
+            Ok(()) => {
+                sp.commit().await.map_err(db)?;
+                return Ok(batch.len());
+            }
+            Err((e, Conflict::No)) => return Err(e),
+            Err((e, _)) => {
                 drop(sp);
                 tracing::debug!(part = self.part, error = %e, "batch conflicts when collapsed; applying in order");
-                for one in batch {
-                    self.apply_collapsed(tx, source, std::slice::from_ref(one))
-                        .await?;
-                    // Commit would clear the stage; within this transaction we must.
-                    tx.execute(&format!("DELETE FROM {}", stage_name(one.1.table)), &[])
-                        .await
-                        .map_err(db)?;
-                }
-                Ok(())
             }
-            Err(e) => Err(e),
+        }
+        for (i, one) in batch.iter().enumerate() {
+            let mut sp = tx.savepoint("one").await.map_err(db)?;
+            match self
+                .apply_collapsed(&mut sp, source, std::slice::from_ref(one))
+                .await
+            {
+                Ok(()) => sp.commit().await.map_err(db)?,
+                Err((e, Conflict::Unique | Conflict::Deadlock)) if self.plan.partitions > 1 => {
+                    drop(sp);
+                    // The holder may be ahead (its partition applied a later state, e.g.
+                    // a row moved there and back): the key's row as the source has it now
+                    // fits that state. If it does not, the holder is behind: wait for it.
+                    if !self.refresh_one(tx, source, &one.1).await? {
+                        tracing::debug!(part = self.part, applied = i, error = %e, "change waits for another partition");
+                        return Ok(i);
+                    }
+                }
+                Err((e, _)) => return Err(e),
+            }
+            // Commit would clear the stage; within this transaction we must.
+            tx.execute(&format!("DELETE FROM {}", stage_name(one.1.table)), &[])
+                .await
+                .map_err(db)?;
+        }
+        Ok(batch.len())
+    }
+
+    /// Replaces the target row of the change's key by the source's row now, in a
+    /// savepoint; false when that conflicts with another partition's rows too.
+    async fn refresh_one(
+        &self,
+        tx: &mut Transaction<'_>,
+        source: &Client,
+        change: &Change,
+    ) -> Result<bool, WorkerError> {
+        let Some(table) = self.plan.table(change.table) else {
+            return Err(WorkerError::ChangeLog(format!(
+                "change for unknown table index {}",
+                change.table
+            )));
+        };
+        let err = |e: &tokio_postgres::Error| replay_err(self.part, &table.describe(), e);
+        let Some(key) = change.key(&table.source_key_index()) else {
+            return Ok(false);
+        };
+        let sp = tx.savepoint("refresh_one").await.map_err(|e| err(&e))?;
+        match crate::refresh::refresh_keys(&sp, source, table, &[key]).await {
+            Ok(()) => {
+                sp.commit().await.map_err(|e| err(&e))?;
+                Ok(true)
+            }
+            Err(e) if conflict_of(&e) != Conflict::No => {
+                tracing::debug!(part = self.part, error = %err(&e), "refreshed row conflicts too");
+                Ok(false)
+            }
+            Err(e) => Err(err(&e)),
         }
     }
 
@@ -283,7 +374,7 @@ impl PartitionReplayer {
         tx: &mut Transaction<'_>,
         source: &Client,
         batch: &[(ChangeSeq, Change)],
-    ) -> Result<(), (WorkerError, bool)> {
+    ) -> Result<(), (WorkerError, Conflict)> {
         let mut by_table: HashMap<u32, Vec<&(ChangeSeq, Change)>> = HashMap::new();
         for c in batch {
             by_table.entry(c.1.table).or_default().push(c);
@@ -294,14 +385,16 @@ impl PartitionReplayer {
             let Some(table) = self.plan.table(t) else {
                 return Err((
                     WorkerError::ChangeLog(format!("change for unknown table index {t}")),
-                    false,
+                    Conflict::No,
                 ));
             };
             apply::apply_table(tx, source, table, &changes)
                 .await
                 .map_err(|e| {
-                    let unique = e.code() == Some(&SqlState::UNIQUE_VIOLATION);
-                    (replay_err(self.part, &table.describe(), &e), unique)
+                    (
+                        replay_err(self.part, &table.describe(), &e),
+                        conflict_of(&e),
+                    )
                 })?;
         }
         Ok(())

@@ -1,0 +1,138 @@
+//! Fencing of shard leases against a real coordinator process: a worker whose lease was
+//! taken over writes nothing and its late completion is refused.
+
+use schemashift_common::control::ControlSql;
+use schemashift_common::ids::LeaseEpoch;
+use schemashift_common::pg::install_helpers;
+use schemashift_common::plan::Shard;
+use schemashift_common::scenario::users_spec_yaml;
+use schemashift_common::service::{
+    CoordinatorService, Progress, Registration, ServiceError, Work, WorkerInfo,
+};
+use schemashift_tests::{connect, local_listen, users_env, write_spec, Proc};
+use schemashift_worker::backfill::{copy_shard, CopyPacing, CopyProgress};
+use schemashift_worker::grpc::{ClientOptions, GrpcCoordinator};
+use schemashift_worker::WorkerError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn worker(id: &str) -> WorkerInfo {
+    WorkerInfo {
+        id: id.into(),
+        host: "test".into(),
+    }
+}
+
+/// Asks for work until a backfill shard comes (the run may still be starting).
+async fn lease_shard(
+    svc: &GrpcCoordinator,
+    me: &WorkerInfo,
+    limit: Duration,
+) -> anyhow::Result<(Shard, LeaseEpoch)> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match svc.lease(me, Progress::default()).await {
+            Ok(Work::Backfill { shard, epoch }) => return Ok((shard, epoch)),
+            Ok(_) | Err(ServiceError::Unavailable(_)) => {}
+            Err(e) => anyhow::bail!("lease: {e}"),
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{} got no shard", me.id);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The shard copied as a worker copies it, under `epoch`.
+async fn copy(reg: &Registration, shard: &Shard, epoch: LeaseEpoch) -> Result<u64, WorkerError> {
+    let source = schemashift_common::pg::connect(&reg.source, "source").await?;
+    let mut target = schemashift_common::pg::connect(&reg.target, "target").await?;
+    install_helpers(&source, &reg.plan.helpers, "source").await?;
+    let table = reg
+        .plan
+        .table(shard.table)
+        .expect("the shard's table is planned");
+    let (_hold_tx, hold) = tokio::sync::watch::channel(false);
+    let out = copy_shard(
+        &source,
+        &mut target,
+        &ControlSql::new(&reg.plan.control_schema),
+        table,
+        shard,
+        epoch,
+        CopyPacing {
+            progress: Arc::new(CopyProgress::default()),
+            hold,
+        },
+    )
+    .await?;
+    Ok(out.rows)
+}
+
+#[tokio::test]
+async fn completion_under_a_lease_taken_over_is_refused_and_writes_no_row() -> anyhow::Result<()> {
+    let env = users_env("fencing_stale_lease", 2_000).await?;
+    let dir = tempfile::tempdir()?;
+    // One shard, so the second worker leases the same one once the first lease expires.
+    let spec = write_spec(
+        &dir,
+        &format!(
+            "{}throttle:\n  enabled: false\n",
+            users_spec_yaml(&env.source_dsn, &env.target_dsn, 1, Some(1_000_000))
+        ),
+    )?;
+    let (listen, url) = local_listen()?;
+    let mut coord = Proc::spawn(
+        dir.path(),
+        "coordinator",
+        &[
+            "coordinator",
+            &spec,
+            "--listen",
+            &listen,
+            "--until",
+            "backfill",
+            "--lease-ttl",
+            "1s",
+        ],
+        &[],
+    )?;
+    let svc = GrpcCoordinator::new(&url, &ClientOptions::default())?;
+    let (w1, w2) = (worker("stale"), worker("current"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reg = loop {
+        match svc.register(&w1).await {
+            Ok(r) => break r,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => anyhow::bail!("register: {e}"),
+        }
+    };
+    svc.register(&w2).await?;
+    let (shard, e1) = lease_shard(&svc, &w1, Duration::from_secs(60)).await?;
+    // The first worker goes silent; its lease expires and the shard is leased again.
+    let (again, e2) = lease_shard(&svc, &w2, Duration::from_secs(30)).await?;
+    assert_eq!(again.id, shard.id);
+    assert!(e2 > e1, "re-leased at a higher epoch ({e1:?} then {e2:?})");
+
+    let stale = copy(&reg, &shard, e1).await;
+    assert!(
+        matches!(stale, Err(WorkerError::LeaseLost { .. })),
+        "the stale copy is rolled back: {stale:?}"
+    );
+    let t = connect(&env.target_dsn).await?;
+    let rows: i64 = t.query_one("SELECT count(*) FROM users", &[]).await?.get(0);
+    assert_eq!(rows, 0, "the stale lease wrote nothing");
+    let refused = svc.completed(&w1, shard.id, e1, 2_000, 0).await;
+    assert!(
+        matches!(refused, Err(ServiceError::Rejected(_))),
+        "completion under epoch {e1:?} refused: {refused:?}"
+    );
+
+    assert_eq!(copy(&reg, &shard, e2).await?, 2_000);
+    svc.completed(&w2, shard.id, e2, 2_000, 0).await?;
+    let rows: i64 = t.query_one("SELECT count(*) FROM users", &[]).await?.get(0);
+    assert_eq!(rows, 2_000);
+    coord.kill9().await?;
+    env.drop_all().await
+}
