@@ -185,7 +185,24 @@ pub fn render(st: &Status) -> String {
     o
 }
 
-/// Serves `GET /metrics` (any path, really) until `shutdown`.
+/// How long a scraper may take to send its request line.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether the request is `GET /metrics` (a query string allowed).
+fn is_metrics_request(req: &[u8]) -> bool {
+    let line = req
+        .split(|b| *b == b'\r' || *b == b'\n')
+        .next()
+        .unwrap_or_default();
+    let mut parts = line.split(|b| *b == b' ');
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let path = target.split(|b| *b == b'?').next().unwrap_or_default();
+    method == b"GET" && path == b"/metrics"
+}
+
+/// Serves `GET /metrics` until `shutdown`; any other request gets 404.
 pub async fn serve(
     listener: TcpListener,
     spec: Arc<Spec>,
@@ -198,15 +215,22 @@ pub async fn serve(
         };
         let spec = spec.clone();
         tokio::spawn(async move {
-            // The request itself does not matter; read what the client sent, then answer.
+            // One request line is all we need; a client that sends none in time is dropped.
             let mut buf = [0u8; 2048];
-            let _ = sock.read(&mut buf).await;
-            let (code, body) = match status(&spec).await {
-                Ok(st) => ("200 OK", render(&st)),
-                Err(e) => (
-                    "503 Service Unavailable",
-                    format!("# status unavailable: {e}\n"),
-                ),
+            let n = match tokio::time::timeout(READ_TIMEOUT, sock.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let (code, body) = if !is_metrics_request(&buf[..n]) {
+                ("404 Not Found", "only GET /metrics is served\n".to_owned())
+            } else {
+                match status(&spec).await {
+                    Ok(st) => ("200 OK", render(&st)),
+                    Err(e) => (
+                        "503 Service Unavailable",
+                        format!("# status unavailable: {e}\n"),
+                    ),
+                }
             };
             let resp = format!(
                 "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -237,4 +261,21 @@ pub async fn start(
             tracing::warn!(error = %e, "metrics server stopped");
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_get_metrics_is_served() {
+        assert!(is_metrics_request(
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        ));
+        assert!(is_metrics_request(b"GET /metrics?x=1 HTTP/1.1\r\n"));
+        assert!(!is_metrics_request(b"GET / HTTP/1.1\r\n"));
+        assert!(!is_metrics_request(b"GET /metricsx HTTP/1.1\r\n"));
+        assert!(!is_metrics_request(b"POST /metrics HTTP/1.1\r\n"));
+        assert!(!is_metrics_request(b""));
+    }
 }

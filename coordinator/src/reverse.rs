@@ -7,7 +7,7 @@
 //! replayer applying to the source tables. Replay sessions carry replication origins, so
 //! neither direction sends the other's writes back.
 
-use crate::capture::{ensure_slot, flush_wal, wal_lsn, Capture, WalPosition};
+use crate::capture::{capture_position_sql, ensure_slot, flush_wal, wal_lsn, Capture, WalPosition};
 use crate::control::{Phase, Store};
 use crate::error::CoordinatorError;
 use schemashift_common::control::ControlSql;
@@ -184,15 +184,8 @@ impl ReverseStart {
     /// moves the start back, so an aborted attempt followed by a later one is fine.
     pub async fn mark(&self, target: &Client) -> Result<Lsn, CoordinatorError> {
         let lsn = wal_lsn(target, WalPosition::Insert).await?;
-        let table = self.control.table("capture");
         self.source
-            .execute(
-                &format!(
-                    "INSERT INTO {table} AS c (id, lsn) VALUES (1, $1::text::pg_lsn) \
-                     ON CONFLICT (id) DO UPDATE SET lsn = greatest(c.lsn, EXCLUDED.lsn), updated_at = now()"
-                ),
-                &[&lsn.to_string()],
-            )
+            .execute(&capture_position_sql(&self.control), &[&lsn.to_string()])
             .await
             .map_err(db("marking where reverse sync starts"))?;
         Ok(lsn)

@@ -263,16 +263,22 @@ fn parse_prometheus(body: &str) -> anyhow::Result<BTreeMap<String, f64>> {
     Ok(out)
 }
 
-async fn scrape(addr: &str) -> Option<String> {
+/// The status line and body of `GET path`.
+async fn get(addr: &str, path: &str) -> Option<(String, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .await
         .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.ok()?;
     let (head, body) = buf.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    Some((head.lines().next()?.to_owned(), body.to_owned()))
+}
+
+async fn scrape(addr: &str) -> Option<String> {
+    let (status, body) = get(addr, "/metrics").await?;
+    status.starts_with("HTTP/1.1 200").then_some(body)
 }
 
 #[tokio::test]
@@ -329,6 +335,8 @@ async fn metrics_endpoint_parses_as_prometheus_and_matches_the_report() -> anyho
         );
         tokio::task::yield_now().await;
     };
+    let other = get(&addr, "/").await.map(|(status, _)| status);
+    assert_eq!(other.as_deref(), Some("HTTP/1.1 404 Not Found"));
     coord.kill9().await?;
     let m = parse_prometheus(&body)?;
     let get = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);

@@ -11,6 +11,7 @@ mod slot;
 
 use backon::BackoffBuilder;
 use relations::Relations;
+pub use sink::position_sql as capture_position_sql;
 use sink::Sink;
 pub use slot::{drop_slot, ensure_slot, flush_wal, wal_lsn, WalPosition};
 

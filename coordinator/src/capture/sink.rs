@@ -144,10 +144,12 @@ async fn save_position(
     tx.commit().await.map_err(&e)
 }
 
-fn position_sql(control: &ControlSql) -> String {
+/// Never moves back: a capture that lost a race with a newer one (fenced elsewhere) cannot
+/// make the next start re-read what the log already holds past it.
+pub fn position_sql(control: &ControlSql) -> String {
     format!(
-        "INSERT INTO {} (id, lsn) VALUES (1, $1::text::pg_lsn) \
-         ON CONFLICT (id) DO UPDATE SET lsn = EXCLUDED.lsn, updated_at = now()",
+        "INSERT INTO {} AS c (id, lsn) VALUES (1, $1::text::pg_lsn) \
+         ON CONFLICT (id) DO UPDATE SET lsn = GREATEST(c.lsn, EXCLUDED.lsn), updated_at = now()",
         control.table("capture")
     )
 }
