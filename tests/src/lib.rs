@@ -237,6 +237,15 @@ async fn drop_slots(admin: &Client, db: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Every row of `sql` (in its order), as text.
+pub async fn rows_text(c: &Client, sql: &str) -> anyhow::Result<Vec<String>> {
+    Ok(c.query(&format!("SELECT t::text FROM ({sql}) t"), &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// Connects and spawns the connection task.
 pub async fn connect(dsn: &str) -> anyhow::Result<Client> {
     let (client, conn) = tokio_postgres::connect(dsn, NoTls)

@@ -6,7 +6,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use schemashift_tests::{connect, schemashift_ok, write_spec, Broker, TestEnv};
+use schemashift_tests::{connect, rows_text, schemashift_ok, write_spec, Broker, TestEnv};
 use tokio_postgres::Client;
 
 /// The table: a composite key, a note stored out of line for even `g`.
@@ -53,18 +53,10 @@ fn spec_yaml(env: &TestEnv, workers: usize, batch: u32, changelog: Option<&str>)
     )
 }
 
-async fn rows(c: &Client, sql: &str) -> anyhow::Result<Vec<String>> {
-    Ok(c.query(&format!("SELECT t::text FROM ({sql}) t"), &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
-}
-
 /// The target equals the mapped source, row for row.
 async fn assert_target_is_mapped_source(env: &TestEnv, context: &str) -> anyhow::Result<()> {
-    let s = rows(&connect(&env.source_dsn).await?, SOURCE_MAPPED).await?;
-    let t = rows(&connect(&env.target_dsn).await?, TARGET_ROWS).await?;
+    let s = rows_text(&connect(&env.source_dsn).await?, SOURCE_MAPPED).await?;
+    let t = rows_text(&connect(&env.target_dsn).await?, TARGET_ROWS).await?;
     let missing: Vec<&String> = s.iter().filter(|r| !t.contains(r)).take(3).collect();
     let extra: Vec<&String> = t.iter().filter(|r| !s.contains(r)).take(3).collect();
     anyhow::ensure!(
@@ -169,7 +161,7 @@ async fn key_change_on_the_target_after_cutover_reaches_the_old_schema_with_its_
     let back =
         "SELECT tenant_id, order_id, md5(note), (price * 100)::int FROM orders ORDER BY 1, 2";
     let fwd = "SELECT tenant_id, order_id, md5(note), price FROM orders ORDER BY 1, 2";
-    assert_eq!(rows(&t, back).await?, rows(&s, fwd).await?);
+    assert_eq!(rows_text(&t, back).await?, rows_text(&s, fwd).await?);
     assert_eq!(count(&s, "SELECT count(*) FROM orders").await?, 1999);
     // 40 long notes moved to tenant 77; the one of order 4 moved on and was deleted.
     assert_eq!(

@@ -3,7 +3,7 @@
 //! types that must survive mapping, replay and verify.
 
 use rand::Rng;
-use schemashift_tests::{connect, schemashift, schemashift_ok, write_spec, TestEnv};
+use schemashift_tests::{connect, rows_text, schemashift, schemashift_ok, write_spec, TestEnv};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio_postgres::Client;
@@ -31,15 +31,6 @@ fn spec_yaml(env: &TestEnv, workers: usize, tables: &[String]) -> String {
         env.target_dsn,
         tables.concat()
     )
-}
-
-/// Every row of `sql` (ordered), as text, on one side.
-async fn rows_text(c: &Client, sql: &str) -> anyhow::Result<Vec<String>> {
-    Ok(c.query(&format!("SELECT t::text FROM ({sql}) t"), &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
 }
 
 async fn assert_same(env: &TestEnv, sql: &str) -> anyhow::Result<()> {
