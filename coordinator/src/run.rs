@@ -125,6 +125,9 @@ pub struct RunCtx {
     capture_stop: watch::Sender<bool>,
     pub(crate) capture_wake: Arc<tokio::sync::Notify>,
     capture_task: JoinHandle<Result<(), CoordinatorError>>,
+    /// Probes the source and sets the throttle; if it ends early the throttle can never
+    /// release, so the phase loops watch it like capture.
+    throttle_task: Option<JoinHandle<Result<(), CoordinatorError>>>,
     /// The service workers lease from; the gRPC adapter serves the same one.
     pub svc: Arc<ControlCoordinator>,
     local: Option<LocalWorkers>,
@@ -304,7 +307,7 @@ impl RunCtx {
             Stage::Replay
         };
         let throttle = Arc::new(crate::throttle::Throttle::new(spec.throttle.enabled));
-        tokio::spawn(
+        let throttle_task = tokio::spawn(
             crate::throttle::watch_source(
                 spec.clone(),
                 plan.clone(),
@@ -343,6 +346,7 @@ impl RunCtx {
             capture_stop,
             capture_wake,
             capture_task,
+            throttle_task: Some(throttle_task),
             svc,
             local,
             workers,
@@ -378,12 +382,19 @@ impl RunCtx {
         None
     }
 
-    /// Why the capture task ended, if it did.
+    /// Why the capture or the throttle task ended, if one did (both run for the whole run).
     pub(crate) async fn capture_failure(&mut self) -> Option<CoordinatorError> {
-        if !self.capture_task.is_finished() {
-            return None;
+        if self.capture_task.is_finished() {
+            return Some(capture_error((&mut self.capture_task).await));
         }
-        Some(capture_error((&mut self.capture_task).await))
+        let task = self.throttle_task.take_if(|t| t.is_finished())?;
+        match task.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(CoordinatorError::State(format!("throttle: {e}"))),
+            Err(e) => Some(CoordinatorError::State(format!(
+                "throttle task panicked: {e}"
+            ))),
+        }
     }
 
     /// Stops replay and capture; reports counts.

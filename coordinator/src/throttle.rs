@@ -255,7 +255,7 @@ async fn check(
 pub async fn watch_source(
     spec: Spec,
     plan: Arc<RunPlan>,
-    source: Client,
+    mut source: Client,
     target: Client,
     state: Arc<Throttle>,
     mut shutdown: watch::Receiver<bool>,
@@ -278,10 +278,17 @@ pub async fn watch_source(
         sql.table("throttle"),
         t = sql.table("throttle"),
     );
-    let base = match baseline(&source, &probe).await {
-        Ok(b) => b,
-        Err(e) => {
-            return Err(CoordinatorError::db("measuring the probe's baseline", &e));
+    let mut tries = 0;
+    let base = loop {
+        match baseline(&source, &probe).await {
+            Ok(b) => break b,
+            // Our session died under us: measure again on a new one.
+            Err(e) if session_lost(&source, &e) && tries < 3 => {
+                tries += 1;
+                tracing::warn!("throttle probe session lost; reconnecting");
+                source = reconnect(&spec).await?;
+            }
+            Err(e) => return Err(CoordinatorError::db("measuring the probe's baseline", &e)),
         }
     };
     tracing::info!(
@@ -339,6 +346,13 @@ pub async fn watch_source(
         .await;
         let verdict = match checked {
             Ok(v) => v,
+            // Our own session died (killed, or the connection dropped): a new one, not a
+            // hold that nothing would ever release. A source that refuses it fails the run.
+            Err(e) if session_lost(&source, &e) => {
+                tracing::warn!(error = %schemashift_common::pg::describe(&e), "throttle probe session lost; reconnecting");
+                source = reconnect(&spec).await?;
+                continue;
+            }
             // A probe that fails is a source in trouble too.
             Err(e) => Some(format!(
                 "probe failed: {}",
@@ -369,6 +383,30 @@ pub async fn watch_source(
         }
     }
     Ok(())
+}
+
+/// Whether the probe failed because its own session ended (closed, or terminated by an
+/// administrator) rather than because the source is slow.
+fn session_lost(source: &Client, e: &tokio_postgres::Error) -> bool {
+    source.is_closed()
+        || e.is_closed()
+        || e.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN)
+}
+
+/// A new probe session, retried for a few seconds.
+async fn reconnect(spec: &Spec) -> Result<Client, CoordinatorError> {
+    let mut last = None;
+    for attempt in 0..5u32 {
+        match schemashift_common::pg::connect(&spec.source, "source").await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(200) * (attempt + 1)).await;
+    }
+    Err(CoordinatorError::State(format!(
+        "the probe session to the source closed and could not be opened again: {}",
+        last.map_or_else(String::new, |e| e.to_string())
+    )))
 }
 
 #[cfg(test)]

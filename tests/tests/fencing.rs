@@ -1,5 +1,6 @@
-//! Fencing of shard leases against a real coordinator process: a worker whose lease was
-//! taken over writes nothing and its late completion is refused.
+//! Fencing and supervision against real processes: a worker whose lease was taken over
+//! writes nothing and its late completion is refused; a background session that dies
+//! (the throttle's probe) neither hangs the run nor goes unsaid.
 
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::LeaseEpoch;
@@ -134,5 +135,57 @@ async fn completion_under_a_lease_taken_over_is_refused_and_writes_no_row() -> a
     let rows: i64 = t.query_one("SELECT count(*) FROM users", &[]).await?.get(0);
     assert_eq!(rows, 2_000);
     coord.kill9().await?;
+    env.drop_all().await
+}
+
+#[tokio::test]
+async fn throttle_probe_session_killed_mid_run_is_reopened_and_the_run_completes(
+) -> anyhow::Result<()> {
+    let env = users_env("probe_session_killed", 20_000).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        &dir,
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 1, Some(2_000)),
+    )?;
+    let mut run = Proc::spawn(
+        dir.path(),
+        "run",
+        &["run", &spec, "--until", "backfill"],
+        &[],
+    )?;
+    // The probe's session, as soon as it has probed: terminated under the run.
+    let admin = connect(&env.source_dsn).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let killed: Option<bool> = admin
+            .query_opt(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND query = 'SELECT 1 FROM ONLY \"public\".\"users\" LIMIT 1' LIMIT 1",
+                &[],
+            )
+            .await?
+            .map(|r| r.get(0));
+        if killed == Some(true) {
+            break;
+        }
+        anyhow::ensure!(
+            run.is_running() && Instant::now() < deadline,
+            "the probe session never showed up: {}",
+            run.stderr_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let status = run.wait(Duration::from_secs(120)).await?;
+    assert!(status.success(), "run: {}", run.stderr_tail());
+    assert!(
+        run.stderr()
+            .contains("throttle probe session lost; reconnecting"),
+        "the run said what happened: {}",
+        run.stderr_tail()
+    );
+    let t = connect(&env.target_dsn).await?;
+    let rows: i64 = t.query_one("SELECT count(*) FROM users", &[]).await?.get(0);
+    assert_eq!(rows, 20_000);
     env.drop_all().await
 }
