@@ -78,6 +78,14 @@ impl Change {
         }
     }
 
+    /// Whether this is an UPDATE that moved the row to another key.
+    pub fn changes_key(&self, key_index: &[usize]) -> bool {
+        match (self.op, &self.old_key) {
+            (Op::Update, Some(old)) => self.key(key_index).is_some_and(|new| *old != new),
+            _ => false,
+        }
+    }
+
     /// Splits an UPDATE that changed the row's key into what each key sees: a delete of
     /// the old key, and the new row, or (when pgoutput withheld unchanged out-of-line
     /// values, which then exist only in the old row) a refresh of the new key from the
@@ -85,13 +93,12 @@ impl Change {
     /// never writes a partial row to a key that may not exist. Anything else is returned
     /// as it is.
     pub fn split_move(self, key_index: &[usize]) -> (Option<Change>, Change) {
-        let (Op::Update, Some(old), Some(new)) = (self.op, &self.old_key, self.key(key_index))
-        else {
-            return (None, self);
-        };
-        if *old == new {
+        if !self.changes_key(key_index) {
             return (None, self);
         }
+        let Some(new) = self.key(key_index) else {
+            return (None, self);
+        };
         let delete = Change {
             op: Op::Delete,
             values: Vec::new(),

@@ -56,7 +56,7 @@ async fn bad_input_exits_2_names_the_culprit_and_writes_nothing() -> anyhow::Res
     let good = users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, None);
 
     // (what is wrong, the spec edit, what the message must name)
-    let cases: [(&str, &str, &str, &[&str]); 9] = [
+    let cases: [(&str, &str, &str, &[&str]); 11] = [
         (
             "unknown source column",
             "bio: bio",
@@ -104,6 +104,18 @@ async fn bad_input_exits_2_names_the_culprit_and_writes_nothing() -> anyhow::Res
             "\ntables:",
             "\nthrottle:\n  max_host_cpu: 1.5\ntables:",
             &["throttle.max_host_cpu", "1.5"],
+        ),
+        (
+            "replay batch of zero changes",
+            "\ntables:",
+            "\nreplay:\n  batch: 0\ntables:",
+            &["replay.batch", "0"],
+        ),
+        (
+            "unknown replay setting",
+            "\ntables:",
+            "\nreplay:\n  size: 10\ntables:",
+            &["size"],
         ),
         (
             "key not mapped",

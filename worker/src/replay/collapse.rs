@@ -40,13 +40,20 @@ pub(crate) fn collapse<'a>(
 ) -> Vec<Entry> {
     let mut last: HashMap<Vec<String>, (ChangeSeq, Action)> = HashMap::new();
     for (seq, change) in changes {
-        let (left, arrived) = change.clone().split_move(key_idx);
-        for c in left.into_iter().chain([arrived]) {
+        // Only a key change is copied (to split it); every other change is read in place.
+        let (left, arrived);
+        let parts = if change.changes_key(key_idx) {
+            (left, arrived) = change.clone().split_move(key_idx);
+            (left.as_ref(), &arrived)
+        } else {
+            (None, change)
+        };
+        for c in parts.0.into_iter().chain([parts.1]) {
             let Some(key) = c.key(key_idx) else { continue };
             let action = match c.op {
                 Op::Delete => Action::Delete,
                 Op::Refresh => Action::Refresh,
-                Op::Insert | Op::Update => next_action(&c, &key, key_idx, last.get(&key)),
+                Op::Insert | Op::Update => next_action(c, &key, key_idx, last.get(&key)),
             };
             last.insert(key, (seq, action));
         }

@@ -44,7 +44,11 @@ struct Held {
     last: ChangeSeq,
     batch: Vec<(ChangeSeq, Change)>,
     since: Instant,
+    tried: Instant,
 }
+
+/// How often a held batch is tried again (each try stages and rolls back the batch).
+const HELD_RETRY: Duration = Duration::from_millis(100);
 
 /// Why a batch did not apply, as far as waiting for other partitions can help.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +192,13 @@ impl PartitionReplayer {
         max: i64,
     ) -> Result<usize, WorkerError> {
         let part = self.part;
+        if self
+            .held
+            .as_ref()
+            .is_some_and(|h| h.tried.elapsed() < HELD_RETRY)
+        {
+            return Ok(0);
+        }
         let (last, batch, held_since) = match self.held.take() {
             Some(h) => (h.last, h.batch, Some(h.since)),
             None => {
@@ -235,7 +246,12 @@ impl PartitionReplayer {
                 let mut batch = rest;
                 batch.extend(refresh);
                 batch.sort_by_key(|(s, _)| *s);
-                self.held = Some(Held { last, batch, since });
+                self.held = Some(Held {
+                    last,
+                    batch,
+                    since,
+                    tried: Instant::now(),
+                });
                 return Ok(0);
             }
             (
@@ -244,6 +260,7 @@ impl PartitionReplayer {
                     last,
                     batch: rest,
                     since,
+                    tried: Instant::now(),
                 }),
             )
         } else {
