@@ -46,6 +46,7 @@ impl From<PhaseArg> for Until {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    #[cfg(feature = "lab")]
     /// Self-contained demo: two throwaway clusters, the users scenario under write load, cutover.
     Demo {
         #[arg(long, default_value_t = 1_000_000)]
@@ -136,6 +137,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[cfg(feature = "lab")]
     /// The built-in application load on the users scenario (the source of SPEC, or a DSN):
     /// reads by key, inserts, updates, deletes; latency percentiles per operation.
     Load {
@@ -175,6 +177,7 @@ pub enum Command {
     Rollback { spec: PathBuf },
     /// Drop slot, publication and control state.
     Cleanup { spec: PathBuf },
+    #[cfg(feature = "lab")]
     /// Measure schemashift side by side with its peers on two throwaway clusters.
     Bench {
         #[arg(long, default_value_t = 1_000_000)]
@@ -188,7 +191,7 @@ pub enum Command {
         out: Option<PathBuf>,
         /// Measure only schemashift (`ours`) or only the peers (`peers`); ratios need both.
         #[arg(long, value_enum)]
-        only: Option<crate::bench::Only>,
+        only: Option<schemashift_lab::bench::Only>,
     },
 }
 
@@ -219,6 +222,7 @@ fn shutdown_signal() -> watch::Receiver<bool> {
 pub async fn execute(cli: Cli) -> i32 {
     crate::progress::enable(crate::progress::wanted(cli.quiet, cli.log_json));
     match cli.command {
+        #[cfg(feature = "lab")]
         Command::Demo {
             rows,
             workers,
@@ -226,7 +230,16 @@ pub async fn execute(cli: Cli) -> i32 {
             no_throttle,
             rollback,
             json,
-        } => match crate::demo::demo(rows, workers, load_rate, !no_throttle, rollback).await {
+        } => match schemashift_lab::demo::demo(
+            rows,
+            workers,
+            load_rate,
+            !no_throttle,
+            rollback,
+            &crate::embedded::host(),
+        )
+        .await
+        {
             Ok(r) => {
                 report::print_demo(&r, json);
                 let rolled = r.rollback_diff.map_or(0, |d| d.0 + d.1 + d.2);
@@ -315,7 +328,7 @@ pub async fn execute(cli: Cli) -> i32 {
                 Ok(s) => s,
                 Err(c) => return c,
             };
-            match schemashift_coordinator::ops::verify(&spec).await {
+            match schemashift_coordinator::ops::verify(&spec, crate::embedded::local()).await {
                 Ok(v) => {
                     report::print_verify(&v, json);
                     if v.differing.is_empty() {
@@ -355,22 +368,27 @@ pub async fn execute(cli: Cli) -> i32 {
                 Err(e) => fail(e),
             }
         }
+        #[cfg(feature = "lab")]
         Command::Load {
             spec_or_dsn,
             rate,
             reads,
             seconds,
             json,
-        } => crate::load::load(&spec_or_dsn, rate, reads, seconds, json).await,
+        } => schemashift_lab::load_cmd::load(&spec_or_dsn, rate, reads, seconds, json).await,
         Command::Rollback { spec } => cleanup_cmd(spec, true).await,
         Command::Cleanup { spec } => cleanup_cmd(spec, false).await,
+        #[cfg(feature = "lab")]
         Command::Bench {
             rows,
             workers,
             json,
             out,
             only,
-        } => crate::bench::bench(rows, workers, json, out, only).await,
+        } => {
+            schemashift_lab::bench::bench(rows, workers, json, out, only, &crate::embedded::host())
+                .await
+        }
     }
 }
 
@@ -391,7 +409,7 @@ async fn run_cmd(
         workers,
         until,
         metrics_listen,
-        ..RunOptions::default()
+        ..RunOptions::new(crate::embedded::local())
     };
     let bars = crate::progress::enabled().then(|| crate::progress::start(&spec));
     let result = schemashift_coordinator::run::run(&spec, opts, shutdown_signal()).await;

@@ -1,9 +1,8 @@
 //! The `schemashift` command line: commands of INTERFACE.md mapped onto the library.
-pub mod bench;
+//! `demo`, `bench` and `load` come from the lab crate (feature `lab`, on by default).
 pub mod cli;
-pub mod demo;
+pub mod embedded;
 pub mod fleet;
-pub mod load;
 pub mod progress;
 pub mod report;
 pub mod telemetry;

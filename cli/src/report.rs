@@ -1,9 +1,10 @@
 //! Human (stderr) and JSON (stdout) output of the commands.
 
-use crate::demo::DemoReport;
 use schemashift_coordinator::ops::Status;
 use schemashift_coordinator::plan::TableAnalysis;
 use schemashift_coordinator::run::{RunReport, VerifySummary};
+#[cfg(feature = "lab")]
+use schemashift_lab::demo::DemoReport;
 use serde::Serialize;
 
 fn json_out<T: Serialize>(v: &T) {
@@ -288,6 +289,7 @@ pub fn print_status(s: &Status, json: bool) {
     }
 }
 
+#[cfg(feature = "lab")]
 pub fn print_demo(d: &DemoReport, json: bool) {
     if json {
         return json_out(d);

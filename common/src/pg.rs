@@ -1,7 +1,7 @@
-//! PostgreSQL sessions: connect with the shared session settings, install the spec's
-//! helper functions into `pg_temp`, and classify errors as transient or permanent
-//! (the one place retry decisions come from).
+//! PostgreSQL sessions: connect with the shared session settings and install the spec's
+//! helper functions into `pg_temp`. Retry decisions come from [`crate::retry`].
 
+use crate::retry::{classify_pg, Class, Classify};
 use crate::spec::Dsn;
 use crate::sql::{Helper, SESSION_SETUP};
 use tokio_postgres::error::SqlState;
@@ -15,13 +15,23 @@ pub enum PgError {
         role: &'static str,
         at: String,
         reason: String,
+        class: Class,
     },
     #[error("helper function {name} cannot be created on the {role} database: {reason}")]
     Helper {
         role: &'static str,
         name: String,
         reason: String,
+        class: Class,
     },
+}
+
+impl Classify for PgError {
+    fn class(&self) -> Class {
+        match self {
+            PgError::Connect { class, .. } | PgError::Helper { class, .. } => *class,
+        }
+    }
 }
 
 /// Connects, spawns the connection task, and applies [`SESSION_SETUP`].
@@ -30,6 +40,7 @@ pub async fn connect(dsn: &Dsn, role: &'static str) -> Result<Client, PgError> {
         role,
         at: dsn.redacted(),
         reason: describe(&e),
+        class: classify_pg(&e),
     };
     let (client, connection) = tokio_postgres::connect(dsn.expose(), NoTls)
         .await
@@ -92,6 +103,7 @@ pub async fn install_helpers(
             role,
             name: h.name.clone(),
             reason: describe(&e),
+            class: classify_pg(&e),
         })?;
     }
     Ok(())
@@ -266,31 +278,6 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
                 src = inner.source();
             }
             s
-        }
-    }
-}
-
-/// Whether retrying the same work can succeed: lost connections, server restarts,
-/// lock timeouts, serialization failures and deadlocks. Everything else is permanent.
-pub fn is_transient(e: &tokio_postgres::Error) -> bool {
-    if e.is_closed() {
-        return true;
-    }
-    match e.code() {
-        None => e.as_db_error().is_none(),
-        Some(code) => {
-            code.code().starts_with("08")
-                || [
-                    &SqlState::T_R_SERIALIZATION_FAILURE,
-                    &SqlState::T_R_DEADLOCK_DETECTED,
-                    &SqlState::LOCK_NOT_AVAILABLE,
-                    &SqlState::ADMIN_SHUTDOWN,
-                    &SqlState::CRASH_SHUTDOWN,
-                    &SqlState::CANNOT_CONNECT_NOW,
-                    &SqlState::TOO_MANY_CONNECTIONS,
-                    &SqlState::QUERY_CANCELED,
-                ]
-                .contains(&code)
         }
     }
 }

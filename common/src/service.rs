@@ -4,6 +4,7 @@
 
 use crate::ids::{LeaseEpoch, ShardId};
 use crate::plan::{RunPlan, Shard};
+use crate::retry::{Class, Classify};
 use crate::spec::Dsn;
 use serde::Serialize;
 use std::future::Future;
@@ -22,11 +23,11 @@ pub enum ServiceError {
     Unauthenticated(String),
 }
 
-impl ServiceError {
-    pub fn is_transient(&self) -> bool {
+impl Classify for ServiceError {
+    fn class(&self) -> Class {
         match self {
-            ServiceError::Unavailable(_) => true,
-            ServiceError::Rejected(_) | ServiceError::Unauthenticated(_) => false,
+            ServiceError::Unavailable(_) => Class::Transient,
+            ServiceError::Rejected(_) | ServiceError::Unauthenticated(_) => Class::Permanent,
         }
     }
 }

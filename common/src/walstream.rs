@@ -16,8 +16,10 @@ use tokio::net::TcpStream;
 #[cfg(unix)]
 use tokio::net::UnixStream;
 use tokio_postgres::config::{self, Config, Host, SslMode};
+use tokio_postgres::error::SqlState;
 
 use crate::ids::Lsn;
+use crate::retry::{classify_sqlstate, Class, Classify};
 use crate::spec::Dsn;
 use crate::sql::{quote_ident, quote_literal};
 
@@ -65,20 +67,23 @@ pub enum WalStreamError {
     Io(#[from] io::Error),
 }
 
-impl WalStreamError {
-    /// Whether reconnecting can succeed, in the spirit of [`crate::pg::is_transient`]: lost
-    /// connections, unreachable servers, and server errors of classes 08 (connection),
-    /// 53 (resources) and 57 (shutdown, cancel). A busy slot, bad credentials, protocol and
-    /// configuration errors are permanent.
-    pub fn is_transient(&self) -> bool {
-        let transient_code = |code: &str| ["08", "53", "57"].iter().any(|c| code.starts_with(c));
+impl WalStreamError {}
+
+impl Classify for WalStreamError {
+    /// Whether reconnecting can succeed, by the one SQLSTATE policy: lost connections,
+    /// unreachable servers, and server errors of classes 08, 53 and 57. A busy slot, bad
+    /// credentials, protocol and configuration errors are permanent.
+    fn class(&self) -> Class {
+        let of_code = |code: &str| classify_sqlstate(&SqlState::from_code(code));
         match self {
-            WalStreamError::Io(_) | WalStreamError::Closed => true,
-            WalStreamError::Connect { code, .. } => code.as_deref().is_none_or(transient_code),
-            WalStreamError::Server { code, .. } => transient_code(code),
+            WalStreamError::Io(_) | WalStreamError::Closed => Class::Transient,
+            WalStreamError::Connect { code, .. } => {
+                code.as_deref().map_or(Class::Transient, of_code)
+            }
+            WalStreamError::Server { code, .. } => of_code(code),
             WalStreamError::SlotBusy(_)
             | WalStreamError::Protocol(_)
-            | WalStreamError::Unsupported(_) => false,
+            | WalStreamError::Unsupported(_) => Class::Permanent,
         }
     }
 }

@@ -44,7 +44,7 @@ impl RunCtx {
             if let Some(e) = self.local_failure().await {
                 return Err(e);
             }
-            if let Some(e) = self.capture_failure().await {
+            if let Some(e) = self.background_failure() {
                 return Err(e);
             }
             if *shutdown.borrow() {

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::Instrument;
 
 #[derive(Clone, Debug)]
 pub struct CoordinateOptions {
@@ -38,35 +37,26 @@ pub async fn coordinate(
     let addr = listener
         .local_addr()
         .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
-    let (stop, stop_rx) = watch::channel(false);
-    if let Some(m) = &opts.metrics_listen {
-        crate::metrics::start(m, spec, stop_rx.clone()).await?;
-    }
-    let ctx = RunCtx::open(
+    let metrics = match &opts.metrics_listen {
+        Some(m) => Some(crate::metrics::bind(m).await?),
+        None => None,
+    };
+    let mut ctx = RunCtx::open(
         spec,
         Workers::Remote {
             lease_ttl: opts.lease_ttl,
         },
     )
     .await?;
-    let server = tokio::spawn(
-        serve(
-            ctx.svc.clone(),
-            Arc::new(spec.clone()),
-            listener,
-            opts.serve.clone(),
-            stop_rx,
-        )
-        .instrument(tracing::info_span!("grpc", %addr)),
-    );
+    if let Some(listener) = metrics {
+        ctx.serve_metrics(listener);
+    }
+    let (svc, spec_arc, serve_opts) = (ctx.svc.clone(), Arc::new(spec.clone()), opts.serve.clone());
+    // Stopped by `finish` once every worker was told the run is over.
+    ctx.supervise("grpc server", tracing::info_span!("grpc", %addr), |stop| {
+        serve(svc, spec_arc, listener, serve_opts, stop)
+    });
     tracing::info!(%addr, tls = opts.serve.tls.is_some(), token = opts.serve.token.is_some(),
         "coordinator listening");
-    let report = drive(ctx, opts.until, shutdown).await;
-    stop.send_replace(true);
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
-        Err(e) => tracing::warn!(error = %e, "gRPC server task panicked"),
-    }
-    report
+    drive(ctx, opts.until, shutdown).await
 }

@@ -1,6 +1,8 @@
+use schemashift_changelog::ChangeLogError;
 use schemashift_common::pg::PgError;
+use schemashift_common::retry::{classify_pg, Class, Classify};
 use schemashift_common::spec::SpecError;
-use schemashift_worker::WorkerError;
+use schemashift_common::verify::VerifyError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -15,16 +17,19 @@ pub enum CoordinatorError {
     Db {
         context: String,
         reason: String,
-        transient: bool,
+        class: Class,
     },
     #[error("capture: {0}")]
     Capture(String),
     #[error("the replication slot is in use by another process (is another coordinator running for this spec?): {0}")]
     SlotBusy(String),
+    /// An in-process worker ended with this error.
+    #[error("{0}")]
+    Worker(String),
     #[error(transparent)]
-    Worker(#[from] WorkerError),
-    #[error("change log: {0}")]
-    ChangeLog(#[from] schemashift_worker::kafka::KafkaLogError),
+    ChangeLog(#[from] ChangeLogError),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
     #[error("cutover aborted, source writable again: {0}")]
     CutoverAborted(String),
     #[error("{0}")]
@@ -43,7 +48,7 @@ impl CoordinatorError {
         CoordinatorError::Db {
             context: context.into(),
             reason: schemashift_common::pg::describe(e),
-            transient: schemashift_common::pg::is_transient(e),
+            class: classify_pg(e),
         }
     }
 
@@ -55,6 +60,33 @@ impl CoordinatorError {
             | CoordinatorError::Connect(_)
             | CoordinatorError::Listen { .. } => 2,
             _ => 1,
+        }
+    }
+}
+
+impl From<schemashift_changelog::kafka::KafkaLogError> for CoordinatorError {
+    fn from(e: schemashift_changelog::kafka::KafkaLogError) -> Self {
+        CoordinatorError::ChangeLog(e.into())
+    }
+}
+
+impl Classify for CoordinatorError {
+    fn class(&self) -> Class {
+        match self {
+            CoordinatorError::Connect(e) => e.class(),
+            CoordinatorError::Db { class, .. } => *class,
+            CoordinatorError::ChangeLog(e) => e.class(),
+            CoordinatorError::Verify(e) => e.class(),
+            CoordinatorError::SlotBusy(_) => Class::Transient,
+            CoordinatorError::Spec(_)
+            | CoordinatorError::Plan(_)
+            | CoordinatorError::Capture(_)
+            | CoordinatorError::Worker(_)
+            | CoordinatorError::CutoverAborted(_)
+            | CoordinatorError::State(_)
+            | CoordinatorError::Serve(_)
+            | CoordinatorError::Listen { .. }
+            | CoordinatorError::Interrupted => Class::Permanent,
         }
     }
 }

@@ -1,5 +1,7 @@
 //! schemashift coordinator: owns the plan and the run's state machine.
-//! plan → shard → capture → (workers: backfill, replay, verify) → cutover.
+//! plan → shard → capture → (workers: backfill, replay, verify) → cutover → reverse.
+//! It never depends on the worker crate: embedded mode gets its workers from the binary
+//! through [`run::LocalWorker`].
 pub mod backfill;
 pub mod capture;
 pub mod changelog;
@@ -20,6 +22,7 @@ pub mod reverse;
 pub mod run;
 pub mod service;
 pub mod shard;
+pub mod supervise;
 pub mod throttle;
 pub mod verify;
 

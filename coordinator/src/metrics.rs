@@ -242,12 +242,8 @@ pub async fn serve(
     }
 }
 
-/// Binds `addr` and serves metrics in the background until `shutdown`.
-pub async fn start(
-    addr: &str,
-    spec: &Spec,
-    shutdown: watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<()>, CoordinatorError> {
+/// Binds the metrics address: an unusable one is bad input, said before the run starts.
+pub async fn bind(addr: &str) -> Result<TcpListener, CoordinatorError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| CoordinatorError::Listen {
@@ -255,12 +251,7 @@ pub async fn start(
             reason: e.to_string(),
         })?;
     tracing::info!(addr, "metrics listening");
-    let spec = Arc::new(spec.clone());
-    Ok(tokio::spawn(async move {
-        if let Err(e) = serve(listener, spec, shutdown).await {
-            tracing::warn!(error = %e, "metrics server stopped");
-        }
-    }))
+    Ok(listener)
 }
 
 #[cfg(test)]

@@ -2,12 +2,13 @@
 
 use crate::control::{Phase, Store};
 use crate::error::CoordinatorError;
-use crate::run::{RunCtx, VerifySummary, Workers};
+use crate::run::{LocalWorker, RunCtx, VerifySummary, Workers};
 use schemashift_common::pg::connect;
 use schemashift_common::plan::{LogPlan, ShardRange};
 use schemashift_common::spec::Spec;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SlotStatus {
@@ -312,8 +313,11 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
 }
 
 /// Compares source and target now (catching replay up first when a run exists).
-pub async fn verify(spec: &Spec) -> Result<VerifySummary, CoordinatorError> {
-    let mut ctx = RunCtx::open(spec, Workers::Embedded(None)).await?;
+pub async fn verify(
+    spec: &Spec,
+    local: Arc<dyn LocalWorker>,
+) -> Result<VerifySummary, CoordinatorError> {
+    let mut ctx = RunCtx::open(spec, Workers::Embedded(None, local)).await?;
     let phase = ctx.phase().await?;
     if phase < Phase::Replay {
         return Err(CoordinatorError::State(format!(

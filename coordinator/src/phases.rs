@@ -14,15 +14,16 @@ pub async fn run(
     opts: RunOptions,
     shutdown: watch::Receiver<bool>,
 ) -> Result<RunReport, CoordinatorError> {
-    let (stop_metrics, metrics_rx) = watch::channel(false);
-    if let Some(addr) = &opts.metrics_listen {
-        crate::metrics::start(addr, spec, metrics_rx).await?;
+    let metrics = match &opts.metrics_listen {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
+    let mut ctx = RunCtx::open(spec, Workers::Embedded(opts.workers, opts.local)).await?;
+    if let Some(listener) = metrics {
+        ctx.serve_metrics(listener);
     }
-    let mut ctx = RunCtx::open(spec, Workers::Embedded(opts.workers)).await?;
     ctx.events = opts.events;
-    let report = drive(ctx, opts.until, shutdown).await;
-    stop_metrics.send_replace(true);
-    report
+    drive(ctx, opts.until, shutdown).await
 }
 
 /// Takes an open run as far as `until`; the same for embedded and remote workers.

@@ -47,7 +47,7 @@ impl RunCtx {
             if self.capture.borrow().caught_up_to >= l {
                 break;
             }
-            if let Some(e) = self.capture_failure().await {
+            if let Some(e) = self.background_failure() {
                 return Err(e);
             }
             if timed_out(deadline) {

@@ -10,6 +10,7 @@
 use crate::capture::{capture_position_sql, ensure_slot, flush_wal, wal_lsn, Capture, WalPosition};
 use crate::control::{Phase, Store};
 use crate::error::CoordinatorError;
+use schemashift_changelog::replay::PartitionReplayer;
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::{LeaseEpoch, Lsn, RunId};
 use schemashift_common::pg::{connect, install_helpers, mark_origin};
@@ -17,7 +18,6 @@ use schemashift_common::plan::{ColumnMap, LogPlan, RunPlan, SourceColumn, TableP
 use schemashift_common::service::PartitionLease;
 use schemashift_common::spec::Spec;
 use schemashift_common::sql::{quote_ident, MappedExpr};
-use schemashift_worker::replay::PartitionReplayer;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -227,6 +227,7 @@ pub async fn sync(spec: &Spec, until: Until) -> Result<ReverseReport, Coordinato
         connect(&spec.target, "target").await?,
         spec.target.clone(),
         connect(&spec.source, "source").await?,
+        spec.source.clone(),
         plan.clone(),
         state.slot.clone(),
     )

@@ -7,21 +7,21 @@ use crate::error::CoordinatorError;
 pub use crate::phases::{drive, run};
 use crate::plan::{plan, PlanOptions, TableAnalysis};
 use crate::service::{ControlCoordinator, Stage};
+use crate::supervise::Supervisor;
 pub use crate::verify::VerifySummary;
+use futures_util::future::BoxFuture;
+use schemashift_changelog::kafka;
 use schemashift_common::ids::{Lsn, RunId};
 use schemashift_common::pg::{connect, install_helpers};
 use schemashift_common::plan::{LogPlan, RunPlan};
 use schemashift_common::service::{Registration, WorkerInfo};
 use schemashift_common::spec::Changelog;
 use schemashift_common::spec::Spec;
-use schemashift_worker::kafka;
-use schemashift_worker::runner::{run_worker, WorkerStats};
-use schemashift_worker::WorkerError;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio_postgres::Client;
 use tracing::Instrument;
 
@@ -33,7 +33,20 @@ pub enum Until {
     Cutover,
 }
 
+/// Runs one worker in this process against the service (embedded mode) until `stop`.
+/// The binary supplies it, so the coordinator does not depend on the worker crate.
+pub trait LocalWorker: Send + Sync + 'static {
+    fn run(
+        &self,
+        svc: Arc<ControlCoordinator>,
+        me: WorkerInfo,
+        stop: watch::Receiver<bool>,
+    ) -> BoxFuture<'static, Result<(), String>>;
+}
+
 pub struct RunOptions {
+    /// What runs the in-process workers.
+    pub local: Arc<dyn LocalWorker>,
     pub workers: Option<usize>,
     pub until: Until,
     /// HOST:PORT for Prometheus metrics while the run goes.
@@ -52,9 +65,11 @@ pub enum RunEvent {
     Switched,
 }
 
-impl Default for RunOptions {
-    fn default() -> Self {
+impl RunOptions {
+    /// All the way to the cutover, with the spec's worker count.
+    pub fn new(local: Arc<dyn LocalWorker>) -> Self {
         RunOptions {
+            local,
             workers: None,
             until: Until::Cutover,
             metrics_listen: None,
@@ -64,10 +79,10 @@ impl Default for RunOptions {
 }
 
 /// Where the workers run.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub enum Workers {
     /// This many in this process (`run`, `verify`, `cutover`, `demo`).
-    Embedded(Option<usize>),
+    Embedded(Option<usize>, Arc<dyn LocalWorker>),
     /// In other processes, over gRPC (`coordinator`); leases expire after `lease_ttl`.
     Remote { lease_ttl: Duration },
 }
@@ -78,7 +93,7 @@ const EMBEDDED_PREFIX: &str = "embedded-";
 
 struct LocalWorkers {
     stop: watch::Sender<bool>,
-    tasks: JoinSet<Result<WorkerStats, WorkerError>>,
+    tasks: JoinSet<Result<(), String>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -102,17 +117,6 @@ pub struct RunReport {
     pub total_seconds: f64,
 }
 
-/// What a capture task that ended tells about why.
-fn capture_error(
-    r: Result<Result<(), CoordinatorError>, tokio::task::JoinError>,
-) -> CoordinatorError {
-    match r {
-        Ok(Err(e)) => e,
-        Ok(Ok(())) => CoordinatorError::State("capture stopped".into()),
-        Err(e) => CoordinatorError::State(format!("capture task panicked: {e}")),
-    }
-}
-
 /// Everything a running migration holds; shared by run, verify and cutover.
 pub struct RunCtx {
     pub spec: Spec,
@@ -122,12 +126,9 @@ pub struct RunCtx {
     pub source: Client,
     pub target: Client,
     pub capture: watch::Receiver<CaptureProgress>,
-    capture_stop: watch::Sender<bool>,
     pub(crate) capture_wake: Arc<tokio::sync::Notify>,
-    capture_task: JoinHandle<Result<(), CoordinatorError>>,
-    /// Probes the source and sets the throttle; if it ends early the throttle can never
-    /// release, so the phase loops watch it like capture.
-    throttle_task: Option<JoinHandle<Result<(), CoordinatorError>>>,
+    /// Capture, throttle and metrics: the phase loops watch them, `finish` stops them.
+    background: Supervisor,
     /// The service workers lease from; the gRPC adapter serves the same one.
     pub svc: Arc<ControlCoordinator>,
     local: Option<LocalWorkers>,
@@ -147,7 +148,12 @@ impl RunCtx {
     }
 }
 
-fn spawn_local(svc: &Arc<ControlCoordinator>, workers: usize, run_id: &RunId) -> LocalWorkers {
+fn spawn_local(
+    local: &Arc<dyn LocalWorker>,
+    svc: &Arc<ControlCoordinator>,
+    workers: usize,
+    run_id: &RunId,
+) -> LocalWorkers {
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     for w in 0..workers {
@@ -156,7 +162,7 @@ fn spawn_local(svc: &Arc<ControlCoordinator>, workers: usize, run_id: &RunId) ->
             host: "local".into(),
         };
         let span = tracing::info_span!("worker", worker = %me.id, run_id = %run_id);
-        tasks.spawn(run_worker(svc.clone(), me, stop_rx.clone()).instrument(span));
+        tasks.spawn(local.run(svc.clone(), me, stop_rx.clone()).instrument(span));
     }
     LocalWorkers { stop, tasks }
 }
@@ -166,8 +172,8 @@ impl RunCtx {
     /// records the plan, creates publication and slot, and starts capture.
     pub async fn open(spec: &Spec, mode: Workers) -> Result<RunCtx, CoordinatorError> {
         let started = Instant::now();
-        let workers = match mode {
-            Workers::Embedded(n) => n.or(spec.workers).unwrap_or(4).max(1),
+        let workers = match &mode {
+            Workers::Embedded(n, _) => n.or(spec.workers).unwrap_or(4).max(1),
             Workers::Remote { .. } => spec.workers.unwrap_or(4).max(1),
         };
         let source = connect(&spec.source, "source").await?;
@@ -272,6 +278,7 @@ impl RunCtx {
             connect(&spec.source, "source").await?,
             spec.source.clone(),
             connect(&spec.target, "target").await?,
+            spec.target.clone(),
             plan.clone(),
             state.slot.clone(),
         )
@@ -281,25 +288,26 @@ impl RunCtx {
             caught_up_at: Instant::now(),
             changes: 0,
         });
-        let (capture_stop, stop_rx) = watch::channel(false);
+        let mut background = Supervisor::default();
         let capture_wake = Arc::new(tokio::sync::Notify::new());
-        let capture_task = tokio::spawn(
+        background.spawn(
+            "capture",
+            tracing::info_span!("capture", run_id = %state.run_id, slot = %state.slot),
             cap.run(
                 progress_tx,
-                stop_rx,
+                background.stopping(),
                 Duration::from_millis(100),
                 capture_wake.clone(),
-            )
-            .instrument(tracing::info_span!("capture", run_id = %state.run_id, slot = %state.slot)),
+            ),
         );
         report.run_id = state.run_id.0.clone();
         let released = store.release_leases_of(&target, EMBEDDED_PREFIX).await?;
         if released > 0 {
             tracing::info!(released, "released leases of a previous process");
         }
-        let lease_ttl = match mode {
-            Workers::Embedded(_) => Duration::from_secs(30),
-            Workers::Remote { lease_ttl } => lease_ttl,
+        let lease_ttl = match &mode {
+            Workers::Embedded(..) => Duration::from_secs(30),
+            Workers::Remote { lease_ttl } => *lease_ttl,
         };
         let stage = if state.phase <= Phase::Backfill {
             Stage::Backfill
@@ -307,17 +315,20 @@ impl RunCtx {
             Stage::Replay
         };
         let throttle = Arc::new(crate::throttle::Throttle::new(spec.throttle.enabled));
-        let throttle_task = tokio::spawn(
-            crate::throttle::watch_source(
-                spec.clone(),
-                plan.clone(),
-                connect(&spec.source, "source").await?,
-                connect(&spec.target, "target").await?,
-                throttle.clone(),
-                capture_stop.subscribe(),
-            )
-            .instrument(tracing::info_span!("throttle", run_id = %state.run_id)),
-        );
+        if spec.throttle.enabled {
+            background.spawn(
+                "throttle",
+                tracing::info_span!("throttle", run_id = %state.run_id),
+                crate::throttle::watch_source(
+                    spec.clone(),
+                    plan.clone(),
+                    connect(&spec.source, "source").await?,
+                    connect(&spec.target, "target").await?,
+                    throttle.clone(),
+                    background.stopping(),
+                ),
+            );
+        }
         let svc = Arc::new(ControlCoordinator::new(
             connect(&spec.target, "target").await?,
             Registration {
@@ -331,8 +342,8 @@ impl RunCtx {
             stage,
             throttle,
         ));
-        let local = match mode {
-            Workers::Embedded(_) => Some(spawn_local(&svc, workers, &state.run_id)),
+        let local = match &mode {
+            Workers::Embedded(_, local) => Some(spawn_local(local, &svc, workers, &state.run_id)),
             Workers::Remote { .. } => None,
         };
         Ok(RunCtx {
@@ -343,10 +354,8 @@ impl RunCtx {
             source,
             target,
             capture,
-            capture_stop,
             capture_wake,
-            capture_task,
-            throttle_task: Some(throttle_task),
+            background,
             svc,
             local,
             workers,
@@ -370,8 +379,8 @@ impl RunCtx {
         let local = self.local.as_mut()?;
         while let Some(j) = local.tasks.try_join_next() {
             match j {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Some(e.into()),
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Some(CoordinatorError::Worker(e)),
                 Err(e) => {
                     return Some(CoordinatorError::State(format!(
                         "worker task panicked: {e}"
@@ -382,19 +391,32 @@ impl RunCtx {
         None
     }
 
-    /// Why the capture or the throttle task ended, if one did (both run for the whole run).
-    pub(crate) async fn capture_failure(&mut self) -> Option<CoordinatorError> {
-        if self.capture_task.is_finished() {
-            return Some(capture_error((&mut self.capture_task).await));
-        }
-        let task = self.throttle_task.take_if(|t| t.is_finished())?;
-        match task.await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(CoordinatorError::State(format!("throttle: {e}"))),
-            Err(e) => Some(CoordinatorError::State(format!(
-                "throttle task panicked: {e}"
-            ))),
-        }
+    /// Why a background task (capture, throttle, metrics) ended, if one did.
+    pub(crate) fn background_failure(&mut self) -> Option<CoordinatorError> {
+        self.background.failure()
+    }
+
+    /// Runs a task for the run's length, watched like capture; it ends when the watch
+    /// it is given turns true (after the workers were told the run is over).
+    pub fn supervise<F>(
+        &mut self,
+        name: &'static str,
+        span: tracing::Span,
+        task: impl FnOnce(watch::Receiver<bool>) -> F,
+    ) where
+        F: std::future::Future<Output = Result<(), CoordinatorError>> + Send + 'static,
+    {
+        let fut = task(self.background.stopping());
+        self.background.spawn(name, span, fut);
+    }
+
+    /// Serves metrics for the run's length.
+    pub fn serve_metrics(&mut self, listener: tokio::net::TcpListener) {
+        let span = tracing::info_span!("metrics", run_id = %self.run_id);
+        let spec = Arc::new(self.spec.clone());
+        self.supervise("metrics", span, |stop| {
+            crate::metrics::serve(listener, spec, stop)
+        });
     }
 
     /// Stops replay and capture; reports counts.
@@ -404,7 +426,7 @@ impl RunCtx {
             local.stop.send_replace(true);
             while let Some(j) = local.tasks.join_next().await {
                 match j {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "worker ended with an error"),
                     Err(e) => tracing::warn!(error = %e, "worker task panicked"),
                 }
@@ -416,15 +438,7 @@ impl RunCtx {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        self.capture_stop.send_replace(true);
-        match (&mut self.capture_task).await {
-            Ok(r) => r?,
-            Err(e) => {
-                return Err(CoordinatorError::State(format!(
-                    "capture task panicked: {e}"
-                )))
-            }
-        }
+        std::mem::take(&mut self.background).stop().await?;
         let counts = self
             .target
             .query_one(

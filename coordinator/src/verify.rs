@@ -6,7 +6,7 @@ use crate::backfill::MAX_ATTEMPTS;
 use crate::error::CoordinatorError;
 use crate::run::RunCtx;
 use crate::service::Stage;
-use schemashift_worker::verify::{recheck_keys, KeyDiff};
+use schemashift_common::verify::{recheck_keys, KeyDiff};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -38,6 +38,9 @@ impl RunCtx {
                 Err(why) => return Err(CoordinatorError::State(why)),
             }
             if let Some(e) = self.local_failure().await {
+                return Err(e);
+            }
+            if let Some(e) = self.background_failure() {
                 return Err(e);
             }
             if last_log.elapsed() >= Duration::from_secs(2) {

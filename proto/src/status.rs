@@ -51,6 +51,7 @@ pub fn service_error(s: Status) -> ServiceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use schemashift_common::retry::Classify;
 
     #[test]
     fn errors_keep_their_kind_across_the_wire() {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use rand::Rng;
-use schemashift_common::cluster::{Cluster, ClusterOptions};
+use schemashift_lab::cluster::{Cluster, ClusterOptions};
 use tokio_postgres::{Client, NoTls};
 
 mod broker;
@@ -303,7 +303,7 @@ pub fn schemashift_ok(args: &[&str]) -> anyhow::Result<std::process::Output> {
 /// A fresh pair of databases with the users scenario: `rows` users on the source, the
 /// split schema (empty) on the target.
 pub async fn users_env(name: &str, rows: u64) -> anyhow::Result<TestEnv> {
-    use schemashift_common::scenario::{load_users, SOURCE_DDL, TARGET_DDL};
+    use schemashift_lab::scenario::{load_users, SOURCE_DDL, TARGET_DDL};
     let env = TestEnv::new(name).await?;
     let s = connect(&env.source_dsn).await?;
     s.batch_execute(SOURCE_DDL).await?;

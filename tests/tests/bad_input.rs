@@ -1,8 +1,8 @@
 //! Bad input of every kind: exit code 2, the culprit named, and nothing written
 //! (no slot, no publication, no control schema, no rows).
 
-use schemashift_common::cluster::{Cluster, ClusterOptions};
-use schemashift_common::scenario::{load_users, users_spec_yaml, SOURCE_DDL, TARGET_DDL};
+use schemashift_lab::cluster::{Cluster, ClusterOptions};
+use schemashift_lab::scenario::{load_users, users_spec_yaml, SOURCE_DDL, TARGET_DDL};
 use schemashift_tests::{connect, schemashift, slot_and_publication_count, write_spec, TestEnv};
 
 /// Source and target databases with the users tables; the target is empty.

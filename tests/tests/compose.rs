@@ -4,8 +4,8 @@
 
 use clap::Parser;
 use schemashift::cli::Cli;
-use schemashift_common::scenario::{SOURCE_DDL, SPLIT_FUNCTIONS, TARGET_DDL};
 use schemashift_common::spec::{Changelog, Spec};
+use schemashift_lab::scenario::{SOURCE_DDL, SPLIT_FUNCTIONS, TARGET_DDL};
 use schemashift_tests::{connect, schemashift, write_spec, TestEnv};
 use serde_norway::Value;
 use std::path::{Path, PathBuf};

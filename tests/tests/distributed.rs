@@ -1,8 +1,8 @@
 //! Distributed mode with real processes: a gRPC coordinator and worker processes that come
 //! and go (kill -9 included), against real PostgreSQL clusters.
 
-use schemashift_common::load::{start_load, LoadOptions};
-use schemashift_common::scenario::users_spec_yaml;
+use schemashift_lab::load::{start_load, LoadOptions};
+use schemashift_lab::scenario::users_spec_yaml;
 use schemashift_tests::{
     connect, free_port, local_listen, schemashift, spawn_workers, table_diff, users_env,
     write_spec, Proc, TestEnv,

@@ -6,10 +6,10 @@ use schemashift_common::control::ControlSql;
 use schemashift_common::ids::LeaseEpoch;
 use schemashift_common::pg::install_helpers;
 use schemashift_common::plan::Shard;
-use schemashift_common::scenario::users_spec_yaml;
 use schemashift_common::service::{
     CoordinatorService, Progress, Registration, ServiceError, Work, WorkerInfo,
 };
+use schemashift_lab::scenario::users_spec_yaml;
 use schemashift_tests::{connect, local_listen, users_env, write_spec, Proc};
 use schemashift_worker::backfill::{copy_shard, CopyPacing, CopyProgress};
 use schemashift_worker::grpc::{ClientOptions, GrpcCoordinator};

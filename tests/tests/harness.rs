@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use schemashift_common::scenario::{load_users, SOURCE_DDL, TARGET_DDL};
+use schemashift_lab::scenario::{load_users, SOURCE_DDL, TARGET_DDL};
 use schemashift_tests::{connect, split_full_name, table_diff, table_diff_report, TestEnv};
 use tokio_postgres::Client;
 

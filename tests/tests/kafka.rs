@@ -1,8 +1,8 @@
 //! The Kafka change log against a real Kafka-protocol broker (tansu) and real PostgreSQL:
 //! distributed replay, a crash between Kafka's ack and the slot confirm, broker outages.
 
-use schemashift_common::load::{start_load, LoadOptions};
-use schemashift_common::scenario::users_spec_yaml;
+use schemashift_lab::load::{start_load, LoadOptions};
+use schemashift_lab::scenario::users_spec_yaml;
 use schemashift_tests::{
     assert_verified_no_diffs, connect, local_listen, schemashift, spawn_workers, users_env,
     write_spec, Broker, Proc, TestEnv,
@@ -180,9 +180,13 @@ async fn capture_killed_between_kafka_ack_and_slot_confirm_loses_nothing() -> an
         })
         .collect();
     let brokers = [broker.changelog().trim_start_matches("kafka://").to_owned()];
-    let in_topic =
-        schemashift_worker::kafka::read_between(&brokers, &topic, &Default::default(), &replayed)
-            .await?;
+    let in_topic = schemashift_changelog::kafka::read_between(
+        &brokers,
+        &topic,
+        &Default::default(),
+        &replayed,
+    )
+    .await?;
     let mut distinct: Vec<_> = in_topic.iter().map(|c| (c.lsn, c.ordinal)).collect();
     distinct.sort();
     distinct.dedup();

@@ -10,7 +10,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
-use schemashift_common::scenario::users_spec_yaml;
+use schemashift_lab::scenario::users_spec_yaml;
 use schemashift_tests::{
     connect, free_port, local_listen, schemashift, spawn_workers, users_env, write_spec, Proc,
 };

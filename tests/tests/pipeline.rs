@@ -1,8 +1,8 @@
 //! End-to-end behaviour of `schemashift run` against real PostgreSQL clusters
 //! (source and target are separate clusters), driven through the real binary.
 
-use schemashift_common::load::{start_load, LoadOptions, LoadStats};
-use schemashift_common::scenario::users_spec_yaml;
+use schemashift_lab::load::{start_load, LoadOptions, LoadStats};
+use schemashift_lab::scenario::users_spec_yaml;
 use schemashift_tests::{
     assert_verified_no_diffs, connect, schemashift, schemashift_bin, schemashift_ok,
     slot_and_publication_count, table_diff, users_env, write_spec,

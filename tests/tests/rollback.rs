@@ -2,7 +2,7 @@
 //! rollback switches back losing nothing; a freeze that cannot get its locks aborts
 //! cleanly and leaves the source writable.
 
-use schemashift_common::scenario::users_spec_yaml;
+use schemashift_lab::scenario::users_spec_yaml;
 use schemashift_tests::{connect, schemashift, table_diff, users_env, write_spec, Proc};
 use std::time::Duration;
 

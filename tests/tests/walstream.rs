@@ -2,12 +2,13 @@
 //! keepalives arrive, confirm moves the slot, a busy slot is reported as such, `next` survives
 //! cancellation mid-message, password authentication works, and no error shows the password.
 
+use schemashift_common::retry::Classify;
 use std::time::{Duration, Instant};
 
-use schemashift_common::cluster::{Cluster, ClusterOptions};
 use schemashift_common::ids::Lsn;
 use schemashift_common::spec::Dsn;
 use schemashift_common::walstream::{WalMessage, WalStream, WalStreamError};
+use schemashift_lab::cluster::{Cluster, ClusterOptions};
 use schemashift_tests::{connect, TestEnv};
 use tokio_postgres::Client;
 

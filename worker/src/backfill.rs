@@ -3,12 +3,13 @@
 //! source's foreign table), inside one target transaction that also marks the shard done
 //! (fenced by lease epoch). Rows are never decoded in Rust.
 
-use crate::error::pg_reason;
 use crate::WorkerError;
 use futures_util::{SinkExt, StreamExt};
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::LeaseEpoch;
+use schemashift_common::pg::describe;
 use schemashift_common::plan::{Shard, TablePlan, Transfer};
+use schemashift_common::retry::classify_pg;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio_postgres::Client;
@@ -88,15 +89,12 @@ fn shard_err<'a>(
     table: &'a TablePlan,
     shard: &'a Shard,
 ) -> impl Fn(tokio_postgres::Error) -> WorkerError + Copy + 'a {
-    move |e| {
-        let (reason, transient) = pg_reason(&e);
-        WorkerError::Shard {
-            table: table.describe(),
-            shard: shard.id,
-            range: shard.range.to_string(),
-            reason,
-            transient,
-        }
+    move |e| WorkerError::Shard {
+        table: table.describe(),
+        shard: shard.id,
+        range: shard.range.to_string(),
+        reason: describe(&e),
+        class: classify_pg(&e),
     }
 }
 

@@ -1,5 +1,8 @@
+use schemashift_changelog::ChangeLogError;
 use schemashift_common::ids::ShardId;
-use schemashift_common::pg::{describe, is_transient, PgError};
+use schemashift_common::pg::PgError;
+use schemashift_common::retry::{Class, Classify};
+use schemashift_common::verify::VerifyError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -11,29 +14,16 @@ pub enum WorkerError {
         shard: ShardId,
         range: String,
         reason: String,
-        transient: bool,
+        class: Class,
     },
     #[error(
         "table {table}, shard {shard}: lease lost (another worker owns it now); rows rolled back"
     )]
     LeaseLost { table: String, shard: ShardId },
-    #[error(
-        "replay of partition {part}: lease lost (another worker applies it now); batch rolled back"
-    )]
-    PartitionLost { part: u32 },
-    #[error("replay of partition {part}, table {table}: {reason}")]
-    Replay {
-        part: u32,
-        table: String,
-        reason: String,
-        transient: bool,
-    },
-    #[error("verify of table {table}: {reason}")]
-    Verify { table: String, reason: String },
-    #[error("change log: {0}")]
-    ChangeLog(String),
     #[error(transparent)]
-    Kafka(#[from] crate::kafka::KafkaLogError),
+    Log(#[from] ChangeLogError),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
     #[error("coordinator: {0}")]
     Coordinator(String),
     /// The coordinator does not let this worker in (token); retrying cannot help.
@@ -41,24 +31,15 @@ pub enum WorkerError {
     Refused(String),
 }
 
-impl WorkerError {
-    /// The one place that decides whether a failed piece of work is retried.
-    pub fn is_transient(&self) -> bool {
+impl Classify for WorkerError {
+    fn class(&self) -> Class {
         match self {
-            WorkerError::Connect(_) => true,
-            WorkerError::Shard { transient, .. } | WorkerError::Replay { transient, .. } => {
-                *transient
-            }
-            WorkerError::LeaseLost { .. } | WorkerError::PartitionLost { .. } => false,
-            WorkerError::Kafka(e) => e.is_transient(),
-            WorkerError::Verify { .. }
-            | WorkerError::ChangeLog(_)
-            | WorkerError::Coordinator(_)
-            | WorkerError::Refused(_) => false,
+            WorkerError::Connect(e) => e.class(),
+            WorkerError::Shard { class, .. } => *class,
+            WorkerError::LeaseLost { .. } => Class::Fenced,
+            WorkerError::Log(e) => e.class(),
+            WorkerError::Verify(e) => e.class(),
+            WorkerError::Coordinator(_) | WorkerError::Refused(_) => Class::Permanent,
         }
     }
-}
-
-pub(crate) fn pg_reason(e: &tokio_postgres::Error) -> (String, bool) {
-    (describe(e), is_transient(e))
 }

@@ -1,12 +1,9 @@
 //! schemashift worker: stateless; leases work from the coordinator and does it.
-//! Backfill copies shards, replay applies the change log, verify compares ranges.
+//! Backfill copies shards, replay applies change-log partitions (with the replayer of
+//! `schemashift-changelog`), verify compares key ranges (`schemashift_common::verify`).
 pub mod backfill;
 pub mod error;
 pub mod grpc;
-pub mod kafka;
-mod refresh;
-pub mod replay;
 pub mod runner;
-pub mod verify;
 
 pub use error::WorkerError;

@@ -4,19 +4,19 @@
 //! database connections are re-established with bounded exponential backoff.
 
 use crate::backfill::{copy_shard, CopyPacing, CopyProgress};
-use crate::replay::PartitionReplayer;
-use crate::verify::verify_range;
 use crate::WorkerError;
-use backon::{ExponentialBuilder, Retryable};
+use schemashift_changelog::replay::PartitionReplayer;
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::LeaseEpoch;
 use schemashift_common::pg::{connect, install_helpers};
 use schemashift_common::plan::{RunPlan, Shard};
+use schemashift_common::retry::{retry, Backoff, Class, Classify};
 use schemashift_common::service::{
     Beat, CoordinatorService, LeaseRef, PartitionLease, Progress, Registration, ServiceError, Work,
     WorkerInfo,
 };
 use schemashift_common::trace::set_parent;
+use schemashift_common::verify::verify_range;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -49,34 +49,13 @@ const REPLAY_IDLE: Duration = Duration::from_millis(20);
 /// How often a held replay asks whether it may go on.
 const REPLAY_HELD_BEAT: Duration = Duration::from_millis(250);
 
-fn db_backoff() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_max_times(10)
-        .with_jitter()
-}
-
-/// Long enough to ride out a coordinator restart (about three minutes in all).
-fn coordinator_backoff() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_max_times(40)
-        .with_jitter()
-}
-
 /// Calls the coordinator, retrying while it is unreachable.
 async fn call<T, F, Fut>(me: &WorkerInfo, what: &str, f: F) -> Result<T, WorkerError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, ServiceError>>,
 {
-    f.retry(coordinator_backoff())
-        .when(ServiceError::is_transient)
-        .notify(|e, d| {
-            tracing::warn!(worker = %me.id, error = %e, retry_in_ms = d.as_millis() as u64, "coordinator call failed, retrying")
-        })
+    retry(what, Backoff::Coordinator, f)
         .await
         .map_err(|e| match e {
             ServiceError::Unauthenticated(_) => {
@@ -110,12 +89,7 @@ impl Sessions {
             }
             Ok::<_, WorkerError>(Sessions { source, target })
         };
-        open.retry(db_backoff())
-            .when(WorkerError::is_transient)
-            .notify(|e, d| {
-                tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "reconnecting")
-            })
-            .await
+        retry("opening database sessions", Backoff::Database, open).await
     }
 
     fn closed(&self) -> bool {
@@ -217,9 +191,11 @@ impl<S: CoordinatorService> Worker<S> {
             shard: shard.id,
             epoch,
         };
-        // Heartbeats keep the lease while the copy runs and say when to pause it (throttle);
-        // a lost lease is caught by the fenced commit, so the heartbeat only needs to try.
+        // Heartbeats keep the lease while the copy runs and say when to pause it (throttle).
+        // A lost lease stops the copy at once (its transaction rolls back); the fenced commit
+        // refuses it anyway if the news comes late.
         let (hold_tx, hold) = tokio::sync::watch::channel(false);
+        let (lost_tx, mut lost) = tokio::sync::watch::channel(false);
         let beat = {
             let (svc, me, progress, lease) = (
                 self.svc.clone(),
@@ -240,7 +216,11 @@ impl<S: CoordinatorService> Worker<S> {
                             changes: base.changes,
                         };
                         match svc.heartbeat(&me, &lease, p).await {
-                            Ok(Beat::Lost) => tracing::warn!("lease lost while copying"),
+                            Ok(Beat::Lost) => {
+                                tracing::warn!("lease lost while copying: stopping the copy");
+                                lost_tx.send_replace(true);
+                                return;
+                            }
                             Ok(Beat::Hold) => {
                                 hold_tx.send_if_modified(|h| !std::mem::replace(h, true));
                             }
@@ -254,7 +234,7 @@ impl<S: CoordinatorService> Worker<S> {
                 .instrument(span.clone()),
             )
         };
-        let result = copy_shard(
+        let copy = copy_shard(
             &sessions.source,
             &mut sessions.target,
             &self.control,
@@ -263,9 +243,19 @@ impl<S: CoordinatorService> Worker<S> {
             epoch,
             CopyPacing { progress, hold },
         )
-        .instrument(span.clone())
-        .await;
+        .instrument(span.clone());
+        let (result, aborted) = tokio::select! {
+            r = copy => (r, false),
+            _ = lost.wait_for(|l| *l) => (Err(WorkerError::LeaseLost {
+                table: table.describe(),
+                shard: shard.id,
+            }), true),
+        };
         beat.abort();
+        if aborted {
+            // The sessions were left mid-COPY; fresh ones are simpler than draining them.
+            *sessions = Sessions::open(&self.reg).await?;
+        }
         match result {
             Ok(out) => {
                 span.record("rows", out.rows);
@@ -286,7 +276,7 @@ impl<S: CoordinatorService> Worker<S> {
             }
             Err(e) => {
                 span.in_scope(|| tracing::warn!(error = %e, "shard failed"));
-                if !matches!(e, WorkerError::LeaseLost { .. }) {
+                if e.class() != Class::Fenced {
                     self.give_back(&lease, &e).await;
                 }
             }
@@ -345,7 +335,7 @@ impl<S: CoordinatorService> Worker<S> {
                 let _ = self.svc.failed(&self.me, &lease, String::new()).await;
             }
             Ok(false) => {}
-            Err(e) if matches!(e, WorkerError::PartitionLost { .. }) => {
+            Err(e) if e.class() == Class::Fenced => {
                 span.in_scope(|| tracing::info!(error = %e, "replay lease lost"));
             }
             Err(e) => {

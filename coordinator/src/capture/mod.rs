@@ -21,7 +21,9 @@ use pgoutput::Message;
 use schemashift_common::change::{Change, Op};
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::Lsn;
+use schemashift_common::pg::connect;
 use schemashift_common::plan::RunPlan;
+use schemashift_common::retry::{Class, Classify};
 use schemashift_common::spec::Dsn;
 use schemashift_common::walstream::{WalMessage, WalStream, WalStreamError};
 use std::sync::Arc;
@@ -43,7 +45,7 @@ const SLOT_BUSY_WAIT: Duration = Duration::from_secs(30);
 fn stream_error(e: WalStreamError) -> CoordinatorError {
     match e {
         WalStreamError::SlotBusy(why) => CoordinatorError::SlotBusy(why),
-        e if e.is_transient() => CoordinatorError::SlotBusy(e.to_string()),
+        e if e.class() == Class::Transient => CoordinatorError::SlotBusy(e.to_string()),
         e => CoordinatorError::Capture(format!("replication stream: {e}")),
     }
 }
@@ -65,6 +67,7 @@ pub struct Capture {
     source_dsn: Dsn,
     stream: Option<WalStream>,
     target: Client,
+    target_dsn: Dsn,
     plan: Arc<RunPlan>,
     control: ControlSql,
     slot: String,
@@ -95,6 +98,7 @@ impl Capture {
         source: Client,
         source_dsn: Dsn,
         target: Client,
+        target_dsn: Dsn,
         plan: Arc<RunPlan>,
         slot: String,
     ) -> Result<Self, CoordinatorError> {
@@ -115,6 +119,7 @@ impl Capture {
             source_dsn,
             stream: None,
             target,
+            target_dsn,
             plan,
             control,
             slot,
@@ -150,6 +155,25 @@ impl Capture {
         self.stream
             .as_mut()
             .ok_or_else(|| CoordinatorError::Capture("replication stream not open".into()))
+    }
+
+    /// Sessions that closed (a server restart, a killed backend) are opened again; the
+    /// position is in the control state, so nothing is lost.
+    async fn reopen_sessions(&mut self) -> Result<(), CoordinatorError> {
+        if self.source.is_closed() {
+            self.source = connect(&self.source_dsn, "source").await?;
+            tracing::info!("capture's source session reopened");
+        }
+        if self.target.is_closed() {
+            self.target = connect(&self.target_dsn, "target").await?;
+            tracing::info!("capture's target session reopened");
+        }
+        if self.plan.low_priority {
+            for c in [&self.source, &self.target] {
+                schemashift_common::pg::lower_priority(c).await;
+            }
+        }
+        Ok(())
     }
 
     async fn lower_walsender_priority(&self) {
@@ -382,15 +406,20 @@ impl Capture {
                         _ = shutdown.changed() => return Ok(()),
                     }
                 }
-                // Kafka slow or down: the slot keeps the WAL; try again, backing off.
-                Err(CoordinatorError::ChangeLog(e)) if e.is_transient() => {
+                // Kafka slow or down, or the target's session lost: the slot keeps the
+                // WAL; try again, backing off, with fresh sessions where they closed.
+                Err(e) if e.is_transient() && !matches!(e, CoordinatorError::SlotBusy(_)) => {
                     let wait = kafka_backoff.next().unwrap_or(Duration::from_secs(5));
                     tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64,
                         "change log unavailable; the slot holds the WAL, retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(wait) => continue,
+                        _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.changed() => return Ok(()),
                     }
+                    if let Err(e) = self.reopen_sessions().await {
+                        tracing::warn!(error = %e, "capture sessions not reopened yet");
+                    }
+                    continue;
                 }
                 Err(e) => return Err(e),
             };

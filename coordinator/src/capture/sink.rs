@@ -3,11 +3,11 @@
 //! with them, or acknowledged by Kafka), and the slot advances only after that.
 
 use crate::error::CoordinatorError;
+use schemashift_changelog::kafka::{ChangeProducer, Outgoing};
 use schemashift_common::change::{Change, Op};
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::Lsn;
 use schemashift_common::plan::{LogPlan, RunPlan};
-use schemashift_worker::kafka::{ChangeProducer, Outgoing};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio_postgres::Client;

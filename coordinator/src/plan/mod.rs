@@ -56,7 +56,7 @@ pub async fn plan(
     let db = |e: tokio_postgres::Error| CoordinatorError::db("planning", &e);
 
     if let Ok(Changelog::Kafka(k)) = spec.changelog() {
-        if let Err(e) = schemashift_worker::kafka::check_brokers(&k.brokers).await {
+        if let Err(e) = schemashift_changelog::kafka::check_brokers(&k.brokers).await {
             problems.push(format!(
                 "changelog: cannot reach the Kafka brokers {}: {e}; check the address, or use `changelog: postgres`",
                 k.brokers.join(",")

@@ -6,9 +6,9 @@ use super::{
     client, parallelisms, target_table_and_indexes, Bench, Collected, Indexes, Kind, Measurement,
     Outcome, SOURCE_DB,
 };
+use crate::cluster::bin_dir;
+use crate::scenario::{SOURCE_DDL, SPLIT_FUNCTIONS, TARGET_DDL};
 use anyhow::Context;
-use schemashift_common::cluster::bin_dir;
-use schemashift_common::scenario::{SOURCE_DDL, SPLIT_FUNCTIONS, TARGET_DDL};
 use schemashift_common::sql::quote_ident;
 use std::path::PathBuf;
 use std::process::{Output, Stdio};

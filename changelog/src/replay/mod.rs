@@ -4,13 +4,13 @@
 //! values), loaded into a staging table with one COPY and applied with one statement per
 //! action kind; the partition position is saved in the same transaction.
 
-use crate::error::pg_reason;
+use crate::error::{replay_err, ChangeLogError};
 use crate::kafka::PartitionReader;
-use crate::WorkerError;
 use schemashift_common::change::Change;
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::{ChangeSeq, LeaseEpoch, Lsn};
 use schemashift_common::plan::{LogPlan, RunPlan};
+use schemashift_common::retry::Class;
 use schemashift_common::service::PartitionLease;
 use schemashift_common::sql::quote_ident;
 use std::collections::HashMap;
@@ -78,7 +78,7 @@ impl PartitionReplayer {
         target: &Client,
         plan: Arc<RunPlan>,
         lease: PartitionLease,
-    ) -> Result<Self, WorkerError> {
+    ) -> Result<Self, ChangeLogError> {
         let part = lease.part;
         let control = ControlSql::new(&plan.control_schema);
         let fail = |e: tokio_postgres::Error| replay_err(part, "-", &e);
@@ -93,7 +93,7 @@ impl PartitionReplayer {
         ) {
             (Some(l), Some(o)) => (
                 l.parse::<Lsn>()
-                    .map_err(|e| WorkerError::ChangeLog(e.to_string()))?,
+                    .map_err(|e| ChangeLogError::Corrupt(e.to_string()))?,
                 o.max(0) as u32,
             ),
             _ => (Lsn(0), 0),
@@ -144,7 +144,7 @@ impl PartitionReplayer {
         &mut self,
         target: &Client,
         max: i64,
-    ) -> Result<Vec<(ChangeSeq, Change)>, WorkerError> {
+    ) -> Result<Vec<(ChangeSeq, Change)>, ChangeLogError> {
         let part = self.part;
         match &mut self.source {
             Source::Table => {
@@ -156,7 +156,7 @@ impl PartitionReplayer {
                     .await
                     .map_err(|e| replay_err(part, "-", &e))?;
                 rows.iter()
-                    .map(|r| row_to_change(r).map_err(WorkerError::ChangeLog))
+                    .map(|r| row_to_change(r).map_err(ChangeLogError::Corrupt))
                     .collect()
             }
             Source::Kafka(reader) => Ok(reader
@@ -190,7 +190,7 @@ impl PartitionReplayer {
         target: &mut Client,
         source: &Client,
         max: i64,
-    ) -> Result<usize, WorkerError> {
+    ) -> Result<usize, ChangeLogError> {
         let part = self.part;
         if self
             .held
@@ -229,7 +229,7 @@ impl PartitionReplayer {
                 _ => Instant::now(),
             };
             if since.elapsed() > HELD_LIMIT {
-                return Err(WorkerError::Replay {
+                return Err(ChangeLogError::Replay {
                     part,
                     table: "-".into(),
                     reason: format!(
@@ -238,7 +238,7 @@ impl PartitionReplayer {
                          which parallel replay cannot apply; roll back and run with `workers: 1`",
                         HELD_LIMIT.as_secs()
                     ),
-                    transient: false,
+                    class: Class::Permanent,
                 });
             }
             if applied == 0 {
@@ -290,7 +290,7 @@ impl PartitionReplayer {
             .map_err(|e| replay_err(part, "-", &e))?;
         if saved != 1 {
             // Dropping the transaction rolls the batch back; the new holder applies it.
-            return Err(WorkerError::PartitionLost { part });
+            return Err(ChangeLogError::PartitionLost { part });
         }
         tx.commit().await.map_err(|e| replay_err(part, "-", &e))?;
         self.pos = last;
@@ -308,7 +308,7 @@ impl PartitionReplayer {
         tx: &mut Transaction<'_>,
         source: &Client,
         batch: &[(ChangeSeq, Change)],
-    ) -> Result<usize, WorkerError> {
+    ) -> Result<usize, ChangeLogError> {
         if batch.is_empty() {
             return Ok(0);
         }
@@ -361,9 +361,9 @@ impl PartitionReplayer {
         tx: &mut Transaction<'_>,
         source: &Client,
         change: &Change,
-    ) -> Result<bool, WorkerError> {
+    ) -> Result<bool, ChangeLogError> {
         let Some(table) = self.plan.table(change.table) else {
-            return Err(WorkerError::ChangeLog(format!(
+            return Err(ChangeLogError::Corrupt(format!(
                 "change for unknown table index {}",
                 change.table
             )));
@@ -391,7 +391,7 @@ impl PartitionReplayer {
         tx: &mut Transaction<'_>,
         source: &Client,
         batch: &[(ChangeSeq, Change)],
-    ) -> Result<(), (WorkerError, Conflict)> {
+    ) -> Result<(), (ChangeLogError, Conflict)> {
         let mut by_table: HashMap<u32, Vec<&(ChangeSeq, Change)>> = HashMap::new();
         for c in batch {
             by_table.entry(c.1.table).or_default().push(c);
@@ -401,7 +401,7 @@ impl PartitionReplayer {
         for (t, changes) in tables {
             let Some(table) = self.plan.table(t) else {
                 return Err((
-                    WorkerError::ChangeLog(format!("change for unknown table index {t}")),
+                    ChangeLogError::Corrupt(format!("change for unknown table index {t}")),
                     Conflict::No,
                 ));
             };
@@ -415,16 +415,6 @@ impl PartitionReplayer {
                 })?;
         }
         Ok(())
-    }
-}
-
-pub(crate) fn replay_err(part: u32, table: &str, e: &tokio_postgres::Error) -> WorkerError {
-    let (reason, transient) = pg_reason(e);
-    WorkerError::Replay {
-        part,
-        table: table.to_owned(),
-        reason,
-        transient,
     }
 }
 

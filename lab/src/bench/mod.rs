@@ -10,11 +10,11 @@ mod render;
 
 pub use machine::Machine;
 
+use crate::cluster::{bin_dir, Cluster, ClusterOptions};
+use crate::scenario::{load_users, SOURCE_DDL, TARGET_DDL};
 use anyhow::Context;
 use cpu::{CpuUse, Span, Spent};
 use render::{text, write_markdown};
-use schemashift_common::cluster::{bin_dir, Cluster, ClusterOptions};
-use schemashift_common::scenario::{load_users, SOURCE_DDL, TARGET_DDL};
 use schemashift_common::sql::quote_ident;
 use serde::Serialize;
 use std::future::Future;
@@ -127,6 +127,7 @@ pub(crate) struct Collected {
 
 /// The two clusters and what every method needs to know about the source.
 pub(crate) struct Bench {
+    pub host: crate::Host,
     pub src: Cluster,
     pub tgt: Cluster,
     pub rows: u64,
@@ -331,8 +332,9 @@ pub async fn bench(
     json: bool,
     out: Option<PathBuf>,
     only: Option<Only>,
+    host: &crate::Host,
 ) -> i32 {
-    let (report, failed) = match bench_inner(rows, workers.max(1), only).await {
+    let (report, failed) = match bench_inner(rows, workers.max(1), only, host).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -361,6 +363,7 @@ async fn bench_inner(
     rows: u64,
     workers: usize,
     only: Option<Only>,
+    host: &crate::Host,
 ) -> anyhow::Result<(BenchReport, bool)> {
     let t0 = Instant::now();
     let load_before = load_average();
@@ -393,6 +396,7 @@ async fn bench_inner(
         )
         .await?;
     let b = Bench {
+        host: host.clone(),
         rows: r.get::<_, i64>(0) as u64,
         bytes: r.get(1),
         min_id: r.get::<_, Option<i64>>(2).unwrap_or(1),

@@ -15,6 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use schemashift_common::change::Change;
 use schemashift_common::ids::ChangeSeq;
+use schemashift_common::retry::{Class, Classify};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -33,9 +34,12 @@ pub enum KafkaLogError {
     },
 }
 
-impl KafkaLogError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, KafkaLogError::Unavailable { .. })
+impl Classify for KafkaLogError {
+    fn class(&self) -> Class {
+        match self {
+            KafkaLogError::Unavailable { .. } => Class::Transient,
+            KafkaLogError::Corrupt { .. } => Class::Permanent,
+        }
     }
 }
 

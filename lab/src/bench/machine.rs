@@ -2,7 +2,7 @@
 
 use super::peers::on_path;
 use super::Bench;
-use schemashift_common::cluster::ClusterOptions;
+use crate::cluster::ClusterOptions;
 use serde::Serialize;
 use tokio::process::Command;
 use tokio_postgres::Client;

@@ -1,12 +1,10 @@
 //! `schemashift demo`: two throwaway clusters, the users scenario, an application
 //! write load during the whole migration, cutover, an independent compare, a report.
 
+use crate::cluster::{Cluster, ClusterOptions};
+use crate::load::{start_load, LoadOptions, Schema};
+use crate::scenario::{load_users, users_spec_yaml, SOURCE_DDL, SPLIT_FUNCTIONS, TARGET_DDL};
 use anyhow::Context;
-use schemashift_common::cluster::{Cluster, ClusterOptions};
-use schemashift_common::load::{start_load, LoadOptions, Schema};
-use schemashift_common::scenario::{
-    load_users, users_spec_yaml, SOURCE_DDL, SPLIT_FUNCTIONS, TARGET_DDL,
-};
 use schemashift_common::spec::Spec;
 use schemashift_coordinator::run::{run, RunEvent, RunOptions, RunReport, Until};
 use serde::Serialize;
@@ -88,6 +86,7 @@ pub async fn demo(
     load_rate: u32,
     throttle: bool,
     rollback: bool,
+    host: &crate::Host,
 ) -> anyhow::Result<DemoReport> {
     let t0 = Instant::now();
     tracing::info!("starting source and target clusters");
@@ -142,7 +141,7 @@ pub async fn demo(
     tokio::time::sleep(std::time::Duration::from_secs(8)).await;
     let before = load.stats();
     let (_tx, shutdown) = tokio::sync::watch::channel(false);
-    let bars = crate::progress::enabled().then(|| crate::progress::start(&spec));
+    let bars = (host.progress)(&spec);
     // The demo's application follows the run: latency snapshots at its milestones, and a
     // move to the new schema at the switch, as a real application's switch would.
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
@@ -170,27 +169,26 @@ pub async fn demo(
             workers: Some(workers),
             until: Until::Cutover,
             events: Some(events_tx),
-            ..RunOptions::default()
+            ..RunOptions::new(host.local.clone())
         },
         shutdown,
     )
     .await;
-    crate::progress::finish(bars);
+    bars();
     let (backfilled, switched) = watcher.await.unwrap_or((None, None));
     let mut report = result.map_err(|e| anyhow::anyhow!("{e}"))?;
     // A few seconds of the application on the new schema, then its writes go back to the
     // old one by reverse sync (what a rollback would rely on).
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let stats = load.stop().await;
-    let p95 = |h: &schemashift_common::load::LatencyHistogram| h.p95() as f64 / 1e3;
+    let p95 = |h: &crate::load::LatencyHistogram| h.p95() as f64 / 1e3;
     let at_switch = switched.unwrap_or_else(|| stats.clone());
     let backfilled = backfilled.unwrap_or_else(|| at_switch.clone());
     let during = backfilled.latencies_us.since(&before.latencies_us);
     let p95_before_ms = p95(&before.latencies_us);
     let p95_during_ms = p95(&during);
-    let percentiles = |h: &schemashift_common::load::LatencyHistogram| {
-        [h.p50(), h.p95(), h.p99()].map(|us| us as f64 / 1e3)
-    };
+    let percentiles =
+        |h: &crate::load::LatencyHistogram| [h.p50(), h.p95(), h.p99()].map(|us| us as f64 / 1e3);
     let percentiles_before_ms = percentiles(&before.latencies_us);
     let percentiles_during_ms = percentiles(&during);
     let p95_rest_ms = p95(&at_switch.latencies_us.since(&backfilled.latencies_us));
@@ -208,7 +206,7 @@ pub async fn demo(
     .changes_applied;
     // Source writes that waited on the freeze were carried over by the cutover; verify
     // now compares both sides after the reverse sync.
-    let v = schemashift_coordinator::ops::verify(&spec)
+    let v = schemashift_coordinator::ops::verify(&spec, host.local.clone())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     report.verify = Some(v);

@@ -3,27 +3,43 @@
 //! expressions, target over the stored columns. Ranges that differ are bisected at the
 //! median key until small, then compared key by key.
 
-use crate::WorkerError;
-use schemashift_common::pg::describe;
-use schemashift_common::plan::{ShardRange, TablePlan};
-use schemashift_common::sql::{key_order, key_text_select, keys_in, KeyCol};
+use crate::pg::describe;
+use crate::plan::{ShardRange, TablePlan};
+use crate::retry::{classify_pg, Class, Classify};
+use crate::sql::{key_order, key_text_select, keys_in, KeyCol};
 use std::collections::HashMap;
 use tokio_postgres::Client;
 
 /// Ranges at or below this many rows (on the bigger side) are compared key by key.
 const LEAF_ROWS: i64 = 2_000;
 
-pub use schemashift_common::service::{DiffKind, KeyDiff, RangeCheck};
+pub use crate::service::{DiffKind, KeyDiff, RangeCheck};
 
 struct Summary {
     rows: i64,
     sum: String,
 }
 
-fn verr(table: &TablePlan, e: &tokio_postgres::Error) -> WorkerError {
-    WorkerError::Verify {
+/// A range or key compare that failed on one of the databases.
+#[derive(Debug, thiserror::Error)]
+#[error("verify of table {table}: {reason}")]
+pub struct VerifyError {
+    pub table: String,
+    pub reason: String,
+    pub class: Class,
+}
+
+impl Classify for VerifyError {
+    fn class(&self) -> Class {
+        self.class
+    }
+}
+
+fn verr(table: &TablePlan, e: &tokio_postgres::Error) -> VerifyError {
+    VerifyError {
         table: table.describe(),
         reason: describe(e),
+        class: classify_pg(e),
     }
 }
 
@@ -112,7 +128,7 @@ pub async fn verify_range(
     target: &Client,
     table: &TablePlan,
     range: &ShardRange,
-) -> Result<RangeCheck, WorkerError> {
+) -> Result<RangeCheck, VerifyError> {
     let (src_hash, tgt_hash) = (table.source_row_hash(), table.target_row_hash());
     let (sf, tf) = (table.source.to_string(), table.target.to_string());
     // Hashes read the mapped row, so their FROM has the mapping subquery.
@@ -185,7 +201,7 @@ pub async fn recheck_keys(
     target: &Client,
     table: &TablePlan,
     keys: &[Vec<String>],
-) -> Result<Vec<KeyDiff>, WorkerError> {
+) -> Result<Vec<KeyDiff>, VerifyError> {
     let mut out = Vec::new();
     let (src_hash, tgt_hash) = (table.source_row_hash(), table.target_row_hash());
     let tf = table.target.to_string();

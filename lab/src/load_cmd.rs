@@ -2,7 +2,7 @@
 //! on its own: reads by key, inserts, updates (some of TOASTed rows) and deletes at a set
 //! rate, with latency percentiles per operation and failures counted.
 
-use schemashift_common::load::{start_load, LatencyHistogram, LoadOptions, LoadStats};
+use crate::load::{start_load, LatencyHistogram, LoadOptions, LoadStats};
 use schemashift_common::spec::Spec;
 use serde::Serialize;
 use std::path::Path;

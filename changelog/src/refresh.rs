@@ -1,8 +1,7 @@
 //! Replay of tables whose mapping reads other source tables (merges): the changes only
 //! say which keys were touched, and the rows are read again from the source.
 
-use crate::replay::replay_err;
-use crate::WorkerError;
+use crate::error::{replay_err, ChangeLogError};
 use schemashift_common::change::{Change, Op};
 use schemashift_common::ids::ChangeSeq;
 use schemashift_common::plan::{RunPlan, TablePlan};
@@ -18,7 +17,7 @@ pub(crate) async fn refresh(
     plan: &RunPlan,
     part: u32,
     changes: &[(ChangeSeq, Change)],
-) -> Result<(), WorkerError> {
+) -> Result<(), ChangeLogError> {
     // Per table: its key positions (computed once) and the distinct keys touched.
     let mut by_table: HashMap<u32, (Vec<usize>, BTreeSet<Vec<String>>)> = HashMap::new();
     for (_, c) in changes {

@@ -5,18 +5,18 @@ use super::{
     cpu::{peak_rss_mib, Spent},
     parallelisms, target_table_with_keys, Bench, Collected, Indexes, Kind, Measurement, Outcome,
 };
+use crate::scenario::{users_spec_yaml, TARGET_DDL};
 use anyhow::Context;
+use schemashift_changelog::replay::PartitionReplayer;
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::{LeaseEpoch, Lsn};
 use schemashift_common::pg::{connect, install_helpers};
-use schemashift_common::scenario::{users_spec_yaml, TARGET_DDL};
 use schemashift_common::service::PartitionLease;
 use schemashift_common::spec::{Spec, Strategy};
 use schemashift_coordinator::capture::{flush_wal, Capture};
 use schemashift_coordinator::control::Store;
 use schemashift_coordinator::ops::cleanup;
 use schemashift_coordinator::run::{run, RunOptions, RunReport, Until};
-use schemashift_worker::replay::PartitionReplayer;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -105,13 +105,13 @@ fn spec(b: &Bench, db: &str, workers: usize, changelog: Option<&str>) -> anyhow:
     Ok(spec)
 }
 
-async fn run_backfill(spec: &Spec, workers: usize) -> anyhow::Result<RunReport> {
+async fn run_backfill(b: &Bench, spec: &Spec, workers: usize) -> anyhow::Result<RunReport> {
     // Kept until the run returns: a dropped sender would wake every wait on it at once.
     let (_keep, shutdown) = tokio::sync::watch::channel(false);
     let opts = RunOptions {
         workers: Some(workers),
         until: Until::Backfill,
-        ..RunOptions::default()
+        ..RunOptions::new(b.host.local.clone())
     };
     run(spec, opts, shutdown)
         .await
@@ -138,7 +138,7 @@ async fn backfill(
         t.strategy = strategy;
     }
     let span = b.span().await;
-    let r = run_backfill(&spec, workers).await;
+    let r = run_backfill(b, &spec, workers).await;
     let spent = b.spent(&span).await;
     let r = match r {
         Ok(report) => dropped_indexes(&spec).await.map(|n| (report, n)),
@@ -226,7 +226,7 @@ fn change_rate(b: &Bench, kind: Kind, method: String, count: u64, spent: Spent) 
 }
 
 async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result<Vec<Measurement>> {
-    run_backfill(spec, 1).await?;
+    run_backfill(b, spec, 1).await?;
     let source = connect(&spec.source, "source").await?;
     let total = (b.rows / 10).max(50_000);
     tracing::info!(changes = total, "running the change workload on the source");
@@ -250,6 +250,7 @@ async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result
         source,
         spec.source.clone(),
         capture_target,
+        spec.target.clone(),
         plan.clone(),
         state.slot,
     )
@@ -345,7 +346,7 @@ async fn workload(source: &Client, total: u64) -> anyhow::Result<u64> {
         .query_one("SELECT coalesce(max(id), 0) FROM public.users", &[])
         .await?
         .get(0);
-    let name = schemashift_common::scenario::name_mix_sql();
+    let name = crate::scenario::name_mix_sql();
     let insert = source
         .prepare(&format!(
             "INSERT INTO public.users (id, email, full_name, bio) \
