@@ -80,7 +80,7 @@ impl ControlSql {
     /// Reads the next changes of one partition after a position.
     pub fn read_changes(&self) -> String {
         format!(
-            "SELECT seq, table_idx, op, lsn::text, old_key, vals, unchanged FROM {} \
+            "SELECT seq, table_idx, op, lsn::text, old_key, vals, unchanged, ordinal FROM {} \
              WHERE part = $1 AND seq > $2 ORDER BY seq LIMIT $3",
             self.table("changes")
         )

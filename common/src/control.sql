@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS {schema}.changes (
     table_idx int NOT NULL,
     op        "char" NOT NULL,
     lsn       pg_lsn NOT NULL,
+    -- Place in its source transaction: (lsn, ordinal) orders a partition's changes and
+    -- lets replay drop a copy written twice, as it does for Kafka.
+    ordinal   int NOT NULL,
     old_key   text[],
     vals      text[],
     unchanged int2[]

@@ -325,10 +325,20 @@ pub struct RollbackReport {
     pub seconds: f64,
 }
 
-/// After the cutover: freeze the target tables, apply every write made to them to the
-/// source, run the switch-back hook, release. Nothing written on either side is lost.
+/// The longest the rollback may hold the target frozen: the spec's freeze budget, but
+/// never below what opening reverse sync's sessions takes on a busy host.
+fn rollback_freeze_limit(spec: &Spec) -> Duration {
+    spec.cutover.freeze_timeout.max(Duration::from_secs(5))
+}
+
+/// After the cutover: apply the target's writes to the source while it stays writable,
+/// then freeze the target tables, apply the rest, run the switch-back hook, release.
+/// Nothing written on either side is lost; a freeze that would pass its limit is released
+/// with nothing switched.
 pub async fn rollback(spec: &Spec, fwd: &RunPlan) -> Result<RollbackReport, CoordinatorError> {
     let t0 = Instant::now();
+    // Most of the backlog goes before the freeze, so the freeze only covers the tail.
+    let early = sync(spec, Until::Lsn(now(spec).await?)).await?;
     let mut target = connect(&spec.target, "target").await?;
     let tables = fwd
         .tables
@@ -348,13 +358,33 @@ pub async fn rollback(spec: &Spec, fwd: &RunPlan) -> Result<RollbackReport, Coor
         .map_err(db("freezing writes on the target for the rollback"))?;
     let frozen = Instant::now();
     let lsn = wal_lsn(&tx, WalPosition::Insert).await?;
-    let synced = sync(spec, Until::Lsn(lsn)).await?;
+    let limit = rollback_freeze_limit(spec);
+    let synced = match tokio::time::timeout(limit, sync(spec, Until::Lsn(lsn))).await {
+        Ok(r) => r?,
+        Err(_) => {
+            // Dropping the transaction releases the freeze; the source was not switched to.
+            drop(tx);
+            return Err(CoordinatorError::State(format!(
+                "rollback: the target's last writes did not reach the source within {} s of                  freezing; the freeze was released and nothing was switched; run `schemashift                  rollback` again",
+                limit.as_secs()
+            )));
+        }
+    };
     if let Some(cmd) = &spec.cutover.switch_back_command {
-        let status = tokio::process::Command::new("sh")
+        let run = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(cmd)
-            .status()
+            .kill_on_drop(true)
+            .status();
+        let left = limit.saturating_sub(frozen.elapsed());
+        let status = tokio::time::timeout(left, run)
             .await
+            .map_err(|_| {
+                CoordinatorError::State(format!(
+                    "switch_back_command ran past the rollback freeze limit ({} s) and was                      killed; the freeze was released; check where the application points and                      run `schemashift rollback` again",
+                    limit.as_secs()
+                ))
+            })?
             .map_err(|e| {
                 CoordinatorError::State(format!("switch_back_command cannot start: {e}"))
             })?;
@@ -372,7 +402,7 @@ pub async fn rollback(spec: &Spec, fwd: &RunPlan) -> Result<RollbackReport, Coor
         .map_err(db("releasing the rollback freeze"))?;
     Ok(RollbackReport {
         freeze_ms: frozen.elapsed().as_secs_f64() * 1000.0,
-        changes_applied: synced.changes_applied,
+        changes_applied: early.changes_applied + synced.changes_applied,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

@@ -55,6 +55,23 @@ impl Proc {
         Ok(())
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a process frozen as by a long GC pause or a
+    /// suspended VM, with its sockets open.
+    pub fn freeze(&mut self, frozen: bool) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .id()
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+            .context("process already exited")?;
+        let sig = if frozen {
+            rustix::process::Signal::STOP
+        } else {
+            rustix::process::Signal::CONT
+        };
+        rustix::process::kill_process(pid, sig).context("sending signal")?;
+        Ok(())
+    }
+
     /// Waits for the process to exit on its own, at most `limit`.
     pub async fn wait(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
         match tokio::time::timeout(limit, self.child.wait()).await {

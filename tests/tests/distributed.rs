@@ -206,6 +206,73 @@ async fn worker_killed_mid_shard_is_replaced_and_no_shard_commits_twice() -> any
 }
 
 #[tokio::test]
+async fn worker_stopped_past_its_lease_and_continued_has_its_work_refused() -> anyhow::Result<()> {
+    let env = users_env("dist_sigstop", 150_000).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        &dir,
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(10_000)),
+    )?;
+    let (listen, url) = local_listen()?;
+    let mut coord = Proc::spawn(
+        dir.path(),
+        "coordinator",
+        &coordinator_args(&spec, &listen, "verify"),
+        &[],
+    )?;
+    let mut a = Proc::spawn(
+        dir.path(),
+        "worker-a",
+        &["worker", "--coordinator", &url, "--id", "a"],
+        &[],
+    )?;
+    let t = connect(&env.target_dsn).await?;
+    until(LIMIT, "worker a mid-shard", || async {
+        let (done, _, total, a_holds) = shard_state(&t, "a").await;
+        done >= 1 && done < total && a_holds
+    })
+    .await?;
+    // Frozen with its sessions and its uncommitted shard open, past its 2 s lease.
+    a.freeze(true)?;
+    let mut b = Proc::spawn(
+        dir.path(),
+        "worker-b",
+        &["worker", "--coordinator", &url, "--id", "b"],
+        &[],
+    )?;
+    until(LIMIT, "a's shard leased again by b", || async {
+        let Ok(r) = t
+            .query_one(
+                "SELECT count(*) FROM schemashift.shards WHERE attempts >= 2 \
+                 AND (state = 'done' OR worker = 'b')",
+                &[],
+            )
+            .await
+        else {
+            return false;
+        };
+        r.get::<_, i64>(0) >= 1
+    })
+    .await?;
+    a.freeze(false)?;
+    let status = coord.wait(LIMIT).await?;
+    assert!(status.success(), "coordinator: {}", coord.stderr_tail());
+    for w in [&mut a, &mut b] {
+        let st = w.wait(Duration::from_secs(30)).await?;
+        assert!(st.success(), "{}: {}", w.name, w.stderr_tail());
+    }
+    assert!(
+        a.stderr().contains("lease lost"),
+        "the continued worker learned it lost its lease: {}",
+        a.stderr_tail()
+    );
+    // Every row committed by exactly one lease, and the target equals the source.
+    assert_complete(&env, Some(150_000)).await?;
+    schemashift(&["cleanup", &spec])?;
+    env.drop_all().await
+}
+
+#[tokio::test]
 async fn coordinator_killed_mid_backfill_restarts_and_workers_reconnect() -> anyhow::Result<()> {
     let env = users_env("dist_kill_coord", 150_000).await?;
     let dir = tempfile::tempdir()?;

@@ -325,13 +325,16 @@ async fn metrics_endpoint_parses_as_prometheus_and_matches_the_report() -> anyho
         &[],
     )?;
     let deadline = tokio::time::Instant::now() + LIMIT;
+    // The coordinator moves the run from backfill (done) to replay, where it stays.
     let body = loop {
         if let Some(b) = scrape(&addr).await {
-            break b;
+            if b.contains("schemashift_phase{phase=\"replay\"} 1") {
+                break b;
+            }
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "metrics never answered"
+            "metrics never answered with the run in replay"
         );
         tokio::task::yield_now().await;
     };

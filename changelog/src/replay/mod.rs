@@ -165,19 +165,19 @@ impl PartitionReplayer {
         }
     }
 
-    /// Drops Kafka's re-sent copies. Capture re-sends what it produced but had not
-    /// confirmed before a crash. A partition's changes come in (commit LSN, ordinal) order,
-    /// so anything not after the latest seen is a copy, whether applied before or earlier
-    /// in this batch.
+    /// Drops copies of changes already seen. Capture re-sends to Kafka what it produced
+    /// but had not confirmed before a crash; the table log is written in one transaction
+    /// with the capture position, but a second writer (a coordinator that lost its slot
+    /// and was not stopped) would still append copies. A partition's changes come in
+    /// (commit LSN, ordinal) order, so anything not after the latest seen is a copy,
+    /// whether applied before or earlier in this batch.
     fn fresh(&self, mut batch: Vec<(ChangeSeq, Change)>) -> Vec<(ChangeSeq, Change)> {
-        if let Source::Kafka(_) = self.source {
-            let mut latest = self.last;
-            batch.retain(|(_, c)| {
-                let fresh = (c.lsn, c.ordinal) > latest;
-                latest = latest.max((c.lsn, c.ordinal));
-                fresh
-            });
-        }
+        let mut latest = self.last;
+        batch.retain(|(_, c)| {
+            let fresh = (c.lsn, c.ordinal) > latest;
+            latest = latest.max((c.lsn, c.ordinal));
+            fresh
+        });
         batch
     }
 

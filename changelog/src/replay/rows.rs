@@ -24,6 +24,7 @@ pub(super) fn row_to_change(r: &tokio_postgres::Row) -> Result<(ChangeSeq, Chang
     let old_key: Option<Vec<String>> = r.get(4);
     let vals: Option<Vec<Option<String>>> = r.get(5);
     let unchanged: Option<Vec<i16>> = r.get(6);
+    let ordinal: i32 = r.get(7);
     Ok((
         ChangeSeq(seq),
         Change {
@@ -31,7 +32,7 @@ pub(super) fn row_to_change(r: &tokio_postgres::Row) -> Result<(ChangeSeq, Chang
             op: Op::from_code(op).ok_or_else(|| format!("change {seq} has unknown op {op}"))?,
             lsn: lsn.parse::<Lsn>().map_err(|e| e.to_string())?,
             xid: 0,
-            ordinal: 0,
+            ordinal: ordinal.max(0) as u32,
             old_key,
             values: vals.unwrap_or_default(),
             unchanged: unchanged

@@ -169,6 +169,7 @@ async fn append(
                 "table_idx": c.table,
                 "op": (c.op.code() as u8 as char).to_string(),
                 "lsn": c.lsn.to_string(),
+                "ordinal": c.ordinal,
                 "old_key": c.old_key,
                 "vals": if c.op == Op::Delete { None } else { Some(&c.values) },
                 "unchanged": if c.unchanged.is_empty() { None } else { Some(&c.unchanged) },
@@ -180,10 +181,10 @@ async fn append(
     if !rows.is_empty() {
         tx.execute(
             &format!(
-                "INSERT INTO {} (part, table_idx, op, lsn, old_key, vals, unchanged) \
-                 SELECT part, table_idx, op::\"char\", lsn::pg_lsn, old_key, vals, unchanged \
+                "INSERT INTO {} (part, table_idx, op, lsn, ordinal, old_key, vals, unchanged) \
+                 SELECT part, table_idx, op::\"char\", lsn::pg_lsn, ordinal, old_key, vals, unchanged \
                  FROM jsonb_to_recordset($1::text::jsonb) AS x(part int, table_idx int, op text, lsn text, \
-                 old_key text[], vals text[], unchanged int2[])",
+                 ordinal int, old_key text[], vals text[], unchanged int2[])",
                 control.table("changes")
             ),
             &[&serde_json::Value::Array(rows).to_string()],
