@@ -281,3 +281,42 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
         }
     }
 }
+
+/// A long-lived session that is opened again, through the retry policy, when it closed
+/// (a server restart, a killed backend); callers get the live one.
+pub struct Session {
+    dsn: Dsn,
+    role: &'static str,
+    client: tokio::sync::RwLock<std::sync::Arc<Client>>,
+}
+
+impl Session {
+    pub fn new(client: Client, dsn: Dsn, role: &'static str) -> Self {
+        Session {
+            dsn,
+            role,
+            client: tokio::sync::RwLock::new(std::sync::Arc::new(client)),
+        }
+    }
+
+    /// The session, reopened first if it closed.
+    pub async fn get(&self) -> Result<std::sync::Arc<Client>, PgError> {
+        let current = self.client.read().await.clone();
+        if !current.is_closed() {
+            return Ok(current);
+        }
+        let mut slot = self.client.write().await;
+        if slot.is_closed() {
+            let (dsn, role) = (&self.dsn, self.role);
+            let fresh = crate::retry::retry(
+                "reopening a session",
+                crate::retry::Backoff::Database,
+                || connect(dsn, role),
+            )
+            .await?;
+            tracing::info!(role, "session reopened");
+            *slot = std::sync::Arc::new(fresh);
+        }
+        Ok(slot.clone())
+    }
+}

@@ -12,21 +12,34 @@ use tokio::sync::watch;
 /// A shard or partition that failed this often stops the run with its last error.
 pub const MAX_ATTEMPTS: i32 = 5;
 
-impl RunCtx {
-    pub async fn backfill(
-        &mut self,
-        shutdown: &watch::Receiver<bool>,
-    ) -> Result<(), CoordinatorError> {
+/// Drives the backfill phase of a run to its end.
+pub struct Backfill<'a> {
+    run: &'a mut RunCtx,
+}
+
+impl<'a> Backfill<'a> {
+    pub fn new(run: &'a mut RunCtx) -> Self {
+        Backfill { run }
+    }
+
+    /// Waits for every shard, rebuilds the dropped indexes, moves the run to replay.
+    pub async fn drive(self, shutdown: &watch::Receiver<bool>) -> Result<(), CoordinatorError> {
         let t0 = Instant::now();
         let mut shutdown = shutdown.clone();
-        self.svc.set_stage(Stage::Backfill);
+        self.run.svc.set_stage(Stage::Backfill);
         let mut last_log = Instant::now();
         loop {
-            let c = self.store.shard_counts(&self.target).await?;
+            self.run.reopen_closed().await?;
+            let c = self.run.store.shard_counts(&self.run.target).await?;
             if c.pending + c.leased == 0 {
                 break;
             }
-            if let Some(why) = self.store.failing_work(&self.target, MAX_ATTEMPTS).await? {
+            if let Some(why) = self
+                .run
+                .store
+                .failing_work(&self.run.target, MAX_ATTEMPTS)
+                .await?
+            {
                 return Err(CoordinatorError::State(format!("backfill failed: {why}")));
             }
             if last_log.elapsed() >= Duration::from_secs(2) {
@@ -41,17 +54,17 @@ impl RunCtx {
                     "backfill progress"
                 );
             }
-            if let Some(e) = self.local_failure().await {
+            if let Some(e) = self.run.local_failure().await {
                 return Err(e);
             }
-            if let Some(e) = self.background_failure() {
+            if let Some(e) = self.run.background_failure() {
                 return Err(e);
             }
             if *shutdown.borrow() {
                 return Err(CoordinatorError::Interrupted);
             }
             tokio::select! {
-                _ = self.svc.changed.notified() => {}
+                _ = self.run.svc.changed.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = shutdown.changed() => {}
             }
@@ -60,24 +73,31 @@ impl RunCtx {
         // writes; as many at once as there are workers (at least two: one worker's run still
         // has the target's cores for this), within the host CPU limit.
         let built = crate::indexes::rebuild(
-            &self.spec.target,
-            &self.target,
-            &self.store,
-            self.workers.max(2).min(self.svc.throttle().allowed()),
-            self.plan.low_priority,
+            &self.run.spec.target,
+            &self.run.target,
+            &self.run.store,
+            self.run
+                .workers
+                .max(2)
+                .min(self.run.svc.throttle().allowed()),
+            self.run.plan.low_priority,
         )
         .await?;
         if built > 0 {
             tracing::info!(indexes = built, "indexes rebuilt");
         }
-        let c = self.store.shard_counts(&self.target).await?;
-        self.report.shards = c.done;
-        self.report.rows_copied = c.rows_done;
-        self.report.bytes_copied = c.bytes_done;
-        self.report.backfill_seconds = t0.elapsed().as_secs_f64();
-        self.report.rows_per_second = c.rows_done as f64 / self.report.backfill_seconds.max(0.001);
-        self.store.set_phase(&self.target, Phase::Replay).await?;
-        self.svc.set_stage(Stage::Replay);
+        let c = self.run.store.shard_counts(&self.run.target).await?;
+        self.run.report.shards = c.done;
+        self.run.report.rows_copied = c.rows_done;
+        self.run.report.bytes_copied = c.bytes_done;
+        self.run.report.backfill_seconds = t0.elapsed().as_secs_f64();
+        self.run.report.rows_per_second =
+            c.rows_done as f64 / self.run.report.backfill_seconds.max(0.001);
+        self.run
+            .store
+            .set_phase(&self.run.target, Phase::Replay)
+            .await?;
+        self.run.svc.set_stage(Stage::Replay);
         Ok(())
     }
 }

@@ -5,10 +5,12 @@
 //! switch and release. Any step that would overrun `freeze_timeout` releases and aborts.
 
 use crate::capture::{wal_lsn, WalPosition};
-use crate::changelog::LogHead;
 use crate::control::Phase;
 use crate::error::CoordinatorError;
+use crate::replay::CatchUp;
 use crate::run::RunCtx;
+use crate::verify::recheck;
+use schemashift_changelog::LogHead;
 use schemashift_common::change::Op;
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -106,7 +108,7 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
     for attempt in 1..=LOCK_ATTEMPTS {
         report.lock_attempts = attempt;
         // Get close first, so the freeze only covers the last few changes.
-        let (baseline, lag) = ctx.catch_up(None).await?;
+        let (baseline, lag) = CatchUp::new(ctx).now(None).await?;
         if lag > ctx.spec.cutover.max_lag {
             tracing::info!(
                 lag_ms = lag.as_millis() as u64,
@@ -145,12 +147,12 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
         // Every writer of these tables has committed or waits on us: this LSN covers all.
         let lsn = wal_lsn(&tx, WalPosition::Insert).await?;
         let outcome = async {
-            let (head, _) = ctx.catch_up_on(Some(lsn), Some(deadline)).await?;
+            let (head, _) = CatchUp::new(ctx).to(Some(lsn), Some(deadline)).await?;
             let ms = || t0.elapsed().as_secs_f64() * 1e3;
             let drained = ms();
             tracing::debug!(ms = drained, "freeze: drained");
             let keys = changed_keys(ctx, &baseline, &head).await?;
-            let diffs = ctx.recheck(&keys).await?;
+            let diffs = recheck(ctx, &keys).await?;
             let rechecked = ms();
             tracing::debug!(ms = rechecked, keys = keys.len(), "freeze: re-checked");
             if !diffs.is_empty() {
@@ -231,7 +233,7 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
                 report.sequences_moved = moved;
                 tracing::info!(freeze_ms = report.freeze_ms, lsn = %lsn, "cut over");
                 // Writes that waited on the freeze commit on the source after it: carry them over.
-                let (after, _) = ctx.catch_up(None).await?;
+                let (after, _) = CatchUp::new(ctx).now(None).await?;
                 report.late_changes = ctx.log_between(&frozen_head, &after).await?.len() as i64;
                 report.foreign_keys_restored =
                     crate::constraints::restore(&ctx.target, &ctx.store).await?;

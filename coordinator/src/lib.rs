@@ -4,7 +4,6 @@
 //! through [`run::LocalWorker`].
 pub mod backfill;
 pub mod capture;
-pub mod changelog;
 pub mod constraints;
 pub mod control;
 pub mod cutover;

@@ -2,7 +2,9 @@
 
 use crate::control::{Phase, Store};
 use crate::error::CoordinatorError;
+use crate::replay::CatchUp;
 use crate::run::{LocalWorker, RunCtx, VerifySummary, Workers};
+use crate::verify::Verify;
 use schemashift_common::pg::connect;
 use schemashift_common::plan::{LogPlan, ShardRange};
 use schemashift_common::spec::Spec;
@@ -325,8 +327,8 @@ pub async fn verify(
             phase.as_str()
         )));
     }
-    ctx.catch_up(None).await?;
-    let summary = ctx.verify().await?;
+    CatchUp::new(&mut ctx).now(None).await?;
+    let summary = Verify::new(&mut ctx).drive().await?;
     ctx.finish().await?;
     Ok(summary)
 }

@@ -1,9 +1,12 @@
 //! The phases of a run in order: backfill → replay → verify (→ cutover), from wherever
 //! the control state says the run is, as far as `until`.
 
+use crate::backfill::Backfill;
 use crate::control::Phase;
 use crate::error::CoordinatorError;
+use crate::replay::CatchUp;
 use crate::run::{RunCtx, RunEvent, RunOptions, RunReport, Until, Workers};
+use crate::verify::Verify;
 use schemashift_common::spec::Spec;
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -22,7 +25,7 @@ pub async fn run(
     if let Some(listener) = metrics {
         ctx.serve_metrics(listener);
     }
-    ctx.events = opts.events;
+    ctx.set_events(opts.events);
     drive(ctx, opts.until, shutdown).await
 }
 
@@ -50,7 +53,8 @@ async fn drive_phases(
         return ctx.finish().await;
     }
     if phase <= Phase::Backfill {
-        ctx.backfill(&shutdown)
+        Backfill::new(&mut ctx)
+            .drive(&shutdown)
             .instrument(tracing::info_span!("backfill"))
             .await?;
     }
@@ -58,8 +62,8 @@ async fn drive_phases(
     if until == Until::Backfill {
         return ctx.finish().await;
     }
-    let (_, lag) = ctx
-        .catch_up(None)
+    let (_, lag) = CatchUp::new(&mut ctx)
+        .now(None)
         .instrument(tracing::info_span!("replay"))
         .await?;
     ctx.report.lag_seconds = lag.as_secs_f64();
@@ -67,8 +71,8 @@ async fn drive_phases(
         return ctx.finish().await;
     }
     ctx.store.set_phase(&ctx.target, Phase::Verify).await?;
-    let summary = ctx
-        .verify()
+    let summary = Verify::new(&mut ctx)
+        .drive()
         .instrument(tracing::info_span!("verify"))
         .await?;
     let clean = summary.differing.is_empty();

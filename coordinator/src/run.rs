@@ -10,10 +10,12 @@ use crate::service::{ControlCoordinator, Stage};
 use crate::supervise::Supervisor;
 pub use crate::verify::VerifySummary;
 use futures_util::future::BoxFuture;
-use schemashift_changelog::kafka;
+use schemashift_changelog::{kafka, ChangeLog, LogHead};
+use schemashift_common::change::Change;
 use schemashift_common::ids::{Lsn, RunId};
 use schemashift_common::pg::{connect, install_helpers};
 use schemashift_common::plan::{LogPlan, RunPlan};
+use schemashift_common::retry::{retry, Backoff};
 use schemashift_common::service::{Registration, WorkerInfo};
 use schemashift_common::spec::Changelog;
 use schemashift_common::spec::Spec;
@@ -119,33 +121,24 @@ pub struct RunReport {
 
 /// Everything a running migration holds; shared by run, verify and cutover.
 pub struct RunCtx {
-    pub spec: Spec,
-    pub plan: Arc<RunPlan>,
-    pub store: Store,
-    pub run_id: RunId,
-    pub source: Client,
-    pub target: Client,
-    pub capture: watch::Receiver<CaptureProgress>,
+    pub(crate) spec: Spec,
+    pub(crate) plan: Arc<RunPlan>,
+    pub(crate) store: Store,
+    pub(crate) run_id: RunId,
+    pub(crate) source: Client,
+    pub(crate) target: Client,
+    pub(crate) capture: watch::Receiver<CaptureProgress>,
     pub(crate) capture_wake: Arc<tokio::sync::Notify>,
     /// Capture, throttle and metrics: the phase loops watch them, `finish` stops them.
     background: Supervisor,
     /// The service workers lease from; the gRPC adapter serves the same one.
-    pub svc: Arc<ControlCoordinator>,
+    pub(crate) svc: Arc<ControlCoordinator>,
     local: Option<LocalWorkers>,
-    pub workers: usize,
-    pub report: RunReport,
+    pub(crate) workers: usize,
+    pub(crate) report: RunReport,
     started: Instant,
     /// See [`RunOptions::events`].
-    pub events: Option<tokio::sync::mpsc::UnboundedSender<RunEvent>>,
-}
-
-impl RunCtx {
-    /// Tells an in-process listener; one that went away does not matter to the run.
-    pub(crate) fn event(&self, e: RunEvent) {
-        if let Some(tx) = &self.events {
-            let _ = tx.send(e);
-        }
-    }
+    pub(crate) events: Option<tokio::sync::mpsc::UnboundedSender<RunEvent>>,
 }
 
 fn spawn_local(
@@ -365,6 +358,45 @@ impl RunCtx {
         })
     }
 
+    /// Tells an in-process listener; one that went away does not matter to the run.
+    pub(crate) fn event(&self, e: RunEvent) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(e);
+        }
+    }
+
+    /// Milestones go to this listener (the demo's application).
+    pub fn set_events(&mut self, events: Option<tokio::sync::mpsc::UnboundedSender<RunEvent>>) {
+        self.events = events;
+    }
+
+    /// The service workers lease from (the gRPC adapter serves it).
+    pub fn service(&self) -> &Arc<ControlCoordinator> {
+        &self.svc
+    }
+
+    pub fn run_id(&self) -> &RunId {
+        &self.run_id
+    }
+
+    fn log(&self) -> ChangeLog<'_> {
+        ChangeLog::of(&self.plan.changelog, &self.store.sql)
+    }
+
+    /// Where each change-log partition ends now.
+    pub(crate) async fn log_head(&self) -> Result<LogHead, CoordinatorError> {
+        Ok(self.log().head(&self.target).await?)
+    }
+
+    /// The changes after `from` up to `to`, per partition.
+    pub(crate) async fn log_between(
+        &self,
+        from: &LogHead,
+        to: &LogHead,
+    ) -> Result<Vec<Change>, CoordinatorError> {
+        Ok(self.log().between(&self.target, from, to).await?)
+    }
+
     pub async fn phase(&self) -> Result<Phase, CoordinatorError> {
         Ok(self
             .store
@@ -389,6 +421,29 @@ impl RunCtx {
             }
         }
         None
+    }
+
+    /// The run's own sessions, opened again (helpers included) if they closed: a server
+    /// restart or a killed backend costs a reconnect, not the run. The phase loops call it
+    /// on every turn.
+    pub(crate) async fn reopen_closed(&mut self) -> Result<(), CoordinatorError> {
+        let spec = &self.spec;
+        if self.source.is_closed() {
+            self.source = retry("reopening the source session", Backoff::Database, || {
+                connect(&spec.source, "source")
+            })
+            .await?;
+            install_helpers(&self.source, &self.plan.helpers, "source").await?;
+            tracing::info!("source session reopened");
+        }
+        if self.target.is_closed() {
+            self.target = retry("reopening the target session", Backoff::Database, || {
+                connect(&spec.target, "target")
+            })
+            .await?;
+            tracing::info!("target session reopened");
+        }
+        Ok(())
     }
 
     /// Why a background task (capture, throttle, metrics) ended, if one did.

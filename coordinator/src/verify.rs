@@ -4,6 +4,7 @@
 
 use crate::backfill::MAX_ATTEMPTS;
 use crate::error::CoordinatorError;
+use crate::replay::CatchUp;
 use crate::run::RunCtx;
 use crate::service::Stage;
 use schemashift_common::verify::{recheck_keys, KeyDiff};
@@ -20,40 +21,50 @@ pub struct VerifySummary {
     pub seconds: f64,
 }
 
-impl RunCtx {
+/// Drives the verify phase: range compares by the workers, then re-checks.
+pub struct Verify<'a> {
+    run: &'a mut RunCtx,
+}
+
+impl<'a> Verify<'a> {
+    pub fn new(run: &'a mut RunCtx) -> Self {
+        Verify { run }
+    }
+
     /// Compares every shard range; then re-checks differing keys after replay caught up
     /// (writes during the compare cause transient differences).
-    pub async fn verify(&mut self) -> Result<VerifySummary, CoordinatorError> {
+    pub async fn drive(self) -> Result<VerifySummary, CoordinatorError> {
         let t0 = Instant::now();
-        let shards = self.store.shards(&self.target).await?;
+        let shards = self.run.store.shards(&self.run.target).await?;
         // Workers compare the ranges; replay pauses meanwhile and catches up after.
-        self.svc
+        self.run
+            .svc
             .start_verify(shards.into_iter().map(|(s, _, _)| s).collect());
-        self.svc.set_stage(Stage::Verify);
+        self.run.svc.set_stage(Stage::Verify);
         let mut last_log = Instant::now();
         let checks = loop {
-            match self.svc.verify_results(MAX_ATTEMPTS as u32) {
+            match self.run.svc.verify_results(MAX_ATTEMPTS as u32) {
                 Ok(Some(c)) => break c,
                 Ok(None) => {}
                 Err(why) => return Err(CoordinatorError::State(why)),
             }
-            if let Some(e) = self.local_failure().await {
+            if let Some(e) = self.run.local_failure().await {
                 return Err(e);
             }
-            if let Some(e) = self.background_failure() {
+            if let Some(e) = self.run.background_failure() {
                 return Err(e);
             }
             if last_log.elapsed() >= Duration::from_secs(2) {
                 last_log = Instant::now();
-                let (done, total) = self.svc.verify_progress();
+                let (done, total) = self.run.svc.verify_progress();
                 tracing::info!(done, total, "verify progress");
             }
             tokio::select! {
-                _ = self.svc.changed.notified() => {}
+                _ = self.run.svc.changed.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         };
-        self.svc.set_stage(Stage::Replay);
+        self.run.svc.set_stage(Stage::Replay);
         let mut summary = VerifySummary::default();
         let mut diffs: Vec<(u32, KeyDiff)> = Vec::new();
         for (t, c) in checks {
@@ -71,37 +82,37 @@ impl RunCtx {
                 differing = diffs.len(),
                 "re-checking differing keys after catch-up"
             );
-            self.catch_up(None).await?;
+            CatchUp::new(self.run).now(None).await?;
             let keys: Vec<(u32, Vec<String>)> =
                 diffs.into_iter().map(|(t, d)| (t, d.key)).collect();
-            diffs = self.recheck(&keys).await?;
+            diffs = recheck(self.run, &keys).await?;
         }
         summary.differing = diffs.into_iter().map(|(_, d)| d).collect();
         summary.seconds = t0.elapsed().as_secs_f64();
         Ok(summary)
     }
+}
 
-    /// Compares just these keys (table index, key) on both sides.
-    pub async fn recheck(
-        &self,
-        keys: &[(u32, Vec<String>)],
-    ) -> Result<Vec<(u32, KeyDiff)>, CoordinatorError> {
-        let mut by_table: BTreeMap<u32, Vec<Vec<String>>> = BTreeMap::new();
-        for (t, k) in keys {
-            by_table.entry(*t).or_default().push(k.clone());
-        }
-        let mut out = Vec::new();
-        for (t, keys) in by_table {
-            let Some(table) = self.plan.table(t) else {
-                continue;
-            };
-            out.extend(
-                recheck_keys(&self.source, &self.target, table, &keys)
-                    .await?
-                    .into_iter()
-                    .map(|d| (t, d)),
-            );
-        }
-        Ok(out)
+/// Compares just these keys (table index, key) on both sides.
+pub(crate) async fn recheck(
+    run: &RunCtx,
+    keys: &[(u32, Vec<String>)],
+) -> Result<Vec<(u32, KeyDiff)>, CoordinatorError> {
+    let mut by_table: BTreeMap<u32, Vec<Vec<String>>> = BTreeMap::new();
+    for (t, k) in keys {
+        by_table.entry(*t).or_default().push(k.clone());
     }
+    let mut out = Vec::new();
+    for (t, keys) in by_table {
+        let Some(table) = run.plan.table(t) else {
+            continue;
+        };
+        out.extend(
+            recheck_keys(&run.source, &run.target, table, &keys)
+                .await?
+                .into_iter()
+                .map(|d| (t, d)),
+        );
+    }
+    Ok(out)
 }

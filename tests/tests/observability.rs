@@ -326,15 +326,18 @@ async fn metrics_endpoint_parses_as_prometheus_and_matches_the_report() -> anyho
     )?;
     let deadline = tokio::time::Instant::now() + LIMIT;
     // The coordinator moves the run from backfill (done) to replay, where it stays.
+    let mut last = None;
     let body = loop {
         if let Some(b) = scrape(&addr).await {
             if b.contains("schemashift_phase{phase=\"replay\"} 1") {
                 break b;
             }
+            last = Some(b);
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "metrics never answered with the run in replay"
+            "metrics never answered with the run in replay; last answer: {last:?}; coordinator: {}",
+            coord.stderr_tail()
         );
         tokio::task::yield_now().await;
     };

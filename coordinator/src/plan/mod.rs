@@ -2,19 +2,20 @@
 //! written), resolves each table's mapping, and cuts shards from sampled key quantiles.
 
 mod catalog;
+mod checks;
 mod lookups;
 mod sizing;
 mod strategy;
 
 use crate::error::CoordinatorError;
-use catalog::{columns, same_set, unique_keys};
+use catalog::columns;
 use schemashift_common::ids::ShardId;
-use schemashift_common::pg::{describe, install_helpers};
+use schemashift_common::pg::install_helpers;
 use schemashift_common::plan::LogPlan;
 use schemashift_common::plan::{ColumnMap, RunPlan, SequenceMap, Shard, SourceColumn, TablePlan};
 use schemashift_common::spec::Changelog;
 use schemashift_common::spec::{Spec, TableSpec};
-use schemashift_common::sql::{quote_ident, Helper, KeyCol, MappedExpr, QualifiedName};
+use schemashift_common::sql::{Helper, QualifiedName};
 use serde::Serialize;
 use sizing::Sizing;
 use tokio_postgres::Client;
@@ -63,54 +64,11 @@ pub async fn plan(
             ));
         }
     }
-    let wal_level: String = source
-        .query_one("SHOW wal_level", &[])
-        .await
-        .map_err(db)?
-        .get(0);
-    if wal_level != "logical" {
-        problems.push(format!(
-            "source {}: wal_level is {wal_level}; change capture needs `wal_level = logical` \
-             (ALTER SYSTEM SET wal_level = logical; then restart the server)",
-            spec.source.redacted()
-        ));
-    }
-    let row = source
-        .query_one(
-            "SELECT r.rolsuper OR r.rolreplication, \
-             current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)::int \
-             FROM pg_roles r WHERE r.rolname = current_user",
-            &[],
-        )
-        .await
-        .map_err(db)?;
-    if !row.get::<_, bool>(0) {
-        problems.push(format!(
-            "source {}: the connecting role needs the REPLICATION attribute (ALTER ROLE ... REPLICATION)",
-            spec.source.redacted()
-        ));
-    }
-    if row.get::<_, i32>(1) < 1 && !opts.resuming {
-        problems.push(format!(
-            "source {}: no free replication slot; raise max_replication_slots or drop an unused slot",
-            spec.source.redacted()
-        ));
-    }
-    let can_create: bool = target
-        .query_one(
-            "SELECT has_database_privilege(current_database(), 'CREATE')",
-            &[],
-        )
-        .await
-        .map_err(db)?
-        .get(0);
-    if !can_create {
-        problems.push(format!(
-            "target {}: the role cannot CREATE in the database (needed for the control schema {})",
-            spec.target.redacted(),
-            quote_ident(&spec.control_schema)
-        ));
-    }
+    problems.extend(
+        checks::servers(spec, source, target, opts.resuming)
+            .await
+            .map_err(db)?,
+    );
 
     let mut helpers = Vec::new();
     for (i, f) in spec.functions.iter().enumerate() {
@@ -183,7 +141,8 @@ pub async fn plan(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One table's plan from the checks of `checks`, in order; None when a check found a
+/// problem (added to `problems`).
 async fn plan_table(
     index: u32,
     t: &TableSpec,
@@ -216,112 +175,15 @@ async fn plan_table(
     };
     let src_names: Vec<String> = src_cols.iter().map(|c| c.name.clone()).collect();
     let key_names: Vec<String> = t.key.columns().iter().map(|k| k.to_lowercase()).collect();
-    let mut key = Vec::new();
-    for k in &key_names {
-        match src_cols.iter().find(|c| &c.name == k) {
-            Some(c) => key.push(KeyCol {
-                name: c.name.clone(),
-                sql_type: c.sql_type.clone(),
-            }),
-            None => problems.push(format!(
-                "{at}: key column {k:?} does not exist in source table {src_name}"
-            )),
-        }
-    }
-    if key.len() == key_names.len() {
-        let uniques = unique_keys(source, &src_name).await?;
-        let usable = uniques.iter().any(|u| same_set(u, &key_names))
-            && key
-                .iter()
-                .all(|k| src_cols.iter().any(|c| c.name == k.name && c.not_null));
-        if !usable {
-            problems.push(format!(
-                "{at}: key ({}) is not a primary key or unique NOT NULL index of {src_name}; \
-                 add one (ALTER TABLE ... ADD PRIMARY KEY) or name key columns that have one",
-                key_names.join(", ")
-            ));
-        }
-        let ri = source
-            .query_one(
-                "SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)",
-                &[&src_name.to_string()],
-            )
-            .await?
-            .get::<_, String>(0);
-        let pk_is_key = uniques.first().is_some_and(|u| same_set(u, &key_names));
-        if ri == "n" || (ri == "d" && !pk_is_key) {
-            problems.push(format!(
-                "{at}: replica identity of {src_name} does not carry the key ({}), so deletes could not be replayed; \
-                 use the primary key as key or ALTER TABLE {src_name} REPLICA IDENTITY USING INDEX <unique index on the key>",
-                key_names.join(", ")
-            ));
-        }
-    }
-
-    let mut cols = Vec::new();
-    for (tcol, expr) in &t.columns {
-        let tcol_l = tcol.to_lowercase();
-        let Some(tc) = tgt_cols
-            .iter()
-            .find(|c| c.name == *tcol || c.name == tcol_l)
-        else {
-            problems.push(format!(
-                "{at}: column {tcol:?} does not exist in target table {tgt_name}"
-            ));
-            continue;
-        };
-        if tc.generated {
-            problems.push(format!(
-                "{at}: target column {tcol:?} is generated; remove it from columns"
-            ));
-            continue;
-        }
-        match MappedExpr::parse(expr, helpers, &src_names) {
-            Ok(m) => cols.push((tc, m)),
-            Err(e) => problems.push(format!("{at}: column {tcol:?}: {e}")),
-        }
-    }
-    for c in &tgt_cols {
-        if c.not_null
-            && !c.has_default
-            && !c.generated
-            && !cols.iter().any(|(tc, _)| tc.name == c.name)
-        {
-            problems.push(format!(
-                "{at}: target column {:?} is NOT NULL without a default and is not in columns; map it",
-                c.name
-            ));
-        }
-    }
-    let mut target_key = Vec::new();
-    for k in &key {
-        match cols.iter().find(|(_, m)| m.bare_column.as_deref() == Some(k.name.as_str())) {
-            Some((tc, _)) => target_key.push(KeyCol { name: tc.name.clone(), sql_type: tc.sql_type.clone() }),
-            None => problems.push(format!(
-                "{at}: key column {:?} is not copied as is into any target column; add e.g. `{0}: {0}` to columns",
-                k.name
-            )),
-        }
-    }
-    if target_key.len() == key.len() && !key.is_empty() {
-        let tnames: Vec<String> = target_key.iter().map(|k| k.name.clone()).collect();
-        if !unique_keys(target, &tgt_name)
-            .await?
-            .iter()
-            .any(|u| same_set(u, &tnames))
-        {
-            problems.push(format!(
-                "{at}: target table {tgt_name} has no primary key or unique index on ({}); replay needs one",
-                tnames.join(", ")
-            ));
-        }
-    }
+    let (key, found) = checks::source_key(source, &at, &src_name, &src_cols, &key_names).await?;
+    problems.extend(found);
+    let (cols, found) = checks::mapped_columns(t, &at, &tgt_name, &tgt_cols, helpers, &src_names);
+    problems.extend(found);
+    let (target_key, found) = checks::target_key(target, &at, &tgt_name, &key, &cols).await?;
+    problems.extend(found);
     if problems.len() > start {
         return Ok(None);
     }
-
-    // Every expression must evaluate: on the source (backfill) and over a staging row
-    // of source types on the target (replay).
     let column_maps: Vec<ColumnMap> = cols
         .iter()
         .map(|(tc, m)| ColumnMap {
@@ -332,91 +194,13 @@ async fn plan_table(
             bare_column: m.bare_column.clone().filter(|b| m.deps.contains(b)),
         })
         .collect();
-    let stage = quote_ident(&format!("schemashift_plan_{index}"));
-    let stage_cols = src_cols
-        .iter()
-        .map(|c| format!("{} {}", quote_ident(&c.name), c.sql_type))
-        .collect::<Vec<_>>()
-        .join(", ");
-    if let Err(e) = target
-        .batch_execute(&format!(
-            "CREATE TEMP TABLE IF NOT EXISTS {stage} ({stage_cols})"
-        ))
-        .await
-    {
-        problems.push(format!(
-            "{at}: the source column types must exist on the target too (replay evaluates the mapping there): {}",
-            describe(&e)
-        ));
-    }
-    for c in &column_maps {
-        let sel = format!("({})::{}", c.expr, c.target_type);
-        if let Err(e) = source
-            .query(
-                &format!("SELECT {sel} FROM ONLY {src_name} LIMIT 1000"),
-                &[],
-            )
-            .await
-        {
-            problems.push(format!(
-                "{at}: column {:?}: expression `{}` does not evaluate on the source: {}",
-                c.target,
-                c.expr,
-                describe(&e)
-            ));
-        } else if let Err(e) = if t.lookups.is_empty() {
-            target
-                .query(&format!("SELECT {sel} FROM {stage} LIMIT 0"), &[])
-                .await
-                .map(|_| ())
-        } else {
-            // With lookups, replay re-reads rows from the source: no target-side evaluation.
-            Ok(())
-        } {
-            problems.push(format!(
-                "{at}: column {:?}: expression `{}` does not evaluate on the target: {}",
-                c.target,
-                c.expr,
-                describe(&e)
-            ));
-        }
-    }
-    let _ = target
-        .batch_execute(&format!("DROP TABLE IF EXISTS {stage}"))
-        .await;
-
-    let privs: bool = source
-        .query_one("SELECT has_table_privilege($1, 'SELECT') AND pg_has_role((SELECT relowner FROM pg_class WHERE oid = to_regclass($1)), 'USAGE')", &[&src_name.to_string()])
-        .await?
-        .get(0);
-    if !privs {
-        problems.push(format!("{at}: the source role must own {src_name} and be able to SELECT it (publication needs ownership)"));
-    }
-    let tprivs: bool = target
-        .query_one(
-            "SELECT has_table_privilege($1, 'SELECT,INSERT,UPDATE,DELETE')",
-            &[&tgt_name.to_string()],
-        )
-        .await?
-        .get(0);
-    if !tprivs {
-        problems.push(format!(
-            "{at}: the target role needs SELECT, INSERT, UPDATE and DELETE on {tgt_name}"
-        ));
-    }
+    problems.extend(
+        checks::expressions_evaluate(source, target, index, t, &src_name, &src_cols, &column_maps)
+            .await,
+    );
+    problems.extend(checks::privileges(source, target, &at, &src_name, &tgt_name).await?);
     if !opts.resuming {
-        let non_empty: bool = target
-            .query_one(
-                &format!("SELECT EXISTS (SELECT 1 FROM ONLY {tgt_name})"),
-                &[],
-            )
-            .await?
-            .get(0);
-        if non_empty {
-            problems.push(format!(
-                "{at}: target table {tgt_name} is not empty; schemashift fills empty tables only (TRUNCATE it or pick another target)"
-            ));
-        }
+        problems.extend(checks::target_empty(target, &at, &tgt_name).await?);
     }
     let lookups = lookups::plan_lookups(source, t, &at, &key, problems).await?;
     if problems.len() > start {

@@ -7,6 +7,8 @@ use crate::control::Store;
 use crate::throttle::Throttle;
 use schemashift_common::ids::{LeaseEpoch, ShardId};
 use schemashift_common::pg::describe;
+use schemashift_common::pg::Session;
+use schemashift_common::retry::{Class, Classify};
 use schemashift_common::service::{
     Beat, CoordinatorService, LeaseRef, PartitionLease, Progress, RangeCheck, Registration,
     ServiceError, Work, WorkerInfo,
@@ -38,7 +40,7 @@ struct Seen {
 }
 
 pub struct ControlCoordinator {
-    target: Client,
+    target: Session,
     store: Store,
     registration: Registration,
     stage: watch::Sender<Stage>,
@@ -64,6 +66,17 @@ impl Drop for ReplayUnheld {
 
 fn unavailable(e: tokio_postgres::Error) -> ServiceError {
     ServiceError::Unavailable(describe(&e))
+}
+
+impl ControlCoordinator {
+    /// The control session, reopened if it closed; a database that stays away makes the
+    /// service unavailable (workers retry), a refused login is said as it is.
+    async fn session(&self) -> Result<Arc<Client>, ServiceError> {
+        self.target.get().await.map_err(|e| match e.class() {
+            Class::Transient => ServiceError::Unavailable(e.to_string()),
+            Class::Permanent | Class::Fenced => ServiceError::Rejected(e.to_string()),
+        })
+    }
 }
 
 fn lease_text(lease: &LeaseRef) -> String {
@@ -92,7 +105,7 @@ impl ControlCoordinator {
     ) -> Self {
         let store = Store::new(&registration.plan.control_schema);
         ControlCoordinator {
-            target,
+            target: Session::new(target, registration.target.clone(), "target"),
             store,
             registration,
             stage: watch::Sender::new(stage),
@@ -169,8 +182,10 @@ impl ControlCoordinator {
     }
 
     async fn touch(&self, worker: &WorkerInfo, lease: Option<String>, p: Progress, state: &str) {
-        let r = self
-            .target
+        let Ok(target) = self.target.get().await else {
+            return;
+        };
+        let r = target
             .execute(
                 &self.store.sql.touch_worker(),
                 &[
@@ -191,7 +206,8 @@ impl ControlCoordinator {
 
     async fn lease_shard(&self, worker: &WorkerInfo) -> Result<Option<Work>, ServiceError> {
         let Some(r) = self
-            .target
+            .session()
+            .await?
             .query_opt(&self.store.sql.lease_shard(), &[&worker.id, &self.ttl()])
             .await
             .map_err(unavailable)?
@@ -212,7 +228,8 @@ impl ControlCoordinator {
         let parts = self.registration.plan.partitions as usize;
         let share = parts.div_ceil(self.live_workers()) as i64;
         let rows = self
-            .target
+            .session()
+            .await?
             .query(
                 &self.store.sql.lease_partitions(),
                 &[&worker.id, &self.ttl(), &share],
@@ -302,7 +319,8 @@ impl CoordinatorService for ControlCoordinator {
         self.seen(worker, false);
         let held = match lease {
             LeaseRef::Shard { shard, epoch } => {
-                self.target
+                self.session()
+                    .await?
                     .execute(
                         &self.store.sql.extend_lease(),
                         &[&shard.0, &epoch.0, &self.ttl()],
@@ -314,7 +332,8 @@ impl CoordinatorService for ControlCoordinator {
             LeaseRef::Partitions(parts) => {
                 let (p, e) = split(parts);
                 let n = self
-                    .target
+                    .session()
+                    .await?
                     .query(&self.store.sql.extend_partitions(), &[&p, &e, &self.ttl()])
                     .await
                     .map_err(unavailable)?
@@ -373,7 +392,8 @@ impl CoordinatorService for ControlCoordinator {
         // The rows committed with the done mark, fenced by the epoch; a report from a
         // lease that was taken over since is refused and changes nothing here.
         let done = self
-            .target
+            .session()
+            .await?
             .query_opt(&self.store.sql.shard_done_at(), &[&shard.0, &epoch.0])
             .await
             .map_err(unavailable)?
@@ -440,7 +460,8 @@ impl CoordinatorService for ControlCoordinator {
         match lease {
             LeaseRef::Shard { shard, epoch } => {
                 self.throttle.finished(*shard, *epoch);
-                self.target
+                self.session()
+                    .await?
                     .execute(&self.store.sql.fail_shard(), &[&shard.0, &epoch.0, &reason])
                     .await
                     .map_err(unavailable)?;
@@ -448,7 +469,8 @@ impl CoordinatorService for ControlCoordinator {
             LeaseRef::Partitions(parts) => {
                 let (p, e) = split(parts);
                 let reason = (!reason.is_empty()).then_some(reason);
-                self.target
+                self.session()
+                    .await?
                     .execute(&self.store.sql.release_partitions(), &[&p, &e, &reason])
                     .await
                     .map_err(unavailable)?;
