@@ -38,6 +38,11 @@ pub fn print_plan(a: &[TableAnalysis], json: bool) {
             t.estimated_seconds
         );
     }
+    let mut notes: Vec<&String> = a.iter().flat_map(|t| &t.reverse_notes).collect();
+    notes.dedup();
+    for n in notes {
+        eprintln!("note: {n}");
+    }
     eprintln!("plan is valid; nothing was written");
 }
 
@@ -94,12 +99,20 @@ pub fn print_run(r: &RunReport, json: bool) {
             c.freeze_ms, c.lock_attempts, c.keys_rechecked, c.sequences_moved
         );
         eprintln!(
-            "    freeze steps: drained at {:.0} ms, re-checked at {:.0} ms, reverse sync started at {:.0} ms{}",
+            "    freeze steps: drained at {:.0} ms, re-checked at {:.0} ms, {} at {:.0} ms{}",
             c.drained_ms,
             c.rechecked_ms,
+            if c.reverse_sync {
+                "reverse sync started"
+            } else {
+                "no reverse sync (cutover.reverse: false)"
+            },
             c.reverse_ms,
             if c.autovacuums_cancelled > 0 {
-                format!("; {} autovacuum run(s) cancelled for the lock", c.autovacuums_cancelled)
+                format!(
+                    "; {} autovacuum run(s) cancelled for the lock",
+                    c.autovacuums_cancelled
+                )
             } else {
                 String::new()
             }

@@ -140,6 +140,11 @@ pub struct CutoverSpec {
     /// Run by `rollback` after a cutover, in its freeze: point the application back.
     #[serde(default)]
     pub switch_back_command: Option<String>,
+    /// Start reverse sync at the cutover, so a rollback loses nothing (default). With
+    /// `false` the cutover goes ahead without a way back; otherwise it refuses when
+    /// reverse sync cannot start.
+    #[serde(default = "default_true")]
+    pub reverse: bool,
 }
 
 fn default_max_lag() -> Duration {
@@ -156,6 +161,7 @@ impl Default for CutoverSpec {
             freeze_timeout: default_freeze_timeout(),
             switch_command: None,
             switch_back_command: None,
+            reverse: true,
         }
     }
 }

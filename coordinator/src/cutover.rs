@@ -103,7 +103,24 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
     let mut source = schemashift_common::pg::connect(&ctx.spec.source, "source").await?;
     // The reverse slot is made while writes still flow: its creation waits for whatever
     // runs on the target, which must never stretch the freeze.
-    let reverse_start = crate::reverse::prepare(&ctx.spec, &ctx.plan, &ctx.target).await?;
+    // Without it a rollback would lose the target's writes: refused before anything is
+    // frozen, unless the spec gives the way back up.
+    let reverse_start = if ctx.spec.cutover.reverse {
+        match crate::reverse::prepare(&ctx.spec, &ctx.plan, &ctx.target).await? {
+            Ok(r) => Some(r),
+            Err(why) => {
+                return Err(CoordinatorError::CutoverRefused(format!(
+                    "reverse sync cannot start ({why}), so a rollback would lose the target's writes; \
+                     fix the spec, or set `cutover: {{reverse: false}}` to cut over without a way back"
+                )))
+            }
+        }
+    } else {
+        tracing::warn!(
+            "cutover.reverse is false: no reverse sync, so no rollback after the cutover"
+        );
+        None
+    };
 
     for attempt in 1..=LOCK_ATTEMPTS {
         report.lock_attempts = attempt;

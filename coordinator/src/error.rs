@@ -32,6 +32,9 @@ pub enum CoordinatorError {
     Verify(#[from] VerifyError),
     #[error("cutover aborted, source writable again: {0}")]
     CutoverAborted(String),
+    /// Refused before anything was frozen or switched (bad input: exit 2).
+    #[error("cutover refused, nothing was frozen or switched: {0}")]
+    CutoverRefused(String),
     #[error("{0}")]
     State(String),
     #[error("gRPC server: {0}")]
@@ -58,7 +61,8 @@ impl CoordinatorError {
             CoordinatorError::Spec(_)
             | CoordinatorError::Plan(_)
             | CoordinatorError::Connect(_)
-            | CoordinatorError::Listen { .. } => 2,
+            | CoordinatorError::Listen { .. }
+            | CoordinatorError::CutoverRefused(_) => 2,
             _ => 1,
         }
     }
@@ -83,6 +87,7 @@ impl Classify for CoordinatorError {
             | CoordinatorError::Capture(_)
             | CoordinatorError::Worker(_)
             | CoordinatorError::CutoverAborted(_)
+            | CoordinatorError::CutoverRefused(_)
             | CoordinatorError::State(_)
             | CoordinatorError::Serve(_)
             | CoordinatorError::Listen { .. }

@@ -54,37 +54,94 @@ async fn target_columns(
         .collect())
 }
 
-/// The mirrored plan, or why reverse sync is not possible (a source column with neither
-/// a `reverse` expression nor a column copied as is).
+/// Why reverse sync cannot run for a spec.
+#[derive(Debug, Clone)]
+pub enum NoWayBack {
+    /// Source columns it could not write, one line per table: a spec error while
+    /// `cutover.reverse` is on.
+    Unfillable(Vec<String>),
+    /// Something reverse sync does not do (merges).
+    Unsupported(String),
+}
+
+impl std::fmt::Display for NoWayBack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoWayBack::Unfillable(lines) => f.write_str(&lines.join("; ")),
+            NoWayBack::Unsupported(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Source columns that are NOT NULL without a default (reverse sync must fill them).
+async fn required_source_columns(
+    source: &Client,
+    table: &str,
+) -> Result<Vec<String>, CoordinatorError> {
+    Ok(source
+        .query(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass($1) \
+             AND attnum > 0 AND NOT attisdropped AND attgenerated = '' AND attnotnull AND NOT atthasdef",
+            &[&table],
+        )
+        .await
+        .map_err(db("reading source columns"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// The mirrored plan with a note per source column reverse sync leaves alone, or why
+/// reverse sync is not possible (a merge, or a NOT NULL source column without a default
+/// that has neither a `reverse` expression nor a target column copied from it as is).
+/// A nullable or defaulted column without one gets NULL or its default on rows that
+/// reverse sync inserts, and keeps its value on rows it updates.
 pub async fn plan(
     spec: &Spec,
     fwd: &RunPlan,
+    source: &Client,
     target: &Client,
-) -> Result<Result<RunPlan, String>, CoordinatorError> {
+) -> Result<Result<(RunPlan, Vec<String>), NoWayBack>, CoordinatorError> {
     let mut tables = Vec::new();
+    let mut notes = Vec::new();
+    let mut unfillable = Vec::new();
     for t in &fwd.tables {
         let Some(ts) = spec.tables.get(t.index as usize) else {
-            return Ok(Err(format!("table {} is not in the spec", t.source)));
+            return Ok(Err(NoWayBack::Unsupported(format!(
+                "table {} is not in the spec",
+                t.source
+            ))));
         };
         if t.refreshes() {
-            return Ok(Err(format!(
+            return Ok(Err(NoWayBack::Unsupported(format!(
                 "table {} is a merge; reverse sync of merges is not supported",
                 t.target
-            )));
+            ))));
         }
         let tcols = target_columns(target, &t.target.to_string()).await?;
+        let required = required_source_columns(source, &t.source.to_string()).await?;
         let names: Vec<String> = tcols.iter().map(|c| c.name.clone()).collect();
         let mut columns = Vec::new();
+        let mut missing = Vec::new();
         for sc in &t.source_columns {
             let expr = match ts.reverse.as_ref().and_then(|r| r.get(&sc.name)) {
                 Some(e) => e.clone(),
-                None => match t.columns.iter().find(|c| c.deps == [sc.name.clone()] && (c.expr == sc.name || c.expr == quote_ident(&sc.name))) {
+                None => match t.columns.iter().find(|c| {
+                    c.deps == [sc.name.clone()]
+                        && (c.expr == sc.name || c.expr == quote_ident(&sc.name))
+                }) {
                     Some(c) => quote_ident(&c.target),
+                    None if required.contains(&sc.name) => {
+                        missing.push(sc.name.clone());
+                        continue;
+                    }
                     None => {
-                        return Ok(Err(format!(
-                            "table {}: source column {} has no `reverse` expression and is not copied as is",
+                        notes.push(format!(
+                            "table {}: source column {} has no `reverse` expression and is not copied as is: \
+                             rows reverse sync inserts get NULL or its default there, rows it updates keep theirs",
                             t.source, sc.name
-                        )))
+                        ));
+                        continue;
                     }
                 },
             };
@@ -98,6 +155,18 @@ pub async fn plan(
                 bare_column: m.bare_column.filter(|b| m.deps.contains(b)),
                 deps: m.deps.into_iter().collect(),
             });
+        }
+        if !missing.is_empty() {
+            unfillable.push(format!(
+                "table {}: source column(s) {} are NOT NULL without a default and have no `reverse` \
+                 expression (nor a target column copied from them as is), so reverse sync could not \
+                 write them; add `reverse: {{{}: <expression over target columns>}}` to the table, or \
+                 set `cutover: {{reverse: false}}` to cut over without a way back",
+                t.source,
+                missing.join(", "),
+                missing[0]
+            ));
+            continue;
         }
         tables.push(TablePlan {
             index: t.index,
@@ -115,35 +184,43 @@ pub async fn plan(
             transfer: Default::default(),
         });
     }
-    Ok(Ok(RunPlan {
-        helpers: fwd.helpers.clone(),
-        tables,
-        partitions: 1,
-        control_schema: schema(spec),
-        changelog: LogPlan::Postgres,
-        // The application runs on the target now: reverse sync goes after it.
-        low_priority: fwd.low_priority,
-        replay_batch: fwd.replay_batch,
-    }))
+    if !unfillable.is_empty() {
+        return Ok(Err(NoWayBack::Unfillable(unfillable)));
+    }
+    Ok(Ok((
+        RunPlan {
+            helpers: fwd.helpers.clone(),
+            tables,
+            partitions: 1,
+            control_schema: schema(spec),
+            changelog: LogPlan::Postgres,
+            // The application runs on the target now: reverse sync goes after it.
+            low_priority: fwd.low_priority,
+            replay_batch: fwd.replay_batch,
+        },
+        notes,
+    )))
 }
 
 /// Before the freeze: the mirrored plan, its control state on the source and the slot on
 /// the target. Creating a slot waits for the target's running transactions, so it happens
-/// while the application still writes, never inside the freeze. None when reverse sync is
-/// not possible (it says why).
+/// while the application still writes, never inside the freeze. `Err(why)` when reverse
+/// sync is not possible.
 pub async fn prepare(
     spec: &Spec,
     fwd: &RunPlan,
     target: &Client,
-) -> Result<Option<ReverseStart>, CoordinatorError> {
-    let rplan = match plan(spec, fwd, target).await? {
-        Ok(p) => p,
-        Err(why) => {
-            tracing::warn!(reason = %why, "no reverse sync: rollback after the cutover will not be possible");
-            return Ok(None);
-        }
-    };
+) -> Result<Result<ReverseStart, String>, CoordinatorError> {
     let mut source = connect(&spec.source, "source").await?;
+    let rplan = match plan(spec, fwd, &source, target).await? {
+        Ok((p, notes)) => {
+            for note in notes {
+                tracing::info!(note = %note, "reverse sync");
+            }
+            p
+        }
+        Err(why) => return Ok(Err(why.to_string())),
+    };
     let store = Store::new(&rplan.control_schema);
     if store.load(&source).await?.is_none() {
         let run_id = RunId::generate();
@@ -165,7 +242,7 @@ pub async fn prepare(
         .ok_or_else(|| CoordinatorError::State("reverse control state vanished".into()))?;
     ensure_slot(target, &rplan, &state.slot).await?;
     tracing::info!(slot = %state.slot, "reverse sync slot ready on the target");
-    Ok(Some(ReverseStart {
+    Ok(Ok(ReverseStart {
         source,
         control: ControlSql::new(&rplan.control_schema),
     }))

@@ -39,6 +39,9 @@ const ROUND_TIME: Duration = Duration::from_secs(1);
 const QUIET: Duration = Duration::from_millis(10);
 /// How long a slot held by another reader (a killed process's backend) is waited for.
 const SLOT_BUSY_WAIT: Duration = Duration::from_secs(30);
+/// How often an idle capture saves the position it received up to (so the slot, which is
+/// never confirmed past the saved position, keeps moving) and checks its slot.
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// A busy slot and a lost connection are waited out (the run loop retries them); the
 /// rest ends capture.
@@ -80,6 +83,8 @@ pub struct Capture {
     relations: Relations,
     changes: u64,
     sink: Sink,
+    /// When the position was last saved or the slot last checked.
+    heartbeat: Instant,
 }
 
 /// The transaction being received; the stream may stop a round in the middle of it.
@@ -110,10 +115,15 @@ impl Capture {
         let control = ControlSql::new(&plan.control_schema);
         let sink = Sink::for_plan(&plan)?;
         let relations = Relations::new(plan.clone());
-        let position = Store::new(&plan.control_schema)
+        let saved = Store::new(&plan.control_schema)
             .capture_position(&target)
-            .await?
-            .unwrap_or_default();
+            .await?;
+        // A new run starts where its slot does; from then on the slot is never confirmed
+        // past the saved position, so a slot ahead of it was replaced behind our back.
+        let position = match saved {
+            Some(p) => p,
+            None => slot_position(&source, &slot).await?.unwrap_or_default(),
+        };
         Ok(Capture {
             source,
             source_dsn,
@@ -129,13 +139,36 @@ impl Capture {
             relations,
             changes: 0,
             sink,
+            heartbeat: Instant::now(),
         })
+    }
+
+    /// Stops the run when its slot was dropped, or re-created or advanced by someone else:
+    /// changes between the saved position and the slot's would be skipped silently.
+    async fn check_slot(&self) -> Result<(), CoordinatorError> {
+        match slot_position(&self.source, &self.slot).await? {
+            None => Err(CoordinatorError::Capture(format!(
+                "replication slot {} no longer exists on the source (dropped, or lost in a \
+                 failover): changes since {} may be lost; run `schemashift cleanup`, empty the \
+                 target tables and start again",
+                self.slot, self.position
+            ))),
+            Some(at) if at > self.position => Err(CoordinatorError::Capture(format!(
+                "replication slot {} is at {at}, past the run's capture position {}: it was \
+                 re-created or advanced outside schemashift, so the changes in between are not \
+                 in the change log; run `schemashift cleanup`, empty the target tables and start \
+                 again",
+                self.slot, self.position
+            ))),
+            Some(_) => Ok(()),
+        }
     }
 
     /// Starts streaming from the saved position; the server resumes at the slot's
     /// confirmed position if that is later, and resends every transaction after it.
     async fn connect(&mut self) -> Result<&mut WalStream, CoordinatorError> {
         if self.stream.is_none() {
+            self.check_slot().await?;
             let stream = WalStream::start(
                 &self.source_dsn,
                 "schemashift-capture",
@@ -221,7 +254,8 @@ impl Capture {
             if messages >= ROUND_MESSAGES || started.elapsed() > ROUND_TIME {
                 break true;
             }
-            let confirmed = self.confirmable(last_end > self.position);
+            // Never past the saved position: a slot ahead of it means someone else moved it.
+            let confirmed = self.position;
             let stream = self.connect().await?;
             let msg = match tokio::time::timeout(QUIET, stream.next()).await {
                 Ok(m) => m.map_err(stream_error)?,
@@ -270,9 +304,22 @@ impl Capture {
                 .write(&mut self.target, &self.control, &pending, last_end)
                 .await?;
             self.position = last_end;
+        } else if self.heartbeat.elapsed() >= HEARTBEAT {
+            // Idle: everything received with no transaction open is in the log (nothing of
+            // ours lies before it), so the position and then the slot may move up to it;
+            // the slot's retained WAL stays bounded on a source that writes elsewhere.
+            self.heartbeat = Instant::now();
+            self.check_slot().await?;
+            let idle_end = self.confirmable();
+            if idle_end > self.position {
+                self.sink
+                    .write(&mut self.target, &self.control, &[], idle_end)
+                    .await?;
+                self.position = idle_end;
+            }
         }
         // Only after the change log committed: the slot may now release this WAL.
-        let confirmed = self.confirmable(false);
+        let confirmed = self.position;
         let stream = self.connect().await?;
         stream
             .confirm(confirmed, false)
@@ -286,12 +333,10 @@ impl Capture {
         Ok((txs, cut_short, self.received))
     }
 
-    /// How far the slot may be confirmed: what is in the change log, or everything
-    /// received when no transaction is half read and none taken is still unwritten
-    /// (`unwritten`): nothing of ours lies in between. Confirming past a taken but
-    /// unwritten transaction would lose it in a crash before the write.
-    fn confirmable(&self, unwritten: bool) -> Lsn {
-        if self.tx.open || unwritten {
+    /// How far the position may move when no change was taken: everything received when
+    /// no transaction is half read (nothing of ours lies in between).
+    fn confirmable(&self) -> Lsn {
+        if self.tx.open {
             self.position
         } else {
             self.position.max(self.received)
@@ -445,4 +490,22 @@ impl Capture {
             }
         }
     }
+}
+
+/// Where the slot's consumer confirmed up to; None when there is no such slot.
+async fn slot_position(source: &Client, slot: &str) -> Result<Option<Lsn>, CoordinatorError> {
+    let row = source
+        .query_opt(
+            "SELECT coalesce(confirmed_flush_lsn, restart_lsn)::text FROM pg_replication_slots \
+             WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| CoordinatorError::db("reading the replication slot", &e))?;
+    row.and_then(|r| r.get::<_, Option<String>>(0))
+        .map(|l| {
+            l.parse::<Lsn>()
+                .map_err(|e| CoordinatorError::Capture(e.to_string()))
+        })
+        .transpose()
 }

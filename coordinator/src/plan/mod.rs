@@ -8,6 +8,7 @@ mod sizing;
 mod strategy;
 
 use crate::error::CoordinatorError;
+use crate::reverse::NoWayBack;
 use catalog::columns;
 use schemashift_common::ids::ShardId;
 use schemashift_common::pg::install_helpers;
@@ -33,12 +34,17 @@ pub struct TableAnalysis {
     /// Rows/s of each strategy as `auto` measured them when the run started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub measured_rows_per_s: Option<crate::fdw::Speeds>,
+    /// What reverse sync (the way back after the cutover) will not do for this table.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reverse_notes: Vec<String>,
 }
 
 pub struct Planned {
     pub plan: RunPlan,
     pub shards: Vec<Shard>,
     pub analysis: Vec<TableAnalysis>,
+    /// Source columns reverse sync leaves alone, or why there is none.
+    pub reverse_notes: Vec<String>,
 }
 
 pub struct PlanOptions {
@@ -108,6 +114,7 @@ pub async fn plan(
                         opts.workers.min(ranges.len()),
                     ),
                     measured_rows_per_s: None,
+                    reverse_notes: Vec::new(),
                 });
                 for r in ranges {
                     shards.push(Shard {
@@ -125,19 +132,41 @@ pub async fn plan(
     if !problems.is_empty() {
         return Err(CoordinatorError::Plan(problems));
     }
+    let plan = RunPlan {
+        helpers,
+        tables,
+        partitions: opts.workers.max(1) as u32,
+        control_schema: spec.control_schema.clone(),
+        // Set with the run id when the run is created (the topic is named after it).
+        changelog: LogPlan::Postgres,
+        low_priority: spec.throttle.enabled && spec.throttle.low_priority,
+        replay_batch: spec.replay.batch,
+    };
+    // The way back is checked now, not at the cutover: a column reverse sync could not
+    // write is a spec error while `cutover.reverse` is on.
+    let reverse_notes = match crate::reverse::plan(spec, &plan, source, target).await? {
+        Ok((_, notes)) => notes,
+        Err(NoWayBack::Unfillable(lines)) if spec.cutover.reverse => {
+            return Err(CoordinatorError::Plan(lines));
+        }
+        Err(why) => vec![format!("no reverse sync after the cutover: {why}")],
+    };
+    for note in &reverse_notes {
+        tracing::info!(note = %note, "plan");
+    }
+    for a in analysis.iter_mut() {
+        let mine = format!("table {}:", a.source);
+        a.reverse_notes = reverse_notes
+            .iter()
+            .filter(|n| n.starts_with(&mine) || !n.starts_with("table "))
+            .cloned()
+            .collect();
+    }
     Ok(Planned {
-        plan: RunPlan {
-            helpers,
-            tables,
-            partitions: opts.workers.max(1) as u32,
-            control_schema: spec.control_schema.clone(),
-            // Set with the run id when the run is created (the topic is named after it).
-            changelog: LogPlan::Postgres,
-            low_priority: spec.throttle.enabled && spec.throttle.low_priority,
-            replay_batch: spec.replay.batch,
-        },
+        plan,
         shards,
         analysis,
+        reverse_notes,
     })
 }
 
