@@ -118,6 +118,9 @@ pub fn print_run(r: &RunReport, json: bool) {
             }
         );
     }
+    if let Some(why) = &r.throttle_baseline_retaken {
+        eprintln!("  throttle: {why}");
+    }
     eprintln!("  total {:.1}s", r.total_seconds);
 }
 
@@ -233,6 +236,12 @@ pub fn print_status(s: &Status, json: bool) {
                         .unwrap_or_default(),
                     s.throttled_seconds,
                     s.throttle_episodes
+                );
+            }
+            if let Some(why) = &s.throttle_rebaseline_reason {
+                eprintln!(
+                    "  throttle baseline re-taken {} time(s): {why}",
+                    s.throttle_rebaselines
                 );
             }
             for p in &s.partitions {

@@ -117,7 +117,11 @@ CREATE TABLE IF NOT EXISTS {schema}.throttle (
     reason    text,
     since     timestamptz NOT NULL,
     seconds   double precision NOT NULL DEFAULT 0,
-    episodes  int NOT NULL DEFAULT 0
+    episodes  int NOT NULL DEFAULT 0,
+    -- Times the probe's baseline was measured again because holding did not bring the
+    -- probe back (the slowdown was not ours), and the last such reason.
+    rebaselines       int NOT NULL DEFAULT 0,
+    rebaseline_reason text
 );
 
 -- Indexes of the target tables, dropped for the backfill (maintaining them row by row costs

@@ -35,6 +35,22 @@ pub fn join(id: i32, thread: bool) -> bool {
     }
 }
 
+/// Turns the group's idle class on or off: off when yielding did not help the source (the
+/// slowdown was not ours), so our bulk work gets a normal task's share again. False when
+/// there is no group.
+pub fn set_idle(idle: bool) -> bool {
+    let Some(dir) = group() else {
+        return false;
+    };
+    match std::fs::write(dir.join("cpu.idle"), if idle { "1" } else { "0" }) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "idle cpu group not changed");
+            false
+        }
+    }
+}
+
 /// The group, created once per process; None when it cannot be made idle.
 pub fn group() -> Option<&'static Path> {
     static GROUP_DIR: OnceLock<Option<PathBuf>> = OnceLock::new();

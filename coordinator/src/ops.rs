@@ -87,6 +87,10 @@ pub struct Status {
     /// Time spent throttled so far, and how many times it started.
     pub throttled_seconds: f64,
     pub throttle_episodes: i32,
+    /// Times the throttle measured its baseline again (the source got slower for reasons
+    /// not ours), and why the last time.
+    pub throttle_rebaselines: i32,
+    pub throttle_rebaseline_reason: Option<String>,
 }
 
 fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
@@ -255,7 +259,7 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
         .query_opt(
             &format!(
                 "SELECT throttled, reason, seconds + CASE WHEN throttled THEN extract(epoch FROM now() - since) ELSE 0 END, \
-                 episodes FROM {}",
+                 episodes, rebaselines, rebaseline_reason FROM {}",
                 store.sql.table("throttle")
             ),
             &[],
@@ -267,6 +271,8 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
         st.throttle_reason = r.get(1);
         st.throttled_seconds = r.get(2);
         st.throttle_episodes = r.get(3);
+        st.throttle_rebaselines = r.get(4);
+        st.throttle_rebaseline_reason = r.get(5);
     }
     st.replay_failures = target
         .query_one(

@@ -117,6 +117,10 @@ pub struct RunReport {
     pub verify: Option<VerifySummary>,
     pub cutover: Option<crate::cutover::CutoverReport>,
     pub total_seconds: f64,
+    /// Why the throttle measured its baseline again, when it did (the source got slower
+    /// for reasons not ours).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_baseline_retaken: Option<String>,
 }
 
 /// Everything a running migration holds; shared by run, verify and cutover.
@@ -507,6 +511,18 @@ impl RunCtx {
             .await
             .map_err(|e| CoordinatorError::db("reading counts", &e))?;
         self.report.changes_captured = counts.get(0);
+        self.report.throttle_baseline_retaken = self
+            .target
+            .query_opt(
+                &format!(
+                    "SELECT rebaseline_reason FROM {} WHERE rebaselines > 0",
+                    self.store.sql.table("throttle")
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| CoordinatorError::db("reading the throttle state", &e))?
+            .and_then(|r| r.get(0));
         self.report.changes_replayed = counts.get(1);
         let c = self.store.shard_counts(&self.target).await?;
         self.report.shards = c.done;

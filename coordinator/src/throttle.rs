@@ -154,6 +154,45 @@ const WINDOW: usize = 10;
 const PROBE_EVERY: Duration = Duration::from_millis(50);
 /// Below this the probe's own noise dominates; a relative limit never goes tighter.
 const MIN_SLACK: Duration = Duration::from_micros(100);
+/// Holding on the relative limit for most of this long (it flickers on and off as the
+/// probe wobbles) without the probe coming back means the slowdown is not about us
+/// (another job, the daily peak): the baseline is measured again instead of holding on.
+const STARVE_AFTER: Duration = Duration::from_secs(10);
+/// The share of probes in [`STARVE_AFTER`] that held on the relative limit for that.
+const STARVE_SHARE: f64 = 0.7;
+/// A host this busy leaves nothing to the idle CPU class.
+const SATURATED: f64 = 0.95;
+
+/// Which recent probes held on the relative limit alone.
+#[derive(Default)]
+struct Holds {
+    since: Option<Instant>,
+    probes: std::collections::VecDeque<(Instant, bool)>,
+}
+
+impl Holds {
+    /// Records a probe; true when the relative limit has held most of the last
+    /// [`STARVE_AFTER`] (and that long has been watched).
+    fn starving(&mut self, held: bool) -> bool {
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        self.probes.push_back((now, held));
+        while self
+            .probes
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > STARVE_AFTER)
+        {
+            self.probes.pop_front();
+        }
+        let held_share =
+            self.probes.iter().filter(|(_, h)| *h).count() as f64 / self.probes.len().max(1) as f64;
+        now.duration_since(since) >= STARVE_AFTER && held_share >= STARVE_SHARE
+    }
+
+    fn reset(&mut self) {
+        *self = Holds::default();
+    }
+}
 
 /// The 90th percentile of a few latencies (the second largest of ten).
 fn p90(samples: &[Duration]) -> Duration {
@@ -279,7 +318,7 @@ pub async fn watch_source(
         t = sql.table("throttle"),
     );
     let mut tries = 0;
-    let base = loop {
+    let mut base = loop {
         match baseline(&source, &probe).await {
             Ok(b) => break b,
             // Our session died under us: measure again on a new one.
@@ -312,6 +351,15 @@ pub async fn watch_source(
     let (mut window, mut last_server) = (Vec::with_capacity(WINDOW), None);
     let mut last: Option<Option<String>> = None;
     let mut held_since_sample = false;
+    let mut holds = Holds::default();
+    // Since when the host's CPU is saturated, and whether our sessions left the idle class.
+    let (mut saturated_since, mut idle_lifted): (Option<Instant>, bool) = (None, false);
+    // Set when the host turned out saturated by others: measure the baseline again too.
+    let mut rebaseline_now = false;
+    let rebaselined = format!(
+        "UPDATE {} SET rebaselines = rebaselines + 1, rebaseline_reason = $1",
+        sql.table("throttle")
+    );
     for n in 0u64.. {
         if n % 5 == 4 {
             if let Some(busy) = host.as_mut().and_then(HostCpu::sample) {
@@ -324,6 +372,31 @@ pub async fn watch_source(
                     held_since_sample,
                 );
                 held_since_sample = false;
+                // Saturated by others: the idle class would give our copies nothing (any
+                // normal task preempts them), so they take a normal task's share instead,
+                // one copy at a time under the rule above.
+                saturated_since = if busy >= SATURATED {
+                    saturated_since.or(Some(Instant::now()))
+                } else {
+                    None
+                };
+                if !idle_lifted && saturated_since.is_some_and(|t| t.elapsed() >= STARVE_AFTER) {
+                    idle_lifted = schemashift_common::idle_group::set_idle(false);
+                    if idle_lifted {
+                        let reason = format!(
+                            "the host's CPU stayed saturated ({:.0}% busy) for {} s by work not \
+                             ours: bulk sessions left the idle CPU class, which would give them \
+                             nothing, and run one copy at a normal task's share",
+                            busy * 100.0,
+                            STARVE_AFTER.as_secs()
+                        );
+                        tracing::warn!(reason = %reason, "bulk sessions leave the idle cpu class");
+                        if let Err(e) = target.execute(&rebaselined, &[&reason]).await {
+                            tracing::debug!(error = %schemashift_common::pg::describe(&e), "throttle state not saved");
+                        }
+                        rebaseline_now = true;
+                    }
+                }
                 if next != was {
                     state.allowed.store(next, Ordering::Relaxed);
                     tracing::info!(
@@ -359,6 +432,42 @@ pub async fn watch_source(
                 schemashift_common::pg::describe(&e)
             )),
         };
+        // Held by the comparison with the baseline alone (absolute limits are not relative
+        // and keep holding as long as they are exceeded).
+        let relative =
+            verdict.is_some() && last_server.is_none() && p90(&window) <= limits.probe_latency;
+        if holds.starving(relative) || std::mem::take(&mut rebaseline_now) {
+            holds.reset();
+            let was = base;
+            // The latency that holding could not bring down is the new normal, or what a
+            // fresh measurement says if that is higher.
+            let held_at = p90(&window);
+            match baseline(&source, &probe).await {
+                Ok(b) => base = b.max(was).max(held_at),
+                Err(e) => {
+                    tracing::warn!(error = %schemashift_common::pg::describe(&e), "probe baseline not measured again")
+                }
+            }
+            let reason = format!(
+                "the probe stayed over its limit for {:.0}% of {} s with copies held: the source \
+                 is slower for reasons not ours; baseline measured again ({:.2} ms, was {:.2} ms), \
+                 going on with one copy",
+                STARVE_SHARE * 100.0,
+                STARVE_AFTER.as_secs(),
+                base.as_secs_f64() * 1e3,
+                was.as_secs_f64() * 1e3
+            );
+            tracing::warn!(reason = %reason, "throttle baseline re-taken");
+            // One copy at a time from here, at a normal share of the CPU: yielding did not
+            // help whatever slows the source, and the idle class would starve the copy.
+            state.allowed.store(1, Ordering::Relaxed);
+            schemashift_common::idle_group::set_idle(false);
+            window.clear();
+            if let Err(e) = target.execute(&rebaselined, &[&reason]).await {
+                tracing::debug!(error = %schemashift_common::pg::describe(&e), "throttle state not saved");
+            }
+            continue;
+        }
         state.on.store(verdict.is_some(), Ordering::Relaxed);
         held_since_sample |= verdict.is_some();
         let changed = last
@@ -508,6 +617,27 @@ mod tests {
         assert!(!t.may_start(ttl), "the new holder still counts");
         t.finished(ShardId(7), LeaseEpoch(2));
         assert!(t.may_start(ttl));
+    }
+
+    #[test]
+    fn holds_that_flicker_for_most_of_the_window_count_as_starving() {
+        let mut h = Holds::default();
+        // Not before the window was watched in full, however it held.
+        assert!(!h.starving(true));
+        h.since = Some(Instant::now() - STARVE_AFTER);
+        let held: Vec<bool> = (0..100).map(|i| i % 4 != 0).collect();
+        let verdicts: Vec<bool> = held.iter().map(|b| h.starving(*b)).collect();
+        assert!(verdicts.last().copied().unwrap_or(false), "75% held");
+        let mut quiet = Holds {
+            since: Some(Instant::now() - STARVE_AFTER),
+            ..Holds::default()
+        };
+        for i in 0..100 {
+            assert!(
+                !quiet.starving(i % 2 == 1),
+                "half held is a working throttle"
+            );
+        }
     }
 
     #[test]
