@@ -51,11 +51,12 @@ pub fn print_verify(v: &VerifySummary, json: bool) {
         return json_out(v);
     }
     eprintln!(
-        "verify: {} ranges, source rows {}, target rows {}, differing rows {} ({:.1}s)",
+        "verify: {} ranges, source rows {}, target rows {}, differing rows {}, still changing {} ({:.1}s)",
         v.ranges,
         v.source_rows,
         v.target_rows,
         v.differing.len(),
+        v.still_changing.len(),
         v.seconds
     );
     for d in v.differing.iter().take(50) {
@@ -87,10 +88,11 @@ pub fn print_run(r: &RunReport, json: bool) {
     );
     if let Some(v) = &r.verify {
         eprintln!(
-            "  verify: source {} rows, target {} rows, {} differing",
+            "  verify: source {} rows, target {} rows, {} differing, {} still changing (re-checked in the freeze)",
             v.source_rows,
             v.target_rows,
-            v.differing.len()
+            v.differing.len(),
+            v.still_changing.len()
         );
     }
     if let Some(c) = &r.cutover {

@@ -168,7 +168,14 @@ pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError
             let ms = || t0.elapsed().as_secs_f64() * 1e3;
             let drained = ms();
             tracing::debug!(ms = drained, "freeze: drained");
-            let keys = changed_keys(ctx, &baseline, &head).await?;
+            let mut keys = changed_keys(ctx, &baseline, &head).await?;
+            // Keys verify could not settle while they kept changing: settled here, with
+            // the writes frozen.
+            if let Some(v) = &ctx.report.verify {
+                keys.extend(v.still_changing.iter().map(|k| (k.table, k.key.clone())));
+                keys.sort();
+                keys.dedup();
+            }
             let diffs = recheck(ctx, &keys).await?;
             let rechecked = ms();
             tracing::debug!(ms = rechecked, keys = keys.len(), "freeze: re-checked");
