@@ -107,6 +107,10 @@ impl std::fmt::Debug for WalStream {
     }
 }
 
+/// `logical_decoding_work_mem` of our replication sessions: the most decoded data the
+/// server keeps of one transaction before streaming it.
+const DECODING_WORK_MEM: &str = "16MB";
+
 impl WalStream {
     /// Connects with the DSN's hosts (in order), port, user, password and database as a
     /// `replication=database` session, runs `START_REPLICATION SLOT .. LOGICAL from` with
@@ -162,9 +166,13 @@ impl WalStream {
             ("replication", "database"),
             ("application_name", application_name),
         ];
-        if let Some(options) = config.get_options() {
-            params.push(("options", options));
-        }
+        // Large transactions: past this much decoded data the server streams them in
+        // progress (protocol 2) instead of holding them for us to hold again whole.
+        let options = format!(
+            "{} -c logical_decoding_work_mem={DECODING_WORK_MEM}",
+            config.get_options().unwrap_or_default()
+        );
+        params.push(("options", options.trim()));
         // Until ReadyForQuery, any failure is a failed connect: I/O and EOF stay transient.
         let during_startup = |e: WalStreamError| match e {
             WalStreamError::Io(e) => refused(e.to_string(), None),
@@ -175,6 +183,7 @@ impl WalStream {
             .map_err(|e| unusable(e.to_string()))?;
         stream.flush().await.map_err(during_startup)?;
         let mut scram = None;
+        let mut server_major = 0u32;
         loop {
             let (tag, body) = stream.recv().await.map_err(during_startup)?;
             match tag {
@@ -187,14 +196,31 @@ impl WalStream {
                     return Err(refused(reason, Some(code)));
                 }
                 b'Z' => break,
-                // ParameterStatus, BackendKeyData, NoticeResponse: nothing we use.
-                b'S' | b'K' | b'N' => {}
+                b'S' => {
+                    let mut parts = body.split(|b| *b == 0);
+                    if parts.next() == Some(b"server_version".as_slice()) {
+                        server_major = parts
+                            .next()
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                            .and_then(|v| v.split(['.', ' ']).next()?.parse().ok())
+                            .unwrap_or(0);
+                    }
+                }
+                // BackendKeyData, NoticeResponse: nothing we use.
+                b'K' | b'N' => {}
                 other => return Err(unexpected(other, "startup")),
             }
         }
 
+        // PostgreSQL 14+ streams transactions in progress (protocol 2): memory stays bounded
+        // whatever a transaction's size.
+        let protocol = if server_major >= 14 {
+            "proto_version '2', streaming 'on'"
+        } else {
+            "proto_version '1'"
+        };
         let command = format!(
-            "START_REPLICATION SLOT {} LOGICAL {from} (proto_version '1', publication_names {})",
+            "START_REPLICATION SLOT {} LOGICAL {from} ({protocol}, publication_names {})",
             quote_ident(slot),
             quote_literal(&quote_ident(publication)),
         );

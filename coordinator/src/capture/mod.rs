@@ -8,12 +8,14 @@ pub mod pgoutput;
 mod relations;
 mod sink;
 mod slot;
+mod spill;
 
 use backon::BackoffBuilder;
 use relations::Relations;
 pub use sink::position_sql as capture_position_sql;
 use sink::Sink;
 pub use slot::{drop_slot, ensure_slot, flush_wal, wal_lsn, WalPosition};
+use spill::Spills;
 
 use crate::control::Store;
 use crate::error::CoordinatorError;
@@ -85,7 +87,26 @@ pub struct Capture {
     sink: Sink,
     /// When the position was last saved or the slot last checked.
     heartbeat: Instant,
+    /// Transactions streamed while in progress, on disk until they commit.
+    spills: Spills,
 }
+
+/// What one decoded message amounts to.
+enum Taken {
+    Nothing,
+    /// A transaction committed whole; its changes are in `pending`.
+    Committed(Lsn),
+    /// A streamed transaction committed; its changes are in the spill.
+    Streamed {
+        spill: spill::Spill,
+        xid: u32,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+    },
+}
+
+/// Changes of a streamed transaction written to the change log at a time.
+const STREAM_CHUNK: usize = 5_000;
 
 /// The transaction being received; the stream may stop a round in the middle of it.
 #[derive(Default)]
@@ -113,6 +134,7 @@ impl Capture {
             }
         }
         let control = ControlSql::new(&plan.control_schema);
+        let slot_name = slot.clone();
         let sink = Sink::for_plan(&plan)?;
         let relations = Relations::new(plan.clone());
         let saved = Store::new(&plan.control_schema)
@@ -138,6 +160,7 @@ impl Capture {
             tx: OpenTx::default(),
             relations,
             changes: 0,
+            spills: Spills::new(&slot_name),
             sink,
             heartbeat: Instant::now(),
         })
@@ -179,6 +202,7 @@ impl Capture {
             .await
             .map_err(stream_error)?;
             self.tx = OpenTx::default();
+            self.spills.clear();
             self.received = self.position;
             if self.plan.low_priority {
                 self.lower_walsender_priority().await;
@@ -292,9 +316,30 @@ impl Capture {
                 }
                 WalMessage::XLogData { data, .. } => {
                     messages += 1;
-                    if let Some(end) = self.take(&data, &mut pending)? {
-                        last_end = last_end.max(end);
-                        txs += 1;
+                    match self.take(&data, &mut pending)? {
+                        Taken::Nothing => {}
+                        Taken::Committed(end) => {
+                            last_end = last_end.max(end);
+                            txs += 1;
+                        }
+                        Taken::Streamed {
+                            spill,
+                            xid,
+                            commit_lsn,
+                            end_lsn,
+                        } => {
+                            // What committed before it goes first.
+                            if last_end > self.position {
+                                self.sink
+                                    .write(&mut self.target, &self.control, &pending, last_end)
+                                    .await?;
+                                self.position = last_end;
+                                self.changes += pending.len() as u64;
+                                pending.clear();
+                            }
+                            self.write_streamed(spill, xid, commit_lsn, end_lsn).await?;
+                            txs += 1;
+                        }
                     }
                 }
             }
@@ -343,16 +388,89 @@ impl Capture {
         }
     }
 
-    /// Decodes one pgoutput message into the open transaction; at its commit, moves the
-    /// transaction's changes to `pending` and returns the commit's end position.
+    /// Appends a committed streamed transaction to the change log a chunk at a time, then
+    /// moves the position past it. The position stays put until the last chunk: after a
+    /// crash in between the server streams the transaction again, and replay drops the
+    /// copies by (commit LSN, ordinal).
+    async fn write_streamed(
+        &mut self,
+        spill: spill::Spill,
+        xid: u32,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+    ) -> Result<(), CoordinatorError> {
+        let mut reader = spill.reader().map_err(CoordinatorError::Capture)?;
+        let mut ordinal = 0u32;
+        loop {
+            let mut chunk = reader
+                .next_chunk(STREAM_CHUNK)
+                .map_err(CoordinatorError::Capture)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for (_, c) in chunk.iter_mut() {
+                c.lsn = commit_lsn;
+                c.xid = xid;
+                c.ordinal = ordinal;
+                ordinal += 1;
+            }
+            self.sink
+                .write(&mut self.target, &self.control, &chunk, self.position)
+                .await?;
+            self.changes += chunk.len() as u64;
+        }
+        self.sink
+            .write(&mut self.target, &self.control, &[], end_lsn)
+            .await?;
+        self.position = end_lsn;
+        tracing::info!(
+            xid,
+            changes = ordinal,
+            "large transaction appended from its spill"
+        );
+        Ok(())
+    }
+
+    /// Decodes one pgoutput message into the open transaction (or a streamed one's spill);
+    /// at a commit, says where its changes are.
     fn take(
         &mut self,
         data: &[u8],
         pending: &mut Vec<(u32, Change)>,
-    ) -> Result<Option<Lsn>, CoordinatorError> {
-        let msg = pgoutput::decode(data).map_err(|e| CoordinatorError::Capture(e.to_string()))?;
+    ) -> Result<Taken, CoordinatorError> {
+        let capture = |e: String| CoordinatorError::Capture(e);
+        let (streamed, msg) = pgoutput::decode_in(data, self.spills.current.is_some())
+            .map_err(|e| capture(e.to_string()))?;
         let tx_lsn = self.tx.lsn;
         let changes = match msg {
+            Message::StreamStart { xid, .. } => {
+                self.spills.start(xid).map_err(capture)?;
+                return Ok(Taken::Nothing);
+            }
+            Message::StreamStop => {
+                self.spills.stop();
+                return Ok(Taken::Nothing);
+            }
+            Message::StreamAbort { xid, subxid } => {
+                self.spills.abort(xid, subxid);
+                return Ok(Taken::Nothing);
+            }
+            Message::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+            } => {
+                self.received = self.received.max(end_lsn);
+                return Ok(match self.spills.take(xid) {
+                    Some(spill) if end_lsn > self.position && !spill.ours => Taken::Streamed {
+                        spill,
+                        xid,
+                        commit_lsn,
+                        end_lsn,
+                    },
+                    _ => Taken::Nothing,
+                });
+            }
             Message::Begin { final_lsn, xid } => {
                 self.tx = OpenTx {
                     open: true,
@@ -361,11 +479,11 @@ impl Capture {
                     ours: false,
                     changes: Vec::new(),
                 };
-                return Ok(None);
+                return Ok(Taken::Nothing);
             }
             Message::Relation(rel) => {
                 self.relations.learn(&rel)?;
-                return Ok(None);
+                return Ok(Taken::Nothing);
             }
             Message::Insert { rel, new } => {
                 self.relations
@@ -391,7 +509,7 @@ impl Capture {
                         t.source
                     )));
                 }
-                return Ok(None);
+                return Ok(Taken::Nothing);
             }
             Message::Commit { end_lsn, .. } => {
                 let tx = std::mem::take(&mut self.tx);
@@ -399,23 +517,36 @@ impl Capture {
                 // At or below the saved position it is in the change log from before a
                 // crash: skipped, not duplicated. Our own replay's writes are echoes.
                 if end_lsn <= self.position || tx.ours {
-                    return Ok(None);
+                    return Ok(Taken::Nothing);
                 }
                 pending.extend(tx.changes);
-                return Ok(Some(end_lsn));
+                return Ok(Taken::Committed(end_lsn));
             }
             Message::Origin { name, .. } => {
-                self.tx.ours = name.starts_with(schemashift_common::pg::ORIGIN_PREFIX);
-                return Ok(None);
+                if name.starts_with(schemashift_common::pg::ORIGIN_PREFIX) {
+                    if self.spills.current.is_some() {
+                        self.spills.mark_ours();
+                    } else {
+                        self.tx.ours = true;
+                    }
+                }
+                return Ok(Taken::Nothing);
             }
-            Message::Ignored => return Ok(None),
+            Message::Ignored => return Ok(Taken::Nothing),
         };
+        if let Some(subxid) = streamed {
+            // Lsn and ordinal are set at the commit, when they are known.
+            for (part, c) in changes {
+                self.spills.push(subxid, part, &c).map_err(capture)?;
+            }
+            return Ok(Taken::Nothing);
+        }
         for (part, mut c) in changes {
             c.xid = self.tx.xid;
             c.ordinal = self.tx.changes.len() as u32;
             self.tx.changes.push((part, c));
         }
-        Ok(None)
+        Ok(Taken::Nothing)
     }
 
     /// Runs rounds until shutdown; publishes progress after each round. Idle rounds are

@@ -1,5 +1,7 @@
-//! Decoder of the pgoutput logical replication protocol, version 1 (text values).
-//! Message layouts: PostgreSQL docs, "Logical Replication Message Formats".
+//! Decoder of the pgoutput logical replication protocol, versions 1 and 2 (text values;
+//! version 2 adds transactions streamed while in progress, whose data messages carry
+//! their transaction's xid). Message layouts: PostgreSQL docs, "Logical Replication
+//! Message Formats".
 
 use schemashift_common::ids::Lsn;
 
@@ -89,6 +91,24 @@ pub enum Message {
     Truncate {
         rels: Vec<u32>,
     },
+    /// A block of a transaction in progress follows (protocol 2).
+    StreamStart {
+        xid: u32,
+        first: bool,
+    },
+    StreamStop,
+    /// A streamed transaction committed: everything streamed for it (and not aborted)
+    /// applies, at this commit.
+    StreamCommit {
+        xid: u32,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+    },
+    /// A streamed transaction (`subxid == xid`) or one of its subtransactions rolled back.
+    StreamAbort {
+        xid: u32,
+        subxid: u32,
+    },
     /// Type and logical-decoding messages: nothing to do for us.
     Ignored,
 }
@@ -156,10 +176,48 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A message outside a stream block (and every message of protocol 1).
 pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
+    decode_in(buf, false).map(|(_, m)| m)
+}
+
+/// A message, inside a stream block or not: there, data messages start with the xid of
+/// the (sub)transaction they belong to, returned with the message.
+pub fn decode_in(buf: &[u8], in_stream: bool) -> Result<(Option<u32>, Message), DecodeError> {
     let mut r = Reader { buf };
     let tag = r.u8("tag")?;
+    let xid = if in_stream && matches!(tag, b'R' | b'Y' | b'I' | b'U' | b'D' | b'T' | b'M') {
+        Some(r.u32("streamed xid")?)
+    } else {
+        None
+    };
+    decode_body(tag, &mut r).map(|m| (xid, m))
+}
+
+fn decode_body(tag: u8, r: &mut Reader<'_>) -> Result<Message, DecodeError> {
     match tag {
+        b'S' => {
+            let xid = r.u32("stream start xid")?;
+            let first = r.u8("stream start first segment")? == 1;
+            Ok(Message::StreamStart { xid, first })
+        }
+        b'E' => Ok(Message::StreamStop),
+        b'c' => {
+            let xid = r.u32("stream commit xid")?;
+            let _flags = r.u8("stream commit flags")?;
+            let commit_lsn = Lsn(r.u64("stream commit lsn")?);
+            let end_lsn = Lsn(r.u64("stream commit end lsn")?);
+            Ok(Message::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+            })
+        }
+        b'A' => {
+            let xid = r.u32("stream abort xid")?;
+            let subxid = r.u32("stream abort subxid")?;
+            Ok(Message::StreamAbort { xid, subxid })
+        }
         b'B' => {
             let final_lsn = Lsn(r.u64("begin final lsn")?);
             let _ts = r.u64("begin timestamp")?;
@@ -348,5 +406,53 @@ mod tests {
             }
         );
         assert_eq!(decode(b"Z"), Err(DecodeError::UnknownTag('Z')));
+    }
+
+    #[test]
+    fn decodes_streamed_blocks_with_their_xids() {
+        let mut start = vec![b'S'];
+        start.extend(7u32.to_be_bytes());
+        start.push(1);
+        assert_eq!(
+            decode_in(&start, false),
+            Ok((
+                None,
+                Message::StreamStart {
+                    xid: 7,
+                    first: true
+                }
+            ))
+        );
+        // Inside a block an insert starts with its (sub)transaction's xid.
+        let mut insert = vec![b'I'];
+        insert.extend(9u32.to_be_bytes());
+        insert.extend(16384u32.to_be_bytes());
+        insert.push(b'N');
+        insert.extend(tuple_bytes(&[Some("1")], None));
+        let (xid, msg) = decode_in(&insert, true).expect("decodes");
+        assert_eq!(xid, Some(9));
+        assert!(matches!(msg, Message::Insert { rel: 16384, .. }), "{msg:?}");
+        let mut commit = vec![b'c'];
+        commit.extend(7u32.to_be_bytes());
+        commit.push(0);
+        commit.extend(100u64.to_be_bytes());
+        commit.extend(108u64.to_be_bytes());
+        commit.extend(0u64.to_be_bytes());
+        assert_eq!(
+            decode(&commit),
+            Ok(Message::StreamCommit {
+                xid: 7,
+                commit_lsn: Lsn(100),
+                end_lsn: Lsn(108)
+            })
+        );
+        let mut abort = vec![b'A'];
+        abort.extend(7u32.to_be_bytes());
+        abort.extend(9u32.to_be_bytes());
+        assert_eq!(
+            decode(&abort),
+            Ok(Message::StreamAbort { xid: 7, subxid: 9 })
+        );
+        assert_eq!(decode(b"E"), Ok(Message::StreamStop));
     }
 }

@@ -154,6 +154,9 @@ pub fn position_sql(control: &ControlSql) -> String {
     )
 }
 
+/// Changes per statement when appending to the table log.
+const APPEND_ROWS: usize = 1_000;
+
 /// The changes and the capture position in one target transaction.
 async fn append(
     target: &mut Client,
@@ -178,7 +181,8 @@ async fn append(
         .collect();
     let e = db("appending to the change log");
     let tx = target.transaction().await.map_err(&e)?;
-    if !rows.is_empty() {
+    // In pieces: one jsonb value may not pass 256 MB, and a piece bounds the text held.
+    for rows in rows.chunks(APPEND_ROWS) {
         tx.execute(
             &format!(
                 "INSERT INTO {} (part, table_idx, op, lsn, ordinal, old_key, vals, unchanged) \
@@ -187,7 +191,7 @@ async fn append(
                  ordinal int, old_key text[], vals text[], unchanged int2[])",
                 control.table("changes")
             ),
-            &[&serde_json::Value::Array(rows).to_string()],
+            &[&serde_json::Value::Array(rows.to_vec()).to_string()],
         )
         .await
         .map_err(&e)?;
