@@ -502,20 +502,19 @@ fn session_lost(source: &Client, e: &tokio_postgres::Error) -> bool {
         || e.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN)
 }
 
-/// A new probe session, retried for a few seconds.
+/// A new probe session, through the one retry policy.
 async fn reconnect(spec: &Spec) -> Result<Client, CoordinatorError> {
-    let mut last = None;
-    for attempt in 0..5u32 {
-        match schemashift_common::pg::connect(&spec.source, "source").await {
-            Ok(c) => return Ok(c),
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(200) * (attempt + 1)).await;
-    }
-    Err(CoordinatorError::State(format!(
-        "the probe session to the source closed and could not be opened again: {}",
-        last.map_or_else(String::new, |e| e.to_string())
-    )))
+    schemashift_common::retry::retry(
+        "reopening the throttle probe session",
+        schemashift_common::retry::Backoff::Database,
+        || schemashift_common::pg::connect(&spec.source, "source"),
+    )
+    .await
+    .map_err(|e| {
+        CoordinatorError::State(format!(
+            "the probe session to the source closed and could not be opened again: {e}"
+        ))
+    })
 }
 
 #[cfg(test)]

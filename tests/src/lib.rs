@@ -73,6 +73,24 @@ impl TestEnv {
         })
     }
 
+    /// [`TestEnv::new`] with each side's schema (and rows) created by its DDL.
+    pub async fn with_ddl(
+        test_name: &str,
+        source_ddl: &str,
+        target_ddl: &str,
+    ) -> anyhow::Result<TestEnv> {
+        let env = TestEnv::new(test_name).await?;
+        connect(&env.source_dsn)
+            .await?
+            .batch_execute(source_ddl)
+            .await?;
+        connect(&env.target_dsn)
+            .await?
+            .batch_execute(target_ddl)
+            .await?;
+        Ok(env)
+    }
+
     /// DSN of another database (e.g. `postgres`) on the source cluster.
     pub fn source_dsn_for(&self, db: &str) -> String {
         dsn_with_db(&self.source_base, db)
@@ -346,6 +364,26 @@ pub async fn slot_and_publication_count(source_dsn: &str) -> anyhow::Result<(i64
         )
         .await?;
     Ok((row.get(0), row.get(1)))
+}
+
+/// Waits until the run's control state shows `n` shards done, while `run` keeps running.
+pub async fn wait_shards_done(target: &Client, n: i64, run: &mut Proc) -> anyhow::Result<()> {
+    loop {
+        let done: i64 = target
+            .query_opt(
+                "SELECT count(*) FILTER (WHERE state = 'done') FROM schemashift.shards",
+                &[],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map_or(0, |r| r.get(0));
+        if done >= n {
+            return Ok(());
+        }
+        anyhow::ensure!(run.is_running(), "{}", run.stderr_tail());
+        tokio::task::yield_now().await;
+    }
 }
 
 #[cfg(test)]

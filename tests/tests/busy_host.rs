@@ -2,7 +2,7 @@
 //! back to its baseline, so the throttle measures the baseline again and the run finishes.
 
 use schemashift_lab::scenario::users_spec_yaml;
-use schemashift_tests::{connect, users_env, write_spec, Proc};
+use schemashift_tests::{connect, users_env, wait_shards_done, write_spec, Proc};
 use std::time::{Duration, Instant};
 
 /// A plain busy loop at normal priority, killed when dropped.
@@ -44,22 +44,7 @@ async fn host_busy_with_other_work_after_the_baseline_still_finishes_the_run() -
     )?;
     // After the baseline and the first shard: every core gets a busy loop.
     let t = connect(&env.target_dsn).await?;
-    loop {
-        let done: Option<i64> = t
-            .query_opt(
-                "SELECT count(*) FILTER (WHERE state = 'done') FROM schemashift.shards",
-                &[],
-            )
-            .await
-            .ok()
-            .flatten()
-            .map(|r| r.get(0));
-        if done.unwrap_or(0) >= 1 {
-            break;
-        }
-        anyhow::ensure!(run.is_running(), "{}", run.stderr_tail());
-        tokio::task::yield_now().await;
-    }
+    wait_shards_done(&t, 1, &mut run).await?;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let loops = (0..cores)
         .map(|_| busy_loop())

@@ -148,28 +148,61 @@ async fn coordinator_and_three_workers_migrate_under_write_load_with_zero_diffs(
     env.drop_all().await
 }
 
-#[tokio::test]
-async fn worker_killed_mid_shard_is_replaced_and_no_shard_commits_twice() -> anyhow::Result<()> {
-    let env = users_env("dist_kill_worker", 150_000).await?;
+/// A coordinator (until verify, 2 s leases) over 150K users rows in 10K-row shards, and
+/// one worker `a` working for it.
+struct Cluster {
+    env: TestEnv,
+    dir: tempfile::TempDir,
+    spec: String,
+    url: String,
+    coord: Proc,
+    a: Proc,
+    t: Client,
+}
+
+async fn coordinator_and_worker_a(name: &str) -> anyhow::Result<Cluster> {
+    let env = users_env(name, 150_000).await?;
     let dir = tempfile::tempdir()?;
     let spec = write_spec(
         &dir,
         &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(10_000)),
     )?;
     let (listen, url) = local_listen()?;
-    let mut coord = Proc::spawn(
+    let coord = Proc::spawn(
         dir.path(),
         "coordinator",
         &coordinator_args(&spec, &listen, "verify"),
         &[],
     )?;
-    let mut a = Proc::spawn(
+    let a = Proc::spawn(
         dir.path(),
         "worker-a",
         &["worker", "--coordinator", &url, "--id", "a"],
         &[],
     )?;
     let t = connect(&env.target_dsn).await?;
+    Ok(Cluster {
+        env,
+        dir,
+        spec,
+        url,
+        coord,
+        a,
+        t,
+    })
+}
+
+#[tokio::test]
+async fn worker_killed_mid_shard_is_replaced_and_no_shard_commits_twice() -> anyhow::Result<()> {
+    let Cluster {
+        env,
+        dir,
+        spec,
+        url,
+        mut coord,
+        mut a,
+        t,
+    } = coordinator_and_worker_a("dist_kill_worker").await?;
     // Kill while `a` holds a lease, after it committed something.
     until(LIMIT, "worker a mid-shard", || async {
         let (done, _, total, a_holds) = shard_state(&t, "a").await;
@@ -207,26 +240,15 @@ async fn worker_killed_mid_shard_is_replaced_and_no_shard_commits_twice() -> any
 
 #[tokio::test]
 async fn worker_stopped_past_its_lease_and_continued_has_its_work_refused() -> anyhow::Result<()> {
-    let env = users_env("dist_sigstop", 150_000).await?;
-    let dir = tempfile::tempdir()?;
-    let spec = write_spec(
-        &dir,
-        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(10_000)),
-    )?;
-    let (listen, url) = local_listen()?;
-    let mut coord = Proc::spawn(
-        dir.path(),
-        "coordinator",
-        &coordinator_args(&spec, &listen, "verify"),
-        &[],
-    )?;
-    let mut a = Proc::spawn(
-        dir.path(),
-        "worker-a",
-        &["worker", "--coordinator", &url, "--id", "a"],
-        &[],
-    )?;
-    let t = connect(&env.target_dsn).await?;
+    let Cluster {
+        env,
+        dir,
+        spec,
+        url,
+        mut coord,
+        mut a,
+        t,
+    } = coordinator_and_worker_a("dist_sigstop").await?;
     until(LIMIT, "worker a mid-shard", || async {
         let (done, _, total, a_holds) = shard_state(&t, "a").await;
         done >= 1 && done < total && a_holds

@@ -4,7 +4,7 @@
 //! right, nothing of the rolled-back one, and its memory bounded.
 
 use schemashift_lab::scenario::users_spec_yaml;
-use schemashift_tests::{connect, table_diff, users_env, write_spec, Proc};
+use schemashift_tests::{connect, table_diff, users_env, wait_shards_done, write_spec, Proc};
 use std::time::Duration;
 
 const ROWS: i64 = 200_000;
@@ -39,22 +39,7 @@ async fn huge_transaction_and_a_rolled_back_one_during_backfill_lose_nothing() -
         .pid()
         .ok_or_else(|| anyhow::anyhow!("run did not start"))?;
     let t = connect(&env.target_dsn).await?;
-    loop {
-        let done: i64 = t
-            .query_opt(
-                "SELECT count(*) FILTER (WHERE state = 'done') FROM schemashift.shards",
-                &[],
-            )
-            .await
-            .ok()
-            .flatten()
-            .map_or(0, |r| r.get(0));
-        if done >= 1 {
-            break;
-        }
-        anyhow::ensure!(run.is_running(), "{}", run.stderr_tail());
-        tokio::task::yield_now().await;
-    }
+    wait_shards_done(&t, 1, &mut run).await?;
     // Overlapping: B inserts 100K rows and holds them; A updates every row and commits;
     // then B rolls back.
     let b = connect(&env.source_dsn).await?;

@@ -70,16 +70,7 @@ async fn assert_target_is_mapped_source(env: &TestEnv, context: &str) -> anyhow:
 }
 
 async fn env_with_orders(name: &str) -> anyhow::Result<TestEnv> {
-    let env = TestEnv::new(name).await?;
-    connect(&env.source_dsn)
-        .await?
-        .batch_execute(SOURCE_DDL)
-        .await?;
-    connect(&env.target_dsn)
-        .await?
-        .batch_execute(TARGET_DDL)
-        .await?;
-    Ok(env)
+    TestEnv::with_ddl(name, SOURCE_DDL, TARGET_DDL).await
 }
 
 async fn count(c: &Client, sql: &str) -> anyhow::Result<i64> {

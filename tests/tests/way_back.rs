@@ -30,15 +30,7 @@ fn stderr(out: &std::process::Output) -> String {
 
 #[tokio::test]
 async fn cutover_without_a_way_back_is_refused_unless_the_spec_gives_it_up() -> anyhow::Result<()> {
-    let env = TestEnv::new("way_back").await?;
-    connect(&env.source_dsn)
-        .await?
-        .batch_execute(SOURCE_DDL)
-        .await?;
-    connect(&env.target_dsn)
-        .await?
-        .batch_execute(TARGET_DDL)
-        .await?;
+    let env = TestEnv::with_ddl("way_back", SOURCE_DDL, TARGET_DDL).await?;
     let dir = tempfile::tempdir()?;
 
     // With reverse sync wanted (the default), plan names both NOT NULL columns it could
