@@ -138,6 +138,16 @@ async fn save_position(
         .await
         .map_err(&e)?;
     }
+    commit_with_position(tx, control, end).await
+}
+
+/// Records `end` as the capture position and commits what the transaction holds.
+async fn commit_with_position(
+    tx: tokio_postgres::Transaction<'_>,
+    control: &ControlSql,
+    end: Lsn,
+) -> Result<(), CoordinatorError> {
+    let e = db("saving the capture position");
     tx.execute(&position_sql(control), &[&end.to_string()])
         .await
         .map_err(&e)?;
@@ -196,8 +206,5 @@ async fn append(
         .await
         .map_err(&e)?;
     }
-    tx.execute(&position_sql(control), &[&end.to_string()])
-        .await
-        .map_err(&e)?;
-    tx.commit().await.map_err(&e)
+    commit_with_position(tx, control, end).await
 }
