@@ -1,6 +1,7 @@
 //! What both sides of the wire share: the spec, SQL building, ids, the plan and change
 //! types, PostgreSQL sessions, the one retry policy and the row-range verify.
 pub mod change;
+pub mod conninfo;
 pub mod control;
 pub mod idle_group;
 pub mod ids;
@@ -10,6 +11,7 @@ pub mod retry;
 pub mod service;
 pub mod spec;
 pub mod sql;
+pub mod tls;
 pub mod trace;
 pub mod verify;
 pub mod walstream;

@@ -34,7 +34,19 @@ impl Classify for PgError {
     }
 }
 
-/// Connects, spawns the connection task, and applies [`SESSION_SETUP`].
+/// Runs a session's connection until it ends.
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %describe(&e), "connection ended");
+    }
+}
+
+/// Connects (TLS as `sslmode` says), spawns the connection task, and applies
+/// [`SESSION_SETUP`].
 pub async fn connect(dsn: &Dsn, role: &'static str) -> Result<Client, PgError> {
     let err = |e: tokio_postgres::Error| PgError::Connect {
         role,
@@ -42,18 +54,30 @@ pub async fn connect(dsn: &Dsn, role: &'static str) -> Result<Client, PgError> {
         reason: describe(&e),
         class: classify_pg(&e),
     };
-    let (client, connection) = tokio_postgres::connect(dsn.expose(), NoTls)
-        .await
-        .map_err(err)?;
+    let unusable = |reason: String| PgError::Connect {
+        role,
+        at: dsn.redacted(),
+        reason,
+        class: Class::Permanent,
+    };
+    let info = dsn.conninfo().map_err(unusable)?;
     let span = tracing::debug_span!("pg_connection", role, at = %dsn.redacted());
-    tokio::spawn(
-        async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %describe(&e), "connection ended");
-            }
+    let client = match crate::tls::client_config(&info.tls).map_err(unusable)? {
+        None => {
+            let (client, connection) = info.config.connect(NoTls).await.map_err(err)?;
+            tokio::spawn(drive(connection).instrument(span));
+            client
         }
-        .instrument(span),
-    );
+        Some(tls) => {
+            let (client, connection) = info
+                .config
+                .connect(crate::tls::MakeRustls(tls))
+                .await
+                .map_err(err)?;
+            tokio::spawn(drive(connection).instrument(span));
+            client
+        }
+    };
     client.batch_execute(SESSION_SETUP).await.map_err(err)?;
     Ok(client)
 }

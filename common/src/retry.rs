@@ -64,11 +64,17 @@ pub fn classify_pg(e: &tokio_postgres::Error) -> Class {
     Class::Permanent
 }
 
+/// An I/O failure under the error, unless it is a TLS refusal (a certificate that does
+/// not verify, a client certificate the server refuses): that one is permanent.
 fn io_cause(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut src = e.source();
     while let Some(inner) = src {
-        if inner.is::<std::io::Error>() {
-            return true;
+        if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            let tls = io.get_ref().is_some_and(|i| i.is::<rustls::Error>());
+            return !tls;
+        }
+        if inner.is::<rustls::Error>() {
+            return false;
         }
         src = inner.source();
     }

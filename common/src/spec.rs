@@ -39,9 +39,14 @@ impl Dsn {
     pub fn expose(&self) -> &str {
         self.0.expose_secret()
     }
+    /// The connection string as libpq would read it (see [`crate::conninfo`]).
+    pub fn conninfo(&self) -> Result<crate::conninfo::ConnInfo, String> {
+        crate::conninfo::parse(self.expose())
+    }
+
     /// `host:port/dbname` without user info or password, for messages and spans.
     pub fn redacted(&self) -> String {
-        match self.expose().parse::<tokio_postgres::Config>() {
+        match self.conninfo().map(|c| c.config) {
             Ok(cfg) => {
                 let host = cfg
                     .get_hosts()
@@ -345,7 +350,7 @@ impl Spec {
     pub fn validate(&self) -> Result<(), SpecError> {
         let mut problems = Vec::new();
         for (what, dsn) in [("source", &self.source), ("target", &self.target)] {
-            if let Err(e) = dsn.expose().parse::<tokio_postgres::Config>() {
+            if let Err(e) = dsn.conninfo() {
                 problems.push(format!("{what}: not a valid connection string ({e})"));
             }
         }

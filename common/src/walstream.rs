@@ -2,7 +2,7 @@
 //! `replication=database` walsender connection. tokio-postgres 0.7 cannot do CopyBoth, so
 //! this speaks the wire protocol itself: postgres-protocol encodes the frontend messages and
 //! does MD5/SCRAM, backend messages are framed here (its parser has no CopyBothResponse).
-//! No TLS, like the rest of schemashift (NoTls).
+//! TLS as `sslmode` says, with the same rules as every other session (`crate::tls`).
 
 use std::io;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 #[cfg(unix)]
 use tokio::net::UnixStream;
-use tokio_postgres::config::{self, Config, Host, SslMode};
+use tokio_postgres::config::{self, Config, Host};
 use tokio_postgres::error::SqlState;
 
 use crate::ids::Lsn;
@@ -130,19 +130,14 @@ impl WalStream {
         };
         // Connection strings we cannot use are permanent errors: retrying will not help.
         let unusable = |why: String| WalStreamError::Unsupported(format!("{at}: {why}"));
-        let config: Config = dsn.expose().parse().map_err(|e| unusable(format!("{e}")))?;
-        if !matches!(config.get_ssl_mode(), SslMode::Disable | SslMode::Prefer) {
-            let mode = format!("{:?}", config.get_ssl_mode()).to_lowercase();
-            return Err(unusable(format!(
-                "sslmode={mode} is not supported: the replication stream has no TLS \
-                 (use sslmode=prefer or sslmode=disable)"
-            )));
-        }
+        let info = dsn.conninfo().map_err(unusable)?;
+        let config: Config = info.config.clone();
         if config.get_channel_binding() == config::ChannelBinding::Require {
             return Err(unusable(
-                "channel_binding=require needs TLS, which the replication stream lacks".into(),
+                "channel_binding=require is not supported by the replication stream".into(),
             ));
         }
+        let tls = crate::tls::client_config(&info.tls).map_err(unusable)?;
         let user = config
             .get_user()
             .ok_or_else(|| unusable("the connection string names no user".into()))?;
@@ -151,9 +146,17 @@ impl WalStream {
         if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
             return Err(unusable("the connection string names no host".into()));
         }
-        let socket = connect_socket(&config)
+        let (socket, tcp_host) = connect_socket(&config)
             .await
             .map_err(|r| refused(r, None))?;
+        // TLS as for every session: asked for first, then the handshake (none on a Unix
+        // socket, as libpq).
+        let socket = match (tls, tcp_host) {
+            (Some(tls), Some(host)) => negotiate_tls(socket, tls, &host, info.tls.mode)
+                .await
+                .map_err(|e| unusable(format!("TLS: {e}")))?,
+            _ => socket,
+        };
         let mut stream = WalStream {
             socket,
             read: BytesMut::with_capacity(READ_CHUNK),
@@ -327,7 +330,46 @@ impl WalStream {
 
 /// Tries the DSN's hosts in order (hostaddr before host, as tokio-postgres does); the
 /// error names each failed address.
-async fn connect_socket(config: &Config) -> Result<Box<dyn Socket>, String> {
+/// Asks the server for TLS (SSLRequest) and, when it agrees, runs the handshake; a server
+/// that declines is used in the clear only when `sslmode` allows it.
+async fn negotiate_tls(
+    mut socket: Box<dyn Socket>,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    host: &str,
+    mode: crate::conninfo::SslMode,
+) -> Result<Box<dyn Socket>, String> {
+    use crate::conninfo::SslMode;
+    // Length 8, then the SSLRequest code 80877103.
+    socket
+        .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = [0u8; 1];
+    socket
+        .read_exact(&mut answer)
+        .await
+        .map_err(|e| e.to_string())?;
+    match answer[0] {
+        b'S' => {
+            let name = crate::tls::server_name(host)?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, socket)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Box::new(stream))
+        }
+        b'N' if matches!(mode, SslMode::Allow | SslMode::Prefer) => Ok(socket),
+        b'N' => Err(format!(
+            "the server at {host} does not accept TLS connections"
+        )),
+        other => Err(format!(
+            "unexpected answer {:?} to the TLS request",
+            other as char
+        )),
+    }
+}
+
+async fn connect_socket(config: &Config) -> Result<(Box<dyn Socket>, Option<String>), String> {
     let (hosts, addrs) = (config.get_hosts(), config.get_hostaddrs());
     let ports = config.get_ports();
     let mut failures = Vec::new();
@@ -346,7 +388,9 @@ async fn connect_socket(config: &Config) -> Result<Box<dyn Socket>, String> {
             None => attempt.await,
         };
         match (result, host) {
-            (Ok(socket), _) => return Ok(socket),
+            (Ok(socket), Host::Tcp(name)) => return Ok((socket, Some(name))),
+            #[cfg(unix)]
+            (Ok(socket), Host::Unix(_)) => return Ok((socket, None)),
             (Err(e), Host::Tcp(name)) => failures.push(format!("{name}:{port}: {e}")),
             #[cfg(unix)]
             (Err(e), Host::Unix(dir)) => failures.push(format!("{}:{port}: {e}", dir.display())),

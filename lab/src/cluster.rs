@@ -77,6 +77,11 @@ pub struct ClusterOptions {
     pub wal_level: String,
     /// Extra `postgresql.conf` settings, written after (and so overriding) the defaults.
     pub extra_conf: Vec<(String, String)>,
+    /// Files written into the data directory before the start (server certificate and
+    /// key), readable by the server's user only.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Replaces `pg_hba.conf` (for example `hostssl` lines only, as managed services).
+    pub hba: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -84,6 +89,8 @@ impl Default for ClusterOptions {
         ClusterOptions {
             wal_level: "logical".to_string(),
             extra_conf: Vec::new(),
+            files: Vec::new(),
+            hba: None,
         }
     }
 }
@@ -275,6 +282,22 @@ impl Cluster {
         conf.push_str(&conf_text(&opts, &root));
         std::fs::write(&conf_path, conf)
             .map_err(|e| ClusterError::io("write postgresql.conf", e))?;
+        for (name, bytes) in &opts.files {
+            use std::os::unix::fs::PermissionsExt;
+            let path = data_dir.join(name);
+            std::fs::write(&path, bytes).map_err(|e| ClusterError::io("write a data file", e))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| ClusterError::io("restrict a data file", e))?;
+        }
+        if let Some(hba) = &opts.hba {
+            std::fs::write(data_dir.join("pg_hba.conf"), hba)
+                .map_err(|e| ClusterError::io("write pg_hba.conf", e))?;
+        }
+        if as_postgres && (!opts.files.is_empty() || opts.hba.is_some()) {
+            let mut chown = StdCommand::new("chown");
+            chown.arg("-R").arg("postgres:").arg(&data_dir);
+            run(chown, "chown of the data files").await?;
+        }
 
         let mut cluster = Cluster {
             dir: Some(dir),

@@ -31,6 +31,7 @@ async fn extra_conf_overrides_defaults() {
     let opts = ClusterOptions {
         wal_level: "replica".into(),
         extra_conf: vec![("shared_buffers".into(), "'32MB'".into())],
+        ..ClusterOptions::default()
     };
     let cluster = Cluster::start(opts).await.expect("cluster starts");
     let (client, conn) = tokio_postgres::connect(&cluster.dsn("postgres"), tokio_postgres::NoTls)

@@ -473,11 +473,9 @@ async fn failed_start_errors_never_show_the_password() -> anyhow::Result<()> {
             true,
         ),
         (
-            "sslmode=require",
-            Dsn::new(format!(
-                "postgres://postgres:{secret}@127.0.0.1:1/db?sslmode=require"
-            )),
-            |e| matches!(e, WalStreamError::Unsupported(m) if m.contains("sslmode=require")),
+            "sslmode=require against a server without TLS",
+            with_secret(&format!("{}?sslmode=require", env.source_dsn)),
+            |e| matches!(e, WalStreamError::Unsupported(m) if m.contains("does not accept TLS")),
             false,
         ),
         (
