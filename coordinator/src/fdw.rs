@@ -4,6 +4,7 @@
 //! cleanup (the foreign tables go with the control schema, the server explicitly).
 
 use crate::error::CoordinatorError;
+use schemashift_common::conninfo::{ConnInfo, SslMode};
 use schemashift_common::control::ControlSql;
 use schemashift_common::plan::{RunPlan, ShardRange, TablePlan, Transfer};
 use schemashift_common::spec::Dsn;
@@ -36,13 +37,13 @@ pub async fn ensure_for(
     if tables.is_empty() {
         return Ok(());
     }
-    let cfg: tokio_postgres::Config = source.expose().parse().map_err(|_| {
+    let info = source.conninfo().map_err(|_| {
         CoordinatorError::State(format!(
             "the source connection string ({}) cannot be read for postgres_fdw",
             source.redacted()
         ))
     })?;
-    let sql = setup_sql(&cfg, control_schema, tables);
+    let sql = setup_sql(&info, control_schema, tables);
     let srv = server(control_schema);
     // The statement holds the source's password: its error text is ours, not the server's
     // echo of the statement.
@@ -62,7 +63,8 @@ pub async fn ensure_for(
 
 /// The statements that set up what `tables` read through: extension, server, user mapping
 /// (holding the source password), foreign tables. Every name and value quoted.
-fn setup_sql(cfg: &tokio_postgres::Config, control_schema: &str, tables: &[&TablePlan]) -> String {
+fn setup_sql(info: &ConnInfo, control_schema: &str, tables: &[&TablePlan]) -> String {
+    let cfg = &info.config;
     let host = match cfg.get_hosts().first() {
         Some(Host::Tcp(h)) => h.clone(),
         #[cfg(unix)]
@@ -74,15 +76,40 @@ fn setup_sql(cfg: &tokio_postgres::Config, control_schema: &str, tables: &[&Tabl
     let dbname = cfg.get_dbname().unwrap_or(user);
     let srv = server(control_schema);
     let control = ControlSql::new(control_schema);
+    // The same TLS rules as our own sessions; certificate paths are read by the target's
+    // server, so they must exist there too.
+    let tls = &info.tls;
+    let mode = match tls.mode {
+        SslMode::Disable => "disable",
+        SslMode::Allow => "allow",
+        SslMode::Prefer => "prefer",
+        SslMode::Require => "require",
+        SslMode::VerifyCa => "verify-ca",
+        SslMode::VerifyFull => "verify-full",
+    };
+    let mut server_tls = format!(", sslmode {}", quote_literal(mode));
+    if let (Some(root), SslMode::VerifyCa | SslMode::VerifyFull) = (&tls.root_cert, tls.mode) {
+        server_tls.push_str(&format!(
+            ", sslrootcert {}",
+            quote_literal(&root.to_string_lossy())
+        ));
+    }
     let mut sql = format!(
         "CREATE EXTENSION IF NOT EXISTS postgres_fdw; \
          CREATE SERVER IF NOT EXISTS {srv} FOREIGN DATA WRAPPER postgres_fdw \
-         OPTIONS (host {}, port {}, dbname {}, fetch_size '10000', application_name 'schemashift');",
+         OPTIONS (host {}, port {}, dbname {}, fetch_size '10000', application_name 'schemashift'{server_tls});",
         quote_literal(&host),
         quote_literal(&port.to_string()),
         quote_literal(dbname)
     );
     let mut options = vec![format!("user {}", quote_literal(user))];
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        options.push(format!(
+            "sslcert {}",
+            quote_literal(&cert.to_string_lossy())
+        ));
+        options.push(format!("sslkey {}", quote_literal(&key.to_string_lossy())));
+    }
     if let Some(pw) = cfg.get_password() {
         options.push(format!(
             "password {}",
@@ -300,10 +327,10 @@ mod tests {
 
     #[test]
     fn setup_quotes_hostile_names_and_the_password() {
-        let cfg: tokio_postgres::Config =
-            "host=db.example port=5433 dbname=old user=mig password=pa'ss"
-                .parse()
-                .expect("dsn");
+        let info = schemashift_common::conninfo::parse(
+            r"host=db.example port=5433 dbname=old user=mig password=pa\'ss sslmode=verify-full sslrootcert=/etc/ca.pem",
+        )
+        .expect("dsn");
         let mut t: TablePlan = serde_json::from_value(serde_json::json!({
             "index": 2, "source": {"schema": "we\"ird", "name": "us'ers"},
             "target": {"schema": "public", "name": "users"},
@@ -322,8 +349,12 @@ mod tests {
                 name: "us'ers".into()
             }
         );
-        let sql = setup_sql(&cfg, "ctl", &[&t]);
+        let sql = setup_sql(&info, "ctl", &[&t]);
         assert!(sql.contains("CREATE SERVER IF NOT EXISTS \"ctl source\" FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host 'db.example', port '5433', dbname 'old'"), "{sql}");
+        assert!(
+            sql.contains(", sslmode 'verify-full', sslrootcert '/etc/ca.pem');"),
+            "{sql}"
+        );
         assert!(
             sql.contains("OPTIONS (user 'mig', password 'pa''ss')"),
             "{sql}"
