@@ -105,6 +105,10 @@ pub enum Command {
         /// PEM private key of --tls-cert.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// PEM CA: only workers presenting a certificate it signed get in (mutual TLS, an
+        /// alternative to SCHEMASHIFT_TOKEN; needs --tls-cert).
+        #[arg(long, requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
         /// Serve Prometheus metrics on HOST:PORT.
         #[arg(long)]
         metrics_listen: Option<String>,
@@ -126,6 +130,13 @@ pub enum Command {
         /// PEM CA certificate that signed the coordinator's TLS certificate.
         #[arg(long)]
         tls_ca: Option<PathBuf>,
+        /// PEM certificate this worker presents to a coordinator that asks for one (mutual
+        /// TLS; with --tls-key and --tls-ca).
+        #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// After the cutover: apply target writes to the old schema continuously (reverse
     /// sync), until Ctrl-C. `rollback` drains it by itself.
@@ -154,6 +165,10 @@ pub enum Command {
         seconds: Option<u64>,
         #[arg(long)]
         json: bool,
+        /// Required: the load inserts, updates and deletes rows of `public.users` in that
+        /// database, which must be a test database, never a production one.
+        #[arg(long)]
+        allow_writes: bool,
     },
     /// Phase, shard progress and lag from the control state.
     Status {
@@ -282,6 +297,7 @@ pub async fn execute(cli: Cli) -> i32 {
             lease_ttl,
             tls_cert,
             tls_key,
+            tls_client_ca,
             metrics_listen,
             report,
             json,
@@ -297,6 +313,7 @@ pub async fn execute(cli: Cli) -> i32 {
                 serve: ServeOptions {
                     token: crate::fleet::token(),
                     tls: tls_cert.zip(tls_key),
+                    client_ca: tls_client_ca,
                 },
                 metrics_listen,
             };
@@ -306,7 +323,18 @@ pub async fn execute(cli: Cli) -> i32 {
             coordinator,
             id,
             tls_ca,
-        } => crate::fleet::worker(&coordinator, id, tls_ca, shutdown_signal()).await,
+            tls_cert,
+            tls_key,
+        } => {
+            crate::fleet::worker(
+                &coordinator,
+                id,
+                tls_ca,
+                tls_cert.zip(tls_key),
+                shutdown_signal(),
+            )
+            .await
+        }
         Command::Cutover { spec, json } => {
             run_cmd(spec, None, PhaseArg::Cutover, None, None, json).await
         }
@@ -375,7 +403,17 @@ pub async fn execute(cli: Cli) -> i32 {
             reads,
             seconds,
             json,
-        } => schemashift_lab::load_cmd::load(&spec_or_dsn, rate, reads, seconds, json).await,
+            allow_writes,
+        } => {
+            if !allow_writes {
+                eprintln!(
+                    "error: `load` writes test traffic (inserts, updates, deletes) into \
+                     public.users of that database; pass --allow-writes if it is a test database"
+                );
+                return 2;
+            }
+            schemashift_lab::load_cmd::load(&spec_or_dsn, rate, reads, seconds, json).await
+        }
         Command::Rollback { spec } => cleanup_cmd(spec, true).await,
         Command::Cleanup { spec } => cleanup_cmd(spec, false).await,
         #[cfg(feature = "lab")]

@@ -56,6 +56,7 @@ pub async fn worker(
     url: &str,
     id: Option<String>,
     tls_ca: Option<PathBuf>,
+    identity: Option<(PathBuf, PathBuf)>,
     shutdown: watch::Receiver<bool>,
 ) -> i32 {
     let client = match GrpcCoordinator::new(
@@ -63,6 +64,7 @@ pub async fn worker(
         &ClientOptions {
             token: token(),
             tls_ca,
+            identity,
         },
     ) {
         Ok(c) => c,

@@ -64,11 +64,47 @@ impl Dsn {
             Err(_) => "<unparseable connection string>".into(),
         }
     }
+    /// `${NAME}` standing for the whole string is taken as it is (a DSN kept in the
+    /// environment); inside a connection string the value is encoded for the form it lands
+    /// in, so a password with a space, quote, `@` or `/` stays one value.
     fn expand_env(&mut self) -> Result<(), SpecError> {
-        let expanded = expand_env(self.expose())?;
+        let raw = self.expose();
+        let whole = raw.starts_with("${") && raw.ends_with('}') && raw.matches("${").count() == 1;
+        let expanded = if whole {
+            expand_env(raw)?
+        } else if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+            expand_env_with(raw, percent_encode)?
+        } else {
+            expand_env_with(raw, escape_conninfo)?
+        };
         self.0 = SecretString::from(expanded);
         Ok(())
     }
+}
+
+/// Percent-encoding of everything but RFC 3986's unreserved characters.
+fn percent_encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A `key=value` connection-string value with its backslashes, quotes and white space
+/// escaped (libpq reads a backslash as "take the next character" quoted or not).
+fn escape_conninfo(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        if c == '\\' || c == '\'' || c.is_whitespace() {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 impl fmt::Debug for Dsn {
@@ -507,6 +543,11 @@ impl Spec {
 /// Replaces `${NAME}` with the variable's value; `$$` and a lone `$` stay as they are
 /// (SQL dollar quoting in function bodies must survive).
 pub fn expand_env(s: &str) -> Result<String, SpecError> {
+    expand_env_with(s, str::to_owned)
+}
+
+/// [`expand_env`] with each value passed through `encode`.
+fn expand_env_with(s: &str, encode: impl Fn(&str) -> String) -> Result<String, SpecError> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(pos) = rest.find("${") {
@@ -522,7 +563,7 @@ pub fn expand_env(s: &str) -> Result<String, SpecError> {
                 let name = &after[..end];
                 let val =
                     std::env::var(name).map_err(|_| SpecError::MissingEnv(name.to_owned()))?;
-                out.push_str(&val);
+                out.push_str(&encode(&val));
                 rest = &after[end + 1..];
             }
             _ => {

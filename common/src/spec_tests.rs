@@ -35,6 +35,41 @@ fn env_is_expanded_and_password_never_displayed() {
 }
 
 #[test]
+fn env_values_inside_a_connection_string_stay_one_value() {
+    let hostile = "p@ss w/rd'\\x?&sslmode=disable";
+    std::env::set_var("SS_TEST_HOSTILE_PW", hostile);
+    for (source, form) in [
+        (
+            "postgres://app:${SS_TEST_HOSTILE_PW}@127.0.0.1:5432/app",
+            "url",
+        ),
+        (
+            "host=127.0.0.1 user=app password=${SS_TEST_HOSTILE_PW} dbname=app",
+            "key=value",
+        ),
+        (
+            "host=127.0.0.1 user=app password='${SS_TEST_HOSTILE_PW}' dbname=app",
+            "quoted key=value",
+        ),
+    ] {
+        let yaml = SPEC.replacen("postgres://app:${SS_TEST_PW}@127.0.0.1:5432/app", source, 1);
+        std::env::set_var("SS_TEST_PW", "x");
+        let spec = Spec::parse(&yaml).unwrap_or_else(|e| panic!("{form}: {e}"));
+        let info = spec.source.conninfo().expect("parses");
+        assert_eq!(
+            info.config.get_password(),
+            Some(hostile.as_bytes()),
+            "{form}"
+        );
+        assert_eq!(
+            info.tls.mode,
+            crate::conninfo::SslMode::Prefer,
+            "{form}: nothing added"
+        );
+    }
+}
+
+#[test]
 fn missing_env_names_the_variable() {
     let err =
         Spec::parse(&SPEC.replace("SS_TEST_PW", "SS_NOT_SET_ANYWHERE")).expect_err("must fail");

@@ -146,6 +146,9 @@ pub struct ServeOptions {
     pub token: Option<SecretString>,
     /// PEM certificate and key: serve TLS instead of plaintext.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// PEM CA: with TLS, only workers presenting a certificate it signed get in (mutual
+    /// TLS, an alternative to the token).
+    pub client_ca: Option<PathBuf>,
 }
 
 fn check_token(token: Option<SecretString>) -> impl tonic::service::Interceptor + Clone {
@@ -188,8 +191,12 @@ pub async fn serve<S: CoordinatorService>(
                 .map_err(|e| CoordinatorError::Serve(format!("reading {}: {e}", p.display())))
         };
         let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &opts.client_ca {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
         builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .tls_config(tls)
             .map_err(|e| CoordinatorError::Serve(format!("TLS configuration: {e}")))?;
     }
     let server =

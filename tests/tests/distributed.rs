@@ -356,7 +356,104 @@ fn make_certs(dir: &std::path::Path) -> anyhow::Result<()> {
     sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=schemashift-test-ca")?;
     sh("openssl req -newkey rsa:2048 -nodes -keyout key.pem -out leaf.csr -subj /CN=localhost")?;
     sh("printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > leaf.ext && \
-        openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem -days 1 -extfile leaf.ext")
+        openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem -days 1 -extfile leaf.ext")?;
+    // A worker's client certificate, signed by the same CA.
+    sh("openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=schemashift-worker")?;
+    sh("printf 'basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n' > client.ext && \
+        openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 1 -extfile client.ext")
+}
+
+#[tokio::test]
+async fn mutual_tls_lets_in_only_workers_with_a_client_certificate() -> anyhow::Result<()> {
+    let env = users_env("dist_mtls", 5_000).await?;
+    let dir = tempfile::tempdir()?;
+    make_certs(dir.path())?;
+    let spec = write_spec(
+        &dir,
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 1, Some(1_000)),
+    )?;
+    let port = free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("https://localhost:{port}");
+    let path = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+    let (cert, key, ca) = (path("cert.pem"), path("key.pem"), path("ca.pem"));
+    let (client_cert, client_key) = (path("client.pem"), path("client.key"));
+    let mut args = coordinator_args(&spec, &listen, "verify");
+    args.extend([
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &ca,
+    ]);
+    // No token: the client certificate is the credential.
+    let mut coord = Proc::spawn(dir.path(), "coordinator", &args, &[])?;
+    let mut stranger = Proc::spawn(
+        dir.path(),
+        "stranger",
+        &[
+            "worker",
+            "--coordinator",
+            &url,
+            "--id",
+            "stranger",
+            "--tls-ca",
+            &ca,
+        ],
+        &[],
+    )?;
+    // Its calls fail while it has no certificate to show.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !stranger.stderr().contains("retrying") {
+        anyhow::ensure!(
+            stranger.is_running() && tokio::time::Instant::now() < deadline,
+            "{}",
+            stranger.stderr_tail()
+        );
+        tokio::task::yield_now().await;
+    }
+    stranger.kill9().await?;
+    let mut member = Proc::spawn(
+        dir.path(),
+        "member",
+        &[
+            "worker",
+            "--coordinator",
+            &url,
+            "--id",
+            "member",
+            "--tls-ca",
+            &ca,
+            "--tls-cert",
+            &client_cert,
+            "--tls-key",
+            &client_key,
+        ],
+        &[],
+    )?;
+    let status = coord.wait(LIMIT).await?;
+    assert!(status.success(), "coordinator: {}", coord.stderr_tail());
+    assert!(
+        member.wait(Duration::from_secs(30)).await?.success(),
+        "{}",
+        member.stderr_tail()
+    );
+    let t = connect(&env.target_dsn).await?;
+    let workers: Vec<String> = t
+        .query("SELECT worker FROM schemashift.workers ORDER BY 1", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        workers,
+        ["member"],
+        "a worker without a certificate never got in"
+    );
+    assert_complete(&env, Some(5_000)).await?;
+    schemashift(&["cleanup", &spec])?;
+    env.drop_all().await
 }
 
 #[tokio::test]

@@ -228,9 +228,14 @@ async fn throttling_holds_replay_while_the_source_is_over_its_limit() -> anyhow:
 #[tokio::test]
 async fn load_command_reports_percentiles_per_operation() -> anyhow::Result<()> {
     let env = users_env("load_command", 2_000).await?;
+    // Without the explicit flag nothing is written.
+    let refused = schemashift(&["load", &env.source_dsn, "--seconds", "1"])?;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--allow-writes"));
     let out = ok(&[
         "load",
         &env.source_dsn,
+        "--allow-writes",
         "--rate",
         "200",
         "--seconds",

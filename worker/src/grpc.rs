@@ -24,6 +24,8 @@ pub struct ClientOptions {
     pub token: Option<SecretString>,
     /// PEM CA certificate that signed the coordinator's certificate (https:// URLs).
     pub tls_ca: Option<PathBuf>,
+    /// PEM certificate and key this worker presents (mutual TLS).
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Clone)]
@@ -68,8 +70,18 @@ impl GrpcCoordinator {
         if let Some(ca) = &opts.tls_ca {
             let pem =
                 std::fs::read(ca).map_err(|e| bad(format!("reading {}: {e}", ca.display())))?;
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            if let Some((cert, key)) = &opts.identity {
+                let read = |p: &PathBuf| {
+                    std::fs::read(p).map_err(|e| bad(format!("reading {}: {e}", p.display())))
+                };
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read(cert)?,
+                    read(key)?,
+                ));
+            }
             endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+                .tls_config(tls)
                 .map_err(|e| bad(format!("TLS: {e}")))?;
         }
         let auth = match &opts.token {
