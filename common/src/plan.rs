@@ -325,6 +325,16 @@ pub struct RunPlan {
     /// Changes per replay transaction (spec `replay.batch`).
     #[serde(default = "default_replay_batch")]
     pub replay_batch: u32,
+    /// The spec's `source_publication`; None: the run's own, named after its slot.
+    #[serde(default)]
+    pub publication: Option<String>,
+}
+
+impl RunPlan {
+    /// The publication capture streams: an administrator's, or the run's own.
+    pub fn publication_for<'a>(&'a self, slot: &'a str) -> &'a str {
+        self.publication.as_deref().unwrap_or(slot)
+    }
 }
 
 fn default_replay_batch() -> u32 {

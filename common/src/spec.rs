@@ -228,6 +228,11 @@ pub struct Spec {
     pub throttle: ThrottleSpec,
     #[serde(default)]
     pub replay: ReplaySpec,
+    /// An existing publication covering the source tables (made by an administrator, as
+    /// creating one needs table ownership): used as it is, never created, altered or
+    /// dropped.
+    #[serde(default)]
+    pub source_publication: Option<String>,
 }
 
 /// Replay tuning: changes applied per partition in one target transaction.

@@ -438,7 +438,11 @@ pub async fn plan_only(spec: &Spec) -> Result<Vec<crate::plan::TableAnalysis>, C
         spec,
         &source,
         &target,
-        &crate::plan::PlanOptions { workers, resuming },
+        &crate::plan::PlanOptions {
+            workers,
+            resuming,
+            own_publication: spec.source_publication.is_none(),
+        },
     )
     .await?;
     Ok(planned.analysis)

@@ -197,6 +197,8 @@ pub async fn plan(
             // The application runs on the target now: reverse sync goes after it.
             low_priority: fwd.low_priority,
             replay_batch: fwd.replay_batch,
+            // Reverse sync makes its own on the target, which it owns.
+            publication: None,
         },
         notes,
     )))

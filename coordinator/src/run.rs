@@ -204,6 +204,7 @@ impl RunCtx {
                     &PlanOptions {
                         workers,
                         resuming: false,
+                        own_publication: spec.source_publication.is_none(),
                     },
                 )
                 .await?;

@@ -196,7 +196,7 @@ impl Capture {
                 &self.source_dsn,
                 "schemashift-capture",
                 &self.slot,
-                &self.slot,
+                self.plan.publication_for(&self.slot),
                 self.position,
             )
             .await

@@ -37,7 +37,9 @@ pub async fn ensure_slot(
     plan: &RunPlan,
     name: &str,
 ) -> Result<(), CoordinatorError> {
-    let has_pub = exists(source, PUBLICATION_EXISTS, name, "checking publication").await?;
+    // An administrator's publication (checked by the planner) is used as it is.
+    let has_pub = plan.publication.is_some()
+        || exists(source, PUBLICATION_EXISTS, name, "checking publication").await?;
     if !has_pub {
         // Lookup tables of merges too: their changes refresh the merged rows.
         let mut names: Vec<String> = Vec::new();

@@ -279,24 +279,37 @@ pub(super) async fn expressions_evaluate(
     problems
 }
 
-/// What the roles may do on the two tables.
+/// What the roles may do on the two tables. With an administrator's publication the
+/// source role needs no ownership, only SELECT.
 pub(super) async fn privileges(
     source: &Client,
     target: &Client,
     at: &str,
     src_name: &QualifiedName,
     tgt_name: &QualifiedName,
+    own_publication: bool,
 ) -> Checked<Vec<String>> {
     let mut problems = Vec::new();
-    let privs: bool = source
-        .query_one(
-            "SELECT has_table_privilege($1, 'SELECT') AND pg_has_role((SELECT relowner FROM pg_class WHERE oid = to_regclass($1)), 'USAGE')",
-            &[&src_name.to_string()],
-        )
-        .await?
-        .get(0);
-    if !privs {
-        problems.push(format!("{at}: the source role must own {src_name} and be able to SELECT it (publication needs ownership)"));
+    let (select, owner): (bool, bool) = {
+        let r = source
+            .query_one(
+                "SELECT has_table_privilege($1, 'SELECT'), pg_has_role((SELECT relowner FROM pg_class WHERE oid = to_regclass($1)), 'USAGE')",
+                &[&src_name.to_string()],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    if !select {
+        problems.push(format!(
+            "{at}: the source role cannot SELECT {src_name}; GRANT SELECT ON {src_name} TO <role>"
+        ));
+    }
+    if own_publication && !owner {
+        problems.push(format!(
+            "{at}: the source role must own {src_name} to create the run's publication; or have an \
+             administrator CREATE PUBLICATION <name> FOR TABLE {src_name} and name it in the spec \
+             as `source_publication: <name>`"
+        ));
     }
     let tprivs: bool = target
         .query_one(
@@ -309,6 +322,50 @@ pub(super) async fn privileges(
         problems.push(format!(
             "{at}: the target role needs SELECT, INSERT, UPDATE and DELETE on {tgt_name}"
         ));
+    }
+    Ok(problems)
+}
+
+/// An administrator's publication: it exists and covers each of these source tables.
+pub(super) async fn publication_covers(
+    source: &Client,
+    publication: &str,
+    tables: &[String],
+) -> Checked<Vec<String>> {
+    let exists: bool = source
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&publication],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(vec![format!(
+            "source_publication {publication:?} does not exist on the source; have an administrator \
+             CREATE PUBLICATION {} FOR TABLE {}",
+            quote_ident(publication),
+            tables.join(", ")
+        )]);
+    }
+    let mut problems = Vec::new();
+    for t in tables {
+        let covered: bool = source
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_publication_tables p \
+                 JOIN pg_namespace n ON n.nspname = p.schemaname \
+                 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename \
+                 WHERE p.pubname = $1 AND c.oid = $2::text::regclass)",
+                &[&publication, t],
+            )
+            .await?
+            .get(0);
+        if !covered {
+            problems.push(format!(
+                "source_publication {publication:?} does not cover table {t}; have an administrator \
+                 ALTER PUBLICATION {} ADD TABLE {t}",
+                quote_ident(publication)
+            ));
+        }
     }
     Ok(problems)
 }

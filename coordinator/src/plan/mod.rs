@@ -51,6 +51,8 @@ pub struct PlanOptions {
     pub workers: usize,
     /// A resumed run's target is not empty; skip that check.
     pub resuming: bool,
+    /// The run creates its publication (no `source_publication`): that needs ownership.
+    pub own_publication: bool,
 }
 
 pub async fn plan(
@@ -129,6 +131,21 @@ pub async fn plan(
             None => continue,
         }
     }
+    if let Some(p) = &spec.source_publication {
+        let mut names: Vec<String> = Vec::new();
+        for t in &tables {
+            for n in std::iter::once(&t.source).chain(t.lookups.iter().map(|l| &l.source)) {
+                if !names.contains(&n.to_string()) {
+                    names.push(n.to_string());
+                }
+            }
+        }
+        problems.extend(
+            checks::publication_covers(source, p, &names)
+                .await
+                .map_err(db)?,
+        );
+    }
     if !problems.is_empty() {
         return Err(CoordinatorError::Plan(problems));
     }
@@ -141,6 +158,7 @@ pub async fn plan(
         changelog: LogPlan::Postgres,
         low_priority: spec.throttle.enabled && spec.throttle.low_priority,
         replay_batch: spec.replay.batch,
+        publication: spec.source_publication.clone(),
     };
     // The way back is checked now, not at the cutover: a column reverse sync could not
     // write is a spec error while `cutover.reverse` is on.
@@ -227,7 +245,17 @@ async fn plan_table(
         checks::expressions_evaluate(source, target, index, t, &src_name, &src_cols, &column_maps)
             .await,
     );
-    problems.extend(checks::privileges(source, target, &at, &src_name, &tgt_name).await?);
+    problems.extend(
+        checks::privileges(
+            source,
+            target,
+            &at,
+            &src_name,
+            &tgt_name,
+            opts.own_publication,
+        )
+        .await?,
+    );
     if !opts.resuming {
         problems.extend(checks::target_empty(target, &at, &tgt_name).await?);
     }
