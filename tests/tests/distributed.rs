@@ -388,7 +388,7 @@ async fn mutual_tls_lets_in_only_workers_with_a_client_certificate() -> anyhow::
         &ca,
     ]);
     // No token: the client certificate is the credential.
-    let mut coord = Proc::spawn(dir.path(), "coordinator", &args, &[])?;
+    let coord = Proc::spawn(dir.path(), "coordinator", &args, &[])?;
     let mut stranger = Proc::spawn(
         dir.path(),
         "stranger",
@@ -414,7 +414,7 @@ async fn mutual_tls_lets_in_only_workers_with_a_client_certificate() -> anyhow::
         tokio::task::yield_now().await;
     }
     stranger.kill9().await?;
-    let mut member = Proc::spawn(
+    let member = Proc::spawn(
         dir.path(),
         "member",
         &[
@@ -432,28 +432,7 @@ async fn mutual_tls_lets_in_only_workers_with_a_client_certificate() -> anyhow::
         ],
         &[],
     )?;
-    let status = coord.wait(LIMIT).await?;
-    assert!(status.success(), "coordinator: {}", coord.stderr_tail());
-    assert!(
-        member.wait(Duration::from_secs(30)).await?.success(),
-        "{}",
-        member.stderr_tail()
-    );
-    let t = connect(&env.target_dsn).await?;
-    let workers: Vec<String> = t
-        .query("SELECT worker FROM schemashift.workers ORDER BY 1", &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(
-        workers,
-        ["member"],
-        "a worker without a certificate never got in"
-    );
-    assert_complete(&env, Some(5_000)).await?;
-    schemashift(&["cleanup", &spec])?;
-    env.drop_all().await
+    completes_with_only(env, &spec, coord, member).await
 }
 
 #[tokio::test]
@@ -481,7 +460,7 @@ async fn worker_with_wrong_token_is_refused_and_the_right_one_migrates_over_tls(
     );
     let mut args = coordinator_args(&spec, &listen, "verify");
     args.extend(["--tls-cert", &cert, "--tls-key", &key]);
-    let mut coord = Proc::spawn(
+    let coord = Proc::spawn(
         dir.path(),
         "coordinator",
         &args,
@@ -530,13 +509,24 @@ async fn worker_with_wrong_token_is_refused_and_the_right_one_migrates_over_tls(
         none.stderr_tail()
     );
 
-    let mut right = worker("right", Some("right-token"))?;
+    let right = worker("right", Some("right-token"))?;
+    completes_with_only(env, &spec, coord, right).await
+}
+
+/// The coordinator and `worker` finish cleanly, `worker` was the only one let in, and
+/// the target equals the source; then everything is cleaned up.
+async fn completes_with_only(
+    env: TestEnv,
+    spec: &str,
+    mut coord: Proc,
+    mut worker: Proc,
+) -> anyhow::Result<()> {
     let status = coord.wait(LIMIT).await?;
     assert!(status.success(), "coordinator: {}", coord.stderr_tail());
     assert!(
-        right.wait(Duration::from_secs(30)).await?.success(),
+        worker.wait(Duration::from_secs(30)).await?.success(),
         "{}",
-        right.stderr_tail()
+        worker.stderr_tail()
     );
     let t = connect(&env.target_dsn).await?;
     let workers: Vec<String> = t
@@ -545,8 +535,12 @@ async fn worker_with_wrong_token_is_refused_and_the_right_one_migrates_over_tls(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(workers, ["right"], "refused workers never got in");
+    assert_eq!(
+        workers,
+        [worker.name.as_str()],
+        "refused workers never got in"
+    );
     assert_complete(&env, Some(5_000)).await?;
-    schemashift(&["cleanup", &spec])?;
+    schemashift(&["cleanup", spec])?;
     env.drop_all().await
 }
