@@ -214,6 +214,13 @@ fn pgpass(file: &std::path::Path, host: &str, port: u16, db: &str, user: &str) -
     None
 }
 
+/// Where a connection string points (hosts, ports, user, database) without reading any
+/// file or environment variable: for messages and spans.
+pub fn address(dsn: &str) -> Result<tokio_postgres::Config, String> {
+    let (rest, _) = take_ours(dsn)?;
+    rest.parse().map_err(|e| format!("{e}"))
+}
+
 /// Parses a connection string (with `PG*` environment defaults, as libpq).
 pub fn parse(dsn: &str) -> Result<ConnInfo, String> {
     let (rest, ours) = take_ours(dsn)?;

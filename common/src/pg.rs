@@ -45,6 +45,59 @@ where
     }
 }
 
+/// The one way to open a PostgreSQL session: a connection string read as libpq reads it
+/// (`crate::conninfo`) and TLS as its `sslmode` says (`crate::tls`).
+#[derive(Clone)]
+pub struct Connector {
+    config: tokio_postgres::Config,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+/// Shows nothing of the connection string (it holds the password).
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    /// Reads the connection string; an unusable one (or TLS files) is said here.
+    pub fn new(dsn: &str) -> Result<Connector, String> {
+        let info = crate::conninfo::parse(dsn)?;
+        let tls = crate::tls::client_config(&info.tls)?;
+        Ok(Connector {
+            config: info.config,
+            tls,
+        })
+    }
+
+    pub fn application_name(mut self, name: &str) -> Self {
+        self.config.application_name(name);
+        self
+    }
+
+    /// Opens a session and drives its connection in the background (in `span`).
+    pub async fn open(&self, span: tracing::Span) -> Result<Client, tokio_postgres::Error> {
+        Ok(match &self.tls {
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await?;
+                tokio::spawn(drive(connection).instrument(span));
+                client
+            }
+            Some(tls) => {
+                let (client, connection) = self
+                    .config
+                    .connect(crate::tls::MakeRustls(tls.clone()))
+                    .await?;
+                tokio::spawn(drive(connection).instrument(span));
+                client
+            }
+        })
+    }
+}
+
 /// Connects (TLS as `sslmode` says), spawns the connection task, and applies
 /// [`SESSION_SETUP`].
 pub async fn connect(dsn: &Dsn, role: &'static str) -> Result<Client, PgError> {
@@ -54,30 +107,14 @@ pub async fn connect(dsn: &Dsn, role: &'static str) -> Result<Client, PgError> {
         reason: describe(&e),
         class: classify_pg(&e),
     };
-    let unusable = |reason: String| PgError::Connect {
+    let connector = Connector::new(dsn.expose()).map_err(|reason| PgError::Connect {
         role,
         at: dsn.redacted(),
         reason,
         class: Class::Permanent,
-    };
-    let info = dsn.conninfo().map_err(unusable)?;
+    })?;
     let span = tracing::debug_span!("pg_connection", role, at = %dsn.redacted());
-    let client = match crate::tls::client_config(&info.tls).map_err(unusable)? {
-        None => {
-            let (client, connection) = info.config.connect(NoTls).await.map_err(err)?;
-            tokio::spawn(drive(connection).instrument(span));
-            client
-        }
-        Some(tls) => {
-            let (client, connection) = info
-                .config
-                .connect(crate::tls::MakeRustls(tls))
-                .await
-                .map_err(err)?;
-            tokio::spawn(drive(connection).instrument(span));
-            client
-        }
-    };
+    let client = connector.open(span).await.map_err(err)?;
     client.batch_execute(SESSION_SETUP).await.map_err(err)?;
     Ok(client)
 }

@@ -46,7 +46,7 @@ impl Dsn {
 
     /// `host:port/dbname` without user info or password, for messages and spans.
     pub fn redacted(&self) -> String {
-        match self.conninfo().map(|c| c.config) {
+        match crate::conninfo::address(self.expose()) {
             Ok(cfg) => {
                 let host = cfg
                     .get_hosts()

@@ -171,8 +171,11 @@ impl WalStream {
         ];
         // Large transactions: past this much decoded data the server streams them in
         // progress (protocol 2) instead of holding them for us to hold again whole.
+        // Tests set a smaller one, so small transactions take the streamed path too.
+        let work_mem = std::env::var("SCHEMASHIFT_DECODING_WORK_MEM")
+            .unwrap_or_else(|_| DECODING_WORK_MEM.to_owned());
         let options = format!(
-            "{} -c logical_decoding_work_mem={DECODING_WORK_MEM}",
+            "{} -c logical_decoding_work_mem={work_mem}",
             config.get_options().unwrap_or_default()
         );
         params.push(("options", options.trim()));

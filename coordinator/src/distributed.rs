@@ -37,6 +37,21 @@ pub async fn coordinate(
     let addr = listener
         .local_addr()
         .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
+    // TLS files are bad input too: said now, not after the run was planned and written.
+    let files = opts
+        .serve
+        .tls
+        .iter()
+        .flat_map(|(c, k)| [c, k])
+        .chain(opts.serve.client_ca.as_ref());
+    for f in files {
+        if let Err(e) = std::fs::read(f) {
+            return Err(CoordinatorError::Listen {
+                addr: opts.listen.clone(),
+                reason: format!("cannot read {}: {e}", f.display()),
+            });
+        }
+    }
     let metrics = match &opts.metrics_listen {
         Some(m) => Some(crate::metrics::bind(m).await?),
         None => None,

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use schemashift_common::pg::Connector;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
-use tokio_postgres::Config;
 use tracing::Instrument;
 
 /// `application_name` of the load's sessions, so tests and operators can find them.
@@ -145,10 +145,11 @@ pub struct LoadRouter(Arc<Shared>);
 impl LoadRouter {
     /// Each connection finishes its operation in flight, then reconnects to `dsn` and
     /// speaks `schema` from its next operation on.
-    pub fn switch(&self, dsn: &str, schema: Schema) -> Result<(), tokio_postgres::Error> {
-        let mut config: Config = dsn.parse()?;
-        config.application_name(LOAD_APPLICATION_NAME);
-        self.0.route.send_replace(Route { config, schema });
+    pub fn switch(&self, dsn: &str, schema: Schema) -> anyhow::Result<()> {
+        let connector = Connector::new(dsn)
+            .map_err(anyhow::Error::msg)?
+            .application_name(LOAD_APPLICATION_NAME);
+        self.0.route.send_replace(Route { connector, schema });
         Ok(())
     }
 }
@@ -165,10 +166,7 @@ fn lock(stats: &Mutex<LoadStats>) -> std::sync::MutexGuard<'_, LoadStats> {
 }
 
 /// Starts the load; it runs until [`LoadHandle::stop`].
-pub async fn start_load(
-    dsn: String,
-    opts: LoadOptions,
-) -> Result<LoadHandle, tokio_postgres::Error> {
+pub async fn start_load(dsn: String, opts: LoadOptions) -> anyhow::Result<LoadHandle> {
     start_load_with_shutdown(dsn, opts, None).await
 }
 
@@ -177,9 +175,10 @@ pub async fn start_load_with_shutdown(
     dsn: String,
     opts: LoadOptions,
     shutdown: Option<watch::Receiver<bool>>,
-) -> Result<LoadHandle, tokio_postgres::Error> {
-    let mut config: Config = dsn.parse()?;
-    config.application_name(LOAD_APPLICATION_NAME);
+) -> anyhow::Result<LoadHandle> {
+    let connector = Connector::new(&dsn)
+        .map_err(anyhow::Error::msg)?
+        .application_name(LOAD_APPLICATION_NAME);
     let connections = if opts.rate_per_sec == 0 {
         0
     } else {
@@ -188,7 +187,7 @@ pub async fn start_load_with_shutdown(
             .min(MAX_CONNECTIONS)
     };
     let route = Route {
-        config,
+        connector,
         schema: Schema::Old,
     };
     let mut sessions = Vec::new();

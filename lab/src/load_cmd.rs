@@ -82,7 +82,8 @@ pub async fn load(arg: &str, rate: u32, reads: u8, seconds: Option<u64>, json: b
         Err(e) => {
             eprintln!(
                 "error: cannot start the load: {}",
-                schemashift_common::pg::describe(&e)
+                e.downcast_ref::<tokio_postgres::Error>()
+                    .map_or_else(|| format!("{e:#}"), schemashift_common::pg::describe)
             );
             return 2;
         }

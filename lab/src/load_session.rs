@@ -6,8 +6,9 @@ use super::{OpKind, Shared, TOAST_SEARCH_SPAN};
 use crate::scenario::{random_full_name, random_large_bio, random_short_bio};
 use rand::rngs::StdRng;
 use rand::Rng;
+use schemashift_common::pg::Connector;
 use std::sync::atomic::Ordering;
-use tokio_postgres::{Client, Config, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 /// Which `users` table the load talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,7 +22,7 @@ pub enum Schema {
 /// Where the load's operations go; changed by `LoadHandle::switch`.
 #[derive(Clone, Debug)]
 pub(super) struct Route {
-    pub config: Config,
+    pub connector: Connector,
     pub schema: Schema,
 }
 
@@ -47,12 +48,10 @@ pub fn split_name(full: &str) -> (String, String) {
 
 impl Session {
     pub async fn open(route: &Route) -> Result<Session, tokio_postgres::Error> {
-        let (client, conn) = route.config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "load connection ended");
-            }
-        });
+        let client = route
+            .connector
+            .open(tracing::debug_span!("load_connection"))
+            .await?;
         let (insert, set_name, read_cols) = match route.schema {
             Schema::Old => (
                 "INSERT INTO public.users (email, full_name, bio) VALUES ($1, $2, $3) RETURNING id",

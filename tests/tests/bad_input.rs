@@ -232,6 +232,24 @@ async fn bad_fleet_kafka_and_lookup_input_exits_2_naming_it() -> anyhow::Result<
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("cannot listen on not-an-address"), "{err}");
+    let missing = dir
+        .path()
+        .join("no-such-ca.pem")
+        .to_string_lossy()
+        .into_owned();
+    let out = schemashift(&[
+        "coordinator",
+        &spec,
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &missing,
+        "--tls-key",
+        &missing,
+    ])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no-such-ca.pem"), "{err}");
     let out = schemashift(&["worker", "--coordinator", "not a url"])?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");

@@ -174,37 +174,35 @@ async fn append(
     changes: &[(u32, Change)],
     end: Lsn,
 ) -> Result<(), CoordinatorError> {
-    let rows: Vec<serde_json::Value> = changes
-        .iter()
-        .map(|(part, c)| {
-            serde_json::json!({
-                "part": part,
-                "table_idx": c.table,
-                "op": (c.op.code() as u8 as char).to_string(),
-                "lsn": c.lsn.to_string(),
-                "ordinal": c.ordinal,
-                "old_key": c.old_key,
-                "vals": if c.op == Op::Delete { None } else { Some(&c.values) },
-                "unchanged": if c.unchanged.is_empty() { None } else { Some(&c.unchanged) },
-            })
-        })
-        .collect();
     let e = db("appending to the change log");
     let tx = target.transaction().await.map_err(&e)?;
+    let sql = format!(
+        "INSERT INTO {} (part, table_idx, op, lsn, ordinal, old_key, vals, unchanged) \
+         SELECT part, table_idx, op::\"char\", lsn::pg_lsn, ordinal, old_key, vals, unchanged \
+         FROM jsonb_to_recordset($1::text::jsonb) AS x(part int, table_idx int, op text, lsn text, \
+         ordinal int, old_key text[], vals text[], unchanged int2[])",
+        control.table("changes")
+    );
     // In pieces: one jsonb value may not pass 256 MB, and a piece bounds the text held.
-    for rows in rows.chunks(APPEND_ROWS) {
-        tx.execute(
-            &format!(
-                "INSERT INTO {} (part, table_idx, op, lsn, ordinal, old_key, vals, unchanged) \
-                 SELECT part, table_idx, op::\"char\", lsn::pg_lsn, ordinal, old_key, vals, unchanged \
-                 FROM jsonb_to_recordset($1::text::jsonb) AS x(part int, table_idx int, op text, lsn text, \
-                 ordinal int, old_key text[], vals text[], unchanged int2[])",
-                control.table("changes")
-            ),
-            &[&serde_json::Value::Array(rows.to_vec()).to_string()],
-        )
-        .await
-        .map_err(&e)?;
+    for piece in changes.chunks(APPEND_ROWS) {
+        let rows: Vec<serde_json::Value> = piece
+            .iter()
+            .map(|(part, c)| {
+                serde_json::json!({
+                    "part": part,
+                    "table_idx": c.table,
+                    "op": (c.op.code() as u8 as char).to_string(),
+                    "lsn": c.lsn.to_string(),
+                    "ordinal": c.ordinal,
+                    "old_key": c.old_key,
+                    "vals": if c.op == Op::Delete { None } else { Some(&c.values) },
+                    "unchanged": if c.unchanged.is_empty() { None } else { Some(&c.unchanged) },
+                })
+            })
+            .collect();
+        tx.execute(&sql, &[&serde_json::Value::Array(rows).to_string()])
+            .await
+            .map_err(&e)?;
     }
     commit_with_position(tx, control, end).await
 }
