@@ -47,6 +47,8 @@ async fn copy(reg: &Registration, shard: &Shard, epoch: LeaseEpoch) -> Result<u6
     let source = schemashift_common::pg::connect(&reg.source, "source").await?;
     let mut target = schemashift_common::pg::connect(&reg.target, "target").await?;
     install_helpers(&source, &reg.plan.helpers, "source").await?;
+    // As a worker does: `strategy: auto` may pick fdw, which maps on the target.
+    install_helpers(&target, &reg.plan.helpers, "target").await?;
     let table = reg
         .plan
         .table(shard.table)

@@ -325,18 +325,21 @@ async fn metrics_endpoint_parses_as_prometheus_and_matches_the_report() -> anyho
         &[],
     )?;
     let deadline = tokio::time::Instant::now() + LIMIT;
-    // The coordinator moves the run from backfill (done) to replay, where it stays.
+    // The coordinator moves the run from backfill (done) to replay and, with nothing to
+    // replay, on to verify, where it waits for workers that never come.
     let mut last = None;
     let body = loop {
         if let Some(b) = scrape(&addr).await {
-            if b.contains("schemashift_phase{phase=\"replay\"} 1") {
+            if b.contains("schemashift_phase{phase=\"replay\"} 1")
+                || b.contains("schemashift_phase{phase=\"verify\"} 1")
+            {
                 break b;
             }
             last = Some(b);
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "metrics never answered with the run in replay; last answer: {last:?}; coordinator: {}",
+            "metrics never answered with the run past the backfill; last answer: {last:?}; coordinator: {}",
             coord.stderr_tail()
         );
         tokio::task::yield_now().await;
@@ -359,7 +362,11 @@ async fn metrics_endpoint_parses_as_prometheus_and_matches_the_report() -> anyho
         report["shards"].as_f64().unwrap_or(-1.0)
     );
     assert_eq!(get("schemashift_shards{state=\"pending\"}"), 0.0);
-    assert_eq!(get("schemashift_phase{phase=\"replay\"}"), 1.0);
+    assert_eq!(
+        get("schemashift_phase{phase=\"replay\"}") + get("schemashift_phase{phase=\"verify\"}"),
+        1.0,
+        "past the backfill, held for want of workers"
+    );
     for k in [
         "schemashift_slot_lag_bytes",
         "schemashift_replay_lag_changes",
