@@ -5,6 +5,9 @@ use schemashift_lab::scenario::users_spec_yaml;
 use schemashift_tests::{connect, users_env, wait_shards_done, write_spec, Proc};
 use std::time::{Duration, Instant};
 
+/// Large enough that the run is not over before the busy loops have been noticed.
+const ROWS: u64 = 100_000;
+
 /// A plain busy loop at normal priority, killed when dropped.
 fn busy_loop() -> anyhow::Result<tokio::process::Child> {
     Ok(tokio::process::Command::new("sh")
@@ -17,23 +20,23 @@ fn busy_loop() -> anyhow::Result<tokio::process::Child> {
 async fn host_busy_with_other_work_after_the_baseline_still_finishes_the_run() -> anyhow::Result<()>
 {
     // The same run on a quiet host first, for the ratio the report below prints.
-    let quiet = users_env("quiet_host", 30_000).await?;
+    let quiet = users_env("quiet_host", ROWS).await?;
     let qdir = tempfile::tempdir()?;
     let qspec = write_spec(
         &qdir,
-        &users_spec_yaml(&quiet.source_dsn, &quiet.target_dsn, 2, Some(2_000)),
+        &users_spec_yaml(&quiet.source_dsn, &quiet.target_dsn, 2, Some(5_000)),
     )?;
     let q0 = Instant::now();
     schemashift_tests::schemashift_ok(&["run", &qspec, "--until", "verify"])?;
     let quiet_secs = q0.elapsed().as_secs_f64();
     quiet.drop_all().await?;
 
-    let env = users_env("busy_host", 30_000).await?;
+    let env = users_env("busy_host", ROWS).await?;
     let dir = tempfile::tempdir()?;
     // The throttle on (the default), as a user would run it.
     let spec = write_spec(
         &dir,
-        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(2_000)),
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(5_000)),
     )?;
     let t0 = Instant::now();
     let mut run = Proc::spawn(
@@ -76,6 +79,6 @@ async fn host_busy_with_other_work_after_the_baseline_still_finishes_the_run() -
         run.stderr_tail()
     );
     let rows: i64 = t.query_one("SELECT count(*) FROM users", &[]).await?.get(0);
-    assert_eq!(rows, 30_000);
+    assert_eq!(rows, ROWS as i64);
     env.drop_all().await
 }

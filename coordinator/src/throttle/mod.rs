@@ -10,7 +10,10 @@
 //! builds) run at once while it is busier than `max_host_cpu`, and one more only when the
 //! estimate of its share still fits.
 
+mod host;
+
 use crate::error::CoordinatorError;
+use host::{next_allowed, Host, Others, OURS_SMALL, SATURATED};
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::{LeaseEpoch, ShardId};
 use schemashift_common::plan::RunPlan;
@@ -98,56 +101,6 @@ impl Throttle {
     }
 }
 
-/// The host's CPU counters from /proc/stat: busy and total jiffies since the last reading.
-#[derive(Debug, Default)]
-struct HostCpu {
-    last: Option<(u64, u64)>,
-}
-
-impl HostCpu {
-    /// The busy fraction since the previous call (None on the first call or without /proc).
-    fn sample(&mut self) -> Option<f64> {
-        let text = std::fs::read_to_string("/proc/stat").ok()?;
-        let now = parse_cpu_line(text.lines().next()?)?;
-        let prev = self.last.replace(now)?;
-        let total = now.1.checked_sub(prev.1).filter(|t| *t > 0)?;
-        Some(now.0.saturating_sub(prev.0) as f64 / total as f64)
-    }
-}
-
-/// `(busy, total)` jiffies of the aggregate `cpu` line: idle and iowait are not busy.
-fn parse_cpu_line(line: &str) -> Option<(u64, u64)> {
-    let mut fields = line.split_whitespace();
-    if fields.next()? != "cpu" {
-        return None;
-    }
-    // user nice system idle iowait irq softirq steal (guest time is inside user/nice).
-    let v: Vec<u64> = fields
-        .take(8)
-        .map(|f| f.parse().ok())
-        .collect::<Option<_>>()?;
-    let total: u64 = v.iter().sum();
-    let idle = v.get(3)? + v.get(4)?;
-    Some((total - idle, total))
-}
-
-/// Copies allowed next, from the host's busy fraction: one fewer than run now while over
-/// the limit (never below one: a copy alone cannot saturate a multi-core host, and zero
-/// would never finish); one more only when all allowed ones run and the estimate of another's
-/// share (all load counted as the copies', so an over-estimate) still fits.
-/// A reading taken while copies were held says nothing about what they cost: no growth.
-fn next_allowed(allowed: usize, running: usize, busy: f64, max: f64, held: bool) -> usize {
-    if busy > max {
-        return allowed.min(running).saturating_sub(1).max(1);
-    }
-    let per_copy = busy / running.max(1) as f64;
-    if !held && running >= allowed && busy + per_copy <= max {
-        allowed.saturating_add(1)
-    } else {
-        allowed
-    }
-}
-
 /// Probe latencies of the last half second: enough to see a trend, short enough that a
 /// pause shows in the probe before the next heartbeat.
 const WINDOW: usize = 10;
@@ -160,8 +113,6 @@ const MIN_SLACK: Duration = Duration::from_micros(100);
 const STARVE_AFTER: Duration = Duration::from_secs(10);
 /// The share of probes in [`STARVE_AFTER`] that held on the relative limit for that.
 const STARVE_SHARE: f64 = 0.7;
-/// A host this busy leaves nothing to the idle CPU class.
-const SATURATED: f64 = 0.95;
 
 /// Which recent probes held on the relative limit alone.
 #[derive(Default)]
@@ -338,13 +289,11 @@ pub async fn watch_source(
         if limits.max_host_cpu < 1.0 && schemashift_common::pg::backend_is_local(&source).await {
             // Slow start: one copy, more while the host has room.
             state.allowed.store(1, Ordering::Relaxed);
-            let mut h = HostCpu::default();
-            h.sample();
             tracing::info!(
                 max_host_cpu = limits.max_host_cpu,
                 "the source runs on this host: copies at once follow its CPU"
             );
-            Some(h)
+            Some(Host::new())
         } else {
             None
         };
@@ -352,17 +301,37 @@ pub async fn watch_source(
     let mut last: Option<Option<String>> = None;
     let mut held_since_sample = false;
     let mut holds = Holds::default();
+    let mut others = Others::default();
+    // Our share of the host's CPU at the last reading (None: not known).
+    let mut ours_share: Option<f64> = None;
     // Since when the host's CPU is saturated, and whether our sessions left the idle class.
     let (mut saturated_since, mut idle_lifted): (Option<Instant>, bool) = (None, false);
     // Set when the host turned out saturated by others: measure the baseline again too.
     let mut rebaseline_now = false;
+    let mut rebaseline_why: Option<String> = None;
     let rebaselined = format!(
         "UPDATE {} SET rebaselines = rebaselines + 1, rebaseline_reason = $1",
         sql.table("throttle")
     );
     for n in 0u64.. {
         if n % 5 == 4 {
-            if let Some(busy) = host.as_mut().and_then(HostCpu::sample) {
+            if let Some(reading) = host.as_mut().and_then(Host::sample) {
+                let busy = reading.busy;
+                ours_share = reading.ours;
+                // Saturated, and our work a small part of it: holding cannot help, so the
+                // baseline is measured again now rather than after the probe-only rule's
+                // long watch.
+                if others.busy_with_others(reading) {
+                    others.reset();
+                    rebaseline_now = true;
+                    rebaseline_why = Some(format!(
+                        "the host's CPU stayed {:.0}% busy for {} s with our own work using \
+                         {:.0}% of it: the source is slower for reasons not ours",
+                        busy * 100.0,
+                        host::OTHERS_AFTER.as_secs(),
+                        reading.ours.unwrap_or(0.0) * 100.0
+                    ));
+                }
                 let was = state.allowed();
                 let next = next_allowed(
                     was,
@@ -383,18 +352,15 @@ pub async fn watch_source(
                 if !idle_lifted && saturated_since.is_some_and(|t| t.elapsed() >= STARVE_AFTER) {
                     idle_lifted = schemashift_common::idle_group::set_idle(false);
                     if idle_lifted {
-                        let reason = format!(
+                        tracing::warn!("bulk sessions leave the idle cpu class");
+                        rebaseline_now = true;
+                        rebaseline_why.get_or_insert(format!(
                             "the host's CPU stayed saturated ({:.0}% busy) for {} s by work not \
                              ours: bulk sessions left the idle CPU class, which would give them \
-                             nothing, and run one copy at a normal task's share",
+                             nothing",
                             busy * 100.0,
                             STARVE_AFTER.as_secs()
-                        );
-                        tracing::warn!(reason = %reason, "bulk sessions leave the idle cpu class");
-                        if let Err(e) = target.execute(&rebaselined, &[&reason]).await {
-                            tracing::debug!(error = %schemashift_common::pg::describe(&e), "throttle state not saved");
-                        }
-                        rebaseline_now = true;
+                        ));
                     }
                 }
                 if next != was {
@@ -434,9 +400,23 @@ pub async fn watch_source(
         };
         // Held by the comparison with the baseline alone (absolute limits are not relative
         // and keep holding as long as they are exceeded).
-        let relative =
-            verdict.is_some() && last_server.is_none() && p90(&window) <= limits.probe_latency;
-        if holds.starving(relative) || std::mem::take(&mut rebaseline_now) {
+        // A hold while our own work is a good part of the host's CPU (copies finishing their
+        // batch, index builds) is ours: it does not count toward "not ours".
+        let relative = verdict.is_some()
+            && last_server.is_none()
+            && p90(&window) <= limits.probe_latency
+            && ours_share.is_none_or(|o| o < 2.0 * OURS_SMALL);
+        let starving = holds.starving(relative);
+        if starving || std::mem::take(&mut rebaseline_now) {
+            let why = match rebaseline_why.take() {
+                Some(why) if !starving => why,
+                _ => format!(
+                    "the probe stayed over its limit for {:.0}% of {} s with copies held: the \
+                     source is slower for reasons not ours",
+                    STARVE_SHARE * 100.0,
+                    STARVE_AFTER.as_secs()
+                ),
+            };
             holds.reset();
             let was = base;
             // The latency that holding could not bring down is the new normal, or what a
@@ -449,11 +429,7 @@ pub async fn watch_source(
                 }
             }
             let reason = format!(
-                "the probe stayed over its limit for {:.0}% of {} s with copies held: the source \
-                 is slower for reasons not ours; baseline measured again ({:.2} ms, was {:.2} ms), \
-                 going on with one copy",
-                STARVE_SHARE * 100.0,
-                STARVE_AFTER.as_secs(),
+                "{why}; baseline measured again ({:.2} ms, was {:.2} ms), going on with one copy",
                 base.as_secs_f64() * 1e3,
                 was.as_secs_f64() * 1e3
             );
@@ -461,7 +437,7 @@ pub async fn watch_source(
             // One copy at a time from here, at a normal share of the CPU: yielding did not
             // help whatever slows the source, and the idle class would starve the copy.
             state.allowed.store(1, Ordering::Relaxed);
-            schemashift_common::idle_group::set_idle(false);
+            idle_lifted |= schemashift_common::idle_group::set_idle(false);
             window.clear();
             if let Err(e) = target.execute(&rebaselined, &[&reason]).await {
                 tracing::debug!(error = %schemashift_common::pg::describe(&e), "throttle state not saved");
@@ -550,34 +526,6 @@ mod tests {
         // +50% but only 50 µs: noise, not load.
         assert_eq!(judge(&ms(&[0.15; 10]), base, &limits), None);
         assert!(judge(&ms(&[0.25; 10]), base, &limits).is_some());
-    }
-
-    #[test]
-    fn proc_stat_cpu_line_counts_idle_and_iowait_as_not_busy() {
-        let line = "cpu  100 50 30 800 20 0 0 0 0 0";
-        assert_eq!(parse_cpu_line(line), Some((180, 1000)));
-        assert_eq!(parse_cpu_line("cpu0 1 2 3 4 5 6 7 8"), None);
-        assert_eq!(parse_cpu_line("cpu  x"), None);
-    }
-
-    #[test]
-    fn busy_host_runs_fewer_copies_but_never_none() {
-        assert_eq!(next_allowed(4, 4, 0.95, 0.7, false), 3);
-        // Shrinks from what runs, not from a limit nobody uses.
-        assert_eq!(next_allowed(usize::MAX, 2, 0.95, 0.7, false), 1);
-        assert_eq!(next_allowed(1, 1, 0.99, 0.7, false), 1);
-    }
-
-    #[test]
-    fn another_copy_starts_only_when_its_share_fits() {
-        // One copy takes half of a 2-core host: a second would not fit under 70%.
-        assert_eq!(next_allowed(1, 1, 0.55, 0.7, false), 1);
-        // Four copies on a big host take 40%: a fifth fits.
-        assert_eq!(next_allowed(4, 4, 0.40, 0.7, false), 5);
-        // Not every allowed copy runs (the backfill is ending): no growth.
-        assert_eq!(next_allowed(4, 2, 0.20, 0.7, false), 4);
-        // Copies were held during the reading: it shows the host without them.
-        assert_eq!(next_allowed(1, 1, 0.12, 0.7, true), 1);
     }
 
     #[test]
