@@ -204,9 +204,14 @@ pub enum Command {
         /// Also write the report as a markdown document (e.g. docs/benchmarks.md).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Measure only schemashift (`ours`) or only the peers (`peers`); ratios need both.
+        /// Measure only schemashift (`ours`), only the peers (`peers`), or only capture and
+        /// replay (`changes`); ratios need both sides.
         #[arg(long, value_enum)]
         only: Option<schemashift_lab::bench::Only>,
+        /// Changes in the capture and replay workload, one row pair per count (comma
+        /// separated, e.g. 1000000,10000000); default a tenth of --rows, at least 50,000.
+        #[arg(long, value_delimiter = ',')]
+        changes: Vec<u64>,
     },
 }
 
@@ -423,9 +428,18 @@ pub async fn execute(cli: Cli) -> i32 {
             json,
             out,
             only,
+            changes,
         } => {
-            schemashift_lab::bench::bench(rows, workers, json, out, only, &crate::embedded::host())
-                .await
+            schemashift_lab::bench::bench(
+                rows,
+                workers,
+                json,
+                out,
+                only,
+                changes,
+                &crate::embedded::host(),
+            )
+            .await
         }
     }
 }

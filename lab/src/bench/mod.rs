@@ -324,6 +324,8 @@ impl Bench {
 pub enum Only {
     Ours,
     Peers,
+    /// Capture and replay alone (their rate and peak memory at each `--changes` count).
+    Changes,
 }
 
 pub async fn bench(
@@ -332,9 +334,16 @@ pub async fn bench(
     json: bool,
     out: Option<PathBuf>,
     only: Option<Only>,
+    changes: Vec<u64>,
     host: &crate::Host,
 ) -> i32 {
-    let (report, failed) = match bench_inner(rows, workers.max(1), only, host).await {
+    // One count by default: a tenth of the table, at least 50,000 changes.
+    let changes = if changes.is_empty() {
+        vec![(rows / 10).max(50_000)]
+    } else {
+        changes
+    };
+    let (report, failed) = match bench_inner(rows, workers.max(1), only, &changes, host).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -363,6 +372,7 @@ async fn bench_inner(
     rows: u64,
     workers: usize,
     only: Option<Only>,
+    changes: &[u64],
     host: &crate::Host,
 ) -> anyhow::Result<(BenchReport, bool)> {
     let t0 = Instant::now();
@@ -412,13 +422,16 @@ async fn bench_inner(
     drop(source);
 
     let mut c = Collected::default();
-    if only != Some(Only::Ours) {
+    if only.is_none() || only == Some(Only::Peers) {
         peers::run_all(&b, &mut c).await;
     }
     let peak_rss_mib = match only {
-        Some(Only::Peers) => None,
-        _ => ours::run_all(&b, &mut c).await,
+        None | Some(Only::Ours) => ours::run_all(&b, &mut c).await,
+        Some(Only::Peers | Only::Changes) => None,
     };
+    if only != Some(Only::Peers) {
+        ours::run_changes(&b, &mut c, changes).await;
+    }
     peers::ratios(&mut c.results);
     let report = BenchReport {
         command: std::env::args().collect::<Vec<_>>().join(" "),

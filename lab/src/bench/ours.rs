@@ -42,8 +42,9 @@ These rows use `strategy: auto`, which measures copy and fdw on a 20,000-row sam
 start (wall, not time) and keeps the faster; the note says what it measured. *fdw*: \
 `strategy: fdw` forced, one `INSERT … SELECT` per shard from a postgres_fdw foreign table.
 - **schemashift capture / replay**: after a one-worker backfill, a mixed change workload on \
-the source (40% inserts, 45% updates of full_name and bio, 15% deletes, in transactions of up \
-to 25,000 changes); capture alone (`Capture::round` until the source's WAL position), then \
+the source (about 40% inserts, 45% updates of full_name and bio of random existing users, 15% \
+deletes of random existing users, in transactions of up to 25,000 changes; the row counts \
+the changes made); capture alone (`Capture::round` until the source's WAL position), then \
 one `PartitionReplayer` applying the change log in batches of 5,000. Rows count changes.
 ";
 /// Worker name of the bench's own replayer in the control schema.
@@ -68,16 +69,28 @@ pub(super) async fn run_all(b: &Bench, c: &mut Collected) -> Option<f64> {
         backfill(b, db, b.workers, Indexes::InPlace, Strategy::Fdw)
     })
     .await;
-    let peak = peak_rss_mib();
-    // The workload writes to the source, so this runs after every copy of the
-    // pristine table.
-    b.measure(c, "replay_postgres", TARGET_DDL, |db| replay(b, db, None))
+    peak_rss_mib()
+}
+
+/// Capture and replay of `changes` changes (each count in turn), through the PostgreSQL
+/// table log and, with tansu, Kafka. The workload writes to the source, so this runs after
+/// every copy of the pristine table.
+pub(super) async fn run_changes(b: &Bench, c: &mut Collected, changes: &[u64]) {
+    for &n in changes {
+        b.measure(c, &format!("replay_postgres_{n}"), TARGET_DDL, |db| {
+            replay(b, db, None, n)
+        })
         .await;
+    }
     match Tansu::start().await {
         Ok(Some(broker)) => {
             let url = broker.changelog();
-            b.measure(c, "replay_kafka", TARGET_DDL, |db| replay(b, db, Some(url)))
+            for &n in changes {
+                b.measure(c, &format!("replay_kafka_{n}"), TARGET_DDL, |db| {
+                    replay(b, db, Some(url.clone()), n)
+                })
                 .await;
+            }
             broker.stop().await;
         }
         Ok(None) => c.notes.push(
@@ -91,7 +104,6 @@ pub(super) async fn run_all(b: &Bench, c: &mut Collected) -> Option<f64> {
             c.failed = true;
         }
     }
-    peak
 }
 
 fn spec(b: &Bench, db: &str, workers: usize, changelog: Option<&str>) -> anyhow::Result<Spec> {
@@ -199,14 +211,19 @@ async fn dropped_indexes(spec: &Spec) -> anyhow::Result<i64> {
     Ok(target.query_one(&sql, &[]).await?.get(0))
 }
 
-async fn replay(b: &Bench, db: String, kafka: Option<String>) -> anyhow::Result<Outcome> {
+async fn replay(
+    b: &Bench,
+    db: String,
+    kafka: Option<String>,
+    changes: u64,
+) -> anyhow::Result<Outcome> {
     let spec = spec(b, &db, 1, kafka.as_deref())?;
     let log = if kafka.is_some() {
         "kafka log, tansu"
     } else {
         "postgres log"
     };
-    let r = capture_and_replay(b, &spec, log).await;
+    let r = capture_and_replay(b, &spec, log, changes).await;
     Ok(Outcome::Measured(cleaned(&spec, r).await?))
 }
 
@@ -225,10 +242,14 @@ fn change_rate(b: &Bench, kind: Kind, method: String, count: u64, spent: Spent) 
     b.timed(m, count, (spent.seconds, spent.seconds), spent.cpu)
 }
 
-async fn capture_and_replay(b: &Bench, spec: &Spec, log: &str) -> anyhow::Result<Vec<Measurement>> {
+async fn capture_and_replay(
+    b: &Bench,
+    spec: &Spec,
+    log: &str,
+    total: u64,
+) -> anyhow::Result<Vec<Measurement>> {
     run_backfill(b, spec, 1).await?;
     let source = connect(&spec.source, "source").await?;
-    let total = (b.rows / 10).max(50_000);
     tracing::info!(changes = total, "running the change workload on the source");
     let changes = workload(&source, total).await?;
     let end: String = source
@@ -354,19 +375,22 @@ async fn workload(source: &Client, total: u64) -> anyhow::Result<u64> {
              FROM (SELECT i, random() AS r FROM generate_series($1::bigint, $2::bigint) AS i) AS s"
         ))
         .await?;
-    // Existing ids only (not this workload's inserts), drawn without repeats.
+    // Random ids among the existing ones (not this workload's inserts), found by index:
+    // sorting the whole table by random() per statement would dominate at 10M changes.
+    // Ids drawn twice or deleted earlier change nothing and are not counted.
     let update = source
         .prepare(&format!(
             "UPDATE public.users u SET full_name = {name}, bio = 'Updated ' || md5(random()::text), \
              updated_at = now() \
-             FROM (SELECT id, random() AS r FROM public.users WHERE id <= $1 \
-                   ORDER BY random() LIMIT $2) AS s WHERE u.id = s.id"
+             FROM (SELECT DISTINCT ON (id) id, random() AS r FROM \
+                   (SELECT (1 + floor(random() * $1::bigint))::bigint AS id \
+                    FROM generate_series(1, $2::bigint)) AS d) AS s WHERE u.id = s.id"
         ))
         .await?;
     let delete = source
         .prepare(
-            "DELETE FROM public.users WHERE id IN (SELECT id FROM public.users WHERE id <= $1 \
-             ORDER BY random() LIMIT $2)",
+            "DELETE FROM public.users WHERE id IN (SELECT (1 + floor(random() * $1::bigint))::bigint \
+             FROM generate_series(1, $2::bigint))",
         )
         .await?;
     let chunks = |n: u64| {
