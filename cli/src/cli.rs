@@ -280,9 +280,12 @@ pub async fn execute(cli: Cli) -> i32 {
                 Err(c) => return c,
             };
             match schemashift_coordinator::ops::plan_only(&spec).await {
-                Ok(analysis) => {
-                    report::print_plan(&analysis, json);
-                    0
+                Ok(out) => {
+                    report::print_plan(&out, json);
+                    match out.analysis {
+                        Ok(_) => 0,
+                        Err(e) => fail(e),
+                    }
                 }
                 Err(e) => fail(e),
             }

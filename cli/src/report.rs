@@ -1,7 +1,8 @@
 //! Human (stderr) and JSON (stdout) output of the commands.
 
-use schemashift_coordinator::ops::Status;
-use schemashift_coordinator::plan::TableAnalysis;
+use schemashift_coordinator::error::CoordinatorError;
+use schemashift_coordinator::ops::{PlanOutput, Status};
+use schemashift_coordinator::plan::privileges;
 use schemashift_coordinator::run::{RunReport, VerifySummary};
 #[cfg(feature = "lab")]
 use schemashift_lab::demo::DemoReport;
@@ -18,10 +19,25 @@ fn mb(b: u64) -> f64 {
     b as f64 / 1_048_576.0
 }
 
-pub fn print_plan(a: &[TableAnalysis], json: bool) {
+/// The privileges table, then the analysis (or, on stderr after it, every problem).
+pub fn print_plan(out: &PlanOutput, json: bool) {
     if json {
-        return json_out(&a);
+        let tables = out.analysis.as_ref().ok();
+        let problems = match &out.analysis {
+            Err(CoordinatorError::Plan(p)) => p.clone(),
+            Err(e) => vec![e.to_string()],
+            Ok(_) => Vec::new(),
+        };
+        return json_out(&serde_json::json!({
+            "tables": tables,
+            "privileges": out.privileges,
+            "problems": problems,
+        }));
     }
+    eprint!("{}", privileges::render(&out.privileges));
+    let Ok(a) = &out.analysis else {
+        return;
+    };
     eprintln!(
         "{:<28} {:<28} {:>12} {:>10} {:>7} {:>9} {:>10}",
         "source", "target", "rows", "size MB", "shards", "strategy", "est. time"

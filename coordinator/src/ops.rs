@@ -425,25 +425,34 @@ pub struct RollbackOutcome {
     pub cleanup: CleanupReport,
 }
 
-/// `plan`: validate and analyse; writes nothing.
-pub async fn plan_only(spec: &Spec) -> Result<Vec<crate::plan::TableAnalysis>, CoordinatorError> {
+/// What `plan` found: the roles' rights, and the analysis or every problem.
+pub struct PlanOutput {
+    pub privileges: Vec<crate::plan::privileges::Privilege>,
+    pub analysis: Result<Vec<crate::plan::TableAnalysis>, CoordinatorError>,
+}
+
+/// `plan`: validate and analyse; writes nothing. Errs only when a server cannot be read.
+pub async fn plan_only(spec: &Spec) -> Result<PlanOutput, CoordinatorError> {
     let source = connect(&spec.source, "source").await?;
     let target = connect(&spec.target, "target").await?;
+    let privileges = crate::plan::privileges_of(spec, &source, &target)
+        .await
+        .map_err(|e| CoordinatorError::db("reading the roles' privileges", &e))?;
     let resuming = Store::new(&spec.control_schema)
         .load(&target)
         .await?
         .is_some();
     let workers = spec.workers.unwrap_or(4);
-    let planned = crate::plan::plan(
+    let analysis = crate::plan::plan(
         spec,
         &source,
         &target,
-        &crate::plan::PlanOptions {
-            workers,
-            resuming,
-            own_publication: spec.source_publication.is_none(),
-        },
+        &crate::plan::PlanOptions { workers, resuming },
     )
-    .await?;
-    Ok(planned.analysis)
+    .await
+    .map(|p| p.analysis);
+    Ok(PlanOutput {
+        privileges,
+        analysis,
+    })
 }

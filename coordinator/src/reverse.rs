@@ -414,6 +414,42 @@ fn rollback_freeze_limit(spec: &Spec) -> Duration {
 /// then freeze the target tables, apply the rest, run the switch-back hook, release.
 /// Nothing written on either side is lost; a freeze that would pass its limit is released
 /// with nothing switched.
+/// Each source sequence to at least its target sequence's last value (never back), inside
+/// the rollback's freeze: the target's writes are all on the source by now.
+async fn move_sequences_back(
+    spec: &Spec,
+    fwd: &RunPlan,
+    frozen: &tokio_postgres::Transaction<'_>,
+) -> Result<(), CoordinatorError> {
+    let sequences: Vec<_> = fwd.tables.iter().flat_map(|t| &t.sequences).collect();
+    if sequences.is_empty() {
+        return Ok(());
+    }
+    let source = connect(&spec.source, "source").await?;
+    for s in sequences {
+        // The names come from pg_get_serial_sequence: already quoted.
+        let last: i64 = frozen
+            .query_one(
+                &format!("SELECT last_value FROM {}", s.target_sequence),
+                &[],
+            )
+            .await
+            .map_err(db("reading the target sequence for the rollback"))?
+            .get(0);
+        source
+            .query_one(
+                &format!(
+                    "SELECT setval($1::text::regclass, greatest($2::bigint, (SELECT last_value FROM {})))",
+                    s.source_sequence
+                ),
+                &[&s.source_sequence, &last],
+            )
+            .await
+            .map_err(db("moving the source sequence back past the target's"))?;
+    }
+    Ok(())
+}
+
 pub async fn rollback(spec: &Spec, fwd: &RunPlan) -> Result<RollbackReport, CoordinatorError> {
     let t0 = Instant::now();
     // Most of the backlog goes before the freeze, so the freeze only covers the tail.
@@ -444,11 +480,17 @@ pub async fn rollback(spec: &Spec, fwd: &RunPlan) -> Result<RollbackReport, Coor
             // Dropping the transaction releases the freeze; the source was not switched to.
             drop(tx);
             return Err(CoordinatorError::State(format!(
-                "rollback: the target's last writes did not reach the source within {} s of                  freezing; the freeze was released and nothing was switched; run `schemashift                  rollback` again",
+                "rollback: the target's last writes did not reach the source within {} s of \
+                 freezing; the freeze was released and nothing was switched; run `schemashift \
+                 rollback` again",
                 limit.as_secs()
             )));
         }
     };
+    // Rows the application inserted on the target now exist on the source too: its
+    // sequences move past the target's, or the application's next inserts there would
+    // collide with them once it is switched back.
+    move_sequences_back(spec, fwd, &tx).await?;
     if let Some(cmd) = &spec.cutover.switch_back_command {
         let run = tokio::process::Command::new("sh")
             .arg("-c")
@@ -460,7 +502,9 @@ pub async fn rollback(spec: &Spec, fwd: &RunPlan) -> Result<RollbackReport, Coor
             .await
             .map_err(|_| {
                 CoordinatorError::State(format!(
-                    "switch_back_command ran past the rollback freeze limit ({} s) and was                      killed; the freeze was released; check where the application points and                      run `schemashift rollback` again",
+                    "switch_back_command ran past the rollback freeze limit ({} s) and was \
+                     killed; the freeze was released; check where the application points and \
+                     run `schemashift rollback` again",
                     limit.as_secs()
                 ))
             })?

@@ -204,7 +204,6 @@ impl RunCtx {
                     &PlanOptions {
                         workers,
                         resuming: false,
-                        own_publication: spec.source_publication.is_none(),
                     },
                 )
                 .await?;

@@ -1,5 +1,6 @@
-//! A source role with least privilege: LOGIN REPLICATION and SELECT, no ownership, so an
-//! administrator makes the publication and the spec names it (`source_publication`).
+//! A source role with least privilege: the documented grants (docs/privileges.md) and no
+//! ownership, so an administrator makes the publication and the spec names it
+//! (`source_publication`). `plan` prints what each role has and refuses what is missing.
 
 use schemashift_lab::scenario::users_spec_yaml;
 use schemashift_tests::{connect, dsn_with_db, schemashift, table_diff, users_env, write_spec};
@@ -43,6 +44,55 @@ async fn non_owner_source_role_migrates_through_an_administrators_publication() 
         stderr(&out)
     );
 
+    // An administrator's publication, but only LOGIN REPLICATION and SELECT: the freeze's
+    // and reverse sync's rights are missing, listed with their GRANTs; nothing written.
+    let partial = dir.path().join("partial.yaml");
+    std::fs::write(&partial, format!("{yaml}source_publication: admin_pub\n"))?;
+    let out = schemashift(&["plan", &partial.to_string_lossy()])?;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for needed in [
+        "MISSING",
+        &format!(r#"GRANT UPDATE ON "public"."users" TO "{role}""#),
+        &format!(r#"GRANT INSERT, UPDATE, DELETE ON "public"."users" TO "{role}""#),
+        &format!(
+            r#"GRANT CREATE ON DATABASE "{}" TO "{role}""#,
+            env.source_db
+        ),
+    ] {
+        assert!(err.contains(needed), "plan names {needed:?}:\n{err}");
+    }
+    let out = schemashift(&["plan", &partial.to_string_lossy(), "--json"])?;
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let missing: Vec<&str> = plan["privileges"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| p["present"] == false && p["side"] == "source")
+        .filter_map(|p| p["privilege"].as_str())
+        .collect();
+    assert_eq!(
+        missing,
+        [
+            r#"UPDATE, DELETE or TRUNCATE on "public"."users""#,
+            "SELECT, UPDATE on sequence users_id_seq",
+            r#"INSERT, UPDATE, DELETE on "public"."users""#,
+            "CREATE on the database",
+            "EXECUTE on the replication origin functions",
+        ],
+        "{plan}"
+    );
+    assert!(plan["tables"].is_null(), "{plan}");
+    admin
+        .batch_execute(&format!(
+            "GRANT INSERT, UPDATE, DELETE ON users TO {role}; \
+             GRANT SELECT, UPDATE ON SEQUENCE users_id_seq TO {role}; \
+             GRANT CREATE ON DATABASE {} TO {role}",
+            env.source_db
+        ))
+        .await?;
+
     // A publication that does not cover the table: refused, naming it.
     let wrong = dir.path().join("wrong.yaml");
     std::fs::write(&wrong, format!("{yaml}source_publication: other_pub\n"))?;
@@ -63,10 +113,43 @@ async fn non_owner_source_role_migrates_through_an_administrators_publication() 
     admin
         .batch_execute("UPDATE users SET bio = 'seen through admin_pub' WHERE id % 5 = 0")
         .await?;
+    let out = schemashift(&["plan", &good])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .lines()
+            .any(|l| l.contains("missing (optional)") && l.contains("replication origin functions")),
+        "the origin functions are optional and said so:\n{}",
+        stderr(&out)
+    );
     let out = schemashift(&["run", &good, "--until", "verify"])?;
     assert!(out.status.success(), "{}", stderr(&out));
     let t = connect(&env.target_dsn).await?;
     assert_eq!(table_diff(&admin, &t).await?, (0, 0, 0));
+    // The freeze, the switch and the way back with the same role.
+    let out = schemashift(&["cutover", &good])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    t.batch_execute(
+        "UPDATE users SET bio = 'written after the switch' WHERE id % 7 = 0; \
+         INSERT INTO users (email, first_name, last_name, bio) \
+         SELECT 'after' || i || '@example.com', 'After', 'Switch', 'new on the target' \
+         FROM generate_series(1, 5) i",
+    )
+    .await?;
+    let out = schemashift(&["rollback", &good])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(table_diff(&admin, &t).await?, (0, 0, 0));
+    // The application's next insert on the source takes an id no row has.
+    let (last, max): (i64, i64) = {
+        let r = admin
+            .query_one(
+                "SELECT (SELECT last_value FROM users_id_seq), (SELECT max(id) FROM users)",
+                &[],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    assert!(last >= max, "source sequence at {last}, rows up to {max}");
     let out = schemashift(&["cleanup", &good])?;
     assert!(out.status.success(), "{}", stderr(&out));
     let pubs: i64 = admin
@@ -79,7 +162,7 @@ async fn non_owner_source_role_migrates_through_an_administrators_publication() 
     assert_eq!(pubs, 2, "the administrator's publications stay");
     admin
         .batch_execute(&format!(
-            "DROP PUBLICATION admin_pub, other_pub; REVOKE ALL ON users FROM {role}; DROP ROLE {role}"
+            "DROP PUBLICATION admin_pub, other_pub; DROP OWNED BY {role}; DROP ROLE {role}"
         ))
         .await?;
     env.drop_all().await

@@ -362,7 +362,7 @@ async fn fdw_strategy_migrates_under_write_load_with_zero_diffs_and_cleanup_drop
     )?;
     let plan: serde_json::Value =
         serde_json::from_slice(&schemashift_ok(&["plan", &spec, "--json"])?.stdout)?;
-    assert_eq!(plan[0]["strategy"], "fdw", "{plan}");
+    assert_eq!(plan["tables"][0]["strategy"], "fdw", "{plan}");
     assert_eq!(
         foreign_servers(&env.target_dsn).await?,
         0,

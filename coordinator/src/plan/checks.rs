@@ -11,14 +11,8 @@ use tokio_postgres::Client;
 
 type Checked<T> = Result<T, tokio_postgres::Error>;
 
-/// The servers: logical WAL, a role that may replicate, a free slot, and a target database
-/// the control schema can be created in.
-pub(super) async fn servers(
-    spec: &Spec,
-    source: &Client,
-    target: &Client,
-    resuming: bool,
-) -> Checked<Vec<String>> {
+/// The servers: logical WAL and a free slot (the roles' rights are in `privileges`).
+pub(super) async fn servers(spec: &Spec, source: &Client, resuming: bool) -> Checked<Vec<String>> {
     let mut problems = Vec::new();
     let wal_level: String = source.query_one("SHOW wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
@@ -28,38 +22,17 @@ pub(super) async fn servers(
             spec.source.redacted()
         ));
     }
-    let row = source
+    let free: i32 = source
         .query_one(
-            "SELECT r.rolsuper OR r.rolreplication, \
-             current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)::int \
-             FROM pg_roles r WHERE r.rolname = current_user",
-            &[],
-        )
-        .await?;
-    if !row.get::<_, bool>(0) {
-        problems.push(format!(
-            "source {}: the connecting role needs the REPLICATION attribute (ALTER ROLE ... REPLICATION)",
-            spec.source.redacted()
-        ));
-    }
-    if row.get::<_, i32>(1) < 1 && !resuming {
-        problems.push(format!(
-            "source {}: no free replication slot; raise max_replication_slots or drop an unused slot",
-            spec.source.redacted()
-        ));
-    }
-    let can_create: bool = target
-        .query_one(
-            "SELECT has_database_privilege(current_database(), 'CREATE')",
+            "SELECT current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)::int",
             &[],
         )
         .await?
         .get(0);
-    if !can_create {
+    if free < 1 && !resuming {
         problems.push(format!(
-            "target {}: the role cannot CREATE in the database (needed for the control schema {})",
-            spec.target.redacted(),
-            quote_ident(&spec.control_schema)
+            "source {}: no free replication slot; raise max_replication_slots or drop an unused slot",
+            spec.source.redacted()
         ));
     }
     Ok(problems)
@@ -277,53 +250,6 @@ pub(super) async fn expressions_evaluate(
         .batch_execute(&format!("DROP TABLE IF EXISTS {stage}"))
         .await;
     problems
-}
-
-/// What the roles may do on the two tables. With an administrator's publication the
-/// source role needs no ownership, only SELECT.
-pub(super) async fn privileges(
-    source: &Client,
-    target: &Client,
-    at: &str,
-    src_name: &QualifiedName,
-    tgt_name: &QualifiedName,
-    own_publication: bool,
-) -> Checked<Vec<String>> {
-    let mut problems = Vec::new();
-    let (select, owner): (bool, bool) = {
-        let r = source
-            .query_one(
-                "SELECT has_table_privilege($1, 'SELECT'), pg_has_role((SELECT relowner FROM pg_class WHERE oid = to_regclass($1)), 'USAGE')",
-                &[&src_name.to_string()],
-            )
-            .await?;
-        (r.get(0), r.get(1))
-    };
-    if !select {
-        problems.push(format!(
-            "{at}: the source role cannot SELECT {src_name}; GRANT SELECT ON {src_name} TO <role>"
-        ));
-    }
-    if own_publication && !owner {
-        problems.push(format!(
-            "{at}: the source role must own {src_name} to create the run's publication; or have an \
-             administrator CREATE PUBLICATION <name> FOR TABLE {src_name} and name it in the spec \
-             as `source_publication: <name>`"
-        ));
-    }
-    let tprivs: bool = target
-        .query_one(
-            "SELECT has_table_privilege($1, 'SELECT,INSERT,UPDATE,DELETE')",
-            &[&tgt_name.to_string()],
-        )
-        .await?
-        .get(0);
-    if !tprivs {
-        problems.push(format!(
-            "{at}: the target role needs SELECT, INSERT, UPDATE and DELETE on {tgt_name}"
-        ));
-    }
-    Ok(problems)
 }
 
 /// An administrator's publication: it exists and covers each of these source tables.

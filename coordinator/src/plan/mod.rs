@@ -4,6 +4,7 @@
 mod catalog;
 mod checks;
 mod lookups;
+pub mod privileges;
 mod sizing;
 mod strategy;
 
@@ -51,8 +52,6 @@ pub struct PlanOptions {
     pub workers: usize,
     /// A resumed run's target is not empty; skip that check.
     pub resuming: bool,
-    /// The run creates its publication (no `source_publication`): that needs ownership.
-    pub own_publication: bool,
 }
 
 pub async fn plan(
@@ -73,7 +72,7 @@ pub async fn plan(
         }
     }
     problems.extend(
-        checks::servers(spec, source, target, opts.resuming)
+        checks::servers(spec, source, opts.resuming)
             .await
             .map_err(db)?,
     );
@@ -146,6 +145,14 @@ pub async fn plan(
                 .map_err(db)?,
         );
     }
+    problems.extend(
+        privileges_of(spec, source, target)
+            .await
+            .map_err(db)?
+            .iter()
+            .filter(|p| p.missing())
+            .map(privileges::Privilege::problem),
+    );
     if !problems.is_empty() {
         return Err(CoordinatorError::Plan(problems));
     }
@@ -186,6 +193,37 @@ pub async fn plan(
         analysis,
         reverse_notes,
     })
+}
+
+/// The rights the spec's run needs on both servers, and whether the roles have them.
+pub async fn privileges_of(
+    spec: &Spec,
+    source: &Client,
+    target: &Client,
+) -> Result<Vec<privileges::Privilege>, tokio_postgres::Error> {
+    let parse = |n: &String| QualifiedName::parse(n).ok();
+    let src: Vec<QualifiedName> = spec
+        .tables
+        .iter()
+        .filter_map(|t| parse(&t.source))
+        .collect();
+    let tgt: Vec<QualifiedName> = spec
+        .tables
+        .iter()
+        .filter_map(|t| parse(&t.target))
+        .collect();
+    let mut lookups: Vec<QualifiedName> = Vec::new();
+    for l in spec.tables.iter().flat_map(|t| &t.lookups) {
+        if let Some(n) = parse(&l.table).filter(|n| !src.contains(n) && !lookups.contains(n)) {
+            lookups.push(n);
+        }
+    }
+    let tables = privileges::Tables {
+        source: &src,
+        lookups: &lookups,
+        target: &tgt,
+    };
+    privileges::check(spec, source, target, &tables).await
 }
 
 /// One table's plan from the checks of `checks`, in order; None when a check found a
@@ -244,17 +282,6 @@ async fn plan_table(
     problems.extend(
         checks::expressions_evaluate(source, target, index, t, &src_name, &src_cols, &column_maps)
             .await,
-    );
-    problems.extend(
-        checks::privileges(
-            source,
-            target,
-            &at,
-            &src_name,
-            &tgt_name,
-            opts.own_publication,
-        )
-        .await?,
     );
     if !opts.resuming {
         problems.extend(checks::target_empty(target, &at, &tgt_name).await?);
