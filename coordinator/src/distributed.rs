@@ -37,6 +37,16 @@ pub async fn coordinate(
     let addr = listener
         .local_addr()
         .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
+    if !addr.ip().is_loopback() && !opts.serve.guards_secrets() {
+        return Err(CoordinatorError::Listen {
+            addr: opts.listen.clone(),
+            reason: "a coordinator reachable from other hosts hands every worker both \
+                     connection strings, passwords included: it needs SCHEMASHIFT_TOKEN and \
+                     --tls-cert/--tls-key, or mutual TLS (--tls-cert/--tls-key with \
+                     --tls-client-ca); or listen on 127.0.0.1"
+                .into(),
+        });
+    }
     // TLS files are bad input too: said now, not after the run was planned and written.
     let files = opts
         .serve

@@ -151,6 +151,15 @@ pub struct ServeOptions {
     pub client_ca: Option<PathBuf>,
 }
 
+impl ServeOptions {
+    /// Whether callers are both authenticated and encrypted: a token over TLS, or mutual
+    /// TLS (which is both). `Register` hands out the connection strings, passwords
+    /// included, so anything less may only listen on loopback.
+    pub fn guards_secrets(&self) -> bool {
+        self.tls.is_some() && (self.token.is_some() || self.client_ca.is_some())
+    }
+}
+
 fn check_token(token: Option<SecretString>) -> impl tonic::service::Interceptor + Clone {
     move |req: Request<()>| {
         let Some(token) = &token else { return Ok(req) };

@@ -491,8 +491,10 @@ impl RunCtx {
                 }
             }
         } else {
-            // Remote workers learn it at their next call; give them a lease TTL to hear.
-            let until = Instant::now() + self.svc.lease_ttl() + Duration::from_secs(1);
+            // Remote workers learn it at their next call; give them a few lease TTLs to hear.
+            let until = Instant::now()
+                + self.svc.lease_ttl() * crate::service::DONE_GRACE_TTLS
+                + Duration::from_secs(1);
             while !self.svc.all_told_done() && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

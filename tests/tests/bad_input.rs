@@ -257,3 +257,44 @@ async fn bad_fleet_kafka_and_lookup_input_exits_2_naming_it() -> anyhow::Result<
     assert_eq!(slot_and_publication_count(&env.source_dsn).await?, (0, 0));
     env.drop_all().await
 }
+
+#[tokio::test]
+async fn coordinator_reachable_from_other_hosts_without_token_and_tls_refuses_to_start(
+) -> anyhow::Result<()> {
+    let env = TestEnv::new("exposed_coord").await?;
+    users_tables(&env.source_dsn, &env.target_dsn).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        &dir,
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, None),
+    )?;
+    let bin = schemashift_tests::schemashift_bin();
+    // Neither, and a token alone (it would travel, with the passwords handed out, in clear).
+    for token in [None, Some("a-token")] {
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(["coordinator", &spec, "--listen", "0.0.0.0:0"])
+            .env("RUST_LOG", "warn")
+            .env_remove("SCHEMASHIFT_TOKEN")
+            .stdin(std::process::Stdio::null());
+        if let Some(t) = token {
+            cmd.env("SCHEMASHIFT_TOKEN", t);
+        }
+        let out = cmd.output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "token {token:?}: {err}");
+        assert!(
+            err.contains("0.0.0.0:0")
+                && err.contains("SCHEMASHIFT_TOKEN")
+                && err.contains("--tls-cert"),
+            "names the address and what to add: {err}"
+        );
+    }
+    assert_eq!(slot_and_publication_count(&env.source_dsn).await?, (0, 0));
+    let t = connect(&env.target_dsn).await?;
+    let ctl: bool = t
+        .query_one("SELECT to_regnamespace('schemashift') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    assert!(!ctl, "no control schema");
+    env.drop_all().await
+}

@@ -83,9 +83,38 @@ fn compose_commands_parse_and_ports_line_up() -> anyhow::Result<()> {
     let port = listen.rsplit(':').next().unwrap_or_default();
     assert_eq!(
         flag(&worker, "--coordinator"),
-        Some(format!("http://coordinator:{port}").as_str()),
-        "workers dial the port the coordinator listens on"
+        Some(format!("https://coordinator:{port}").as_str()),
+        "workers dial the port the coordinator listens on, over TLS"
     );
+    // Listening on every interface: TLS and the token, or the coordinator refuses to start.
+    let certs = mounted(&c, "coordinator", "/certs").expect("the certificates are mounted");
+    assert_eq!(mounted(&c, "worker", "/certs"), Some(certs.clone()));
+    assert_eq!(flag(&coord, "--tls-cert"), Some("/certs/coordinator.pem"));
+    assert_eq!(flag(&coord, "--tls-key"), Some("/certs/coordinator.key"));
+    assert_eq!(flag(&worker, "--tls-ca"), Some("/certs/ca.pem"));
+    // What deploy/make-certs.sh makes is what those flags name, and it verifies for the
+    // host name the workers dial.
+    let dir = tempfile::tempdir()?;
+    let made = std::process::Command::new(root().join("deploy/make-certs.sh"))
+        .arg(dir.path())
+        .output()?;
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let verified = std::process::Command::new("openssl")
+        .args(["verify", "-verify_hostname", "coordinator", "-CAfile"])
+        .arg(dir.path().join("ca.pem"))
+        .arg(dir.path().join("coordinator.pem"))
+        .output()?;
+    assert!(
+        verified.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    assert!(dir.path().join("coordinator.key").exists());
     assert!(strings(&service(&c, "coordinator")["ports"]).contains(&format!("{port}:{port}")));
     assert_eq!(
         service(&c, "worker")["deploy"]["replicas"].as_u64(),

@@ -24,6 +24,11 @@ use verify_round::VerifyRound;
 mod verify_round;
 
 /// What the coordinator hands out now.
+
+/// How many lease TTLs a silent worker is still waited for at the end, to be told the run
+/// is over.
+pub const DONE_GRACE_TTLS: u32 = 3;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
     Backfill,
@@ -161,12 +166,17 @@ impl ControlCoordinator {
             .max(1)
     }
 
-    /// True once every worker heard from recently has been told the run is over.
+    /// True once every worker heard from recently has been told the run is over. "Recently"
+    /// is a few lease TTLs: a worker slowed down by a busy host still hears it, instead of
+    /// retrying against a coordinator that has gone.
     pub fn all_told_done(&self) -> bool {
-        let ttl = self.registration.lease_ttl;
+        let gone_after = self.registration.lease_ttl * DONE_GRACE_TTLS;
         self.workers
             .lock()
-            .map(|w| w.values().all(|s| s.told_done || s.at.elapsed() >= ttl))
+            .map(|w| {
+                w.values()
+                    .all(|s| s.told_done || s.at.elapsed() >= gone_after)
+            })
             .unwrap_or(true)
     }
 
