@@ -23,12 +23,11 @@ use verify_round::VerifyRound;
 
 mod verify_round;
 
-/// What the coordinator hands out now.
-
 /// How many lease TTLs a silent worker is still waited for at the end, to be told the run
 /// is over.
 pub const DONE_GRACE_TTLS: u32 = 3;
 
+/// What the coordinator hands out now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
     Backfill,
