@@ -45,24 +45,103 @@ pub async fn ensure_for(
     })?;
     let sql = setup_sql(&info, control_schema, tables);
     let srv = server(control_schema);
-    // The statement holds the source's password: its error text is ours, not the server's
-    // echo of the statement.
-    target.batch_execute(&sql).await.map_err(|e| {
+    let failed = |e: tokio_postgres::Error| {
         CoordinatorError::State(format!(
             "setting up postgres_fdw on the target for the fdw strategy failed: {} \
-             (the target role needs to create the extension, a server and foreign tables; \
-             or use strategy copy)",
+             (the target role needs to create the extension, a server, a user mapping and \
+             foreign tables; or use strategy copy)",
             e.as_db_error()
                 .map(|d| d.message().to_owned())
                 .unwrap_or_else(|| "connection lost".into())
         ))
-    })?;
+    };
+    target.batch_execute(&sql).await.map_err(failed)?;
+    let made = user_mapping(target, control_schema, &info).await;
+    // The options (password included) leave the session's temporary table at once.
+    let dropped = target
+        .batch_execute("DROP TABLE IF EXISTS pg_temp.schemashift_fdw_mapping")
+        .await;
+    made.and(dropped).map_err(failed)?;
     tracing::info!(server = %srv, "postgres_fdw set up for the fdw strategy");
     Ok(())
 }
 
-/// The statements that set up what `tables` read through: extension, server, user mapping
-/// (holding the source password), foreign tables. Every name and value quoted.
+/// The user mapping's options, as COPY data: the password never appears in a statement's
+/// text, where `pg_stat_activity`, `pg_stat_statements` and a `log_statement` server log
+/// would show it (COPY data is neither logged nor shown). A DO block builds the statement
+/// from them; an error in it is re-raised with its message only, as the context of the
+/// statement it ran would carry the password into the log.
+async fn user_mapping(
+    tx: &Client,
+    control_schema: &str,
+    info: &ConnInfo,
+) -> Result<(), tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    tx.batch_execute(
+        "DROP TABLE IF EXISTS pg_temp.schemashift_fdw_mapping; \
+         CREATE TEMP TABLE schemashift_fdw_mapping (n int, k text, v text)",
+    )
+    .await?;
+    let rows = mapping_options(control_schema, info);
+    let sink = tx
+        .copy_in("COPY pg_temp.schemashift_fdw_mapping (n, k, v) FROM STDIN")
+        .await?;
+    futures_util::pin_mut!(sink);
+    let mut data = String::new();
+    for (n, (k, v)) in rows.iter().enumerate() {
+        data.push_str(&format!("{n}\t{k}\t{}\n", copy_text(v)));
+    }
+    sink.send(bytes::Bytes::from(data)).await?;
+    sink.finish().await?;
+    tx.batch_execute(
+        "DO $mapping$ DECLARE srv text; opts text; BEGIN \
+           SELECT v INTO srv FROM pg_temp.schemashift_fdw_mapping WHERE k = 'server'; \
+           SELECT string_agg(format('%s %L', k, v), ', ' ORDER BY n) INTO opts \
+             FROM pg_temp.schemashift_fdw_mapping WHERE k <> 'server'; \
+           BEGIN \
+             EXECUTE format('CREATE USER MAPPING IF NOT EXISTS FOR CURRENT_USER SERVER %I OPTIONS (%s)', srv, opts); \
+           EXCEPTION WHEN OTHERS THEN RAISE EXCEPTION USING ERRCODE = SQLSTATE, MESSAGE = SQLERRM; \
+           END; \
+         END $mapping$",
+    )
+    .await
+}
+
+/// `(option, value)` rows: the server's name, then the user mapping's options (the keys are
+/// ours: fixed option names; the values are the connection string's).
+fn mapping_options(control_schema: &str, info: &ConnInfo) -> Vec<(&'static str, String)> {
+    let cfg = &info.config;
+    let mut rows = vec![
+        ("server", format!("{control_schema} source")),
+        ("user", cfg.get_user().unwrap_or("postgres").to_owned()),
+    ];
+    if let (Some(cert), Some(key)) = (&info.tls.cert, &info.tls.key) {
+        rows.push(("sslcert", cert.to_string_lossy().into_owned()));
+        rows.push(("sslkey", key.to_string_lossy().into_owned()));
+    }
+    if let Some(pw) = cfg.get_password() {
+        rows.push(("password", String::from_utf8_lossy(pw).into_owned()));
+    }
+    rows
+}
+
+/// A value in COPY's text format: backslash, tab, newline and carriage return escaped.
+fn copy_text(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The statements that set up what `tables` read through: extension, server, foreign
+/// tables (the user mapping is [`user_mapping`]'s). Every name and value quoted.
 fn setup_sql(info: &ConnInfo, control_schema: &str, tables: &[&TablePlan]) -> String {
     let cfg = &info.config;
     let host = match cfg.get_hosts().first() {
@@ -102,24 +181,6 @@ fn setup_sql(info: &ConnInfo, control_schema: &str, tables: &[&TablePlan]) -> St
         quote_literal(&port.to_string()),
         quote_literal(dbname)
     );
-    let mut options = vec![format!("user {}", quote_literal(user))];
-    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
-        options.push(format!(
-            "sslcert {}",
-            quote_literal(&cert.to_string_lossy())
-        ));
-        options.push(format!("sslkey {}", quote_literal(&key.to_string_lossy())));
-    }
-    if let Some(pw) = cfg.get_password() {
-        options.push(format!(
-            "password {}",
-            quote_literal(&String::from_utf8_lossy(pw))
-        ));
-    }
-    sql.push_str(&format!(
-        "CREATE USER MAPPING IF NOT EXISTS FOR CURRENT_USER SERVER {srv} OPTIONS ({});",
-        options.join(", ")
-    ));
     for t in tables {
         let cols: Vec<String> = t
             .source_columns
@@ -340,7 +401,13 @@ mod tests {
     }
 
     #[test]
-    fn setup_quotes_hostile_names_and_the_password() {
+    fn copy_text_escapes_what_copy_would_read_as_structure() {
+        assert_eq!(copy_text("a b'c\"@/"), "a b'c\"@/");
+        assert_eq!(copy_text("t\tn\nr\rb\\"), "t\\tn\\nr\\rb\\\\");
+    }
+
+    #[test]
+    fn setup_quotes_hostile_names_and_leaves_the_password_out() {
         let info = schemashift_common::conninfo::parse(
             r"host=db.example port=5433 dbname=old user=mig password=pa\'ss sslmode=verify-full sslrootcert=/etc/ca.pem",
         )
@@ -370,8 +437,17 @@ mod tests {
             "{sql}"
         );
         assert!(
-            sql.contains("OPTIONS (user 'mig', password 'pa''ss')"),
-            "{sql}"
+            !sql.contains("pa'ss") && !sql.contains("pa''ss") && !sql.contains("password"),
+            "no password in statement text: {sql}"
+        );
+        let opts = mapping_options("ctl", &info);
+        assert_eq!(
+            opts,
+            [
+                ("server", "ctl source".to_owned()),
+                ("user", "mig".to_owned()),
+                ("password", "pa'ss".to_owned())
+            ]
         );
         assert!(sql.contains("CREATE FOREIGN TABLE IF NOT EXISTS \"ctl\".\"source 2\" (\"full name\" text) SERVER \"ctl source\" OPTIONS (schema_name 'we\"ird', table_name 'us''ers');"), "{sql}");
     }
