@@ -15,6 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use schemashift_common::change::Change;
 use schemashift_common::ids::ChangeSeq;
+use schemashift_common::kafka_conn::KafkaConn;
 use schemashift_common::retry::{Class, Classify};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -43,11 +44,14 @@ impl Classify for KafkaLogError {
     }
 }
 
-fn config(brokers: &[String]) -> ClientConfig {
+fn config(kafka: &KafkaConn) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers.join(","))
+    c.set("bootstrap.servers", kafka.brokers.join(","))
         .set("socket.timeout.ms", "10000")
         .set("log_level", "3");
+    for (k, v) in kafka.security.properties() {
+        c.set(k, v.expose());
+    }
     c
 }
 
@@ -60,7 +64,7 @@ fn unavailable(topic: &str, e: &KafkaError) -> KafkaLogError {
 
 /// Creates the run's topic if it does not exist yet.
 pub async fn ensure_topic(
-    brokers: &[String],
+    brokers: &KafkaConn,
     topic: &str,
     partitions: u32,
     replication_factor: i32,
@@ -93,8 +97,12 @@ pub async fn ensure_topic(
 }
 
 /// Checks that the brokers answer (for the planner: bad input before any write).
-pub async fn check_brokers(brokers: &[String]) -> Result<(), String> {
-    let brokers = brokers.to_vec();
+pub async fn check_brokers(kafka: &KafkaConn) -> Result<(), String> {
+    let problems = kafka.security.check_local();
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    let brokers = kafka.clone();
     tokio::task::spawn_blocking(move || {
         let c: BaseConsumer = config(&brokers)
             .set("group.id", "schemashift-check")
@@ -122,7 +130,7 @@ pub struct ChangeProducer {
 }
 
 impl ChangeProducer {
-    pub fn new(brokers: &[String], topic: &str) -> Result<Self, KafkaLogError> {
+    pub fn new(brokers: &KafkaConn, topic: &str) -> Result<Self, KafkaLogError> {
         let producer = config(brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -209,7 +217,7 @@ pub struct PartitionReader {
 
 impl PartitionReader {
     pub fn open(
-        brokers: &[String],
+        brokers: &KafkaConn,
         topic: &str,
         partition: u32,
         position: i64,
@@ -273,7 +281,7 @@ impl PartitionReader {
 
 /// The changes between two positions of each partition (from, to], for re-checks.
 pub async fn read_between(
-    brokers: &[String],
+    brokers: &KafkaConn,
     topic: &str,
     from: &BTreeMap<u32, i64>,
     to: &BTreeMap<u32, i64>,

@@ -21,7 +21,7 @@ pub enum ChangeLog<'a> {
     /// A topic; capture records the acknowledged ends in `log_heads` with its position.
     Kafka {
         control: &'a ControlSql,
-        brokers: &'a [String],
+        brokers: &'a schemashift_common::kafka_conn::KafkaConn,
         topic: &'a str,
     },
 }
@@ -30,9 +30,9 @@ impl<'a> ChangeLog<'a> {
     pub fn of(plan: &'a LogPlan, control: &'a ControlSql) -> Self {
         match plan {
             LogPlan::Postgres => ChangeLog::Table { control },
-            LogPlan::Kafka { brokers, topic, .. } => ChangeLog::Kafka {
+            LogPlan::Kafka { conn, topic, .. } => ChangeLog::Kafka {
                 control,
-                brokers,
+                brokers: conn,
                 topic,
             },
         }

@@ -5,6 +5,7 @@ pub mod conninfo;
 pub mod control;
 pub mod idle_group;
 pub mod ids;
+pub mod kafka_conn;
 pub mod pg;
 pub mod plan;
 pub mod retry;

@@ -350,7 +350,8 @@ pub enum LogPlan {
     Postgres,
     /// One Kafka topic with `partitions` partitions.
     Kafka {
-        brokers: Vec<String>,
+        #[serde(flatten)]
+        conn: crate::kafka_conn::KafkaConn,
         topic: String,
         replication_factor: i32,
     },

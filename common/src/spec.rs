@@ -335,11 +335,12 @@ pub enum Changelog {
     Kafka(KafkaOptions),
 }
 
-/// `kafka://HOST:PORT[,HOST:PORT][?topic_prefix=P&replication_factor=N]`. The topic is
-/// `<topic_prefix><run id>` with one partition per change-log partition of the plan.
+/// `kafka://HOST:PORT[,HOST:PORT][?topic_prefix=P&replication_factor=N&security_protocol=…]`.
+/// The topic is `<topic_prefix><run id>` with one partition per change-log partition of the
+/// plan; the security options are [`KafkaSecurity`](crate::kafka_conn::KafkaSecurity)'s.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KafkaOptions {
-    pub brokers: Vec<String>,
+    pub conn: crate::kafka_conn::KafkaConn,
     pub topic_prefix: String,
     pub replication_factor: i32,
 }
@@ -482,7 +483,7 @@ impl Spec {
         if let Some(rest) = c.strip_prefix("kafka://") {
             let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
             let mut opts = KafkaOptions {
-                brokers: Vec::new(),
+                conn: crate::kafka_conn::KafkaConn::default(),
                 topic_prefix: "schemashift.".into(),
                 replication_factor: 1,
             };
@@ -491,7 +492,9 @@ impl Spec {
                 match k {
                     "topic_prefix" => {
                         if v.is_empty()
-                            || !v.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                            || !v
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
                         {
                             return Err(format!(
                                 "changelog: topic_prefix {v:?} may only use letters, digits, '.', '_' and '-'"
@@ -505,9 +508,13 @@ impl Spec {
                         })?;
                     }
                     other => {
-                        return Err(format!(
-                            "changelog: unknown Kafka option {other:?} (known: topic_prefix, replication_factor)"
-                        ))
+                        if !opts.conn.security.set(other, v)? {
+                            return Err(format!(
+                                "changelog: unknown Kafka option {other:?} (known: topic_prefix, \
+                                 replication_factor, security_protocol, ssl_ca, ssl_cert, ssl_key, \
+                                 sasl_mechanism)"
+                            ));
+                        }
                     }
                 }
             }
@@ -521,7 +528,8 @@ impl Spec {
                     "changelog: {c:?} must list brokers as kafka://HOST:PORT[,HOST:PORT]"
                 ));
             }
-            opts.brokers = brokers;
+            opts.conn.brokers = brokers;
+            opts.conn.security.validate()?;
             return Ok(Changelog::Kafka(opts));
         }
         Err(format!(

@@ -120,7 +120,10 @@ mod changelog {
         assert_eq!(
             c,
             Ok(Changelog::Kafka(KafkaOptions {
-                brokers: vec!["k1:9092".into(), "k2:9092".into()],
+                conn: crate::kafka_conn::KafkaConn {
+                    brokers: vec!["k1:9092".into(), "k2:9092".into()],
+                    security: Default::default(),
+                },
                 topic_prefix: "mig.".into(),
                 replication_factor: 3,
             }))

@@ -211,7 +211,7 @@ impl RunCtx {
                 let mut planned = planned;
                 planned.plan.changelog = match spec.changelog() {
                     Ok(Changelog::Kafka(k)) => LogPlan::Kafka {
-                        brokers: k.brokers,
+                        conn: k.conn,
                         topic: format!("{}{}", k.topic_prefix, run_id.0),
                         replication_factor: k.replication_factor,
                     },
@@ -255,7 +255,7 @@ impl RunCtx {
         }
         let plan = Arc::new(state.plan);
         if let LogPlan::Kafka {
-            brokers,
+            conn: brokers,
             topic,
             replication_factor,
         } = &plan.changelog

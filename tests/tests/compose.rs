@@ -159,7 +159,9 @@ async fn compose_spec_and_sql_are_valid_against_real_databases() -> anyhow::Resu
         spec.target.expose(),
         "postgres://postgres:pw@target:5432/app_v2"
     );
-    assert!(matches!(spec.changelog(), Ok(Changelog::Kafka(k)) if k.brokers == ["kafka:9092"]));
+    assert!(
+        matches!(spec.changelog(), Ok(Changelog::Kafka(k)) if k.conn.brokers == ["kafka:9092"])
+    );
     let trimmed: Vec<String> = spec.functions.iter().map(|f| f.trim().to_owned()).collect();
     assert_eq!(trimmed, SPLIT_FUNCTIONS.map(|f| f.trim().to_owned()));
 

@@ -179,7 +179,10 @@ async fn capture_killed_between_kafka_ack_and_slot_confirm_loses_nothing() -> an
             (p["partition"].as_u64().unwrap_or(0) as u32, at.unwrap_or(0))
         })
         .collect();
-    let brokers = [broker.changelog().trim_start_matches("kafka://").to_owned()];
+    let brokers = schemashift_common::kafka_conn::KafkaConn {
+        brokers: vec![broker.changelog().trim_start_matches("kafka://").to_owned()],
+        security: Default::default(),
+    };
     let in_topic = schemashift_changelog::kafka::read_between(
         &brokers,
         &topic,
@@ -241,5 +244,69 @@ async fn broker_paused_20s_during_backfill_and_replay_run_waits_and_completes() 
     );
     assert_verified_no_diffs(&env, &spec).await?;
     schemashift(&["cleanup", &spec])?;
+    env.drop_all().await
+}
+
+/// The URL's security options reach librdkafka: TLS against a broker that speaks plain
+/// Kafka fails the plan (exit 2, nothing written), SASL without credentials in the
+/// environment is refused naming the variables, and `security_protocol=plaintext` plans.
+#[tokio::test]
+async fn kafka_security_options_reach_the_client_and_missing_credentials_are_bad_input(
+) -> anyhow::Result<()> {
+    let broker = Broker::start().await?;
+    let env = users_env("kafka_security", 500).await?;
+    let dir = tempfile::tempdir()?;
+    let base = users_spec_yaml(&env.source_dsn, &env.target_dsn, 1, Some(500));
+    let plan = |query: &str, name: &str| -> anyhow::Result<std::process::Output> {
+        let spec = dir.path().join(name);
+        std::fs::write(
+            &spec,
+            format!("{base}changelog: {}?{query}\n", broker.changelog()),
+        )?;
+        Ok(
+            std::process::Command::new(schemashift_tests::schemashift_bin())
+                .args(["plan", &spec.to_string_lossy()])
+                .env_remove(schemashift_common::kafka_conn::USERNAME_ENV)
+                .env_remove(schemashift_common::kafka_conn::PASSWORD_ENV)
+                .env("RUST_LOG", "warn")
+                .output()?,
+        )
+    };
+    let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    let out = plan("security_protocol=ssl", "tls.yaml")?;
+    assert_eq!(out.status.code(), Some(2), "{}", err(&out));
+    assert!(
+        err(&out).contains("cannot reach the Kafka brokers"),
+        "{}",
+        err(&out)
+    );
+
+    let out = plan(
+        "security_protocol=sasl_plaintext&sasl_mechanism=SCRAM-SHA-512",
+        "sasl.yaml",
+    )?;
+    assert_eq!(out.status.code(), Some(2), "{}", err(&out));
+    for var in ["SCHEMASHIFT_KAFKA_USERNAME", "SCHEMASHIFT_KAFKA_PASSWORD"] {
+        assert!(err(&out).contains(var), "names {var}: {}", err(&out));
+    }
+
+    let out = plan("security_protocol=ssl&sasl_mechanism=PLAIN", "mixed.yaml")?;
+    assert_eq!(out.status.code(), Some(2), "{}", err(&out));
+    assert!(
+        err(&out).contains("sasl_mechanism needs security_protocol"),
+        "{}",
+        err(&out)
+    );
+
+    let out = plan("security_protocol=plaintext", "plain.yaml")?;
+    assert!(out.status.success(), "{}", err(&out));
+
+    let t = connect(&env.target_dsn).await?;
+    let ctl: bool = t
+        .query_one("SELECT to_regnamespace('schemashift') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    assert!(!ctl, "plan wrote nothing");
     env.drop_all().await
 }

@@ -100,7 +100,11 @@ impl PartitionReplayer {
         };
         let source = match &plan.changelog {
             LogPlan::Postgres => Source::Table,
-            LogPlan::Kafka { brokers, topic, .. } => Source::Kafka(PartitionReader::open(
+            LogPlan::Kafka {
+                conn: brokers,
+                topic,
+                ..
+            } => Source::Kafka(PartitionReader::open(
                 brokers,
                 topic,
                 part,

@@ -61,7 +61,11 @@ impl Sink {
     pub fn for_plan(plan: &RunPlan) -> Result<Sink, CoordinatorError> {
         Ok(match &plan.changelog {
             LogPlan::Postgres => Sink::Table(Growth::default()),
-            LogPlan::Kafka { brokers, topic, .. } => Sink::Kafka(
+            LogPlan::Kafka {
+                conn: brokers,
+                topic,
+                ..
+            } => Sink::Kafka(
                 ChangeProducer::new(brokers, topic)?,
                 plan.tables
                     .iter()

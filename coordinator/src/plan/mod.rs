@@ -64,10 +64,10 @@ pub async fn plan(
     let db = |e: tokio_postgres::Error| CoordinatorError::db("planning", &e);
 
     if let Ok(Changelog::Kafka(k)) = spec.changelog() {
-        if let Err(e) = schemashift_changelog::kafka::check_brokers(&k.brokers).await {
+        if let Err(e) = schemashift_changelog::kafka::check_brokers(&k.conn).await {
             problems.push(format!(
                 "changelog: cannot reach the Kafka brokers {}: {e}; check the address, or use `changelog: postgres`",
-                k.brokers.join(",")
+                k.conn.brokers.join(",")
             ));
         }
     }
