@@ -7,6 +7,7 @@ mod machine;
 mod ours;
 mod peers;
 mod render;
+mod tls;
 
 pub use machine::Machine;
 
@@ -90,6 +91,8 @@ pub struct Measurement {
     /// Peak resident set of this process over the measured span (VmHWM reset at its
     /// start); None for peers, which run in processes of their own.
     pub peak_rss_mib: Option<f64>,
+    /// Every connection with TLS (`sslmode=require` on both sides).
+    pub tls: bool,
     pub note: Option<String>,
 }
 
@@ -136,6 +139,9 @@ pub(crate) struct Bench {
     pub max_id: i64,
     pub workers: usize,
     pub psql: PathBuf,
+    /// Both clusters hold a server certificate (the openssl CLI made it), so TLS rows can
+    /// turn `ssl` on for their span.
+    pub tls_ready: bool,
     next_db: AtomicU32,
 }
 
@@ -193,6 +199,36 @@ pub(crate) fn parallelisms(workers: usize) -> Vec<usize> {
 impl Bench {
     pub fn source_dsn(&self) -> String {
         self.src.dsn(SOURCE_DB)
+    }
+
+    /// Turns TLS on or off on both servers (a reload; the certificate is in place from the
+    /// start) and waits until new sessions see it.
+    pub async fn set_ssl(&self, on: bool) -> anyhow::Result<()> {
+        let want = if on { "on" } else { "off" };
+        for c in [&self.src, &self.tgt] {
+            let admin = client(&c.dsn("postgres")).await?;
+            admin
+                .batch_execute(&format!("ALTER SYSTEM SET ssl = {want}"))
+                .await?;
+            admin.batch_execute("SELECT pg_reload_conf()").await?;
+            let t0 = Instant::now();
+            loop {
+                let now: String = client(&c.dsn("postgres"))
+                    .await?
+                    .query_one("SHOW ssl", &[])
+                    .await?
+                    .get(0);
+                if now == want {
+                    break;
+                }
+                anyhow::ensure!(
+                    t0.elapsed() < std::time::Duration::from_secs(10),
+                    "ssl did not turn {want} after a reload"
+                );
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok(())
     }
 
     async fn fresh_target(&self, label: &str, ddl: &str) -> anyhow::Result<String> {
@@ -379,11 +415,13 @@ async fn bench_inner(
     let load_before = load_average();
     let psql = bin_dir()?.join("psql");
     tracing::info!("starting source and target clusters");
-    let (src, tgt) = tokio::try_join!(
-        Cluster::start(ClusterOptions::default()),
-        Cluster::start(ClusterOptions::default())
-    )
-    .context("starting the bench's PostgreSQL clusters")?;
+    let cert = tls::server_certificate().await;
+    let opts = || ClusterOptions {
+        files: cert.clone().unwrap_or_default(),
+        ..ClusterOptions::default()
+    };
+    let (src, tgt) = tokio::try_join!(Cluster::start(opts()), Cluster::start(opts()))
+        .context("starting the bench's PostgreSQL clusters")?;
     client(&src.dsn("postgres"))
         .await?
         .batch_execute(&format!("CREATE DATABASE {}", quote_ident(SOURCE_DB)))
@@ -415,6 +453,7 @@ async fn bench_inner(
         psql,
         src,
         tgt,
+        tls_ready: cert.is_ok(),
         next_db: AtomicU32::new(1),
     };
     let date: String = r.get(4);
@@ -422,6 +461,9 @@ async fn bench_inner(
     drop(source);
 
     let mut c = Collected::default();
+    if let Err(why) = &cert {
+        c.notes.push(format!("TLS rows skipped: {why}"));
+    }
     if only.is_none() || only == Some(Only::Peers) {
         peers::run_all(&b, &mut c).await;
     }

@@ -40,7 +40,10 @@ control schema), the row says *rebuilt* and the time includes the build. *exclud
 target has no name indexes (its key and email indexes are dropped and rebuilt as above). \
 These rows use `strategy: auto`, which measures copy and fdw on a 20,000-row sample at the \
 start (wall, not time) and keeps the faster; the note says what it measured. *fdw*: \
-`strategy: fdw` forced, one `INSERT … SELECT` per shard from a postgres_fdw foreign table.
+`strategy: fdw` forced, one `INSERT … SELECT` per shard from a postgres_fdw foreign table. \
+*TLS*: the same run with `ssl = on` on both servers (a self-signed certificate) and \
+`sslmode=require` in both connection strings, so every session is encrypted (copies, the \
+replication stream, the control sessions); compared with the raw pipe over TLS.
 - **schemashift capture / replay**: after a one-worker backfill, a mixed change workload on \
 the source (about 40% inserts, 45% updates of full_name and bio of random existing users, 15% \
 deletes of random existing users, in transactions of up to 25,000 changes; the row counts \
@@ -64,6 +67,13 @@ pub(super) async fn run_all(b: &Bench, c: &mut Collected) -> Option<f64> {
         backfill(b, db, b.workers, Indexes::Excluded, Strategy::Auto)
     })
     .await;
+    if b.tls_ready {
+        let label = format!("schemashift_{}_in_place_tls", b.workers);
+        super::peers::tls_rows(b, c, &label, TARGET_DDL, |db| {
+            backfill_with(b, db, b.workers, Indexes::InPlace, Strategy::Auto, true)
+        })
+        .await;
+    }
     let label = format!("schemashift_{}_fdw", b.workers);
     b.measure(c, &label, TARGET_DDL, |db| {
         backfill(b, db, b.workers, Indexes::InPlace, Strategy::Fdw)
@@ -107,7 +117,18 @@ pub(super) async fn run_changes(b: &Bench, c: &mut Collected, changes: &[u64]) {
 }
 
 fn spec(b: &Bench, db: &str, workers: usize, changelog: Option<&str>) -> anyhow::Result<Spec> {
-    let mut yaml = users_spec_yaml(&b.source_dsn(), &b.tgt.dsn(db), workers, None);
+    spec_with(b, db, workers, changelog, false)
+}
+
+fn spec_with(
+    b: &Bench,
+    db: &str,
+    workers: usize,
+    changelog: Option<&str>,
+    tls: bool,
+) -> anyhow::Result<Spec> {
+    let wrap = |dsn: String| if tls { super::tls::require(&dsn) } else { dsn };
+    let mut yaml = users_spec_yaml(&wrap(b.source_dsn()), &wrap(b.tgt.dsn(db)), workers, None);
     if let Some(url) = changelog {
         yaml = format!("changelog: {url}\n{yaml}");
     }
@@ -145,7 +166,18 @@ async fn backfill(
     indexes: Indexes,
     strategy: Strategy,
 ) -> anyhow::Result<Outcome> {
-    let mut spec = spec(b, &db, workers, None)?;
+    backfill_with(b, db, workers, indexes, strategy, false).await
+}
+
+async fn backfill_with(
+    b: &Bench,
+    db: String,
+    workers: usize,
+    indexes: Indexes,
+    strategy: Strategy,
+    tls: bool,
+) -> anyhow::Result<Outcome> {
+    let mut spec = spec_with(b, &db, workers, None, tls)?;
     for t in &mut spec.tables {
         t.strategy = strategy;
     }
@@ -165,11 +197,13 @@ async fn backfill(
         indexes
     };
     let count = b.check_rows(&db).await?;
-    let method = match strategy {
-        Strategy::Fdw => "schemashift backfill, fdw",
-        Strategy::Auto | Strategy::Copy => "schemashift backfill",
+    let method = match (strategy, tls) {
+        (Strategy::Fdw, _) => "schemashift backfill, fdw",
+        (Strategy::Auto | Strategy::Copy, false) => "schemashift backfill",
+        (Strategy::Auto | Strategy::Copy, true) => "schemashift backfill, TLS",
     };
     let mut m = b.copied(Kind::SchemashiftBackfill, method, workers, indexes);
+    m.tls = tls;
     m.peak_rss_mib = spent.peak_rss_mib;
     // What `auto` measured at the start and kept.
     let chosen = report.tables.first().map(|t| match &t.measured_rows_per_s {

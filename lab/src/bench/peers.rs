@@ -53,6 +53,14 @@ pub(super) async fn run_all(b: &Bench, c: &mut Collected) {
         b.measure(c, &label, ddl, |db| raw_pipe(b, db, k, idx))
             .await;
     }
+    if b.tls_ready {
+        let k = b.workers;
+        // Rebuilt, as schemashift's backfill does: the TLS pair compares like with like.
+        tls_rows(b, c, &format!("raw_{k}_rebuilt_tls"), &table_only, |db| {
+            raw_pipe_with(b, db, k, Indexes::Rebuilt, true)
+        })
+        .await;
+    }
     b.measure(c, "fdw", TARGET_DDL, |db| fdw(b, db)).await;
     b.measure(c, "pgcopydb", "", |db| pgcopydb(b, db)).await;
     b.measure(c, "logical", SOURCE_DDL, |db| logical(b, db))
@@ -72,17 +80,18 @@ pub(super) async fn create_split_functions(c: &Client) -> anyhow::Result<()> {
 /// Fills both ratio columns of the copy results from the raw-pipe rows: the raw pipe
 /// with the same parallelism and index handling (else indexes in place), and the fastest.
 pub(super) fn ratios(results: &mut [Measurement]) {
-    let raw: Vec<(usize, Option<Indexes>, f64)> = results
+    let raw: Vec<(usize, Option<Indexes>, bool, f64)> = results
         .iter()
         .filter(|m| m.kind == Kind::RawPipe)
-        .map(|m| (m.parallelism, m.indexes, m.per_second))
+        .map(|m| (m.parallelism, m.indexes, m.tls, m.per_second))
         .collect();
-    let fastest = raw.iter().map(|r| r.2).fold(0.0, f64::max);
+    let fastest = raw.iter().filter(|r| !r.2).map(|r| r.3).fold(0.0, f64::max);
     for m in results.iter_mut().filter(|m| m.unit == "rows") {
+        // A TLS row against the raw pipe with TLS, a plain one against the plain pipe.
         let like = |idx: Option<Indexes>| {
             raw.iter()
-                .find(|r| r.0 == m.parallelism && r.1 == idx)
-                .map(|r| r.2)
+                .find(|r| r.0 == m.parallelism && r.1 == idx && r.2 == m.tls)
+                .map(|r| r.3)
         };
         let same = like(m.indexes)
             .or_else(|| like(Some(Indexes::InPlace)))
@@ -99,13 +108,45 @@ fn stderr_tail(out: &Output, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// A row measured with TLS on both servers, turned off again whatever the outcome.
+pub(super) async fn tls_rows<F, Fut>(b: &Bench, c: &mut Collected, label: &str, ddl: &str, f: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Outcome>>,
+{
+    if let Err(e) = b.set_ssl(true).await {
+        c.notes
+            .push(format!("{label}: TLS could not be turned on: {e:#}"));
+        c.failed = true;
+        return;
+    }
+    b.measure(c, label, ddl, f).await;
+    if let Err(e) = b.set_ssl(false).await {
+        c.notes
+            .push(format!("{label}: TLS could not be turned off: {e:#}"));
+        c.failed = true;
+    }
+}
+
 async fn raw_pipe(
     b: &Bench,
     db: String,
     streams: usize,
     indexes: Indexes,
 ) -> anyhow::Result<Outcome> {
-    let target = b.tgt.dsn(&db);
+    raw_pipe_with(b, db, streams, indexes, false).await
+}
+
+async fn raw_pipe_with(
+    b: &Bench,
+    db: String,
+    streams: usize,
+    indexes: Indexes,
+    tls: bool,
+) -> anyhow::Result<Outcome> {
+    let wrap = |dsn: String| if tls { super::tls::require(&dsn) } else { dsn };
+    let target = wrap(b.tgt.dsn(&db));
+    let source = wrap(b.source_dsn());
     let span = i128::from(b.max_id) - i128::from(b.min_id) + 1;
     let bound = |i: usize| (i128::from(b.min_id) + span * i as i128 / streams as i128) as i64;
     let span = b.span().await;
@@ -120,7 +161,7 @@ async fn raw_pipe(
         cmd.arg("-c")
             .arg(PIPE)
             .env("PSQL", &b.psql)
-            .env("SRC", b.source_dsn())
+            .env("SRC", &source)
             .env("TGT", &target)
             .env("OUT_SQL", out_sql)
             .env("IN_SQL", COPY_IN)
@@ -166,12 +207,17 @@ async fn raw_pipe(
     }
     let spent = b.spent(&span).await;
     let count = b.check_rows(&db).await?;
-    let m = b.copied(
+    let mut m = b.copied(
         Kind::RawPipe,
-        "raw COPY pipe (psql to psql)",
+        if tls {
+            "raw COPY pipe (psql to psql), TLS"
+        } else {
+            "raw COPY pipe (psql to psql)"
+        },
         streams,
         indexes,
     );
+    m.tls = tls;
     Ok(Outcome::Measured(vec![b.timed(
         m,
         count,
