@@ -145,8 +145,10 @@ async fn raw_pipe_with(
     tls: bool,
 ) -> anyhow::Result<Outcome> {
     let wrap = |dsn: String| if tls { super::tls::require(&dsn) } else { dsn };
-    let target = wrap(b.tgt.dsn(&db));
-    let source = wrap(b.source_dsn());
+    // The pipe's psql sessions carry the data and use TLS in a TLS row; the index builds
+    // after it are server-side work, run from our own (plain) sessions.
+    let target = b.tgt.dsn(&db);
+    let (pipe_target, source) = (wrap(target.clone()), wrap(b.source_dsn()));
     let span = i128::from(b.max_id) - i128::from(b.min_id) + 1;
     let bound = |i: usize| (i128::from(b.min_id) + span * i as i128 / streams as i128) as i64;
     let span = b.span().await;
@@ -162,7 +164,7 @@ async fn raw_pipe_with(
             .arg(PIPE)
             .env("PSQL", &b.psql)
             .env("SRC", &source)
-            .env("TGT", &target)
+            .env("TGT", &pipe_target)
             .env("OUT_SQL", out_sql)
             .env("IN_SQL", COPY_IN)
             .stdin(Stdio::null())
