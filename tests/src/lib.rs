@@ -9,6 +9,7 @@ use schemashift_lab::cluster::{Cluster, ClusterOptions};
 use tokio_postgres::{Client, NoTls};
 
 mod broker;
+pub mod certs;
 mod diff;
 mod procs;
 

@@ -7,84 +7,9 @@ use schemashift_common::pg::connect;
 use schemashift_common::spec::Dsn;
 use schemashift_lab::cluster::{Cluster, ClusterOptions};
 use schemashift_lab::scenario::{load_users, users_spec_yaml, SOURCE_DDL, TARGET_DDL};
+use schemashift_tests::certs::make_ca_and_server_cert;
 use schemashift_tests::{schemashift, table_diff, write_spec};
 use std::path::Path;
-use std::process::Command;
-
-fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// A CA (`{name}-ca.crt`) and a server certificate for localhost signed by it.
-fn make_ca_and_server_cert(dir: &Path, name: &str) -> anyhow::Result<()> {
-    let ca_key = format!("{name}-ca.key");
-    let ca_crt = format!("{name}-ca.crt");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name} test CA"),
-            "-keyout",
-            &ca_key,
-            "-out",
-            &ca_crt,
-        ],
-    )?;
-    let ext = dir.join(format!("{name}.ext"));
-    std::fs::write(&ext, "subjectAltName=DNS:localhost,IP:127.0.0.1\n")?;
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            &format!("{name}-server.key"),
-            "-out",
-            &format!("{name}-server.csr"),
-        ],
-    )?;
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}-server.csr"),
-            "-CA",
-            &ca_crt,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &ext.to_string_lossy(),
-            "-out",
-            &format!("{name}-server.crt"),
-        ],
-    )?;
-    Ok(())
-}
 
 async fn tls_cluster(dir: &Path) -> anyhow::Result<Cluster> {
     Ok(Cluster::start(ClusterOptions {

@@ -195,6 +195,29 @@ pub async fn check(
         ),
         without: None,
     });
+    let mut schemas: Vec<&str> = tables.target.iter().map(|t| t.schema.as_str()).collect();
+    schemas.sort_unstable();
+    schemas.dedup();
+    for schema in schemas {
+        let present: Option<bool> = target
+            .query_one(
+                "SELECT CASE WHEN to_regnamespace($1) IS NULL THEN NULL \
+                 ELSE has_schema_privilege(to_regnamespace($1), 'CREATE') END",
+                &[&quote_ident(schema)],
+            )
+            .await?
+            .get(0);
+        let Some(present) = present else { continue };
+        out.push(Privilege {
+            side: "target",
+            privilege: format!("CREATE on schema {}", quote_ident(schema)),
+            used_for: "backfill: building the indexes dropped for the load",
+            present,
+            required: true,
+            fix: format!("GRANT CREATE ON SCHEMA {} TO {tr}", quote_ident(schema)),
+            without: None,
+        });
+    }
     for t in tables.target {
         let Some(has) = table_rights(target, t).await? else {
             continue;
