@@ -192,6 +192,11 @@ pub enum Command {
     Rollback { spec: PathBuf },
     /// Drop slot, publication and control state.
     Cleanup { spec: PathBuf },
+    /// Pause every copy and every replay of the run (capture goes on, the slot keeps WAL),
+    /// from any process, until `resume`; stored with the run, so it outlives restarts.
+    Pause { spec: PathBuf },
+    /// Lift a pause.
+    Resume { spec: PathBuf },
     #[cfg(feature = "lab")]
     /// Measure schemashift side by side with its peers on two throwaway clusters.
     Bench {
@@ -424,6 +429,36 @@ pub async fn execute(cli: Cli) -> i32 {
         }
         Command::Rollback { spec } => cleanup_cmd(spec, true).await,
         Command::Cleanup { spec } => cleanup_cmd(spec, false).await,
+        Command::Pause { spec } => {
+            let spec = match load_spec(&spec) {
+                Ok(s) => s,
+                Err(c) => return c,
+            };
+            match schemashift_coordinator::pause::pause(&spec).await {
+                Ok(p) => {
+                    eprintln!("{p}: copies and replay hold within a second, capture goes on");
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Resume { spec } => {
+            let spec = match load_spec(&spec) {
+                Ok(s) => s,
+                Err(c) => return c,
+            };
+            match schemashift_coordinator::pause::resume(&spec).await {
+                Ok(Some(p)) => {
+                    eprintln!("resumed (was {p})");
+                    0
+                }
+                Ok(None) => {
+                    eprintln!("the run was not paused; nothing changed");
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
         #[cfg(feature = "lab")]
         Command::Bench {
             rows,

@@ -240,6 +240,9 @@ pub fn print_status(s: &Status, json: bool) {
                     .map(|e| format!(", backfill done in about {e:.0} s"))
                     .unwrap_or_default()
             );
+            if let Some(p) = &s.paused {
+                eprintln!("  {p}: copies and replay hold, capture goes on (`schemashift resume` to go on)");
+            }
             if s.throttled || s.throttled_seconds > 0.0 {
                 eprintln!(
                     "  throttle: {}{}; {:.1} s throttled in {} episodes",

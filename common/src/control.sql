@@ -139,3 +139,12 @@ ALTER TABLE {schema}.indexes ADD COLUMN IF NOT EXISTS constraint_type text;
 -- Relative cost of the build's sort (collatable key columns compare by locale): the
 -- costliest builds start first, so parallel builds end together.
 ALTER TABLE {schema}.indexes ADD COLUMN IF NOT EXISTS sort_cost int NOT NULL DEFAULT 1;
+
+-- An operator's pause (`schemashift pause`): while this row exists, copies and replay hold
+-- (capture goes on); it outlives restarts until `schemashift resume` deletes it.
+CREATE TABLE IF NOT EXISTS {schema}.pause (
+    id      int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    since   timestamptz NOT NULL DEFAULT now(),
+    by_user text NOT NULL,
+    by_host text NOT NULL
+);

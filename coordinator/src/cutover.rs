@@ -82,7 +82,26 @@ async fn changed_keys(
     Ok(keys.into_iter().collect())
 }
 
+/// The cutover, excluding a pause for its whole length: refused while the run is paused.
 pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError> {
+    let sql = schemashift_common::control::ControlSql::new(&ctx.spec.control_schema);
+    if !crate::pause::try_cutover_lock(&ctx.target, &sql).await? {
+        return Err(CoordinatorError::CutoverRefused(
+            "another cutover, or a pause being recorded, holds the cutover lock; try again".into(),
+        ));
+    }
+    let r = match crate::pause::read(&ctx.target, &sql).await {
+        Ok(Some(p)) => Err(CoordinatorError::CutoverRefused(format!(
+            "the run is {p}; `schemashift resume SPEC` first"
+        ))),
+        Ok(None) => cutover_unpaused(ctx).await,
+        Err(e) => Err(e),
+    };
+    crate::pause::release_cutover_lock(&ctx.target, &sql).await;
+    r
+}
+
+async fn cutover_unpaused(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError> {
     let freeze_budget = ctx.spec.cutover.freeze_timeout;
     let mut report = CutoverReport::default();
     let tables = ctx

@@ -44,6 +44,9 @@ pub enum CoordinatorError {
     Listen { addr: String, reason: String },
     #[error("interrupted")]
     Interrupted,
+    /// An operator command that does not apply now (nothing was changed).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl CoordinatorError {
@@ -62,7 +65,8 @@ impl CoordinatorError {
             | CoordinatorError::Plan(_)
             | CoordinatorError::Connect(_)
             | CoordinatorError::Listen { .. }
-            | CoordinatorError::CutoverRefused(_) => 2,
+            | CoordinatorError::CutoverRefused(_)
+            | CoordinatorError::Refused(_) => 2,
             _ => 1,
         }
     }
@@ -91,6 +95,7 @@ impl Classify for CoordinatorError {
             | CoordinatorError::State(_)
             | CoordinatorError::Serve(_)
             | CoordinatorError::Listen { .. }
+            | CoordinatorError::Refused(_)
             | CoordinatorError::Interrupted => Class::Permanent,
         }
     }

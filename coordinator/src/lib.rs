@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod indexes;
 pub mod metrics;
 pub mod ops;
+pub mod pause;
 pub mod phases;
 pub mod plan;
 pub mod replay;

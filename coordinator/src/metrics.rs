@@ -63,6 +63,7 @@ pub struct Metrics {
     errors: Family<Labels, Counter>,
     replay_failing: Gauge,
     throttled: Gauge,
+    paused: Gauge,
     throttled_seconds: Counter<f64, AtomicU64>,
     workers: Gauge,
 }
@@ -98,6 +99,7 @@ impl Default for Metrics {
             errors: Family::default(),
             replay_failing: Gauge::default(),
             throttled: Gauge::default(),
+            paused: Gauge::default(),
             throttled_seconds: Counter::default(),
             workers: Gauge::default(),
         };
@@ -163,6 +165,11 @@ impl Default for Metrics {
             "throttled",
             "1 while new shards are held back for the source's health",
             m.throttled.clone(),
+        );
+        r.register(
+            "paused",
+            "1 while an operator has the run paused (schemashift pause)",
+            m.paused.clone(),
         );
         r.register(
             "throttled_seconds",
@@ -253,6 +260,7 @@ impl Metrics {
         );
         self.replay_failing.set(st.replay_failures);
         self.throttled.set(i64::from(st.throttled));
+        self.paused.set(i64::from(st.paused.is_some()));
         let busy = st
             .workers
             .iter()

@@ -91,6 +91,8 @@ pub struct Status {
     /// not ours), and why the last time.
     pub throttle_rebaselines: i32,
     pub throttle_rebaseline_reason: Option<String>,
+    /// Set while an operator has the run paused (`schemashift pause`).
+    pub paused: Option<crate::pause::Paused>,
 }
 
 fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
@@ -127,6 +129,7 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
         )
         .await
         .map_err(db("reading status"))?;
+    st.paused = crate::pause::read(&target, &store.sql).await?;
     st.changes_logged = row.get(0);
     st.changes_applied = row.get(1);
     st.replay_lag_changes = row.get(2);

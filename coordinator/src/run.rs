@@ -312,6 +312,9 @@ impl RunCtx {
             Stage::Replay
         };
         let throttle = Arc::new(crate::throttle::Throttle::new(spec.throttle.enabled));
+        // A run paused before this process started stays paused from its first lease on.
+        let sql = schemashift_common::control::ControlSql::new(&spec.control_schema);
+        throttle.set_paused(crate::pause::read(&target, &sql).await?.is_some());
         if spec.throttle.enabled {
             background.spawn(
                 "throttle",
@@ -326,6 +329,12 @@ impl RunCtx {
                 ),
             );
         }
+        // An operator's pause, read from the control schema by every coordinator.
+        background.spawn(
+            "pause",
+            tracing::info_span!("pause", run_id = %state.run_id),
+            crate::pause::watch(spec.clone(), throttle.clone(), background.stopping()),
+        );
         let svc = Arc::new(ControlCoordinator::new(
             connect(&spec.target, "target").await?,
             Registration {

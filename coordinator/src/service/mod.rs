@@ -293,6 +293,8 @@ impl CoordinatorService for ControlCoordinator {
                     Work::Replay { partitions }
                 }
             }
+            // Paused by an operator: no verify range either.
+            Stage::Verify if self.throttle.paused() => Work::Wait(Duration::from_millis(250)),
             Stage::Verify => self
                 .lease_verify()
                 .unwrap_or(Work::Wait(Duration::from_millis(200))),

@@ -29,6 +29,9 @@ use tokio_postgres::Client;
 #[derive(Debug)]
 pub struct Throttle {
     on: AtomicBool,
+    /// An operator paused the run (`schemashift pause`): everything the throttle holds,
+    /// held until `resume`, whatever the probe says.
+    paused: AtomicBool,
     /// Copies (and index builds) allowed at once; unlimited unless the host CPU rule applies.
     allowed: AtomicUsize,
     /// Shard copies under way, with the lease epoch and their last sign of life: the
@@ -41,13 +44,23 @@ impl Throttle {
     pub fn new(enabled: bool) -> Self {
         Throttle {
             on: AtomicBool::new(enabled),
+            paused: AtomicBool::new(false),
             allowed: AtomicUsize::new(usize::MAX),
             running: Mutex::new(BTreeMap::new()),
         }
     }
 
+    /// Copies and replay hold: the source is under stress, or an operator paused the run.
     pub fn throttled(&self) -> bool {
-        self.on.load(Ordering::Relaxed)
+        self.on.load(Ordering::Relaxed) || self.paused()
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
     }
 
     /// How many copies or index builds may run at once now.
