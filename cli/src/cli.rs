@@ -197,6 +197,13 @@ pub enum Command {
     Pause { spec: PathBuf },
     /// Lift a pause.
     Resume { spec: PathBuf },
+    /// Every event of this spec's runs (phases, operator commands with user and host,
+    /// throttle holds, freeze time, switch, rollback, cleanup); kept after cleanup.
+    History {
+        spec: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     #[cfg(feature = "lab")]
     /// Measure schemashift side by side with its peers on two throwaway clusters.
     Bench {
@@ -437,6 +444,19 @@ pub async fn execute(cli: Cli) -> i32 {
             match schemashift_coordinator::pause::pause(&spec).await {
                 Ok(p) => {
                     eprintln!("{p}: copies and replay hold within a second, capture goes on");
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::History { spec, json } => {
+            let spec = match load_spec(&spec) {
+                Ok(s) => s,
+                Err(c) => return c,
+            };
+            match schemashift_coordinator::history::read(&spec).await {
+                Ok(events) => {
+                    report::print_history(&events, json);
                     0
                 }
                 Err(e) => fail(e),

@@ -440,3 +440,25 @@ pub fn print_demo(d: &DemoReport, json: bool) {
         d.p95_rest_ms, d.p95_after_ms
     );
 }
+
+/// One line per event: when, run, what, by whom, and the detail.
+pub fn print_history(events: &[schemashift_coordinator::history::Event], json: bool) {
+    if json {
+        return json_out(&events);
+    }
+    if events.is_empty() {
+        eprintln!("no history for this spec's control schema");
+        return;
+    }
+    for e in events {
+        let by = match (&e.by_user, &e.by_host) {
+            (Some(u), Some(h)) => format!(" by {u}@{h}"),
+            _ => String::new(),
+        };
+        let detail = match &e.detail {
+            serde_json::Value::Object(m) if m.is_empty() => String::new(),
+            d => format!(" {d}"),
+        };
+        eprintln!("{}  {}  {}{by}{detail}", e.at, e.run_id, e.kind);
+    }
+}

@@ -4,17 +4,21 @@
 use crate::sql::quote_ident;
 
 pub const DDL: &str = include_str!("control.sql");
+pub const HISTORY_DDL: &str = include_str!("history.sql");
 
 /// The control schema's statements, with the schema name quoted once.
 #[derive(Clone, Debug)]
 pub struct ControlSql {
     schema: String,
+    /// `<control schema>_history`, quoted: what `cleanup` leaves.
+    history: String,
 }
 
 impl ControlSql {
     pub fn new(schema: &str) -> Self {
         ControlSql {
             schema: quote_ident(schema),
+            history: quote_ident(&format!("{schema}_history")),
         }
     }
 
@@ -24,6 +28,19 @@ impl ControlSql {
 
     pub fn ddl(&self) -> String {
         DDL.replace("{schema}", &self.schema)
+    }
+
+    pub fn history_schema(&self) -> &str {
+        &self.history
+    }
+
+    pub fn history_ddl(&self) -> String {
+        HISTORY_DDL.replace("{history}", &self.history)
+    }
+
+    /// The history's events table.
+    pub fn history(&self) -> String {
+        format!("{}.events", self.history)
     }
 
     pub fn table(&self, name: &str) -> String {

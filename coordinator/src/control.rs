@@ -154,6 +154,7 @@ impl Store {
         let e = err("creating control state");
         let tx = target.transaction().await.map_err(&e)?;
         tx.batch_execute(&self.sql.ddl()).await.map_err(&e)?;
+        crate::history::ensure(&tx, &self.sql).await?;
         let plan_json =
             serde_json::to_string(plan).map_err(|x| CoordinatorError::State(x.to_string()))?;
         tx.execute(
@@ -199,6 +200,18 @@ impl Store {
         )
         .await
         .map_err(&e)?;
+        crate::history::record(
+            &tx,
+            &self.sql,
+            "planned",
+            serde_json::json!({
+                "fingerprint": fingerprint,
+                "tables": plan.tables.iter().map(|t| t.describe()).collect::<Vec<_>>(),
+                "shards": shards.len(),
+            }),
+            crate::history::By::Run,
+        )
+        .await;
         tx.commit().await.map_err(&e)?;
         Ok(())
     }
@@ -235,6 +248,14 @@ impl Store {
             )
             .await
             .map_err(err("saving phase"))?;
+        crate::history::record(
+            target,
+            &self.sql,
+            "phase",
+            serde_json::json!({ "phase": phase.as_str() }),
+            crate::history::By::Run,
+        )
+        .await;
         tracing::info!(phase = phase.as_str(), "phase changed");
         Ok(())
     }
@@ -255,6 +276,14 @@ impl Store {
             )
             .await
             .map_err(err("recording event"))?;
+        crate::history::record(
+            target,
+            &self.sql,
+            kind,
+            detail,
+            crate::history::By::Operator,
+        )
+        .await;
         Ok(())
     }
 

@@ -11,6 +11,7 @@ pub mod distributed;
 pub mod error;
 pub mod fdw;
 pub mod grpc;
+pub mod history;
 pub mod indexes;
 pub mod metrics;
 pub mod ops;

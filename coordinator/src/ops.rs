@@ -390,6 +390,17 @@ pub async fn cleanup(spec: &Spec) -> Result<CleanupReport, CoordinatorError> {
         tracing::info!(restored, "foreign keys put back");
     }
     crate::fdw::drop(&target, &spec.control_schema).await?;
+    if had {
+        crate::history::ensure(&target, &store.sql).await?;
+        crate::history::record(
+            &target,
+            &store.sql,
+            "cleanup",
+            serde_json::json!({ "slot_dropped": report.slot_dropped }),
+            crate::history::By::Operator,
+        )
+        .await;
+    }
     store.drop_schema(&target).await?;
     report.control_schema_dropped = had;
     Ok(report)
@@ -403,6 +414,14 @@ pub async fn rollback(spec: &Spec) -> Result<RollbackOutcome, CoordinatorError> 
         if state.phase == Phase::CutOver {
             // After the cutover: drain reverse sync in a short target freeze, switch back.
             let switched = crate::reverse::rollback(spec, &state.plan).await?;
+            crate::history::record(
+                &target,
+                &store.sql,
+                "rollback",
+                serde_json::to_value(&switched).unwrap_or_default(),
+                crate::history::By::Operator,
+            )
+            .await;
             tracing::info!(
                 seconds = switched.seconds,
                 applied = switched.changes_applied,

@@ -70,17 +70,6 @@ pub async fn read(target: &Client, sql: &ControlSql) -> Result<Option<Paused>, C
     }))
 }
 
-/// The operating-system user and host of this process, for the record.
-fn operator() -> (String, String) {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    (user, host)
-}
-
 /// `schemashift pause`: refused without a run, and from the cutover on (the freeze is
 /// short and bounded; a pause inside it would hold the application's writes).
 pub async fn pause(spec: &Spec) -> Result<Paused, CoordinatorError> {
@@ -105,7 +94,7 @@ pub async fn pause(spec: &Spec) -> Result<Paused, CoordinatorError> {
                 .into(),
         ));
     }
-    let (user, host) = operator();
+    let (user, host) = crate::history::operator();
     let table = store.sql.table("pause");
     target
         .batch_execute(&pause_ddl(&store.sql))
@@ -121,9 +110,19 @@ pub async fn pause(spec: &Spec) -> Result<Paused, CoordinatorError> {
         )
         .await
         .map_err(db("pausing the run"))?;
-    read(&target, &store.sql)
+    let paused = read(&target, &store.sql)
         .await?
-        .ok_or_else(|| CoordinatorError::State("the pause was not recorded".into()))
+        .ok_or_else(|| CoordinatorError::State("the pause was not recorded".into()))?;
+    crate::history::ensure(&target, &store.sql).await?;
+    crate::history::record(
+        &target,
+        &store.sql,
+        "pause",
+        serde_json::json!({ "since": paused.since }),
+        crate::history::By::Operator,
+    )
+    .await;
+    Ok(paused)
 }
 
 /// `schemashift resume`: the pause it lifted, if there was one.
@@ -136,6 +135,15 @@ pub async fn resume(spec: &Spec) -> Result<Option<Paused>, CoordinatorError> {
             .execute(&format!("DELETE FROM {}", sql.table("pause")), &[])
             .await
             .map_err(db("resuming the run"))?;
+        crate::history::ensure(&target, &sql).await?;
+        crate::history::record(
+            &target,
+            &sql,
+            "resume",
+            serde_json::json!({}),
+            crate::history::By::Operator,
+        )
+        .await;
     }
     Ok(was)
 }

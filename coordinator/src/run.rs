@@ -298,6 +298,7 @@ impl RunCtx {
             ),
         );
         report.run_id = state.run_id.0.clone();
+        crate::history::ensure(&target, &store.sql).await?;
         let released = store.release_leases_of(&target, EMBEDDED_PREFIX).await?;
         if released > 0 {
             tracing::info!(released, "released leases of a previous process");

@@ -135,5 +135,37 @@ async fn paused_run_moves_nothing_stays_paused_across_a_kill_and_completes_after
         String::from_utf8_lossy(&out.stderr)
     );
     schemashift_ok(&["cleanup", &spec])?;
+
+    // The history outlives cleanup: phases, the pause and resume with who and where, the
+    // cutover's freeze, the cleanup.
+    let history: serde_json::Value =
+        serde_json::from_slice(&schemashift_ok(&["history", &spec, "--json"])?.stdout)?;
+    let events = history.as_array().cloned().unwrap_or_default();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
+    for k in ["planned", "phase", "pause", "resume", "cutover", "cleanup"] {
+        assert!(kinds.contains(&k), "history has {k}: {kinds:?}");
+    }
+    let phases: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "phase")
+        .filter_map(|e| e["detail"]["phase"].as_str())
+        .collect();
+    for p in ["backfill", "replay", "verify", "verified", "cut_over"] {
+        assert!(phases.contains(&p), "history has phase {p}: {phases:?}");
+    }
+    let pause = events.iter().find(|e| e["kind"] == "pause");
+    assert!(
+        pause.is_some_and(|p| p["by_user"].is_string() && p["by_host"].is_string()),
+        "{pause:?}"
+    );
+    let cutover = events.iter().find(|e| e["kind"] == "cutover");
+    assert!(
+        cutover.is_some_and(|c| c["detail"]["freeze_ms"].as_f64().is_some_and(|f| f > 0.0)),
+        "{cutover:?}"
+    );
+    connect(&env.target_dsn)
+        .await?
+        .batch_execute("DROP SCHEMA schemashift_history CASCADE")
+        .await?;
     env.drop_all().await
 }

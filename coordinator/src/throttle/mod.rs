@@ -473,6 +473,16 @@ pub async fn watch_source(
             if let Err(e) = target.execute(&save, &[&verdict.is_some(), &verdict]).await {
                 tracing::debug!(error = %schemashift_common::pg::describe(&e), "throttle state not saved");
             }
+            if let Some(why) = &verdict {
+                crate::history::record(
+                    &target,
+                    &sql,
+                    "throttle",
+                    serde_json::json!({ "reason": why }),
+                    crate::history::By::Run,
+                )
+                .await;
+            }
         }
         last = Some(verdict);
         tokio::select! {
