@@ -359,76 +359,8 @@ pub fn print_demo(d: &DemoReport, json: bool) {
         "  the brief's success metrics (throttling {}):",
         if d.throttling { "on" } else { "off" }
     );
-    let lost = d.diff.0 + d.diff.1 + d.diff.2 + d.rollback_diff.map_or(0, |r| r.0 + r.1 + r.2);
-    let impact = if d.p95_before_ms > 0.0 {
-        (d.p95_during_ms / d.p95_before_ms - 1.0) * 100.0
-    } else {
-        0.0
-    };
-    let lag = d.run.lag_seconds;
-    let freeze = d.run.cutover.as_ref().map_or(0.0, |c| c.freeze_ms);
-    let rows: [(&str, String, &str, bool); 8] = [
-        (
-            "downtime (longest write wait)",
-            format!("{:.0} ms", d.max_write_wait_ms),
-            "0 s (writes wait, never fail; freeze < 1 s)",
-            d.load_failed == 0 && d.max_write_wait_ms < 1000.0,
-        ),
-        (
-            "write freeze",
-            format!("{freeze:.0} ms"),
-            "< 1 s",
-            freeze < 1000.0,
-        ),
-        ("rows lost or different", lost.to_string(), "0", lost == 0),
-        (
-            "split accuracy",
-            format!("{:.3}% of {}", d.split_accuracy * 100.0, d.accuracy_sample),
-            "> 99.9%",
-            d.split_accuracy > 0.999,
-        ),
-        (
-            "write p95 before → backfill",
-            format!(
-                "{:.2} → {:.2} ms ({impact:+.0}%)",
-                d.p95_before_ms, d.p95_during_ms
-            ),
-            "< +10%",
-            impact < 10.0,
-        ),
-        (
-            "target writes in the old schema",
-            format!(
-                "{} writes after the switch, {} changes reverse-synced",
-                d.writes_after_switch, d.reverse_applied
-            ),
-            "all, by reverse sync",
-            d.writes_after_switch > 0 && lost == 0,
-        ),
-        (
-            "catch-up lag before cutover",
-            format!("{lag:.2} s"),
-            "< 1 s",
-            lag < 1.0,
-        ),
-        (
-            "rollback",
-            d.rollback_seconds
-                .map_or("not run (--rollback)".into(), |s| {
-                    format!("{s:.1} s, nothing lost")
-                }),
-            "< 15 min",
-            d.rollback_seconds.is_some_and(|s| s < 900.0),
-        ),
-    ];
-    for (what, got, target, met) in rows {
-        eprintln!(
-            "    {:<32} {:<34} target {:<44} {}",
-            what,
-            got,
-            target,
-            if met { "met" } else { "NOT met" }
-        );
+    for line in success_lines(d) {
+        eprintln!("{line}");
     }
     let [b50, b95, b99] = d.percentiles_before_ms;
     let [d50, d95, d99] = d.percentiles_during_ms;
@@ -460,5 +392,150 @@ pub fn print_history(events: &[schemashift_coordinator::history::Event], json: b
             d => format!(" {d}"),
         };
         eprintln!("{}  {}  {}{by}{detail}", e.at, e.run_id, e.kind);
+    }
+}
+
+/// A success metric's verdict; one that was not measured is not counted either way.
+#[cfg(feature = "lab")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Met,
+    NotMet,
+    NotRun,
+}
+
+/// The success-metrics table: each metric on one line (name, value, verdict) and its target
+/// on the next, within 100 columns however long a value is.
+#[cfg(feature = "lab")]
+fn success_lines(d: &DemoReport) -> Vec<String> {
+    let lost = d.diff.0 + d.diff.1 + d.diff.2 + d.rollback_diff.map_or(0, |r| r.0 + r.1 + r.2);
+    let impact = if d.p95_before_ms > 0.0 {
+        (d.p95_during_ms / d.p95_before_ms - 1.0) * 100.0
+    } else {
+        0.0
+    };
+    let lag = d.run.lag_seconds;
+    let freeze = d.run.cutover.as_ref().map_or(0.0, |c| c.freeze_ms);
+    let verdict = |met: bool| if met { Verdict::Met } else { Verdict::NotMet };
+    let rows: [(&str, String, &str, Verdict); 8] = [
+        (
+            "downtime (longest write wait)",
+            format!("{:.0} ms", d.max_write_wait_ms),
+            "0 s (writes wait, never fail; freeze < 1 s)",
+            verdict(d.load_failed == 0 && d.max_write_wait_ms < 1000.0),
+        ),
+        (
+            "write freeze",
+            format!("{freeze:.0} ms"),
+            "< 1 s",
+            verdict(freeze < 1000.0),
+        ),
+        (
+            "rows lost or different",
+            lost.to_string(),
+            "0",
+            verdict(lost == 0),
+        ),
+        (
+            "split accuracy",
+            format!("{:.3}% of {}", d.split_accuracy * 100.0, d.accuracy_sample),
+            "> 99.9%",
+            verdict(d.split_accuracy > 0.999),
+        ),
+        (
+            "write p95 before → backfill",
+            format!(
+                "{:.2} → {:.2} ms ({impact:+.0}%)",
+                d.p95_before_ms, d.p95_during_ms
+            ),
+            "< +10%",
+            verdict(impact < 10.0),
+        ),
+        (
+            "target writes in the old schema",
+            format!(
+                "{} written after the switch, {} synced back",
+                d.writes_after_switch, d.reverse_applied
+            ),
+            "all, by reverse sync",
+            verdict(d.writes_after_switch > 0 && lost == 0),
+        ),
+        (
+            "catch-up lag before cutover",
+            format!("{lag:.2} s"),
+            "< 1 s",
+            verdict(lag < 1.0),
+        ),
+        (
+            "rollback",
+            d.rollback_seconds
+                .map_or("not run (ask with --rollback)".into(), |s| {
+                    format!("{s:.1} s, nothing lost")
+                }),
+            "< 15 min",
+            match d.rollback_seconds {
+                None => Verdict::NotRun,
+                Some(s) => verdict(s < 900.0),
+            },
+        ),
+    ];
+    let mut out = Vec::new();
+    for (what, got, target, v) in rows {
+        let v = match v {
+            Verdict::Met => "met",
+            Verdict::NotMet => "NOT met",
+            Verdict::NotRun => "not run",
+        };
+        // 4 + 32 + 1 + 50 + 1 + 7: a value longer than its column is cut, never run on.
+        let got: String = if got.chars().count() > 50 {
+            got.chars().take(49).chain(std::iter::once('…')).collect()
+        } else {
+            got
+        };
+        out.push(format!("    {what:<32} {got:<50} {v}"));
+        out.push(format!("      target {target}"));
+    }
+    out
+}
+
+#[cfg(all(test, feature = "lab"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_metrics_fit_100_columns_and_a_rollback_not_asked_for_is_not_run() {
+        let d = DemoReport {
+            writes_after_switch: 123_456_789,
+            reverse_applied: 123_456_789,
+            split_accuracy: 1.0,
+            accuracy_sample: 10_000,
+            max_write_wait_ms: 12_345_678.0,
+            ..DemoReport::default()
+        };
+        let lines = success_lines(&d);
+        for l in &lines {
+            assert!(
+                l.chars().count() <= 100,
+                "{} columns: {l}",
+                l.chars().count()
+            );
+        }
+        let rollback = lines
+            .iter()
+            .find(|l| l.trim_start().starts_with("rollback"))
+            .expect("a rollback line");
+        assert!(rollback.ends_with("not run"), "{rollback}");
+        assert!(!lines
+            .iter()
+            .any(|l| l.contains("NOT met") && l.contains("rollback")));
+        // Columns line up: every verdict starts at the same column.
+        let verdicts: Vec<usize> = lines
+            .iter()
+            .filter(|l| !l.trim_start().starts_with("target"))
+            .map(|l| {
+                l.chars().count() - l.split_whitespace().last().map_or(0, |w| w.chars().count())
+            })
+            .collect();
+        assert!(verdicts.iter().all(|c| *c >= 4 + 32 + 1 + 50), "{lines:#?}");
     }
 }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 use tokio_postgres::{Client, NoTls};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct DemoReport {
     pub rows: u64,
     pub run: RunReport,
