@@ -48,6 +48,9 @@ async fn huge_transaction_and_a_rolled_back_one_during_backfill_lose_nothing() -
         .ok_or_else(|| anyhow::anyhow!("run did not start"))?;
     let t = connect(&env.target_dsn).await?;
     wait_shards_done(&t, 1, &mut run).await?;
+    // Held mid-backfill while the transactions run (capture goes on), so that a fast
+    // backfill cannot finish the run before the huge update commits.
+    schemashift_tests::schemashift_ok(&["pause", &spec])?;
     // Overlapping: B inserts 200K rows and holds them; A updates every row and commits;
     // then B rolls back.
     let b = connect(&env.source_dsn).await?;
@@ -64,6 +67,7 @@ async fn huge_transaction_and_a_rolled_back_one_during_backfill_lose_nothing() -
     )
     .await?;
     b.batch_execute("ROLLBACK").await?;
+    schemashift_tests::schemashift_ok(&["resume", &spec])?;
     let mut peak: f64 = 0.0;
     let status = loop {
         if let Some(p) = peak_mib(pid) {
