@@ -227,6 +227,16 @@ pub enum Command {
     },
 }
 
+/// The spec at this path, or the command's exit code (2, the problem said) on bad input.
+macro_rules! spec_or_return {
+    ($path:expr) => {
+        match load_spec(&$path) {
+            Ok(s) => s,
+            Err(code) => return code,
+        }
+    };
+}
+
 pub(crate) fn load_spec(path: &std::path::Path) -> Result<Spec, i32> {
     Spec::load(path).map_err(|e| {
         eprintln!("error: {e}");
@@ -287,10 +297,7 @@ pub async fn execute(cli: Cli) -> i32 {
             }
         },
         Command::Plan { spec, json } => {
-            let spec = match load_spec(&spec) {
-                Ok(s) => s,
-                Err(c) => return c,
-            };
+            let spec = spec_or_return!(spec);
             match schemashift_coordinator::ops::plan_only(&spec).await {
                 Ok(out) => {
                     report::print_plan(&out, json);
@@ -322,10 +329,7 @@ pub async fn execute(cli: Cli) -> i32 {
             report,
             json,
         } => {
-            let spec = match load_spec(&spec) {
-                Ok(s) => s,
-                Err(c) => return c,
-            };
+            let spec = spec_or_return!(spec);
             let opts = CoordinateOptions {
                 listen,
                 until: until.into(),
@@ -359,10 +363,7 @@ pub async fn execute(cli: Cli) -> i32 {
             run_cmd(spec, None, PhaseArg::Cutover, None, None, json).await
         }
         Command::Status { spec, json } => {
-            let spec = match load_spec(&spec) {
-                Ok(s) => s,
-                Err(c) => return c,
-            };
+            let spec = spec_or_return!(spec);
             match schemashift_coordinator::ops::status(&spec).await {
                 Ok(s) => {
                     report::print_status(&s, json);
@@ -372,10 +373,7 @@ pub async fn execute(cli: Cli) -> i32 {
             }
         }
         Command::Verify { spec, json } => {
-            let spec = match load_spec(&spec) {
-                Ok(s) => s,
-                Err(c) => return c,
-            };
+            let spec = spec_or_return!(spec);
             match schemashift_coordinator::ops::verify(&spec, crate::embedded::local()).await {
                 Ok(v) => {
                     report::print_verify(&v, json);
@@ -389,10 +387,7 @@ pub async fn execute(cli: Cli) -> i32 {
             }
         }
         Command::Reverse { spec, once, json } => {
-            let spec = match load_spec(&spec) {
-                Ok(s) => s,
-                Err(c) => return c,
-            };
+            let spec = spec_or_return!(spec);
             let until = if once {
                 match schemashift_coordinator::reverse::now(&spec).await {
                     Ok(l) => schemashift_coordinator::reverse::Until::Lsn(l),
@@ -437,10 +432,7 @@ pub async fn execute(cli: Cli) -> i32 {
         Command::Rollback { spec } => cleanup_cmd(spec, true).await,
         Command::Cleanup { spec } => cleanup_cmd(spec, false).await,
         Command::Pause { spec } => {
-            let spec = match load_spec(&spec) {
-                Ok(s) => s,
-                Err(c) => return c,
-            };
+            let spec = spec_or_return!(spec);
             match schemashift_coordinator::pause::pause(&spec).await {
                 Ok(p) => {
                     eprintln!("{p}: copies and replay hold within a second, capture goes on");
@@ -450,10 +442,7 @@ pub async fn execute(cli: Cli) -> i32 {
             }
         }
         Command::History { spec, json } => {
-            let spec = match load_spec(&spec) {
-                Ok(s) => s,
-                Err(c) => return c,
-            };
+            let spec = spec_or_return!(spec);
             match schemashift_coordinator::history::read(&spec).await {
                 Ok(events) => {
                     report::print_history(&events, json);
@@ -463,10 +452,7 @@ pub async fn execute(cli: Cli) -> i32 {
             }
         }
         Command::Resume { spec } => {
-            let spec = match load_spec(&spec) {
-                Ok(s) => s,
-                Err(c) => return c,
-            };
+            let spec = spec_or_return!(spec);
             match schemashift_coordinator::pause::resume(&spec).await {
                 Ok(Some(p)) => {
                     eprintln!("resumed (was {p})");

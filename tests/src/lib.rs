@@ -368,6 +368,27 @@ pub async fn slot_and_publication_count(source_dsn: &str) -> anyhow::Result<(i64
 }
 
 /// Waits until the run's control state shows `n` shards done, while `run` keeps running.
+/// Whether the target holds a control schema named `schemashift` (nothing written when not).
+pub async fn has_control_schema(target_dsn: &str) -> anyhow::Result<bool> {
+    Ok(connect(target_dsn)
+        .await?
+        .query_one("SELECT to_regnamespace('schemashift') IS NOT NULL", &[])
+        .await?
+        .get(0))
+}
+
+/// The privileges `plan --json` reports absent (optionally on one side only).
+pub fn absent_privileges<'a>(plan: &'a serde_json::Value, side: Option<&str>) -> Vec<&'a str> {
+    plan["privileges"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| p["present"] == false && side.is_none_or(|s| p["side"] == s))
+        .filter_map(|p| p["privilege"].as_str())
+        .collect()
+}
+
 pub async fn wait_shards_done(target: &Client, n: i64, run: &mut Proc) -> anyhow::Result<()> {
     loop {
         let done: i64 = target

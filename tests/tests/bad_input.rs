@@ -290,11 +290,9 @@ async fn coordinator_reachable_from_other_hosts_without_token_and_tls_refuses_to
         );
     }
     assert_eq!(slot_and_publication_count(&env.source_dsn).await?, (0, 0));
-    let t = connect(&env.target_dsn).await?;
-    let ctl: bool = t
-        .query_one("SELECT to_regnamespace('schemashift') IS NOT NULL", &[])
-        .await?
-        .get(0);
-    assert!(!ctl, "no control schema");
+    assert!(
+        !schemashift_tests::has_control_schema(&env.target_dsn).await?,
+        "no control schema"
+    );
     env.drop_all().await
 }

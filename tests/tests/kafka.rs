@@ -302,11 +302,9 @@ async fn kafka_security_options_reach_the_client_and_missing_credentials_are_bad
     let out = plan("security_protocol=plaintext", "plain.yaml")?;
     assert!(out.status.success(), "{}", err(&out));
 
-    let t = connect(&env.target_dsn).await?;
-    let ctl: bool = t
-        .query_one("SELECT to_regnamespace('schemashift') IS NOT NULL", &[])
-        .await?
-        .get(0);
-    assert!(!ctl, "plan wrote nothing");
+    assert!(
+        !schemashift_tests::has_control_schema(&env.target_dsn).await?,
+        "plan wrote nothing"
+    );
     env.drop_all().await
 }

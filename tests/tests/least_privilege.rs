@@ -64,14 +64,7 @@ async fn non_owner_source_role_migrates_through_an_administrators_publication() 
     }
     let out = schemashift(&["plan", &partial.to_string_lossy(), "--json"])?;
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let missing: Vec<&str> = plan["privileges"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
-        .iter()
-        .filter(|p| p["present"] == false && p["side"] == "source")
-        .filter_map(|p| p["privilege"].as_str())
-        .collect();
+    let missing = schemashift_tests::absent_privileges(&plan, Some("source"));
     assert_eq!(
         missing,
         [

@@ -173,14 +173,7 @@ async fn managed_style_servers_migrate_and_roll_back_with_least_privilege_roles_
     let out = run(&["plan", &spec, "--json"], &envs)?;
     ok(&out, "plan");
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let missing: Vec<&str> = plan["privileges"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
-        .iter()
-        .filter(|p| p["present"] == false)
-        .filter_map(|p| p["privilege"].as_str())
-        .collect();
+    let missing = schemashift_tests::absent_privileges(&plan, None);
     assert!(
         missing
             .iter()
