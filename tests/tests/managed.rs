@@ -4,7 +4,8 @@
 //! The users scenario goes end to end under write load with `sslmode=verify-full`: run,
 //! cutover, writes on the target, rollback; the target's password comes from a `.pgpass`
 //! file, the source's from `${ENV}`. Then a role authenticated by client certificate
-//! (`cert`) migrates through every connection kind, the replication stream included.
+//! (`cert`) migrates through every connection kind, the replication stream included, and
+//! a coordinator with two workers migrates over the same servers with mutual TLS on gRPC.
 
 use schemashift_common::pg::connect;
 use schemashift_common::spec::Dsn;
@@ -12,8 +13,9 @@ use schemashift_lab::cluster::{Cluster, ClusterOptions};
 use schemashift_lab::load::{start_load, LoadOptions};
 use schemashift_lab::scenario::{load_users, users_spec_yaml, SOURCE_DDL, TARGET_DDL};
 use schemashift_tests::certs::{make_ca_and_server_cert, make_client_cert};
-use schemashift_tests::{schemashift_bin, table_diff};
+use schemashift_tests::{schemashift_bin, table_diff, Proc};
 use std::path::Path;
+use std::time::Duration;
 
 async fn managed_cluster(certs: &Path) -> anyhow::Result<Cluster> {
     let file = |n: &str| std::fs::read(certs.join(n));
@@ -120,7 +122,7 @@ async fn managed_style_servers_migrate_and_roll_back_with_least_privilege_roles_
             schemashift_common::sql::quote_literal(tgt_pw)
         ))
         .await?;
-    for db in ["app", "app_cert"] {
+    for db in ["app", "app_cert", "app_dist"] {
         admin_t
             .batch_execute(&format!("CREATE DATABASE {db}"))
             .await?;
@@ -244,6 +246,83 @@ async fn managed_style_servers_migrate_and_roll_back_with_least_privilege_roles_
     assert_eq!(table_diff(&s, &t2).await?, (0, 0, 0));
     ok(&run(&["cleanup", &spec], &envs)?, "cert cleanup");
 
+    // Distributed over the same servers: a coordinator and two workers, mutual TLS on gRPC
+    // (workers prove themselves with a certificate, no token).
+    make_ca_and_server_cert(certs.path(), "grpc")?;
+    make_client_cert(certs.path(), "grpc", "worker")?;
+    let source = format!(
+        "postgres://migrator:${{SRC_PW}}@localhost:{}/app?{tls}",
+        src.port()
+    );
+    let yaml = format!(
+        "{}source_publication: admin_pub\nthrottle:\n  enabled: false\n",
+        users_spec_yaml(&source, &target("app_dist"), 2, Some(1_000))
+    );
+    let spec = dir.path().join("dist.yaml");
+    std::fs::write(&spec, &yaml)?;
+    let spec = spec.to_string_lossy().into_owned();
+    let port = schemashift_tests::free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("https://localhost:{port}");
+    let (srv_crt, srv_key, grpc_ca) = (
+        cert("grpc-server.crt"),
+        cert("grpc-server.key"),
+        cert("grpc-ca.crt"),
+    );
+    let (w_crt, w_key) = (cert("worker.crt"), cert("worker.key"));
+    let mut coord = Proc::spawn(
+        dir.path(),
+        "coordinator",
+        &[
+            "coordinator",
+            &spec,
+            "--listen",
+            &listen,
+            "--until",
+            "verify",
+            "--lease-ttl",
+            "2s",
+            "--tls-cert",
+            &srv_crt,
+            "--tls-key",
+            &srv_key,
+            "--tls-client-ca",
+            &grpc_ca,
+        ],
+        &envs,
+    )?;
+    let mut workers = Vec::new();
+    for name in ["w1", "w2"] {
+        workers.push(Proc::spawn(
+            dir.path(),
+            name,
+            &[
+                "worker",
+                "--coordinator",
+                &url,
+                "--id",
+                name,
+                "--tls-ca",
+                &grpc_ca,
+                "--tls-cert",
+                &w_crt,
+                "--tls-key",
+                &w_key,
+            ],
+            // The target's password comes from the workers' own .pgpass too.
+            &envs,
+        )?);
+    }
+    let status = coord.wait(Duration::from_secs(180)).await?;
+    assert!(status.success(), "coordinator: {}", coord.stderr_tail());
+    for w in &mut workers {
+        let st = w.wait(Duration::from_secs(30)).await?;
+        assert!(st.success(), "{}: {}", w.name, w.stderr_tail());
+    }
+    let t3 = admin(&tgt, "app_dist", &tls).await?;
+    assert_eq!(table_diff(&s, &t3).await?, (0, 0, 0));
+    ok(&run(&["cleanup", &spec], &envs)?, "distributed cleanup");
+
     for c in [&s, &t] {
         assert_eq!(
             count(c, "SELECT count(*) FROM pg_replication_slots").await?,
@@ -251,7 +330,7 @@ async fn managed_style_servers_migrate_and_roll_back_with_least_privilege_roles_
             "no slot left"
         );
     }
-    drop((s, t, t2, admin_t));
+    drop((s, t, t2, t3, admin_t));
     src.stop().await?;
     tgt.stop().await?;
     Ok(())
