@@ -5,6 +5,9 @@ use crate::sql::quote_ident;
 
 pub const DDL: &str = include_str!("control.sql");
 pub const HISTORY_DDL: &str = include_str!("history.sql");
+/// The operator's pause: part of the control schema, and created alone for runs made
+/// before it existed.
+pub const PAUSE_DDL: &str = include_str!("pause.sql");
 
 /// The control schema's statements, with the schema name quoted once.
 #[derive(Clone, Debug)]
@@ -27,7 +30,15 @@ impl ControlSql {
     }
 
     pub fn ddl(&self) -> String {
-        DDL.replace("{schema}", &self.schema)
+        format!(
+            "{}\n{}",
+            DDL.replace("{schema}", &self.schema),
+            self.pause_ddl()
+        )
+    }
+
+    pub fn pause_ddl(&self) -> String {
+        PAUSE_DDL.replace("{schema}", &self.schema)
     }
 
     pub fn history_schema(&self) -> &str {

@@ -94,12 +94,6 @@ CREATE TABLE IF NOT EXISTS {schema}.workers (
     state         text NOT NULL DEFAULT 'active'
 );
 
-CREATE TABLE IF NOT EXISTS {schema}.events (
-    at     timestamptz NOT NULL DEFAULT now(),
-    kind   text NOT NULL,
-    detail jsonb
-);
-
 -- Foreign keys of the target tables, dropped for the load (shards and replay partitions
 -- commit in any order) and put back after the cutover: NOT VALID, then VALIDATE.
 CREATE TABLE IF NOT EXISTS {schema}.constraints (
@@ -139,12 +133,3 @@ ALTER TABLE {schema}.indexes ADD COLUMN IF NOT EXISTS constraint_type text;
 -- Relative cost of the build's sort (collatable key columns compare by locale): the
 -- costliest builds start first, so parallel builds end together.
 ALTER TABLE {schema}.indexes ADD COLUMN IF NOT EXISTS sort_cost int NOT NULL DEFAULT 1;
-
--- An operator's pause (`schemashift pause`): while this row exists, copies and replay hold
--- (capture goes on); it outlives restarts until `schemashift resume` deletes it.
-CREATE TABLE IF NOT EXISTS {schema}.pause (
-    id      int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
-    since   timestamptz NOT NULL DEFAULT now(),
-    by_user text NOT NULL,
-    by_host text NOT NULL
-);

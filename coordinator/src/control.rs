@@ -260,33 +260,6 @@ impl Store {
         Ok(())
     }
 
-    pub async fn event(
-        &self,
-        target: &Client,
-        kind: &str,
-        detail: serde_json::Value,
-    ) -> Result<(), CoordinatorError> {
-        target
-            .execute(
-                &format!(
-                    "INSERT INTO {} (kind, detail) VALUES ($1, $2::text::jsonb)",
-                    self.sql.table("events")
-                ),
-                &[&kind, &detail.to_string()],
-            )
-            .await
-            .map_err(err("recording event"))?;
-        crate::history::record(
-            target,
-            &self.sql,
-            kind,
-            detail,
-            crate::history::By::Operator,
-        )
-        .await;
-        Ok(())
-    }
-
     pub async fn save_report(
         &self,
         target: &Client,

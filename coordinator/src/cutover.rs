@@ -281,7 +281,14 @@ async fn cutover_unpaused(ctx: &mut RunCtx) -> Result<CutoverReport, Coordinator
                 report.foreign_keys_restored =
                     crate::constraints::restore(&ctx.target, &ctx.store).await?;
                 let detail = serde_json::to_value(&report).unwrap_or_default();
-                ctx.store.event(&ctx.target, "cutover", detail).await?;
+                crate::history::record(
+                    &ctx.target,
+                    &ctx.store.sql,
+                    "cutover",
+                    detail,
+                    crate::history::By::Operator,
+                )
+                .await;
                 return Ok(report);
             }
             Err(e @ CoordinatorError::CutoverAborted(_)) => {

@@ -97,7 +97,7 @@ pub async fn pause(spec: &Spec) -> Result<Paused, CoordinatorError> {
     let (user, host) = crate::history::operator();
     let table = store.sql.table("pause");
     target
-        .batch_execute(&pause_ddl(&store.sql))
+        .batch_execute(&store.sql.pause_ddl())
         .await
         .map_err(db("creating the pause table"))?;
     // A second pause keeps the first one's time and operator.
@@ -177,16 +177,6 @@ fn cutover_lock_name(sql: &ControlSql) -> String {
     format!("schemashift cutover {}", sql.schema())
 }
 
-/// The pause table alone, for runs whose control schema predates it.
-fn pause_ddl(sql: &ControlSql) -> String {
-    let ddl = schemashift_common::control::DDL;
-    let start = ddl
-        .find("CREATE TABLE IF NOT EXISTS {schema}.pause")
-        .unwrap_or(0);
-    let end = ddl[start..].find(");").map_or(ddl.len(), |e| start + e + 2);
-    ddl[start..end].replace("{schema}", sql.schema())
-}
-
 /// Reads the pause until shutdown and tells the throttle; says when it changes.
 pub async fn watch(
     spec: Spec,
@@ -229,7 +219,9 @@ mod tests {
 
     #[test]
     fn the_pause_table_alone_is_cut_from_the_control_ddl() {
-        let ddl = pause_ddl(&ControlSql::new("ctl"));
+        let ddl = ControlSql::new("ctl").pause_ddl();
+        let ddl = ddl.trim();
+        let ddl = &ddl[ddl.find("CREATE TABLE").unwrap_or(0)..];
         assert!(
             ddl.starts_with("CREATE TABLE IF NOT EXISTS \"ctl\".pause ("),
             "{ddl}"

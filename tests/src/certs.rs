@@ -19,8 +19,6 @@ pub fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
 
 /// A CA (`{name}-ca.crt`) and a server certificate for localhost signed by it.
 pub fn make_ca_and_server_cert(dir: &Path, name: &str) -> anyhow::Result<()> {
-    let ca_key = format!("{name}-ca.key");
-    let ca_crt = format!("{name}-ca.crt");
     openssl(
         dir,
         &[
@@ -34,60 +32,43 @@ pub fn make_ca_and_server_cert(dir: &Path, name: &str) -> anyhow::Result<()> {
             "-subj",
             &format!("/CN={name} test CA"),
             "-keyout",
-            &ca_key,
+            &format!("{name}-ca.key"),
             "-out",
-            &ca_crt,
+            &format!("{name}-ca.crt"),
         ],
     )?;
-    let ext = dir.join(format!("{name}.ext"));
-    std::fs::write(&ext, "subjectAltName=DNS:localhost,IP:127.0.0.1\n")?;
-    openssl(
+    signed(
         dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            &format!("{name}-server.key"),
-            "-out",
-            &format!("{name}-server.csr"),
-        ],
-    )?;
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}-server.csr"),
-            "-CA",
-            &ca_crt,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &ext.to_string_lossy(),
-            "-out",
-            &format!("{name}-server.crt"),
-        ],
-    )?;
-    Ok(())
+        name,
+        &format!("{name}-server"),
+        "localhost",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
 }
 
 /// A client certificate for `cert` authentication as `user` (`{user}.crt`, `{user}.key`,
 /// the key readable by its owner only, as libpq requires), signed by the `{ca}` CA.
 pub fn make_client_cert(dir: &Path, ca: &str, user: &str) -> anyhow::Result<()> {
     // X.509 v3 with client-auth usage: rustls refuses v1 certificates.
-    let ext = dir.join(format!("{user}.ext"));
-    std::fs::write(
-        &ext,
+    signed(
+        dir,
+        ca,
+        user,
+        user,
         "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
     )?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join(format!("{user}.key")),
+        std::fs::Permissions::from_mode(0o600),
+    )?;
+    Ok(())
+}
+
+/// `{stem}.key` and `{stem}.crt` for `cn`, signed by the `{ca}` CA with these extensions.
+fn signed(dir: &Path, ca: &str, stem: &str, cn: &str, extensions: &str) -> anyhow::Result<()> {
+    let ext = dir.join(format!("{stem}.ext"));
+    std::fs::write(&ext, extensions)?;
     openssl(
         dir,
         &[
@@ -96,11 +77,11 @@ pub fn make_client_cert(dir: &Path, ca: &str, user: &str) -> anyhow::Result<()> 
             "rsa:2048",
             "-nodes",
             "-subj",
-            &format!("/CN={user}"),
+            &format!("/CN={cn}"),
             "-keyout",
-            &format!("{user}.key"),
+            &format!("{stem}.key"),
             "-out",
-            &format!("{user}.csr"),
+            &format!("{stem}.csr"),
         ],
     )?;
     openssl(
@@ -109,7 +90,7 @@ pub fn make_client_cert(dir: &Path, ca: &str, user: &str) -> anyhow::Result<()> 
             "x509",
             "-req",
             "-in",
-            &format!("{user}.csr"),
+            &format!("{stem}.csr"),
             "-CA",
             &format!("{ca}-ca.crt"),
             "-CAkey",
@@ -120,13 +101,7 @@ pub fn make_client_cert(dir: &Path, ca: &str, user: &str) -> anyhow::Result<()> 
             "-extfile",
             &ext.to_string_lossy(),
             "-out",
-            &format!("{user}.crt"),
+            &format!("{stem}.crt"),
         ],
-    )?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(
-        dir.join(format!("{user}.key")),
-        std::fs::Permissions::from_mode(0o600),
-    )?;
-    Ok(())
+    )
 }

@@ -27,6 +27,25 @@ pub struct Privilege {
 }
 
 impl Privilege {
+    /// A right the run cannot do without.
+    fn needed(
+        side: &'static str,
+        privilege: String,
+        used_for: &'static str,
+        present: bool,
+        fix: String,
+    ) -> Self {
+        Privilege {
+            side,
+            privilege,
+            used_for,
+            present,
+            required: true,
+            fix,
+            without: None,
+        }
+    }
+
     pub fn missing(&self) -> bool {
         self.required && !self.present
     }
@@ -70,55 +89,47 @@ pub async fn check(
         .get(0);
     let (sr, tr) = (quote_ident(&src_role), quote_ident(&tgt_role));
 
-    out.push(Privilege {
-        side: "source",
-        privilege: "REPLICATION (or rds_replication)".into(),
-        used_for: "capture: the slot and the replication stream",
-        present: may_replicate(source).await?,
-        required: true,
-        fix: format!("ALTER ROLE {sr} REPLICATION; on RDS: GRANT rds_replication TO {sr}"),
-        without: None,
-    });
+    out.push(Privilege::needed(
+        "source",
+        "REPLICATION (or rds_replication)".into(),
+        "capture: the slot and the replication stream",
+        may_replicate(source).await?,
+        format!("ALTER ROLE {sr} REPLICATION; on RDS: GRANT rds_replication TO {sr}"),
+    ));
     for t in tables.source.iter().chain(tables.lookups) {
         let Some(has) = table_rights(source, t).await? else {
             continue;
         };
         let is_source = tables.source.contains(t);
-        out.push(Privilege {
-            side: "source",
-            privilege: format!("SELECT on {t}"),
-            used_for: "backfill, replay, verify",
-            present: has.select,
-            required: true,
-            fix: format!("GRANT SELECT ON {t} TO {sr}"),
-            without: None,
-        });
+        out.push(Privilege::needed(
+            "source",
+            format!("SELECT on {t}"),
+            "backfill, replay, verify",
+            has.select,
+            format!("GRANT SELECT ON {t} TO {sr}"),
+        ));
         if own_publication {
-            out.push(Privilege {
-                side: "source",
-                privilege: format!("ownership of {t}"),
-                used_for: "capture: creating the run's publication",
-                present: has.owner,
-                required: true,
-                fix: format!(
+            out.push(Privilege::needed(
+                "source",
+                format!("ownership of {t}"),
+                "capture: creating the run's publication",
+                has.owner,
+                format!(
                     "have an administrator CREATE PUBLICATION <name> FOR TABLE {t} and name it \
                      in the spec as `source_publication: <name>` (or ALTER TABLE {t} OWNER TO {sr})"
                 ),
-                without: None,
-            });
+            ));
         }
         if !is_source {
             continue;
         }
-        out.push(Privilege {
-            side: "source",
-            privilege: format!("UPDATE, DELETE or TRUNCATE on {t}"),
-            used_for: "cutover: LOCK ... IN EXCLUSIVE MODE, the write freeze",
-            present: has.lock,
-            required: true,
-            fix: format!("GRANT UPDATE ON {t} TO {sr}"),
-            without: None,
-        });
+        out.push(Privilege::needed(
+            "source",
+            format!("UPDATE, DELETE or TRUNCATE on {t}"),
+            "cutover: LOCK ... IN EXCLUSIVE MODE, the write freeze",
+            has.lock,
+            format!("GRANT UPDATE ON {t} TO {sr}"),
+        ));
         for (seq, select, update) in owned_sequences(source, t).await? {
             let (privilege, present, used_for) = if reverse {
                 (
@@ -133,44 +144,38 @@ pub async fn check(
                     "cutover: the target's sequence moves past it",
                 )
             };
-            out.push(Privilege {
-                side: "source",
-                privilege: format!("{privilege} on sequence {seq}"),
+            out.push(Privilege::needed(
+                "source",
+                format!("{privilege} on sequence {seq}"),
                 used_for,
                 present,
-                required: true,
-                fix: format!("GRANT {privilege} ON SEQUENCE {seq} TO {sr}"),
-                without: None,
-            });
+                format!("GRANT {privilege} ON SEQUENCE {seq} TO {sr}"),
+            ));
         }
         if reverse {
-            out.push(Privilege {
-                side: "source",
-                privilege: format!("INSERT, UPDATE, DELETE on {t}"),
-                used_for: "reverse sync and rollback after the cutover",
-                present: has.write,
-                required: true,
-                fix: format!(
+            out.push(Privilege::needed(
+                "source",
+                format!("INSERT, UPDATE, DELETE on {t}"),
+                "reverse sync and rollback after the cutover",
+                has.write,
+                format!(
                     "GRANT INSERT, UPDATE, DELETE ON {t} TO {sr} (or `cutover: {{reverse: false}}`, \
                      giving up the way back)"
                 ),
-                without: None,
-            });
+            ));
         }
     }
     if reverse {
-        out.push(Privilege {
-            side: "source",
-            privilege: "CREATE on the database".into(),
-            used_for: "reverse sync's control schema",
-            present: can_create(source).await?,
-            required: true,
-            fix: format!(
+        out.push(Privilege::needed(
+            "source",
+            "CREATE on the database".into(),
+            "reverse sync's control schema",
+            can_create(source).await?,
+            format!(
                 "GRANT CREATE ON DATABASE {} TO {sr}",
                 current_db(source).await?
             ),
-            without: None,
-        });
+        ));
         out.push(
             origin_rights(
                 source,
@@ -183,18 +188,16 @@ pub async fn check(
         );
     }
 
-    out.push(Privilege {
-        side: "target",
-        privilege: "CREATE on the database".into(),
-        used_for: "the control schema (run, shards, leases, change log)",
-        present: can_create(target).await?,
-        required: true,
-        fix: format!(
+    out.push(Privilege::needed(
+        "target",
+        "CREATE on the database".into(),
+        "the control schema (run, shards, leases, change log)",
+        can_create(target).await?,
+        format!(
             "GRANT CREATE ON DATABASE {} TO {tr}",
             current_db(target).await?
         ),
-        without: None,
-    });
+    ));
     let mut schemas: Vec<&str> = tables.target.iter().map(|t| t.schema.as_str()).collect();
     schemas.sort_unstable();
     schemas.dedup();
@@ -208,53 +211,44 @@ pub async fn check(
             .await?
             .get(0);
         let Some(present) = present else { continue };
-        out.push(Privilege {
-            side: "target",
-            privilege: format!("CREATE on schema {}", quote_ident(schema)),
-            used_for: "backfill: building the indexes dropped for the load",
+        out.push(Privilege::needed(
+            "target",
+            format!("CREATE on schema {}", quote_ident(schema)),
+            "backfill: building the indexes dropped for the load",
             present,
-            required: true,
-            fix: format!("GRANT CREATE ON SCHEMA {} TO {tr}", quote_ident(schema)),
-            without: None,
-        });
+            format!("GRANT CREATE ON SCHEMA {} TO {tr}", quote_ident(schema)),
+        ));
     }
     for t in tables.target {
         let Some(has) = table_rights(target, t).await? else {
             continue;
         };
-        out.push(Privilege {
-            side: "target",
-            privilege: format!("ownership of {t}"),
-            used_for:
-                "backfill and cutover: dropping and rebuilding its indexes, moving its sequences",
-            present: has.owner,
-            required: true,
-            fix: format!("ALTER TABLE {t} OWNER TO {tr}"),
-            without: None,
-        });
-        out.push(Privilege {
-            side: "target",
-            privilege: format!("SELECT, INSERT, UPDATE, DELETE on {t}"),
-            used_for: "backfill, replay, verify",
-            present: has.select && has.write,
-            required: true,
-            fix: format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {t} TO {tr}"),
-            without: None,
-        });
+        out.push(Privilege::needed(
+            "target",
+            format!("ownership of {t}"),
+            "backfill and cutover: dropping and rebuilding its indexes, moving its sequences",
+            has.owner,
+            format!("ALTER TABLE {t} OWNER TO {tr}"),
+        ));
+        out.push(Privilege::needed(
+            "target",
+            format!("SELECT, INSERT, UPDATE, DELETE on {t}"),
+            "backfill, replay, verify",
+            has.select && has.write,
+            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {t} TO {tr}"),
+        ));
     }
     if reverse {
-        out.push(Privilege {
-            side: "target",
-            privilege: "REPLICATION (or rds_replication)".into(),
-            used_for: "reverse sync's slot after the cutover",
-            present: may_replicate(target).await?,
-            required: true,
-            fix: format!(
+        out.push(Privilege::needed(
+            "target",
+            "REPLICATION (or rds_replication)".into(),
+            "reverse sync's slot after the cutover",
+            may_replicate(target).await?,
+            format!(
                 "ALTER ROLE {tr} REPLICATION; on RDS: GRANT rds_replication TO {tr} (or \
                  `cutover: {{reverse: false}}`, giving up the way back)"
             ),
-            without: None,
-        });
+        ));
     }
     out.push(
         origin_rights(

@@ -69,7 +69,7 @@ pub(super) async fn run_all(b: &Bench, c: &mut Collected) -> Option<f64> {
     .await;
     if b.tls_ready {
         let label = format!("schemashift_{}_in_place_tls", b.workers);
-        super::peers::tls_rows(b, c, &label, TARGET_DDL, |db| {
+        super::tls::rows(b, c, &label, TARGET_DDL, |db| {
             backfill_with(b, db, b.workers, Indexes::InPlace, Strategy::Auto, true)
         })
         .await;

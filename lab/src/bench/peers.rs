@@ -56,7 +56,7 @@ pub(super) async fn run_all(b: &Bench, c: &mut Collected) {
     if b.tls_ready {
         let k = b.workers;
         // Rebuilt, as schemashift's backfill does: the TLS pair compares like with like.
-        tls_rows(b, c, &format!("raw_{k}_rebuilt_tls"), &table_only, |db| {
+        super::tls::rows(b, c, &format!("raw_{k}_rebuilt_tls"), &table_only, |db| {
             raw_pipe_with(b, db, k, Indexes::Rebuilt, true)
         })
         .await;
@@ -106,26 +106,6 @@ fn stderr_tail(out: &Output, n: usize) -> String {
     let text = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// A row measured with TLS on both servers, turned off again whatever the outcome.
-pub(super) async fn tls_rows<F, Fut>(b: &Bench, c: &mut Collected, label: &str, ddl: &str, f: F)
-where
-    F: FnOnce(String) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Outcome>>,
-{
-    if let Err(e) = b.set_ssl(true).await {
-        c.notes
-            .push(format!("{label}: TLS could not be turned on: {e:#}"));
-        c.failed = true;
-        return;
-    }
-    b.measure(c, label, ddl, f).await;
-    if let Err(e) = b.set_ssl(false).await {
-        c.notes
-            .push(format!("{label}: TLS could not be turned off: {e:#}"));
-        c.failed = true;
-    }
 }
 
 async fn raw_pipe(

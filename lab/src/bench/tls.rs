@@ -2,6 +2,7 @@
 //! CLI (`sslmode=require` encrypts without verifying, as the rows measure the cost of the
 //! encryption), and the connection strings that ask for it.
 
+use super::{Bench, Collected, Outcome};
 use std::process::Stdio;
 use tokio::process::Command;
 
@@ -37,4 +38,24 @@ pub(super) async fn server_certificate() -> Result<Vec<(String, Vec<u8>)>, Strin
 /// The connection string with TLS required (the cluster's URLs carry no query yet).
 pub(super) fn require(dsn: &str) -> String {
     format!("{dsn}?sslmode=require")
+}
+
+/// A row measured with TLS on both servers, turned off again whatever the outcome.
+pub(super) async fn rows<F, Fut>(b: &Bench, c: &mut Collected, label: &str, ddl: &str, f: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Outcome>>,
+{
+    if let Err(e) = b.set_ssl(true).await {
+        c.notes
+            .push(format!("{label}: TLS could not be turned on: {e:#}"));
+        c.failed = true;
+        return;
+    }
+    b.measure(c, label, ddl, f).await;
+    if let Err(e) = b.set_ssl(false).await {
+        c.notes
+            .push(format!("{label}: TLS could not be turned off: {e:#}"));
+        c.failed = true;
+    }
 }
