@@ -84,6 +84,15 @@ shared_buffers = '256MB'
 max_wal_size = '4GB'
 include = 'schemashift_port.conf'
 EOF
+  # The tests' role by password (postgres_fdw needs one for a non-superuser), the fixture's
+  # superuser by trust: the same lines as tests/src/lib.rs TEST_HBA.
+  cat >"$dir/data/pg_hba.conf" <<EOF
+local all all trust
+host all schemashift_test 127.0.0.1/32 md5
+host replication schemashift_test 127.0.0.1/32 md5
+host all all 127.0.0.1/32 trust
+host replication all 127.0.0.1/32 trust
+EOF
   for attempt in 1 2 3 4 5; do
     port=$((20000 + RANDOM % 20000))
     if port_in_use "$port"; then continue; fi

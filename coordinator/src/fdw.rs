@@ -311,20 +311,6 @@ pub async fn choose_auto(
     planned: &mut crate::plan::Planned,
 ) -> Result<(), CoordinatorError> {
     use schemashift_common::spec::Strategy;
-    // Measuring fdw means a user mapping, which holds the source password in statement
-    // text (pg_stat_activity, pg_stat_statements, the server log can show it): not done
-    // behind the user's back. `strategy: fdw` still uses it when asked for.
-    let has_password = spec
-        .source
-        .conninfo()
-        .is_ok_and(|c| c.config.get_password().is_some());
-    if has_password {
-        tracing::info!(
-            "strategy auto: copy, fdw not measured: its user mapping would hold the source \
-             password in statement text (set `strategy: fdw` to use it anyway)"
-        );
-        return Ok(());
-    }
     let mut changed = false;
     for i in 0..planned.plan.tables.len() {
         let t = &planned.plan.tables[i];
@@ -376,6 +362,16 @@ pub async fn choose_auto(
     }
     if changed {
         store.save_plan(target, &planned.plan).await?;
+    }
+    // The measurement's user mapping holds the source password in the target's catalog:
+    // kept only when a table goes by fdw (cleanup drops it then).
+    if !planned
+        .plan
+        .tables
+        .iter()
+        .any(|t| t.transfer == Transfer::Fdw)
+    {
+        drop(target, &planned.plan.control_schema).await?;
     }
     Ok(())
 }

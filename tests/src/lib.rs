@@ -17,9 +17,25 @@ pub use broker::Broker;
 pub use diff::{concat_names, split_full_name, table_diff, table_diff_report, DiffReport};
 pub use procs::{free_port, local_listen, spawn_workers, Proc};
 
-/// Env vars with base DSNs (no database) of the shared clusters `scripts/test.sh` starts.
+/// Env vars with base DSNs (no database) of the shared clusters `scripts/test.sh` starts: the
+/// fixture's superuser, for its own setup only.
 pub const SOURCE_ENV: &str = "SCHEMASHIFT_TEST_SOURCE";
 pub const TARGET_ENV: &str = "SCHEMASHIFT_TEST_TARGET";
+
+/// The role every test's DSNs use: no superuser, owner of its test databases (so of the tables
+/// the tests create), `REPLICATION`, the origin functions and postgres_fdw's usage granted, as
+/// docs/privileges.md lists them. By password (md5: cheap per connection), since postgres_fdw
+/// refuses a non-superuser whose connection used none.
+pub const TEST_ROLE: &str = "schemashift_test";
+pub const TEST_PASSWORD: &str = "test-pw-7Qx";
+
+/// `pg_hba.conf` of the test clusters: the test role by password, the fixture's superuser by
+/// trust (scripts/test.sh writes the same lines).
+pub const TEST_HBA: &str = "local all all trust\n\
+    host all schemashift_test 127.0.0.1/32 md5\n\
+    host replication schemashift_test 127.0.0.1/32 md5\n\
+    host all all 127.0.0.1/32 trust\n\
+    host replication all 127.0.0.1/32 trust\n";
 
 /// A fresh source and target database for one test.
 pub struct TestEnv {
@@ -41,11 +57,12 @@ impl TestEnv {
             match (std::env::var(SOURCE_ENV), std::env::var(TARGET_ENV)) {
                 (Ok(s), Ok(t)) => (s, t, Vec::new()),
                 _ => {
-                    let (a, b) = tokio::try_join!(
-                        Cluster::start(ClusterOptions::default()),
-                        Cluster::start(ClusterOptions::default())
-                    )
-                    .context("start private test clusters (or run scripts/test.sh)")?;
+                    let opts = || ClusterOptions {
+                        hba: Some(TEST_HBA.to_string()),
+                        ..ClusterOptions::default()
+                    };
+                    let (a, b) = tokio::try_join!(Cluster::start(opts()), Cluster::start(opts()))
+                        .context("start private test clusters (or run scripts/test.sh)")?;
                     let bases = (base_of(&a), base_of(&b));
                     (bases.0, bases.1, vec![a, b])
                 }
@@ -56,15 +73,11 @@ impl TestEnv {
         let source_db = format!("{stem}_{suffix}_s");
         let target_db = format!("{stem}_{suffix}_t");
         for (base, db) in [(&source_base, &source_db), (&target_base, &target_db)] {
-            let admin = connect(&dsn_with_db(base, "postgres")).await?;
-            admin
-                .batch_execute(&format!("CREATE DATABASE \"{db}\""))
-                .await
-                .with_context(|| format!("create test database {db}"))?;
+            create_database(base, db).await?;
         }
         Ok(TestEnv {
-            source_dsn: dsn_with_db(&source_base, &source_db),
-            target_dsn: dsn_with_db(&target_base, &target_db),
+            source_dsn: dsn_with_db(&as_test_role(&source_base), &source_db),
+            target_dsn: dsn_with_db(&as_test_role(&target_base), &target_db),
             source_db,
             target_db,
             source_base,
@@ -92,12 +105,22 @@ impl TestEnv {
         Ok(env)
     }
 
-    /// DSN of another database (e.g. `postgres`) on the source cluster.
+    /// The fixture's superuser on the test's source database (setup only).
+    pub fn source_admin_dsn(&self) -> String {
+        dsn_with_db(&self.source_base, &self.source_db)
+    }
+
+    /// The fixture's superuser on the test's target database (setup only).
+    pub fn target_admin_dsn(&self) -> String {
+        dsn_with_db(&self.target_base, &self.target_db)
+    }
+
+    /// Superuser DSN of another database (e.g. `postgres`) on the source cluster.
     pub fn source_dsn_for(&self, db: &str) -> String {
         dsn_with_db(&self.source_base, db)
     }
 
-    /// DSN of another database (e.g. `postgres`) on the target cluster.
+    /// Superuser DSN of another database (e.g. `postgres`) on the target cluster.
     pub fn target_dsn_for(&self, db: &str) -> String {
         dsn_with_db(&self.target_base, db)
     }
@@ -157,6 +180,53 @@ impl Drop for TestEnv {
             });
         });
         let _ = cleanup.join();
+    }
+}
+
+/// Creates the test role once per cluster and `db` owned by it, with the rights the tool needs
+/// that only a superuser can hand out.
+async fn create_database(base: &str, db: &str) -> anyhow::Result<()> {
+    let admin = connect(&dsn_with_db(base, "postgres")).await?;
+    // Tests create databases in parallel: a role made by another one meanwhile is fine.
+    admin
+        .batch_execute(&format!(
+            "SET password_encryption = 'md5'; \
+             DO $$ BEGIN \
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{TEST_ROLE}') THEN \
+                 CREATE ROLE {TEST_ROLE} LOGIN REPLICATION PASSWORD '{TEST_PASSWORD}'; \
+               END IF; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; \
+             END $$"
+        ))
+        .await
+        .context("create the test role")?;
+    // Alone: CREATE DATABASE cannot run in the implicit transaction of a multi-statement batch.
+    admin
+        .batch_execute(&format!("CREATE DATABASE \"{db}\" OWNER {TEST_ROLE}"))
+        .await
+        .with_context(|| format!("create test database {db}"))?;
+    connect(&dsn_with_db(base, db))
+        .await?
+        .batch_execute(&format!(
+            "GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), \
+               pg_replication_origin_session_setup(text), pg_replication_origin_oid(text) \
+               TO {TEST_ROLE}; \
+             CREATE EXTENSION postgres_fdw; \
+             GRANT USAGE ON FOREIGN DATA WRAPPER postgres_fdw TO {TEST_ROLE}"
+        ))
+        .await
+        .with_context(|| format!("grant the test role its rights in {db}"))?;
+    Ok(())
+}
+
+/// A base DSN of the fixture's superuser (`postgres://postgres@host:port`) as the test role.
+pub fn as_test_role(base: &str) -> String {
+    match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let host = rest.split_once('@').map_or(rest, |(_, h)| h);
+            format!("{scheme}://{TEST_ROLE}:{TEST_PASSWORD}@{host}")
+        }
+        None => format!("{base} user={TEST_ROLE} password={TEST_PASSWORD}"),
     }
 }
 

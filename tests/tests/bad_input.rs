@@ -137,7 +137,7 @@ async fn bad_input_exits_2_names_the_culprit_and_writes_nothing() -> anyhow::Res
     assert_refused(
         &env,
         &unreachable,
-        "postgres://postgres@127.0.0.1:1/nowhere",
+        "postgres://migrator@127.0.0.1:1/nowhere",
         &["127.0.0.1:1/nowhere"],
     )
     .await?;
@@ -165,7 +165,16 @@ async fn source_without_logical_wal_level_is_refused_before_any_write() -> anyho
     })
     .await?;
     let env = TestEnv::new("wal_level").await?;
-    let dsn = src.dsn("postgres");
+    let admin = connect(&src.dsn("postgres")).await?;
+    admin
+        .batch_execute("CREATE ROLE migrator LOGIN REPLICATION")
+        .await?;
+    admin
+        .batch_execute("CREATE DATABASE app OWNER migrator")
+        .await?;
+    let dsn = src
+        .dsn("app")
+        .replacen("postgres://postgres@", "postgres://migrator@", 1);
     users_tables(&dsn, &env.target_dsn).await?;
     assert_refused(
         &env,

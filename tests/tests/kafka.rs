@@ -308,3 +308,74 @@ async fn kafka_security_options_reach_the_client_and_missing_credentials_are_bad
     );
     env.drop_all().await
 }
+
+/// The change log over TLS end to end: the broker is reached only through a TLS front whose
+/// certificate our CA signed. A plaintext client and a wrong CA are refused before anything is
+/// written; with the right CA, changes made after the backfill reach the target through Kafka.
+#[tokio::test]
+async fn kafka_changelog_over_tls_migrates_and_a_wrong_ca_or_plaintext_is_refused(
+) -> anyhow::Result<()> {
+    let certs = tempfile::tempdir()?;
+    schemashift_tests::certs::make_ca_and_server_cert(certs.path(), "kafka")?;
+    schemashift_tests::certs::make_ca_and_server_cert(certs.path(), "other")?;
+    let broker = Broker::start_tls(certs.path(), "kafka").await?;
+    let env = users_env("kafka_tls", 3_000).await?;
+    let dir = tempfile::tempdir()?;
+    let base = users_spec_yaml(&env.source_dsn, &env.target_dsn, 1, Some(1_000));
+    let spec = |query: &str, name: &str| -> anyhow::Result<String> {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            format!("{base}changelog: {}{query}\n", broker.changelog_localhost()),
+        )?;
+        Ok(p.to_string_lossy().into_owned())
+    };
+    let ca = |name: &str| {
+        certs
+            .path()
+            .join(format!("{name}-ca.crt"))
+            .display()
+            .to_string()
+    };
+    let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    for (query, name) in [
+        (String::new(), "plain.yaml"),
+        (
+            format!("?security_protocol=ssl&ssl_ca={}", ca("other")),
+            "wrong_ca.yaml",
+        ),
+    ] {
+        let out = schemashift(&["plan", &spec(&query, name)?])?;
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", err(&out));
+        assert!(
+            err(&out).contains("cannot reach the Kafka brokers"),
+            "{name}: {}",
+            err(&out)
+        );
+        assert!(
+            !schemashift_tests::has_control_schema(&env.target_dsn).await?,
+            "{name}: nothing written"
+        );
+    }
+
+    let good = spec(
+        &format!("?security_protocol=ssl&ssl_ca={}", ca("kafka")),
+        "tls.yaml",
+    )?;
+    let out = schemashift(&["run", &good, "--until", "backfill"])?;
+    assert!(out.status.success(), "{}", err(&out));
+    connect(&env.source_dsn)
+        .await?
+        .batch_execute(
+            "UPDATE users SET bio = 'through kafka over tls' WHERE id % 3 = 0; \
+             DELETE FROM users WHERE id % 11 = 0; \
+             INSERT INTO users (email, full_name, bio) \
+             SELECT 'tls' || i || '@example.com', 'Tee Ls', 'new' FROM generate_series(1, 50) i",
+        )
+        .await?;
+    let out = schemashift(&["run", &good, "--until", "verify"])?;
+    assert!(out.status.success(), "{}", err(&out));
+    assert_verified_no_diffs(&env, &good).await?;
+    env.drop_all().await
+}

@@ -13,7 +13,7 @@ fn stderr(o: &std::process::Output) -> String {
 async fn non_owner_source_role_migrates_through_an_administrators_publication() -> anyhow::Result<()>
 {
     let env = users_env("least_priv", 3_000).await?;
-    let admin = connect(&env.source_dsn).await?;
+    let admin = connect(&env.source_admin_dsn()).await?;
     // Roles are cluster-wide: a name of this test's own.
     let role = format!(
         "migrator_{}",
@@ -26,9 +26,9 @@ async fn non_owner_source_role_migrates_through_an_administrators_publication() 
              CREATE TABLE other (id int PRIMARY KEY); CREATE PUBLICATION other_pub FOR TABLE other"
         ))
         .await?;
-    let base = env
-        .source_dsn
-        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let base =
+        env.source_admin_dsn()
+            .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
     let source = dsn_with_db(&base, &env.source_db);
     let dir = tempfile::tempdir()?;
     let yaml = users_spec_yaml(&source, &env.target_dsn, 2, Some(1_000));

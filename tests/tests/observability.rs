@@ -88,15 +88,6 @@ fn spans(got: &[ExportTraceServiceRequest]) -> Vec<Span> {
     out
 }
 
-/// `postgres://postgres@h:p/db` with a password the server (trust auth) ignores.
-fn with_password(dsn: &str, pw: &str) -> String {
-    dsn.replacen(
-        "postgres://postgres@",
-        &format!("postgres://postgres:{pw}@"),
-        1,
-    )
-}
-
 #[tokio::test]
 async fn distributed_run_is_one_trace_with_a_span_per_shard_and_no_password() -> anyhow::Result<()>
 {
@@ -110,15 +101,11 @@ async fn distributed_run_is_one_trace_with_a_span_per_shard_and_no_password() ->
     );
     let env = users_env("otel_trace", 12_000).await?;
     let dir = tempfile::tempdir()?;
-    let password = "Sup3rSecretPw";
+    // The test role's DSNs carry its password (md5 auth).
+    let password = schemashift_tests::TEST_PASSWORD;
     let spec = write_spec(
         &dir,
-        &users_spec_yaml(
-            &with_password(&env.source_dsn, password),
-            &with_password(&env.target_dsn, password),
-            2,
-            Some(2_000),
-        ),
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(2_000)),
     )?;
     let (listen, url) = local_listen()?;
     let otel = [

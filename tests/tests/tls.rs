@@ -40,8 +40,17 @@ async fn tls_cluster(dir: &Path) -> anyhow::Result<Cluster> {
     .await?)
 }
 
+/// The migration role's DSN (no superuser; owner of `app`).
 fn dsn(c: &Cluster, db: &str, params: &str) -> String {
-    format!("postgres://postgres@localhost:{}/{db}?{params}", c.port())
+    format!("postgres://migrator@localhost:{}/{db}?{params}", c.port())
+}
+
+/// The fixture's superuser, for its own setup.
+fn admin_dsn(c: &Cluster, params: &str) -> String {
+    format!(
+        "postgres://postgres@localhost:{}/postgres?{params}",
+        c.port()
+    )
 }
 
 fn stderr(o: &std::process::Output) -> String {
@@ -59,10 +68,15 @@ async fn tls_only_servers_migrate_with_verify_full_and_a_wrong_ca_writes_nothing
         "sslmode=verify-full&sslrootcert={}",
         certs.path().join("good-ca.crt").display()
     );
-    let admin_s = connect(&Dsn::new(dsn(&src, "postgres", &good)), "source").await?;
-    admin_s.batch_execute("CREATE DATABASE app").await?;
-    let admin_t = connect(&Dsn::new(dsn(&tgt, "postgres", &good)), "target").await?;
-    admin_t.batch_execute("CREATE DATABASE app").await?;
+    for (c, side) in [(&src, "source"), (&tgt, "target")] {
+        let admin = connect(&Dsn::new(admin_dsn(c, &good)), side).await?;
+        admin
+            .batch_execute("CREATE ROLE migrator LOGIN REPLICATION")
+            .await?;
+        admin
+            .batch_execute("CREATE DATABASE app OWNER migrator")
+            .await?;
+    }
     let s = connect(&Dsn::new(dsn(&src, "app", &good)), "source").await?;
     s.batch_execute(SOURCE_DDL).await?;
     load_users(&s, 5_000).await?;
@@ -154,7 +168,7 @@ async fn tls_only_servers_migrate_with_verify_full_and_a_wrong_ca_writes_nothing
     assert_eq!(table_diff(&s, &t).await?, (0, 0, 0));
     let out = schemashift(&["cleanup", &spec])?;
     assert!(out.status.success(), "{}", stderr(&out));
-    drop((s, t, admin_s, admin_t));
+    drop((s, t));
     src.stop().await?;
     tgt.stop().await?;
     Ok(())

@@ -277,8 +277,9 @@ async fn next_survives_cancellation_mid_message() -> anyhow::Result<()> {
     };
     let proxy = trickle_proxy((host, config.get_ports().first().copied().unwrap_or(5432))).await?;
     let dsn = Dsn::new(format!(
-        "host=127.0.0.1 port={proxy} user={} dbname={}",
+        "host=127.0.0.1 port={proxy} user={} password={} dbname={}",
         config.get_user().unwrap_or("postgres"),
+        schemashift_tests::TEST_PASSWORD,
         env.source_db
     ));
     let mut stream = WalStream::start(&dsn, APP, &slot, PUBLICATION, Lsn(0)).await?;
@@ -420,7 +421,7 @@ async fn password_auth_with_scram_works() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow::anyhow!("cluster directory"))?;
     let dsn = Dsn::new(format!(
-        "host={} port={port} user=postgres dbname=postgres",
+        "host={} port={port} user=ws_md5 dbname=postgres",
         socket_dir.display()
     ));
     let mut stream = WalStream::start(&dsn, APP, "ws_unix", PUBLICATION, Lsn(0)).await?;
@@ -443,17 +444,14 @@ async fn failed_start_errors_never_show_the_password() -> anyhow::Result<()> {
             "CREATE TABLE items (id int PRIMARY KEY); CREATE PUBLICATION {PUBLICATION} FOR TABLE items"
         ))
         .await?;
-    let secret = "Hidden-Pw-7";
-    // Trust auth ignores the password; it is in the DSN all the same.
-    let with_secret = |dsn: &str| {
-        let sep = if dsn.contains('?') { '&' } else { '?' };
-        Dsn::new(format!("{dsn}{sep}password={secret}"))
-    };
+    // The test role's DSNs carry its password; the other cases' servers never ask for it.
+    let secret = schemashift_tests::TEST_PASSWORD;
+    let with_secret = |dsn: &str| Dsn::new(dsn.to_owned());
     let cases: [Case; 6] = [
         (
             "unparseable port",
             Dsn::new(format!(
-                "postgres://postgres:{secret}@127.0.0.1:notaport/db"
+                "postgres://migrator:{secret}@127.0.0.1:notaport/db"
             )),
             |e| matches!(e, WalStreamError::Unsupported(_)),
             false,
@@ -461,14 +459,14 @@ async fn failed_start_errors_never_show_the_password() -> anyhow::Result<()> {
         (
             "unknown option",
             Dsn::new(format!(
-                "host=127.0.0.1 user=postgres password={secret} bogus={secret}"
+                "host=127.0.0.1 user=migrator password={secret} bogus={secret}"
             )),
             |e| matches!(e, WalStreamError::Unsupported(_)),
             false,
         ),
         (
             "unreachable server",
-            Dsn::new(format!("postgres://postgres:{secret}@127.0.0.1:1/db")),
+            Dsn::new(format!("postgres://migrator:{secret}@127.0.0.1:1/db")),
             |e| matches!(e, WalStreamError::Connect { code: None, .. }),
             true,
         ),
