@@ -1,5 +1,6 @@
 use crate::report;
 use clap::{Parser, Subcommand, ValueEnum};
+use schemashift_common::fleet::{self, Loaded};
 use schemashift_common::spec::Spec;
 use schemashift_coordinator::distributed::CoordinateOptions;
 use schemashift_coordinator::grpc::ServeOptions;
@@ -68,12 +69,20 @@ pub enum Command {
     /// Validate the spec against both databases and print the analysis; writes nothing.
     Plan {
         spec: PathBuf,
+        #[command(flatten)]
+        select: Select,
         #[arg(long)]
         json: bool,
     },
     /// Run (or resume) the migration in this process.
     Run {
         spec: PathBuf,
+        #[command(flatten)]
+        select: Select,
+        /// A fleet: refuse the whole run (exit 2, nothing written anywhere) when any member
+        /// is unusable, instead of skipping it.
+        #[arg(long)]
+        strict: bool,
         #[arg(long)]
         workers: Option<usize>,
         #[arg(long, value_enum, default_value = "verify")]
@@ -91,6 +100,8 @@ pub enum Command {
     /// The token, when used, comes from SCHEMASHIFT_TOKEN.
     Coordinator {
         spec: PathBuf,
+        #[command(flatten)]
+        select: Select,
         /// HOST:PORT to listen on (port 0: any free port, logged).
         #[arg(long)]
         listen: String,
@@ -173,34 +184,64 @@ pub enum Command {
     /// Phase, shard progress and lag from the control state.
     Status {
         spec: PathBuf,
+        #[command(flatten)]
+        select: Select,
         #[arg(long)]
         json: bool,
     },
     /// Compare source and target now; exit 0 only when nothing differs.
     Verify {
         spec: PathBuf,
+        #[command(flatten)]
+        select: Select,
         #[arg(long)]
         json: bool,
     },
     /// Drain, freeze writes briefly, switch.
     Cutover {
         spec: PathBuf,
+        #[command(flatten)]
+        select: Select,
+        /// A fleet: cut members over this many at a time, in spec order, each with its own
+        /// freeze; stop at the first member that fails.
+        #[arg(long)]
+        wave: Option<usize>,
+        #[arg(long)]
+        strict: bool,
         #[arg(long)]
         json: bool,
     },
     /// Before cutover: stop and clean up.
-    Rollback { spec: PathBuf },
+    Rollback {
+        spec: PathBuf,
+        #[command(flatten)]
+        select: Select,
+    },
     /// Drop slot, publication and control state.
-    Cleanup { spec: PathBuf },
+    Cleanup {
+        spec: PathBuf,
+        #[command(flatten)]
+        select: Select,
+    },
     /// Pause every copy and every replay of the run (capture goes on, the slot keeps WAL),
     /// from any process, until `resume`; stored with the run, so it outlives restarts.
-    Pause { spec: PathBuf },
+    Pause {
+        spec: PathBuf,
+        #[command(flatten)]
+        select: Select,
+    },
     /// Lift a pause.
-    Resume { spec: PathBuf },
+    Resume {
+        spec: PathBuf,
+        #[command(flatten)]
+        select: Select,
+    },
     /// Every event of this spec's runs (phases, operator commands with user and host,
     /// throttle holds, freeze time, switch, rollback, cleanup); kept after cleanup.
     History {
         spec: PathBuf,
+        #[command(flatten)]
+        select: Select,
         #[arg(long)]
         json: bool,
     },
@@ -225,6 +266,41 @@ pub enum Command {
         #[arg(long, value_delimiter = ',')]
         changes: Vec<u64>,
     },
+}
+
+/// `--members NAME[,NAME…]`: the fleet members a command applies to (default: all).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Select {
+    #[arg(long, value_delimiter = ',')]
+    members: Vec<String>,
+}
+
+/// A spec file: one pair, or a fleet narrowed to `--members`; exit 2 on bad input.
+fn load_any(path: &std::path::Path, select: &Select) -> Result<Loaded, i32> {
+    let bad = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {e}");
+        2
+    };
+    match fleet::load(path) {
+        Ok(Loaded::One(spec)) if select.members.is_empty() => Ok(Loaded::One(spec)),
+        Ok(Loaded::One(_)) => Err(bad(&"--members needs a fleet spec (one with `members`)")),
+        Ok(Loaded::Fleet(f)) => f
+            .select(&select.members)
+            .map(Loaded::Fleet)
+            .map_err(|e| bad(&e)),
+        Err(e) => Err(bad(&e)),
+    }
+}
+
+/// One pair's spec, or a fleet's handling: `$fleet` is evaluated with the fleet bound to `$f`.
+macro_rules! one_or_fleet {
+    ($path:expr, $select:expr, |$f:ident| $fleet:expr) => {
+        match load_any(&$path, &$select) {
+            Ok(Loaded::One(spec)) => *spec,
+            Ok(Loaded::Fleet($f)) => return $fleet,
+            Err(code) => return code,
+        }
+    };
 }
 
 /// The spec at this path, or the command's exit code (2, the problem said) on bad input.
@@ -296,8 +372,8 @@ pub async fn execute(cli: Cli) -> i32 {
                 1
             }
         },
-        Command::Plan { spec, json } => {
-            let spec = spec_or_return!(spec);
+        Command::Plan { spec, select, json } => {
+            let spec = one_or_fleet!(spec, select, |f| crate::members::plan(&f, json).await);
             match schemashift_coordinator::ops::plan_only(&spec).await {
                 Ok(out) => {
                     report::print_plan(&out, json);
@@ -311,14 +387,32 @@ pub async fn execute(cli: Cli) -> i32 {
         }
         Command::Run {
             spec,
+            select,
+            strict,
             workers,
             until,
             metrics_listen,
             report,
             json,
-        } => run_cmd(spec, workers, until, metrics_listen, report, json).await,
+        } => {
+            if let Ok(Loaded::Fleet(f)) = load_any(&spec, &select) {
+                let until = until.into();
+                return crate::members::run(
+                    f,
+                    workers,
+                    until,
+                    None,
+                    strict,
+                    json,
+                    shutdown_signal(),
+                )
+                .await;
+            }
+            run_cmd(spec, select, workers, until, metrics_listen, report, json).await
+        }
         Command::Coordinator {
             spec,
+            select,
             listen,
             until,
             lease_ttl,
@@ -329,7 +423,33 @@ pub async fn execute(cli: Cli) -> i32 {
             report,
             json,
         } => {
-            let spec = spec_or_return!(spec);
+            let spec = one_or_fleet!(spec, select, |f| {
+                // Distributed mode serves one run: one member at a time.
+                match <[_; 1]>::try_from(f.members) {
+                    Ok([m]) => {
+                        let opts = CoordinateOptions {
+                            listen,
+                            until: until.into(),
+                            lease_ttl,
+                            serve: ServeOptions {
+                                token: crate::fleet::token(),
+                                tls: tls_cert.zip(tls_key),
+                                client_ca: tls_client_ca,
+                            },
+                            metrics_listen,
+                        };
+                        crate::fleet::coordinator(&m.spec, opts, report, json, shutdown_signal())
+                            .await
+                    }
+                    Err(_) => {
+                        eprintln!(
+                            "error: a coordinator serves one fleet member at a time: name it with \
+                             --members NAME (or use `run`, which runs the whole fleet in one process)"
+                        );
+                        2
+                    }
+                }
+            });
             let opts = CoordinateOptions {
                 listen,
                 until: until.into(),
@@ -359,11 +479,37 @@ pub async fn execute(cli: Cli) -> i32 {
             )
             .await
         }
-        Command::Cutover { spec, json } => {
-            run_cmd(spec, None, PhaseArg::Cutover, None, None, json).await
+        Command::Cutover {
+            spec,
+            select,
+            wave,
+            strict,
+            json,
+        } => {
+            match load_any(&spec, &select) {
+                Ok(Loaded::Fleet(f)) => {
+                    return crate::members::run(
+                        f,
+                        None,
+                        Until::Cutover,
+                        Some(wave.unwrap_or(usize::MAX)),
+                        strict,
+                        json,
+                        shutdown_signal(),
+                    )
+                    .await
+                }
+                Ok(Loaded::One(_)) if wave.is_some() => {
+                    eprintln!("error: --wave needs a fleet spec (one with `members`)");
+                    return 2;
+                }
+                Err(code) => return code,
+                Ok(Loaded::One(_)) => {}
+            }
+            run_cmd(spec, select, None, PhaseArg::Cutover, None, None, json).await
         }
-        Command::Status { spec, json } => {
-            let spec = spec_or_return!(spec);
+        Command::Status { spec, select, json } => {
+            let spec = one_or_fleet!(spec, select, |f| crate::members::status(&f, json).await);
             match schemashift_coordinator::ops::status(&spec).await {
                 Ok(s) => {
                     report::print_status(&s, json);
@@ -372,8 +518,8 @@ pub async fn execute(cli: Cli) -> i32 {
                 Err(e) => fail(e),
             }
         }
-        Command::Verify { spec, json } => {
-            let spec = spec_or_return!(spec);
+        Command::Verify { spec, select, json } => {
+            let spec = one_or_fleet!(spec, select, |f| crate::members::verify(&f).await);
             match schemashift_coordinator::ops::verify(&spec, crate::embedded::local()).await {
                 Ok(v) => {
                     report::print_verify(&v, json);
@@ -429,10 +575,16 @@ pub async fn execute(cli: Cli) -> i32 {
             }
             schemashift_lab::load_cmd::load(&spec_or_dsn, rate, reads, seconds, json).await
         }
-        Command::Rollback { spec } => cleanup_cmd(spec, true).await,
-        Command::Cleanup { spec } => cleanup_cmd(spec, false).await,
-        Command::Pause { spec } => {
-            let spec = spec_or_return!(spec);
+        Command::Rollback { spec, select } => {
+            let _ = one_or_fleet!(spec, select, |f| crate::members::cleanup(&f, true).await);
+            cleanup_cmd(spec, true).await
+        }
+        Command::Cleanup { spec, select } => {
+            let _ = one_or_fleet!(spec, select, |f| crate::members::cleanup(&f, false).await);
+            cleanup_cmd(spec, false).await
+        }
+        Command::Pause { spec, select } => {
+            let spec = one_or_fleet!(spec, select, |f| crate::members::pause(&f).await);
             match schemashift_coordinator::pause::pause(&spec).await {
                 Ok(p) => {
                     eprintln!("{p}: copies and replay hold within a second, capture goes on");
@@ -441,8 +593,8 @@ pub async fn execute(cli: Cli) -> i32 {
                 Err(e) => fail(e),
             }
         }
-        Command::History { spec, json } => {
-            let spec = spec_or_return!(spec);
+        Command::History { spec, select, json } => {
+            let spec = one_or_fleet!(spec, select, |f| crate::members::history(&f, json).await);
             match schemashift_coordinator::history::read(&spec).await {
                 Ok(events) => {
                     report::print_history(&events, json);
@@ -451,8 +603,8 @@ pub async fn execute(cli: Cli) -> i32 {
                 Err(e) => fail(e),
             }
         }
-        Command::Resume { spec } => {
-            let spec = spec_or_return!(spec);
+        Command::Resume { spec, select } => {
+            let spec = one_or_fleet!(spec, select, |f| crate::members::resume(&f).await);
             match schemashift_coordinator::pause::resume(&spec).await {
                 Ok(Some(p)) => {
                     eprintln!("resumed (was {p})");
@@ -490,14 +642,16 @@ pub async fn execute(cli: Cli) -> i32 {
 
 async fn run_cmd(
     spec: PathBuf,
+    select: Select,
     workers: Option<usize>,
     until: PhaseArg,
     metrics_listen: Option<String>,
     report_dir: Option<PathBuf>,
     json: bool,
 ) -> i32 {
-    let spec = match load_spec(&spec) {
-        Ok(s) => s,
+    let spec = match load_any(&spec, &select) {
+        Ok(Loaded::One(s)) => *s,
+        Ok(Loaded::Fleet(_)) => return 2,
         Err(c) => return c,
     };
     let until = until.into();

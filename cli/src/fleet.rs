@@ -79,7 +79,7 @@ pub async fn worker(
         host,
     };
     let span = tracing::info_span!("worker", worker = %me.id);
-    match run_worker(Arc::new(client), me, shutdown)
+    match run_worker(Arc::new(client), me, shutdown, None)
         .instrument(span)
         .await
     {

@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod embedded;
 pub mod fleet;
+pub mod members;
 pub mod progress;
 pub mod report;
 pub mod telemetry;

@@ -3,6 +3,7 @@
 pub mod change;
 pub mod conninfo;
 pub mod control;
+pub mod fleet;
 pub mod idle_group;
 pub mod ids;
 pub mod kafka_conn;

@@ -233,6 +233,9 @@ pub struct Spec {
     /// dropped.
     #[serde(default)]
     pub source_publication: Option<String>,
+    /// The fleet member this spec is for (see [`crate::fleet`]); not a YAML field.
+    #[serde(skip)]
+    pub member: Option<String>,
 }
 
 /// Replay tuning: changes applied per partition in one target transaction.
@@ -357,6 +360,26 @@ impl Spec {
     pub fn parse(text: &str) -> Result<Spec, SpecError> {
         let mut spec: Spec =
             serde_norway::from_str(text).map_err(|e| SpecError::Yaml(e.to_string()))?;
+        spec.expand_env()?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// `sh -c CMD` for the spec's switch commands; a fleet member's name is in its
+    /// environment as `SCHEMASHIFT_MEMBER`, so one script can switch every member.
+    pub fn shell(&self, cmd: &str) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new("sh");
+        c.arg("-c").arg(cmd);
+        if let Some(m) = &self.member {
+            c.env("SCHEMASHIFT_MEMBER", m);
+        }
+        c
+    }
+
+    /// [`Spec::parse`] of an already parsed YAML document (a fleet member's).
+    pub fn from_yaml(doc: serde_norway::Value) -> Result<Spec, SpecError> {
+        let mut spec: Spec =
+            serde_norway::from_value(doc).map_err(|e| SpecError::Yaml(e.to_string()))?;
         spec.expand_env()?;
         spec.validate()?;
         Ok(spec)

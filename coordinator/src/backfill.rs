@@ -81,6 +81,7 @@ impl<'a> Backfill<'a> {
                 .max(2)
                 .min(self.run.svc.throttle().allowed()),
             self.run.plan.low_priority,
+            self.run.gate.clone(),
         )
         .await?;
         if built > 0 {

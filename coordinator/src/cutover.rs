@@ -242,7 +242,7 @@ async fn cutover_unpaused(ctx: &mut RunCtx) -> Result<CutoverReport, Coordinator
             tracing::debug!(ms = reverse_ms, reverse, "freeze: reverse sync set up");
             if let Some(cmd) = &ctx.spec.cutover.switch_command {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let status = tokio::time::timeout(left, tokio::process::Command::new("sh").arg("-c").arg(cmd).status())
+                let status = tokio::time::timeout(left, ctx.spec.shell(cmd).status())
                     .await
                     .map_err(|_| CoordinatorError::CutoverAborted("switch_command did not finish within freeze_timeout".into()))?
                     .map_err(|e| CoordinatorError::CutoverAborted(format!("switch_command cannot start: {e}")))?;

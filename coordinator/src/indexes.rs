@@ -102,6 +102,7 @@ pub async fn rebuild(
     store: &Store,
     parallel: usize,
     low_priority: bool,
+    gate: Option<schemashift_common::fleet::MemberGate>,
 ) -> Result<usize, CoordinatorError> {
     let mut builds = pending(target, store).await?;
     // Sessions pop from the end: the costliest builds start first (longest job first), so
@@ -129,8 +130,15 @@ pub async fn rebuild(
             }
         }
         let (queue, done_sql) = (queue.clone(), restored_sql(store, "indexes"));
+        let gate = gate.clone();
         tasks.spawn(async move {
             loop {
+                // A fleet's per-server limit counts builds too; the pass is taken before
+                // popping, so a waiting session leaves the build to a session that got in.
+                let _pass = match &gate {
+                    Some(g) => Some(g.build().await),
+                    None => None,
+                };
                 let Some(p) = queue.lock().await.pop() else {
                     return Ok::<_, CoordinatorError>(());
                 };

@@ -492,11 +492,7 @@ pub async fn rollback(spec: &Spec, fwd: &RunPlan) -> Result<RollbackReport, Coor
     // collide with them once it is switched back.
     move_sequences_back(spec, fwd, &tx).await?;
     if let Some(cmd) = &spec.cutover.switch_back_command {
-        let run = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(cmd)
-            .kill_on_drop(true)
-            .status();
+        let run = spec.shell(cmd).kill_on_drop(true).status();
         let left = limit.saturating_sub(frozen.elapsed());
         let status = tokio::time::timeout(left, run)
             .await

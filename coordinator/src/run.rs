@@ -44,6 +44,12 @@ pub trait LocalWorker: Send + Sync + 'static {
         me: WorkerInfo,
         stop: watch::Receiver<bool>,
     ) -> BoxFuture<'static, Result<(), String>>;
+
+    /// The fleet's limits this run's copies and index builds pass through (a fleet
+    /// member's run); none for a run of its own.
+    fn gate(&self) -> Option<schemashift_common::fleet::MemberGate> {
+        None
+    }
 }
 
 pub struct RunOptions {
@@ -143,6 +149,8 @@ pub struct RunCtx {
     started: Instant,
     /// See [`RunOptions::events`].
     pub(crate) events: Option<tokio::sync::mpsc::UnboundedSender<RunEvent>>,
+    /// See [`LocalWorker::gate`].
+    pub(crate) gate: Option<schemashift_common::fleet::MemberGate>,
 }
 
 fn spawn_local(
@@ -353,7 +361,12 @@ impl RunCtx {
             Workers::Embedded(_, local) => Some(spawn_local(local, &svc, workers, &state.run_id)),
             Workers::Remote { .. } => None,
         };
+        let gate = match &mode {
+            Workers::Embedded(_, local) => local.gate(),
+            Workers::Remote { .. } => None,
+        };
         Ok(RunCtx {
+            gate,
             spec: spec.clone(),
             plan,
             store,

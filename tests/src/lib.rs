@@ -185,7 +185,7 @@ impl Drop for TestEnv {
 
 /// Creates the test role once per cluster and `db` owned by it, with the rights the tool needs
 /// that only a superuser can hand out.
-async fn create_database(base: &str, db: &str) -> anyhow::Result<()> {
+pub async fn create_database(base: &str, db: &str) -> anyhow::Result<()> {
     let admin = connect(&dsn_with_db(base, "postgres")).await?;
     // Tests create databases in parallel: a role made by another one meanwhile is fine.
     admin

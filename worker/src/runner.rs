@@ -112,6 +112,7 @@ pub async fn run_worker<S: CoordinatorService>(
     svc: Arc<S>,
     me: WorkerInfo,
     shutdown: watch::Receiver<bool>,
+    gate: Option<schemashift_common::fleet::MemberGate>,
 ) -> Result<WorkerStats, WorkerError> {
     let reg = call(&me, "register", || svc.register(&me)).await?;
     tracing::info!(worker = %me.id, run_id = %reg.run_id, "worker registered");
@@ -132,8 +133,20 @@ pub async fn run_worker<S: CoordinatorService>(
         if sessions.closed() {
             sessions = Sessions::open(&w.reg).await?;
         }
+        // In a fleet a copy waits for its place (the pool, a slot on each of its servers)
+        // before taking a lease, so a lease never runs out while it waits.
+        let pass = match &gate {
+            Some(g) => tokio::select! {
+                p = g.copy() => Some(p),
+                _ = w.shutdown.changed() => continue,
+            },
+            None => None,
+        };
         let progress = w.stats.progress();
         let work = call(&w.me, "lease work", || w.svc.lease(&w.me, progress)).await?;
+        if !matches!(work, Work::Backfill { .. }) {
+            drop(pass);
+        }
         match work {
             Work::Backfill { shard, epoch } => w.backfill(&mut sessions, shard, epoch).await?,
             Work::Replay { partitions } => w.replay(&mut sessions, partitions).await?,

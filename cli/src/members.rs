@@ -1,0 +1,468 @@
+//! Fleet commands: a spec with `members` runs every selected member in this process, their
+//! copies and index builds sharing one pool and the per-server limit (see
+//! `schemashift_common::fleet`). Each member keeps its own run (slot, change log, control
+//! schema on its target), so its state survives a crash like any run's and every command
+//! below is the one-pair command applied member by member.
+
+use crate::embedded::InProcess;
+use schemashift_common::fleet::{Fleet, HostGate, Member, MemberGate};
+use schemashift_coordinator::error::CoordinatorError;
+use schemashift_coordinator::run::{RunOptions, RunReport, Until};
+use serde::Serialize;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+/// How one member ended in a fleet command.
+#[derive(Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Reached the phase asked for.
+    Done {
+        phase: String,
+        rows_copied: i64,
+        seconds: f64,
+    },
+    /// Unusable before anything was written to it (drift, unreachable, rights missing).
+    Skipped { reason: String },
+    /// Failed during the run; the others went on.
+    Failed { error: String },
+    /// Not reached: an earlier wave failed.
+    NotRun,
+}
+
+#[derive(Serialize)]
+pub struct MemberOutcome {
+    pub name: String,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// Members usable now (with their estimated rows), and the others with why not; nothing is
+/// written to any of them.
+async fn preflight(fleet: Fleet) -> (Vec<(Member, u64)>, Vec<MemberOutcome>) {
+    let checks = fleet.members.into_iter().map(|m| async move {
+        let verdict = match schemashift_coordinator::ops::plan_only(&m.spec).await {
+            Ok(out) => match out.analysis {
+                Ok(tables) => Ok(tables.iter().map(|t| t.rows).sum::<u64>()),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        (m, verdict)
+    });
+    let mut usable = Vec::new();
+    let mut skipped = Vec::new();
+    for (m, verdict) in futures_util::future::join_all(checks).await {
+        match verdict {
+            Ok(rows) => usable.push((m, rows)),
+            Err(reason) => skipped.push(MemberOutcome {
+                name: m.name,
+                outcome: Outcome::Skipped {
+                    reason: one_line(&reason),
+                },
+            }),
+        }
+    }
+    (usable, skipped)
+}
+
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+async fn run_member(
+    m: &Member,
+    gate: &Arc<HostGate>,
+    workers: usize,
+    until: Until,
+    shutdown: watch::Receiver<bool>,
+) -> Outcome {
+    let opts = RunOptions {
+        workers: Some(workers),
+        until,
+        ..RunOptions::new(Arc::new(InProcess {
+            gate: Some(MemberGate::new(gate.clone(), &m.spec)),
+        }))
+    };
+    let span = tracing::info_span!("member", member = %m.name);
+    let result: Result<RunReport, CoordinatorError> =
+        schemashift_coordinator::run::run(&m.spec, opts, shutdown)
+            .instrument(span)
+            .await;
+    match result {
+        Ok(r) => Outcome::Done {
+            phase: r.phase,
+            rows_copied: r.rows_copied,
+            seconds: r.total_seconds,
+        },
+        Err(e) => Outcome::Failed {
+            error: one_line(&e.to_string()),
+        },
+    }
+}
+
+/// `run` (and `cutover`) over a fleet: skipped members first (or exit 2 with `strict`), then
+/// every usable member at once, biggest first so the longest finishes soonest, each member's
+/// copies waiting their turn in the shared pool; with `wave`, `Until::Cutover` goes wave by
+/// wave in spec order and stops at the first member that fails.
+pub async fn run(
+    fleet: Fleet,
+    workers: Option<usize>,
+    until: Until,
+    wave: Option<usize>,
+    strict: bool,
+    json: bool,
+    shutdown: watch::Receiver<bool>,
+) -> i32 {
+    let pool = workers
+        .or_else(|| fleet.members.first().and_then(|m| m.spec.workers))
+        .unwrap_or(4)
+        .max(1);
+    let gate = HostGate::new(fleet.per_host, pool);
+    let order: Vec<String> = fleet.members.iter().map(|m| m.name.clone()).collect();
+    let (mut usable, skipped) = preflight(fleet).await;
+    if strict && !skipped.is_empty() {
+        print(&skipped, json);
+        eprintln!(
+            "error: --strict: {} member(s) unusable; nothing was written anywhere",
+            skipped.len()
+        );
+        return 2;
+    }
+    let mut outcomes = skipped;
+    match (until, wave) {
+        (Until::Cutover, Some(n)) => {
+            // Spec order, `n` at a time; what is left after a failure is not touched.
+            usable.sort_by_key(|(m, _)| order.iter().position(|o| o == &m.name));
+            let mut failed = false;
+            for chunk in usable.chunks(n.max(1)) {
+                if failed {
+                    outcomes.extend(chunk.iter().map(|(m, _)| MemberOutcome {
+                        name: m.name.clone(),
+                        outcome: Outcome::NotRun,
+                    }));
+                    continue;
+                }
+                let runs = chunk
+                    .iter()
+                    .map(|(m, _)| run_member(m, &gate, pool, until, shutdown.clone()));
+                let done = futures_util::future::join_all(runs).await;
+                for ((m, _), outcome) in chunk.iter().zip(done) {
+                    failed |= !matches!(outcome, Outcome::Done { .. });
+                    outcomes.push(MemberOutcome {
+                        name: m.name.clone(),
+                        outcome,
+                    });
+                }
+            }
+        }
+        _ => {
+            usable.sort_by_key(|(_, rows)| std::cmp::Reverse(*rows));
+            let runs = usable
+                .iter()
+                .map(|(m, _)| run_member(m, &gate, pool, until, shutdown.clone()));
+            let done = futures_util::future::join_all(runs).await;
+            for ((m, _), outcome) in usable.iter().zip(done) {
+                outcomes.push(MemberOutcome {
+                    name: m.name.clone(),
+                    outcome,
+                });
+            }
+        }
+    }
+    outcomes.sort_by_key(|o| order.iter().position(|n| n == &o.name));
+    print(&outcomes, json);
+    if outcomes
+        .iter()
+        .all(|o| matches!(o.outcome, Outcome::Done { .. }))
+    {
+        0
+    } else {
+        1
+    }
+}
+
+fn print(outcomes: &[MemberOutcome], json: bool) {
+    if json {
+        let doc = serde_json::json!({ "members": outcomes });
+        println!("{doc}");
+    }
+    for o in outcomes {
+        let line = match &o.outcome {
+            Outcome::Done {
+                phase,
+                rows_copied,
+                seconds,
+            } => format!("{phase}: {rows_copied} rows copied, {seconds:.1} s"),
+            Outcome::Skipped { reason } => format!("SKIPPED, nothing written: {reason}"),
+            Outcome::Failed { error } => format!("FAILED: {error}"),
+            Outcome::NotRun => "not run (an earlier wave failed): still on the old schema".into(),
+        };
+        eprintln!("member {}: {line}", o.name);
+    }
+    let bad: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| !matches!(o.outcome, Outcome::Done { .. }))
+        .map(|o| o.name.as_str())
+        .collect();
+    if !bad.is_empty() {
+        eprintln!(
+            "fleet: {} of {} members did not get there: {} (fix them, then run again with --members {})",
+            bad.len(),
+            outcomes.len(),
+            bad.join(", "),
+            bad.join(",")
+        );
+    }
+}
+
+/// `status` over a fleet: one line per member and the fleet's totals.
+pub async fn status(fleet: &Fleet, json: bool) -> i32 {
+    let mut members = Vec::new();
+    let mut code = 0;
+    let (mut done, mut total, mut eta) = (0i64, 0i64, 0f64);
+    for m in &fleet.members {
+        match schemashift_coordinator::ops::status(&m.spec).await {
+            Ok(s) => {
+                let rows_total: i64 = s
+                    .report
+                    .as_ref()
+                    .and_then(|r| r["tables"].as_array().cloned())
+                    .map(|t| t.iter().filter_map(|t| t["rows"].as_i64()).sum())
+                    .unwrap_or(0);
+                done += s.shards.rows_done;
+                total += rows_total.max(s.shards.rows_done);
+                eta = eta.max(s.eta_seconds.unwrap_or(0.0));
+                if !json {
+                    eprintln!(
+                        "member {}: {}, rows {}/{}, replay lag {} changes{}{}",
+                        m.name,
+                        s.phase,
+                        s.shards.rows_done,
+                        rows_total,
+                        s.replay_lag_changes,
+                        s.throttle_reason
+                            .as_deref()
+                            .map(|r| format!(", throttled: {r}"))
+                            .unwrap_or_default(),
+                        if s.replay_failures > 0 {
+                            format!(", {} replay batches given back", s.replay_failures)
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+                members.push(serde_json::json!({ "name": m.name, "status": s }));
+            }
+            Err(e) => {
+                code = 1;
+                if !json {
+                    eprintln!(
+                        "member {}: cannot read its state: {}",
+                        m.name,
+                        one_line(&e.to_string())
+                    );
+                }
+                members
+                    .push(serde_json::json!({ "name": m.name, "error": one_line(&e.to_string()) }));
+            }
+        }
+    }
+    if json {
+        let doc = serde_json::json!({
+            "members": members,
+            "totals": { "rows_done": done, "rows_total": total, "eta_seconds": eta },
+        });
+        println!("{doc}");
+    } else {
+        eprintln!(
+            "fleet: {} members, rows {done}/{total}, ETA {eta:.0} s",
+            fleet.members.len()
+        );
+    }
+    code
+}
+
+/// A one-pair command applied to each member in turn: every member is tried, each result
+/// printed with its name; the worst exit code is the fleet's.
+pub async fn each<F, Fut>(fleet: &Fleet, what: &str, f: F) -> i32
+where
+    F: Fn(schemashift_common::spec::Spec) -> Fut,
+    Fut: std::future::Future<Output = Result<String, CoordinatorError>>,
+{
+    let mut code = 0;
+    for m in &fleet.members {
+        match f(m.spec.clone()).await {
+            Ok(line) => eprintln!("member {}: {line}", m.name),
+            Err(e) => {
+                eprintln!(
+                    "member {}: {what} failed: {}",
+                    m.name,
+                    one_line(&e.to_string())
+                );
+                code = code.max(fail_code(e));
+            }
+        }
+    }
+    code
+}
+
+fn fail_code(e: CoordinatorError) -> i32 {
+    e.exit_code()
+}
+
+/// `plan` over a fleet: each member's analysis (or its problems), the members whose tables
+/// differ in size class from the rest flagged by their problems, and the fleet's total.
+pub async fn plan(fleet: &Fleet, json: bool) -> i32 {
+    let mut code = 0;
+    let (mut rows, mut seconds) = (0u64, 0f64);
+    let mut docs = Vec::new();
+    for m in &fleet.members {
+        if !json {
+            eprintln!(
+                "== member {} ({} → {})",
+                m.name,
+                m.spec.source.redacted(),
+                m.spec.target.redacted()
+            );
+        }
+        match schemashift_coordinator::ops::plan_only(&m.spec).await {
+            Ok(out) => {
+                if !json {
+                    crate::report::print_plan(&out, false);
+                }
+                match &out.analysis {
+                    Ok(tables) => {
+                        let r: u64 = tables.iter().map(|t| t.rows).sum();
+                        let s: f64 = tables.iter().map(|t| t.estimated_seconds).sum();
+                        rows += r;
+                        seconds += s;
+                        docs.push(serde_json::json!({"name": m.name, "rows": r, "estimated_seconds": s, "tables": tables}));
+                    }
+                    Err(e) => {
+                        code = code.max(e.exit_code());
+                        if !json {
+                            eprintln!("member {}: {}", m.name, one_line(&e.to_string()));
+                        }
+                        docs.push(serde_json::json!({"name": m.name, "problems": one_line(&e.to_string())}));
+                    }
+                }
+            }
+            Err(e) => {
+                code = code.max(e.exit_code());
+                eprintln!("member {}: {}", m.name, one_line(&e.to_string()));
+                docs.push(
+                    serde_json::json!({"name": m.name, "problems": one_line(&e.to_string())}),
+                );
+            }
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"members": docs, "rows": rows, "estimated_seconds": seconds})
+        );
+    } else {
+        // Members copy side by side, so the fleet's time is not the sum; the sum is the
+        // work, the per-host limit and the pool decide how it spreads.
+        eprintln!(
+            "fleet: {} members, {rows} rows, {seconds:.0} s of copying in all (members run side by side)",
+            fleet.members.len()
+        );
+    }
+    code
+}
+
+/// `verify` over a fleet: exit 0 only when no member differs.
+pub async fn verify(fleet: &Fleet) -> i32 {
+    let mut code = 0;
+    for m in &fleet.members {
+        match schemashift_coordinator::ops::verify(&m.spec, crate::embedded::local()).await {
+            Ok(v) if v.differing.is_empty() => eprintln!("member {}: no differences", m.name),
+            Ok(v) => {
+                code = code.max(1);
+                eprintln!("member {}: {} keys differ", m.name, v.differing.len());
+            }
+            Err(e) => {
+                code = code.max(e.exit_code());
+                eprintln!(
+                    "member {}: verify failed: {}",
+                    m.name,
+                    one_line(&e.to_string())
+                );
+            }
+        }
+    }
+    code
+}
+
+/// `rollback` or `cleanup` over a fleet, member by member.
+pub async fn cleanup(fleet: &Fleet, rollback: bool) -> i32 {
+    let what = if rollback { "rollback" } else { "cleanup" };
+    each(fleet, what, |spec| async move {
+        if rollback {
+            schemashift_coordinator::ops::rollback(&spec)
+                .await
+                .map(|o| match o.switched_back {
+                    Some(s) => format!(
+                        "switched back, {} target writes applied to the source",
+                        s.changes_applied
+                    ),
+                    None => "stopped and cleaned up".into(),
+                })
+        } else {
+            schemashift_coordinator::ops::cleanup(&spec).await.map(|r| {
+                format!(
+                    "slot dropped: {}, control schema dropped: {}",
+                    r.slot_dropped, r.control_schema_dropped
+                )
+            })
+        }
+    })
+    .await
+}
+
+pub async fn pause(fleet: &Fleet) -> i32 {
+    each(fleet, "pause", |spec| async move {
+        schemashift_coordinator::pause::pause(&spec)
+            .await
+            .map(|p| p.to_string())
+    })
+    .await
+}
+
+pub async fn resume(fleet: &Fleet) -> i32 {
+    each(fleet, "resume", |spec| async move {
+        schemashift_coordinator::pause::resume(&spec)
+            .await
+            .map(|p| match p {
+                Some(p) => format!("resumed (was {p})"),
+                None => "was not paused".into(),
+            })
+    })
+    .await
+}
+
+pub async fn history(fleet: &Fleet, json: bool) -> i32 {
+    let mut code = 0;
+    for m in &fleet.members {
+        match schemashift_coordinator::history::read(&m.spec).await {
+            Ok(events) => {
+                if !json {
+                    eprintln!("== member {}", m.name);
+                }
+                crate::report::print_history(&events, json);
+            }
+            Err(e) => {
+                code = code.max(e.exit_code());
+                eprintln!("member {}: {}", m.name, one_line(&e.to_string()));
+            }
+        }
+    }
+    code
+}

@@ -1,0 +1,270 @@
+//! Fleets: one spec, many source/target pairs (`members`), and the per-server limit on
+//! copies and index builds they share (`limits.per_host`).
+//!
+//! Each member is an ordinary [`Spec`] (the fleet's tables, functions, cutover and throttle
+//! with the member's two connection strings), so it keeps its own slot, change log and control
+//! schema on its own target, and can be verified, cut over, rolled back or cleaned up alone.
+
+use crate::spec::{Dsn, Spec, SpecError};
+use serde::Deserialize;
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// What a spec file holds: one pair, or a fleet.
+pub enum Loaded {
+    One(Box<Spec>),
+    Fleet(Fleet),
+}
+
+pub struct Fleet {
+    /// In spec order (waves follow it).
+    pub members: Vec<Member>,
+    /// `limits.per_host`: copies or index builds at once on one server; none: no limit.
+    pub per_host: Option<usize>,
+}
+
+pub struct Member {
+    pub name: String,
+    pub spec: Spec,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    name: String,
+    source: String,
+    target: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Limits {
+    per_host: Option<usize>,
+}
+
+/// Reads a spec file: a fleet when it has `members` or `members_file`.
+pub fn load(path: &Path) -> Result<Loaded, SpecError> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|source| SpecError::Read {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    let text = read(path)?;
+    let yaml = |e: serde_norway::Error| SpecError::Yaml(e.to_string());
+    let mut doc: serde_norway::Mapping = serde_norway::from_str(&text).map_err(yaml)?;
+    let (members, file, limits) = (
+        doc.remove("members"),
+        doc.remove("members_file"),
+        doc.remove("limits"),
+    );
+    if members.is_none() && file.is_none() {
+        if limits.is_some() {
+            return Err(SpecError::Invalid(vec![
+                "limits: only a fleet (`members`) has limits".into(),
+            ]));
+        }
+        return Spec::parse(&text).map(|s| Loaded::One(Box::new(s)));
+    }
+    let mut entries: Vec<Entry> = match members {
+        Some(v) => serde_norway::from_value(v).map_err(|e| {
+            SpecError::Yaml(format!("members: {e} (each member: name, source, target)"))
+        })?,
+        None => Vec::new(),
+    };
+    if let Some(f) = file {
+        let f: String = serde_norway::from_value(f).map_err(yaml)?;
+        let f = crate::spec::expand_env(&f)?;
+        let p = path.parent().unwrap_or(Path::new(".")).join(&f);
+        let more: Vec<Entry> = serde_norway::from_str(&read(&p)?)
+            .map_err(|e| SpecError::Yaml(format!("members_file {f}: {e}")))?;
+        entries.extend(more);
+    }
+    let limits: Limits = match limits {
+        Some(v) => {
+            serde_norway::from_value(v).map_err(|e| SpecError::Yaml(format!("limits: {e}")))?
+        }
+        None => Limits::default(),
+    };
+    let mut problems = check_entries(&entries);
+    if doc.contains_key("source") || doc.contains_key("target") {
+        problems.push("members replaces source and target: give them per member only".into());
+    }
+    if limits.per_host == Some(0) {
+        problems.push("limits.per_host: must be at least 1".into());
+    }
+    if !problems.is_empty() {
+        return Err(SpecError::Invalid(problems));
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let mut m = doc.clone();
+        m.insert("source".into(), e.source.into());
+        m.insert("target".into(), e.target.into());
+        let mut spec =
+            Spec::from_yaml(serde_norway::Value::Mapping(m)).map_err(|err| match err {
+                SpecError::Invalid(p) => SpecError::Invalid(
+                    p.into_iter()
+                        .map(|p| format!("member {}: {p}", e.name))
+                        .collect(),
+                ),
+                other => other,
+            })?;
+        spec.member = Some(e.name.clone());
+        out.push(Member { name: e.name, spec });
+    }
+    Ok(Loaded::Fleet(Fleet {
+        members: out,
+        per_host: limits.per_host,
+    }))
+}
+
+fn check_entries(entries: &[Entry]) -> Vec<String> {
+    let mut problems = Vec::new();
+    if entries.is_empty() {
+        problems.push("members: the fleet has no members".into());
+    }
+    let mut seen = BTreeSet::new();
+    for e in entries {
+        let ok = !e.name.is_empty()
+            && e.name.len() <= 63
+            && e.name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !ok {
+            problems.push(format!(
+                "members: name {:?} must be 1 to 63 characters of a-z, 0-9, _ and -",
+                e.name
+            ));
+        }
+        if !seen.insert(e.name.as_str()) {
+            problems.push(format!("members: name {:?} is used twice", e.name));
+        }
+    }
+    problems
+}
+
+impl Fleet {
+    /// The members named in `only` (all when empty), in spec order; an unknown name is bad
+    /// input.
+    pub fn select(self, only: &[String]) -> Result<Fleet, SpecError> {
+        let unknown: Vec<String> = only
+            .iter()
+            .filter(|n| !self.members.iter().any(|m| &m.name == *n))
+            .map(|n| format!("--members: no member is named {n:?}"))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(SpecError::Invalid(unknown));
+        }
+        let members = self
+            .members
+            .into_iter()
+            .filter(|m| only.is_empty() || only.contains(&m.name))
+            .collect();
+        Ok(Fleet {
+            members,
+            per_host: self.per_host,
+        })
+    }
+}
+
+/// `host:port` of a connection string: the server a limit counts against.
+pub fn server_of(dsn: &Dsn) -> String {
+    let r = dsn.redacted();
+    match r.rsplit_once('/') {
+        Some((server, _db)) => server.to_owned(),
+        None => r,
+    }
+}
+
+/// The limits every member's work passes through: at most `pool` copies at once in the
+/// whole fleet (its one worker pool) and at most `per_host` copies or index builds at once
+/// on one server. Semaphores are fair (first come, first served), so no member starves;
+/// and every pass takes its permits in one global order (pool, then servers by name), so
+/// two passes never wait on each other in a cycle.
+pub struct HostGate {
+    per_host: Option<usize>,
+    pool: Arc<Semaphore>,
+    servers: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// Held while a copy or an index build runs; dropping it lets the next one in.
+pub struct GatePass {
+    _permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl HostGate {
+    pub fn new(per_host: Option<usize>, pool: usize) -> Arc<HostGate> {
+        Arc::new(HostGate {
+            per_host,
+            pool: Arc::new(Semaphore::new(pool.max(1))),
+            servers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn server(&self, name: &str, per_host: usize) -> Arc<Semaphore> {
+        // A poisoned map only means a panic elsewhere; its semaphores are still sound.
+        let mut map = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(name.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(per_host)))
+            .clone()
+    }
+
+    async fn enter(&self, pooled: bool, servers: &[String]) -> GatePass {
+        let mut permits = Vec::new();
+        // Closed semaphores never happen (we never close them); a pass without the permit
+        // would only loosen the limit, never lose data.
+        if pooled {
+            if let Ok(p) = self.pool.clone().acquire_owned().await {
+                permits.push(p);
+            }
+        }
+        if let Some(n) = self.per_host {
+            let ordered: BTreeSet<&String> = servers.iter().collect();
+            for s in ordered {
+                if let Ok(p) = self.server(s, n).acquire_owned().await {
+                    permits.push(p);
+                }
+            }
+        }
+        GatePass { _permits: permits }
+    }
+}
+
+/// One member's way through the gate: its source and target servers.
+#[derive(Clone)]
+pub struct MemberGate {
+    gate: Arc<HostGate>,
+    source: String,
+    target: String,
+}
+
+impl MemberGate {
+    pub fn new(gate: Arc<HostGate>, spec: &Spec) -> MemberGate {
+        MemberGate {
+            gate,
+            source: server_of(&spec.source),
+            target: server_of(&spec.target),
+        }
+    }
+
+    /// A shard copy: a slot of the fleet's pool, and one on each server it reads or writes.
+    pub async fn copy(&self) -> GatePass {
+        self.gate
+            .enter(true, &[self.source.clone(), self.target.clone()])
+            .await
+    }
+
+    /// An index build on the target.
+    pub async fn build(&self) -> GatePass {
+        self.gate
+            .enter(false, std::slice::from_ref(&self.target))
+            .await
+    }
+}
+
+#[cfg(test)]
+#[path = "fleet_tests.rs"]
+mod tests;

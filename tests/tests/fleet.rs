@@ -1,0 +1,292 @@
+//! Fleets against real clusters: eight members on three clusters under write load, one
+//! worker pool, one copy or index build per server at a time, a drifted member skipped with
+//! nothing written and completed after its fix, cutover in waves.
+
+use schemashift_lab::cluster::{Cluster, ClusterOptions};
+use schemashift_lab::load::{start_load, LoadOptions};
+use schemashift_lab::scenario::{load_users, users_spec_yaml, SOURCE_DDL, TARGET_DDL};
+use schemashift_tests::{
+    as_test_role, connect, create_database, dsn_with_db, has_control_schema, schemashift,
+    slot_and_publication_count, table_diff, Proc, TestEnv, TEST_HBA,
+};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(600);
+
+struct Db {
+    dsn: String,
+}
+
+/// A fresh test database on the cluster of `admin_base` (the fixture's superuser), as the
+/// test role.
+async fn fresh_db(admin_base: &str, name: &str) -> anyhow::Result<Db> {
+    create_database(admin_base, name).await?;
+    Ok(Db {
+        dsn: dsn_with_db(&as_test_role(admin_base), name),
+    })
+}
+
+/// Per cluster, the most copies reading, copies writing and index builds of ours seen at
+/// once (a copy between two databases of one cluster shows one of each).
+async fn sample(admin_dsns: Vec<String>, stop: Arc<AtomicBool>) -> anyhow::Result<Vec<(i64, i64)>> {
+    let mut clients = Vec::new();
+    for d in &admin_dsns {
+        clients.push(connect(d).await?);
+    }
+    let mut worst = vec![(0i64, 0i64); clients.len()];
+    let mut seen: Vec<String> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        for (i, c) in clients.iter().enumerate() {
+            let r = c
+                .query_one(
+                    // Backfill copies and the target's index builds (client backends only:
+                    // a build's parallel workers show its query too); not the change path's
+                    // own COPYs (change log, replay staging) nor the control DDL.
+                    "SELECT count(*) FILTER (WHERE query LIKE 'COPY (SELECT % FROM ONLY \"public\".\"users\" %'), \
+                            count(*) FILTER (WHERE query LIKE 'COPY \"public\".\"users\" (%) FROM STDIN (FORMAT binary)'), \
+                            count(*) FILTER (WHERE query ~ '^CREATE (UNIQUE )?INDEX ') \
+                     FROM pg_stat_activity \
+                     WHERE usename = 'schemashift_test' AND state = 'active' \
+                       AND backend_type = 'client backend'",
+                    &[],
+                )
+                .await?;
+            let (out, inn, idx): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+            if (out + idx > 1 || inn + idx > 1) && seen.len() < 5 {
+                let q = c
+                    .query(
+                        "SELECT datname || ': ' || left(query, 120) FROM pg_stat_activity \
+                         WHERE usename = 'schemashift_test' AND state = 'active'",
+                        &[],
+                    )
+                    .await?;
+                seen.push(
+                    q.iter()
+                        .map(|r| r.get::<_, String>(0))
+                        .collect::<Vec<_>>()
+                        .join(" | "),
+                );
+            }
+            worst[i].0 = worst[i].0.max(out + idx);
+            worst[i].1 = worst[i].1.max(inn + idx);
+        }
+    }
+    for q in &seen {
+        eprintln!("over the limit: {q}");
+    }
+    Ok(worst)
+}
+
+/// The users spec without its pair, for a fleet's shared part.
+fn shared_part(shard_rows: u64) -> String {
+    users_spec_yaml("x", "y", 2, Some(shard_rows))
+        .lines()
+        .filter(|l| !l.starts_with("source: ") && !l.starts_with("target: "))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_of_eight_on_three_clusters_cuts_over_in_waves_with_one_copy_per_server(
+) -> anyhow::Result<()> {
+    let third = Cluster::start(ClusterOptions {
+        hba: Some(TEST_HBA.to_string()),
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let c_base = format!("postgres://postgres@127.0.0.1:{}", third.port());
+    // (source on the shared source cluster A or on C, target on the shared B or on C, rows)
+    let shapes: [(bool, bool, u64); 8] = [
+        (false, false, 1_000),
+        (true, false, 2_000),
+        (false, true, 5_000),
+        (true, true, 10_000),
+        (false, false, 20_000),
+        (true, false, 40_000),
+        (false, true, 80_000),
+        (false, false, 200_000),
+    ];
+    let mut envs = Vec::new();
+    let mut pairs = Vec::new();
+    for (i, (src_on_c, tgt_on_c, rows)) in shapes.iter().enumerate() {
+        let env = TestEnv::new(&format!("fleet_m{i}")).await?;
+        let source = if *src_on_c {
+            fresh_db(&c_base, &format!("{}_c", env.source_db))
+                .await?
+                .dsn
+        } else {
+            env.source_dsn.clone()
+        };
+        let target = if *tgt_on_c {
+            fresh_db(&c_base, &format!("{}_c", env.target_db))
+                .await?
+                .dsn
+        } else {
+            env.target_dsn.clone()
+        };
+        let s = connect(&source).await?;
+        s.batch_execute(SOURCE_DDL).await?;
+        load_users(&s, *rows).await?;
+        connect(&target).await?.batch_execute(TARGET_DDL).await?;
+        pairs.push((format!("m{i}"), source, target));
+        envs.push(env);
+    }
+    // A ninth member whose target drifted: no last_name.
+    let drift = TestEnv::new("fleet_drift").await?;
+    let s = connect(&drift.source_dsn).await?;
+    s.batch_execute(SOURCE_DDL).await?;
+    load_users(&s, 3_000).await?;
+    let drift_target = connect(&drift.target_dsn).await?;
+    drift_target
+        .batch_execute(&format!(
+            "{TARGET_DDL}; ALTER TABLE users DROP COLUMN last_name"
+        ))
+        .await?;
+    pairs.push((
+        "drifted".into(),
+        drift.source_dsn.clone(),
+        drift.target_dsn.clone(),
+    ));
+
+    let dir = tempfile::tempdir()?;
+    let switched = dir.path().join("switched.txt");
+    let mut yaml = String::from("members:\n");
+    for (name, s, t) in &pairs {
+        yaml.push_str(&format!(
+            "  - name: {name}\n    source: '{s}'\n    target: '{t}'\n"
+        ));
+    }
+    yaml.push_str("limits:\n  per_host: 1\nthrottle:\n  enabled: false\n");
+    yaml.push_str(&format!(
+        "cutover:\n  switch_command: 'echo $SCHEMASHIFT_MEMBER >> {}'\n",
+        switched.display()
+    ));
+    yaml.push_str(
+        &shared_part(20_000).replace("    key: id\n", "    key: id\n    strategy: copy\n"),
+    );
+    let spec = dir.path().join("fleet.yaml");
+    std::fs::write(&spec, &yaml)?;
+    let spec = spec.to_string_lossy().into_owned();
+
+    // --strict: the drifted member refuses the whole fleet, nothing written anywhere.
+    let out = schemashift(&["run", &spec, "--strict"])?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("member drifted: SKIPPED"), "{err}");
+    for (_, s, t) in &pairs {
+        assert!(!has_control_schema(t).await?, "nothing written to {t}");
+        assert_eq!(slot_and_publication_count(s).await?.0, 0);
+    }
+
+    let mut loads = Vec::new();
+    for (_, s, _) in pairs.iter().take(8) {
+        loads.push(
+            start_load(
+                s.clone(),
+                LoadOptions {
+                    rate_per_sec: 40,
+                    ..LoadOptions::default()
+                },
+            )
+            .await?,
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let admins = vec![
+        envs[0].source_dsn_for("postgres"),
+        envs[0].target_dsn_for("postgres"),
+        format!("{c_base}/postgres"),
+    ];
+    let sampler = tokio::spawn(sample(admins, stop.clone()));
+    let t0 = Instant::now();
+    let mut run = Proc::spawn(
+        dir.path(),
+        "fleet-run",
+        &["run", &spec, "--workers", "3"],
+        &[],
+    )?;
+    let status = run.wait(LIMIT).await?;
+    let took = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let worst = sampler.await??;
+    eprintln!(
+        "fleet of 8 (+1 drifted) with per_host 1: {:.1} s; most of ours at once per cluster \
+         (reading+builds, writing+builds): {worst:?}",
+        took.as_secs_f64()
+    );
+    let err = run.stderr();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("member drifted: SKIPPED, nothing written"),
+        "{err}"
+    );
+    assert!(err.contains("--members drifted"), "{err}");
+    for (i, w) in worst.iter().enumerate() {
+        assert!(w.0 <= 1 && w.1 <= 1, "cluster {i}: {worst:?}");
+    }
+    assert!(
+        worst.iter().any(|w| w.0 == 1),
+        "the sampler saw copies: {worst:?}"
+    );
+    assert!(!has_control_schema(&drift.target_dsn).await?);
+    assert_eq!(slot_and_publication_count(&drift.source_dsn).await?.0, 0);
+
+    for l in loads {
+        l.stop().await;
+    }
+    let out = schemashift(&["cutover", &spec, "--wave", "3"])?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the drifted one is still skipped: {err}"
+    );
+    let lines: Vec<String> = std::fs::read_to_string(&switched)?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), 8, "{lines:?}");
+    let waves: Vec<BTreeSet<&str>> = lines
+        .chunks(3)
+        .map(|c| c.iter().map(String::as_str).collect())
+        .collect();
+    assert_eq!(
+        waves,
+        [
+            BTreeSet::from(["m0", "m1", "m2"]),
+            BTreeSet::from(["m3", "m4", "m5"]),
+            BTreeSet::from(["m6", "m7"]),
+        ],
+        "waves in spec order"
+    );
+
+    // The fix, then the drifted member alone.
+    drift_target
+        .batch_execute("ALTER TABLE users ADD COLUMN last_name TEXT NOT NULL DEFAULT ''; ALTER TABLE users ALTER COLUMN last_name DROP DEFAULT")
+        .await?;
+    let out = schemashift(&["cutover", &spec, "--members", "drifted"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = schemashift(&["status", &spec, "--json"])?;
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(st["members"].as_array().map(Vec::len), Some(9), "{st}");
+    for (name, s, t) in &pairs {
+        let (s, t) = (connect(s).await?, connect(t).await?);
+        assert_eq!(table_diff(&s, &t).await?, (0, 0, 0), "member {name}");
+    }
+    for env in envs {
+        env.drop_all().await?;
+    }
+    drift.drop_all().await?;
+    third.stop().await?;
+    Ok(())
+}
