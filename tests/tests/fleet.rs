@@ -290,3 +290,136 @@ async fn fleet_of_eight_on_three_clusters_cuts_over_in_waves_with_one_copy_per_s
     third.stop().await?;
     Ok(())
 }
+
+/// Shards done in all of these targets' control states.
+async fn shards_done(targets: &[tokio_postgres::Client]) -> i64 {
+    let mut n = 0;
+    for t in targets {
+        n += t
+            .query_opt(
+                "SELECT count(*) FILTER (WHERE state = 'done') FROM schemashift.shards",
+                &[],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map_or(0, |r| r.get::<_, i64>(0));
+    }
+    n
+}
+
+/// Four members of 30,000 rows on the shared clusters, the fleet spec with `per_host`.
+async fn four_members(
+    tag: &str,
+    per_host: usize,
+) -> anyhow::Result<(Vec<TestEnv>, tempfile::TempDir, String)> {
+    let mut envs = Vec::new();
+    let mut yaml = String::from("members:\n");
+    for i in 0..4 {
+        let env = schemashift_tests::users_env(&format!("{tag}_{i}"), 30_000).await?;
+        yaml.push_str(&format!(
+            "  - name: m{i}\n    source: '{}'\n    target: '{}'\n",
+            env.source_dsn, env.target_dsn
+        ));
+        envs.push(env);
+    }
+    yaml.push_str(&format!(
+        "limits:\n  per_host: {per_host}\nthrottle:\n  enabled: false\n"
+    ));
+    yaml.push_str(
+        &shared_part(2_000).replace("    key: id\n", "    key: id\n    strategy: copy\n"),
+    );
+    let dir = tempfile::tempdir()?;
+    let spec = dir.path().join("fleet.yaml");
+    std::fs::write(&spec, yaml)?;
+    let spec = spec.to_string_lossy().into_owned();
+    Ok((envs, dir, spec))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_run_killed_mid_backfill_resumes_every_member_copying_each_row_once(
+) -> anyhow::Result<()> {
+    let (envs, dir, spec) = four_members("fleet_kill", 1).await?;
+    let mut targets = Vec::new();
+    for e in &envs {
+        targets.push(connect(&e.target_dsn).await?);
+    }
+    let mut run = Proc::spawn(
+        dir.path(),
+        "fleet-run",
+        &["run", &spec, "--workers", "2"],
+        &[],
+    )?;
+    // 4 members × 15 shards: kill once some, not all, have committed.
+    let deadline = Instant::now() + LIMIT;
+    while shards_done(&targets).await < 8 {
+        anyhow::ensure!(run.is_running(), "{}", run.stderr_tail());
+        anyhow::ensure!(Instant::now() < deadline, "the fleet never got going");
+        tokio::task::yield_now().await;
+    }
+    run.kill9().await?;
+    let done = shards_done(&targets).await;
+    assert!(
+        done < 60,
+        "kill came too late to test a resume ({done} of 60 done)"
+    );
+
+    let t0 = Instant::now();
+    let out = schemashift(&["run", &spec, "--workers", "2", "--json"])?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "resume failed: {err}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(doc["members"].as_array().map(Vec::len), Some(4), "{doc}");
+    eprintln!(
+        "fleet resumed after kill -9 with {done} shards done: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    for (e, t) in envs.iter().zip(&targets) {
+        let rows: i64 = t.query_one("SELECT count(*) FROM users", &[]).await?.get(0);
+        let copied: i64 = t
+            .query_one("SELECT sum(rows)::bigint FROM schemashift.shards", &[])
+            .await?
+            .get(0);
+        assert_eq!(
+            (rows, copied),
+            (30_000, 30_000),
+            "each row copied exactly once"
+        );
+        let s = connect(&e.source_dsn).await?;
+        assert_eq!(table_diff(&s, t).await?, (0, 0, 0));
+    }
+    let out = schemashift(&["cleanup", &spec])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for e in envs {
+        e.drop_all().await?;
+    }
+    Ok(())
+}
+
+/// The per-server limit is what bounds the fleet: the same four members with one copy per
+/// server, then three (numbers in the output; timings are not asserted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_per_host_lets_more_of_the_fleet_copy_at_once() -> anyhow::Result<()> {
+    let mut took = Vec::new();
+    for per_host in [1, 3] {
+        let (envs, _dir, spec) = four_members(&format!("fleet_ph{per_host}"), per_host).await?;
+        let t0 = Instant::now();
+        let out = schemashift(&["run", &spec, "--workers", "3", "--until", "backfill"])?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        took.push((per_host, t0.elapsed().as_secs_f64()));
+        schemashift(&["cleanup", &spec])?;
+        for e in envs {
+            e.drop_all().await?;
+        }
+    }
+    eprintln!("four members of 30,000 rows to the end of the backfill, 3 workers: {took:?} (per_host, seconds)");
+    Ok(())
+}

@@ -264,7 +264,8 @@ async fn plan_table(
     problems.extend(found);
     let (cols, found) = checks::mapped_columns(t, &at, &tgt_name, &tgt_cols, helpers, &src_names);
     problems.extend(found);
-    let (target_key, found) = checks::target_key(target, &at, &tgt_name, &key, &cols).await?;
+    let (target_key, found) =
+        checks::target_key(target, &at, &tgt_name, &key, &cols, opts.resuming).await?;
     problems.extend(found);
     if problems.len() > start {
         return Ok(None);
