@@ -423,3 +423,73 @@ async fn raising_per_host_lets_more_of_the_fleet_copy_at_once() -> anyhow::Resul
     eprintln!("four members of 30,000 rows to the end of the backfill, 3 workers: {took:?} (per_host, seconds)");
     Ok(())
 }
+
+/// examples/fleet: the spec loads as a fleet of four from its members file, every member's
+/// servers are services of its compose file, the compose command parses with our CLI, and
+/// each member plans cleanly against real databases built from the SQL the compose file
+/// mounts.
+#[tokio::test]
+async fn fleet_example_loads_matches_its_compose_file_and_plans() -> anyhow::Result<()> {
+    use clap::Parser;
+    use schemashift_common::fleet::{load, server_of, Loaded};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fleet");
+    std::env::set_var("PGPASSWORD", "a p@ss/word");
+    let Loaded::Fleet(f) = load(&dir.join("fleet.yaml"))? else {
+        anyhow::bail!("not a fleet")
+    };
+    let names: Vec<&str> = f.members.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["tenant-001", "tenant-002", "tenant-003", "tenant-004"]
+    );
+    assert_eq!(f.per_host, Some(2));
+    let compose: serde_norway::Value =
+        serde_norway::from_str(&std::fs::read_to_string(dir.join("docker-compose.yml"))?)?;
+    for m in &f.members {
+        for dsn in [&m.spec.source, &m.spec.target] {
+            let host = server_of(dsn);
+            let service = host.trim_end_matches(":5432");
+            assert!(
+                !compose["services"][service].is_null(),
+                "{}: {host} is not a compose service",
+                m.name
+            );
+        }
+    }
+    let cmd: Vec<String> = compose["services"]["schemashift"]["command"]
+        .as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    schemashift::cli::Cli::try_parse_from(std::iter::once("schemashift".to_owned()).chain(cmd))?;
+
+    // The fleet's tables against the databases the compose file builds.
+    let root = dir.join("../..");
+    let env = TestEnv::with_ddl(
+        "fleet_example",
+        &std::fs::read_to_string(root.join("deploy/source.sql"))?,
+        &std::fs::read_to_string(root.join("deploy/target.sql"))?,
+    )
+    .await?;
+    let text = std::fs::read_to_string(dir.join("fleet.yaml"))?.replace(
+        "members_file: members.yaml",
+        &format!(
+            "members:\n  - {{name: tenant-001, source: '{}', target: '{}'}}",
+            env.source_dsn, env.target_dsn
+        ),
+    );
+    let tmp = tempfile::tempdir()?;
+    let spec = tmp.path().join("fleet.yaml");
+    std::fs::write(&spec, text)?;
+    let out = schemashift(&["plan", &spec.to_string_lossy()])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fleet: 1 members"));
+    env.drop_all().await
+}
