@@ -378,6 +378,24 @@ impl Cluster {
         &self.log_path
     }
 
+    /// Stops the server (`pg_ctl stop -m fast`) and keeps its data, for [`Cluster::resume`]:
+    /// a server going away under a run.
+    pub async fn halt(&mut self) -> Result<(), ClusterError> {
+        let cwd = self.root();
+        let mut cmd = pg_command(&self.bin, "pg_ctl", self.as_postgres, &cwd);
+        cmd.args(["-w", "-t", "60", "-m", "fast", "-D"])
+            .arg(&self.data_dir)
+            .arg("stop");
+        run(cmd, "pg_ctl stop").await?;
+        self.stopped = true;
+        Ok(())
+    }
+
+    /// Starts a halted server again on its port.
+    pub async fn resume(&mut self) -> Result<(), ClusterError> {
+        self.try_start(self.port).await
+    }
+
     /// Stops the server (`pg_ctl stop -m fast`) and removes its directory.
     pub async fn stop(mut self) -> Result<(), ClusterError> {
         if !self.stopped {

@@ -493,3 +493,112 @@ async fn fleet_example_loads_matches_its_compose_file_and_plans() -> anyhow::Res
     assert!(String::from_utf8_lossy(&out.stderr).contains("fleet: 1 members"));
     env.drop_all().await
 }
+
+/// One member's source server stops mid-backfill: the other member is not held up (it gets
+/// through its backfill while the server is down, though both write to one target server
+/// with `per_host: 1`); the stopped member waits or fails alone, said in the output, and
+/// completes once its server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_whose_source_stops_mid_backfill_does_not_hold_up_the_rest() -> anyhow::Result<()> {
+    let mut down_cluster = Cluster::start(ClusterOptions {
+        hba: Some(TEST_HBA.to_string()),
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let c_base = format!("postgres://postgres@127.0.0.1:{}", down_cluster.port());
+    let up = schemashift_tests::users_env("fleet_up", 60_000).await?;
+    let down_env = TestEnv::new("fleet_down").await?;
+    let down_source = fresh_db(&c_base, &format!("{}_c", down_env.source_db))
+        .await?
+        .dsn;
+    let s = connect(&down_source).await?;
+    s.batch_execute(SOURCE_DDL).await?;
+    load_users(&s, 60_000).await?;
+    drop(s);
+    connect(&down_env.target_dsn)
+        .await?
+        .batch_execute(TARGET_DDL)
+        .await?;
+    let mut yaml = format!(
+        "members:\n  - {{name: down, source: '{down_source}', target: '{}'}}\n  \
+         - {{name: up, source: '{}', target: '{}'}}\n\
+         limits:\n  per_host: 1\nthrottle:\n  enabled: false\n",
+        down_env.target_dsn, up.source_dsn, up.target_dsn
+    );
+    yaml.push_str(
+        &shared_part(2_000).replace("    key: id\n", "    key: id\n    strategy: copy\n"),
+    );
+    let dir = tempfile::tempdir()?;
+    let spec = dir.path().join("fleet.yaml");
+    std::fs::write(&spec, yaml)?;
+    let spec = spec.to_string_lossy().into_owned();
+
+    let (down_t, up_t) = (
+        connect(&down_env.target_dsn).await?,
+        connect(&up.target_dsn).await?,
+    );
+    let mut run = Proc::spawn(
+        dir.path(),
+        "fleet-run",
+        &["run", &spec, "--workers", "2", "--until", "backfill"],
+        &[],
+    )?;
+    let deadline = Instant::now() + LIMIT;
+    while shards_done(std::slice::from_ref(&down_t)).await < 2 {
+        anyhow::ensure!(run.is_running(), "{}", run.stderr_tail());
+        anyhow::ensure!(Instant::now() < deadline, "the down member never started");
+        tokio::task::yield_now().await;
+    }
+    down_cluster.halt().await?;
+    let stopped_at = Instant::now();
+    // 30 shards of the up member, all copied while the other member's server is down.
+    while shards_done(std::slice::from_ref(&up_t)).await < 30 {
+        anyhow::ensure!(
+            Instant::now() < stopped_at + Duration::from_secs(120),
+            "the up member was held up: {}",
+            run.stderr_tail()
+        );
+        tokio::task::yield_now().await;
+    }
+    eprintln!(
+        "the up member finished its backfill {:.1} s after the other's server stopped",
+        stopped_at.elapsed().as_secs_f64()
+    );
+    down_cluster.resume().await?;
+    let status = run.wait(LIMIT).await?;
+    let err = run.stderr();
+    eprintln!(
+        "fleet exit {status}; {}",
+        err.lines()
+            .filter(|l| l.starts_with("member "))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
+    if !status.success() {
+        assert!(
+            err.contains("member down: FAILED"),
+            "said in the output: {err}"
+        );
+        assert!(err.contains("member up: backfill"), "{err}");
+        let out = schemashift(&["run", &spec, "--members", "down", "--until", "backfill"])?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = schemashift(&["run", &spec])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (s, t) in [(&down_source, &down_t), (&up.source_dsn, &up_t)] {
+        assert_eq!(table_diff(&connect(s).await?, t).await?, (0, 0, 0));
+    }
+    schemashift(&["cleanup", &spec])?;
+    up.drop_all().await?;
+    down_env.drop_all().await?;
+    down_cluster.stop().await?;
+    Ok(())
+}
