@@ -396,17 +396,15 @@ pub async fn execute(cli: Cli) -> i32 {
             json,
         } => {
             if let Ok(Loaded::Fleet(f)) = load_any(&spec, &select) {
-                let until = until.into();
-                return crate::members::run(
-                    f,
+                let opts = crate::members::FleetRun {
                     workers,
-                    until,
-                    None,
+                    until: until.into(),
+                    wave: None,
                     strict,
+                    metrics_listen,
                     json,
-                    shutdown_signal(),
-                )
-                .await;
+                };
+                return crate::members::run(f, opts, shutdown_signal()).await;
             }
             run_cmd(spec, select, workers, until, metrics_listen, report, json).await
         }
@@ -488,16 +486,15 @@ pub async fn execute(cli: Cli) -> i32 {
         } => {
             match load_any(&spec, &select) {
                 Ok(Loaded::Fleet(f)) => {
-                    return crate::members::run(
-                        f,
-                        None,
-                        Until::Cutover,
-                        Some(wave.unwrap_or(usize::MAX)),
+                    let opts = crate::members::FleetRun {
+                        workers: None,
+                        until: Until::Cutover,
+                        wave: Some(wave.unwrap_or(usize::MAX)),
                         strict,
+                        metrics_listen: None,
                         json,
-                        shutdown_signal(),
-                    )
-                    .await
+                    };
+                    return crate::members::run(f, opts, shutdown_signal()).await;
                 }
                 Ok(Loaded::One(_)) if wave.is_some() => {
                     eprintln!("error: --wave needs a fleet spec (one with `members`)");

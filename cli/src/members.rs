@@ -76,6 +76,7 @@ fn one_line(s: &str) -> String {
 }
 
 async fn run_member(
+    fleet_span: &tracing::Span,
     m: &Member,
     gate: &Arc<HostGate>,
     workers: usize,
@@ -89,7 +90,8 @@ async fn run_member(
             gate: Some(MemberGate::new(gate.clone(), &m.spec)),
         }))
     };
-    let span = tracing::info_span!("member", member = %m.name);
+    // Every member's spans under the fleet's: one trace for the fleet run.
+    let span = tracing::info_span!(parent: fleet_span, "member", member = %m.name);
     let result: Result<RunReport, CoordinatorError> =
         schemashift_coordinator::run::run(&m.spec, opts, shutdown)
             .instrument(span)
@@ -110,15 +112,24 @@ async fn run_member(
 /// every usable member at once, biggest first so the longest finishes soonest, each member's
 /// copies waiting their turn in the shared pool; with `wave`, `Until::Cutover` goes wave by
 /// wave in spec order and stops at the first member that fails.
-pub async fn run(
-    fleet: Fleet,
-    workers: Option<usize>,
-    until: Until,
-    wave: Option<usize>,
-    strict: bool,
-    json: bool,
-    shutdown: watch::Receiver<bool>,
-) -> i32 {
+pub struct FleetRun {
+    pub workers: Option<usize>,
+    pub until: Until,
+    pub wave: Option<usize>,
+    pub strict: bool,
+    pub metrics_listen: Option<String>,
+    pub json: bool,
+}
+
+pub async fn run(fleet: Fleet, opts: FleetRun, shutdown: watch::Receiver<bool>) -> i32 {
+    let FleetRun {
+        workers,
+        until,
+        wave,
+        strict,
+        metrics_listen,
+        json,
+    } = opts;
     let pool = workers
         .or_else(|| fleet.members.first().and_then(|m| m.spec.workers))
         .unwrap_or(4)
@@ -134,6 +145,27 @@ pub async fn run(
         );
         return 2;
     }
+    let fleet_span = tracing::info_span!("fleet", members = usable.len() + skipped.len());
+    let (stop_metrics, metrics) = watch::channel(false);
+    let metrics_task = match metrics_listen {
+        Some(addr) => match schemashift_coordinator::metrics::bind(&addr).await {
+            Ok(listener) => {
+                let members = usable
+                    .iter()
+                    .map(|(m, _)| (m.name.clone(), m.spec.clone()))
+                    .collect();
+                Some(tokio::spawn(
+                    schemashift_coordinator::metrics::serve_fleet(listener, members, metrics)
+                        .instrument(tracing::info_span!(parent: &fleet_span, "metrics")),
+                ))
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 2;
+            }
+        },
+        None => None,
+    };
     let mut outcomes = skipped;
     match (until, wave) {
         (Until::Cutover, Some(n)) => {
@@ -150,7 +182,7 @@ pub async fn run(
                 }
                 let runs = chunk
                     .iter()
-                    .map(|(m, _)| run_member(m, &gate, pool, until, shutdown.clone()));
+                    .map(|(m, _)| run_member(&fleet_span, m, &gate, pool, until, shutdown.clone()));
                 let done = futures_util::future::join_all(runs).await;
                 for ((m, _), outcome) in chunk.iter().zip(done) {
                     failed |= !matches!(outcome, Outcome::Done { .. });
@@ -165,7 +197,7 @@ pub async fn run(
             usable.sort_by_key(|(_, rows)| std::cmp::Reverse(*rows));
             let runs = usable
                 .iter()
-                .map(|(m, _)| run_member(m, &gate, pool, until, shutdown.clone()));
+                .map(|(m, _)| run_member(&fleet_span, m, &gate, pool, until, shutdown.clone()));
             let done = futures_util::future::join_all(runs).await;
             for ((m, _), outcome) in usable.iter().zip(done) {
                 outcomes.push(MemberOutcome {
@@ -174,6 +206,10 @@ pub async fn run(
                 });
             }
         }
+    }
+    stop_metrics.send_replace(true);
+    if let Some(t) = metrics_task {
+        let _ = t.await;
     }
     outcomes.sort_by_key(|o| order.iter().position(|n| n == &o.name));
     print(&outcomes, json);

@@ -12,6 +12,7 @@ use crate::error::CoordinatorError;
 use schemashift_common::plan::RunPlan;
 use schemashift_common::sql::quote_ident;
 use tokio_postgres::{Client, Transaction};
+use tracing::Instrument;
 
 /// Inside the run's creating transaction (after the foreign keys of the migrated tables are
 /// dropped): records and drops the indexes of the migrated target tables. Kept in place:
@@ -162,7 +163,7 @@ pub async fn rebuild(
                 }
                 tracing::info!(table = %p.table, index = %p.name, seconds = t0.elapsed().as_secs_f64(), "index built");
             }
-        });
+        }.instrument(tracing::Span::current()));
     }
     while let Some(j) = tasks.join_next().await {
         j.map_err(|e| CoordinatorError::State(format!("index build task panicked: {e}")))??;

@@ -81,6 +81,15 @@ struct Seen {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("schemashift");
+        let m = Metrics::registered_in(&mut registry);
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// The families registered in `registry` (a fleet member's sub-registry carries the
+    /// `member` label); the returned value's own registry is empty.
+    fn registered_in(registry: &mut Registry) -> Metrics {
         let m = Metrics {
             registry: Registry::default(),
             ready: Default::default(),
@@ -103,7 +112,7 @@ impl Default for Metrics {
             throttled_seconds: Counter::default(),
             workers: Gauge::default(),
         };
-        let r = &mut registry;
+        let r = registry;
         r.register("phase", "1 for the run's current phase", m.phase.clone());
         r.register("shards", "Shards by state", m.shards.clone());
         r.register(
@@ -181,7 +190,7 @@ impl Default for Metrics {
             "Workers heard from in the last 30 s",
             m.workers.clone(),
         );
-        Metrics { registry, ..m }
+        m
     }
 }
 
@@ -281,8 +290,19 @@ impl Metrics {
     }
 }
 
+/// Renders the exposition text, or None before the first refresh.
+pub trait Render: Send + Sync + 'static {
+    fn render(&self) -> Option<String>;
+}
+
+impl Render for Metrics {
+    fn render(&self) -> Option<String> {
+        Metrics::render(self)
+    }
+}
+
 /// The HTTP side: `GET /metrics` and nothing else.
-pub fn router(metrics: Arc<Metrics>) -> Router {
+pub fn router<R: Render>(metrics: Arc<R>) -> Router {
     Router::new()
         .route(
             "/metrics",
@@ -359,6 +379,65 @@ pub async fn serve(
         }
     };
     let (a, b) = tokio::join!(refresher, serve_http(listener, router(metrics), shutdown));
+    a.and(b)
+}
+
+/// A fleet's metrics: every member's families in one registry, labelled `member`.
+struct FleetMetrics {
+    registry: Registry,
+    members: Vec<(Spec, Metrics)>,
+}
+
+impl Render for FleetMetrics {
+    fn render(&self) -> Option<String> {
+        // Ready once every member was read (a member not started yet reads as planned).
+        if !self
+            .members
+            .iter()
+            .all(|(_, m)| m.ready.load(std::sync::atomic::Ordering::Acquire))
+        {
+            return None;
+        }
+        let mut out = String::new();
+        encode(&mut out, &self.registry).ok()?;
+        Some(out)
+    }
+}
+
+/// [`serve`] for a fleet: one endpoint, every metric labelled with its member.
+pub async fn serve_fleet(
+    listener: TcpListener,
+    members: Vec<(String, Spec)>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), CoordinatorError> {
+    let mut registry = Registry::with_prefix("schemashift");
+    let mut list = Vec::new();
+    for (name, spec) in members {
+        let sub = registry.sub_registry_with_label(("member".into(), name.into()));
+        list.push((spec, Metrics::registered_in(sub)));
+    }
+    let fleet = Arc::new(FleetMetrics {
+        registry,
+        members: list,
+    });
+    let refresher = {
+        let (fleet, mut shutdown) = (fleet.clone(), shutdown.clone());
+        async move {
+            loop {
+                for (spec, m) in &fleet.members {
+                    match status(spec).await {
+                        Ok(st) => m.update(&st),
+                        Err(e) => tracing::warn!(error = %e, "metrics not refreshed"),
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(REFRESH) => {}
+                    _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                }
+            }
+        }
+    };
+    let (a, b) = tokio::join!(refresher, serve_http(listener, router(fleet), shutdown));
     a.and(b)
 }
 
