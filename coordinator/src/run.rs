@@ -235,8 +235,17 @@ impl RunCtx {
                         true,
                     )
                     .await?;
-                // `auto`: both strategies measured on the real servers, the faster kept.
+                // `auto`: both strategies measured on the real servers, the faster kept. Its
+                // copies count against a fleet's limits like the backfill's.
+                let pass = match &mode {
+                    Workers::Embedded(_, local) => match local.gate() {
+                        Some(g) => Some(g.copy().await),
+                        None => None,
+                    },
+                    Workers::Remote { .. } => None,
+                };
                 crate::fdw::choose_auto(spec, &source, &target, &store, &mut planned).await?;
+                drop(pass);
                 report.tables = planned.analysis;
                 tracing::info!(%run_id, shards = planned.shards.len(), "run planned");
                 store
