@@ -4,6 +4,7 @@
 
 mod cpu;
 mod machine;
+mod native;
 mod ours;
 mod peers;
 mod render;
@@ -61,6 +62,10 @@ pub enum Kind {
     SchemashiftBackfill,
     SchemashiftCapture,
     SchemashiftReplay,
+    /// PostgreSQL's own subscription applying a backlog of changes.
+    NativeCatchUp,
+    /// pgoutput decoded and thrown away: what any logical-decoding tool can reach.
+    DecodingLimit,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -5,7 +5,7 @@ use super::{
     cpu::{peak_rss_mib, Spent},
     parallelisms, target_table_with_keys, Bench, Collected, Indexes, Kind, Measurement, Outcome,
 };
-use crate::scenario::{users_spec_yaml, TARGET_DDL};
+use crate::scenario::{users_spec_yaml, SOURCE_DDL, TARGET_DDL};
 use anyhow::Context;
 use schemashift_changelog::replay::PartitionReplayer;
 use schemashift_common::control::ControlSql;
@@ -87,6 +87,16 @@ pub(super) async fn run_all(b: &Bench, c: &mut Collected) -> Option<f64> {
 /// every copy of the pristine table.
 pub(super) async fn run_changes(b: &Bench, c: &mut Collected, changes: &[u64]) {
     for &n in changes {
+        // The references first: the same kind of backlog into an untransformed copy, and
+        // decoded to nowhere.
+        b.measure(c, &format!("native_catch_up_{n}"), SOURCE_DDL, |db| {
+            super::native::native_catch_up(b, db, n)
+        })
+        .await;
+        b.measure(c, &format!("decoding_limit_{n}"), "", |db| {
+            super::native::decoding_limit(b, db, n)
+        })
+        .await;
         b.measure(c, &format!("replay_postgres_{n}"), TARGET_DDL, |db| {
             replay(b, db, None, n)
         })
@@ -393,7 +403,7 @@ async fn replay_all(
 /// About `total` changes on the source, all in SQL: 40% inserts of new users, 45%
 /// updates of full_name and bio of random existing users, 15% deletes, in
 /// transactions of at most [`WORKLOAD_TX`] changes. Returns the rows changed.
-async fn workload(source: &Client, total: u64) -> anyhow::Result<u64> {
+pub(super) async fn workload(source: &Client, total: u64) -> anyhow::Result<u64> {
     let inserts = total * 40 / 100;
     let updates = total * 45 / 100;
     let deletes = total - inserts - updates;

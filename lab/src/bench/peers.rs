@@ -381,7 +381,7 @@ async fn logical(b: &Bench, db: String) -> anyhow::Result<Outcome> {
 }
 
 /// Waits until the subscription's table sync worker has left `pg_stat_subscription`.
-async fn sync_worker_gone(target: &Client, name: &str) -> anyhow::Result<()> {
+pub(super) async fn sync_worker_gone(target: &Client, name: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     while started.elapsed() < SYNC_LIMIT {
         let n: i64 = target
@@ -400,7 +400,7 @@ async fn sync_worker_gone(target: &Client, name: &str) -> anyhow::Result<()> {
 }
 
 /// Creates the subscription and waits until its table is synchronized; returns seconds.
-async fn sync(b: &Bench, target: &Client, name: &str) -> anyhow::Result<f64> {
+pub(super) async fn sync(b: &Bench, target: &Client, name: &str) -> anyhow::Result<f64> {
     let started = Instant::now();
     target
         .batch_execute(&format!(
