@@ -421,33 +421,21 @@ pub async fn execute(cli: Cli) -> i32 {
             report,
             json,
         } => {
-            let spec = one_or_fleet!(spec, select, |f| {
-                // Distributed mode serves one run: one member at a time.
-                match <[_; 1]>::try_from(f.members) {
-                    Ok([m]) => {
-                        let opts = CoordinateOptions {
-                            listen,
-                            until: until.into(),
-                            lease_ttl,
-                            serve: ServeOptions {
-                                token: crate::fleet::token(),
-                                tls: tls_cert.zip(tls_key),
-                                client_ca: tls_client_ca,
-                            },
-                            metrics_listen,
-                        };
-                        crate::fleet::coordinator(&m.spec, opts, report, json, shutdown_signal())
-                            .await
-                    }
+            // Distributed mode serves one run: one fleet member at a time.
+            let spec = match load_any(&spec, &select) {
+                Ok(Loaded::One(spec)) => *spec,
+                Ok(Loaded::Fleet(f)) => match <[_; 1]>::try_from(f.members) {
+                    Ok([m]) => m.spec,
                     Err(_) => {
                         eprintln!(
                             "error: a coordinator serves one fleet member at a time: name it with \
                              --members NAME (or use `run`, which runs the whole fleet in one process)"
                         );
-                        2
+                        return 2;
                     }
-                }
-            });
+                },
+                Err(code) => return code,
+            };
             let opts = CoordinateOptions {
                 listen,
                 until: until.into(),

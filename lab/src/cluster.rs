@@ -399,13 +399,7 @@ impl Cluster {
     /// Stops the server (`pg_ctl stop -m fast`) and removes its directory.
     pub async fn stop(mut self) -> Result<(), ClusterError> {
         if !self.stopped {
-            let cwd = self.root();
-            let mut cmd = pg_command(&self.bin, "pg_ctl", self.as_postgres, &cwd);
-            cmd.args(["-w", "-t", "60", "-m", "fast", "-D"])
-                .arg(&self.data_dir)
-                .arg("stop");
-            run(cmd, "pg_ctl stop").await?;
-            self.stopped = true;
+            self.halt().await?;
         }
         if let Some(dir) = self.dir.take() {
             dir.close()

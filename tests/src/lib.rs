@@ -219,6 +219,19 @@ pub async fn create_database(base: &str, db: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// On a cluster of its own (through its superuser `admin`): the role `migrator` (LOGIN
+/// REPLICATION, no superuser) and its database `app`.
+pub async fn migrator_and_app(admin: &Client) -> anyhow::Result<()> {
+    admin
+        .batch_execute("CREATE ROLE migrator LOGIN REPLICATION")
+        .await?;
+    // Alone: CREATE DATABASE cannot run inside the batch's transaction.
+    admin
+        .batch_execute("CREATE DATABASE app OWNER migrator")
+        .await?;
+    Ok(())
+}
+
 /// A base DSN of the fixture's superuser (`postgres://postgres@host:port`) as the test role.
 pub fn as_test_role(base: &str) -> String {
     match base.split_once("://") {

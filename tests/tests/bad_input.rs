@@ -165,13 +165,7 @@ async fn source_without_logical_wal_level_is_refused_before_any_write() -> anyho
     })
     .await?;
     let env = TestEnv::new("wal_level").await?;
-    let admin = connect(&src.dsn("postgres")).await?;
-    admin
-        .batch_execute("CREATE ROLE migrator LOGIN REPLICATION")
-        .await?;
-    admin
-        .batch_execute("CREATE DATABASE app OWNER migrator")
-        .await?;
+    schemashift_tests::migrator_and_app(&connect(&src.dsn("postgres")).await?).await?;
     let dsn = src
         .dsn("app")
         .replacen("postgres://postgres@", "postgres://migrator@", 1);

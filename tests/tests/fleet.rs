@@ -95,6 +95,17 @@ fn shared_part(shard_rows: u64) -> String {
         .collect()
 }
 
+/// Writes a fleet spec: `head` (members, limits) and the users split by copy.
+fn write_fleet(head: String, shard_rows: u64) -> anyhow::Result<(tempfile::TempDir, String)> {
+    let yaml = head
+        + &shared_part(shard_rows).replace("    key: id\n", "    key: id\n    strategy: copy\n");
+    let dir = tempfile::tempdir()?;
+    let spec = dir.path().join("fleet.yaml");
+    std::fs::write(&spec, yaml)?;
+    let spec = spec.to_string_lossy().into_owned();
+    Ok((dir, spec))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_of_eight_on_three_clusters_cuts_over_in_waves_with_one_copy_per_server(
 ) -> anyhow::Result<()> {
@@ -367,13 +378,7 @@ async fn four_members(
     yaml.push_str(&format!(
         "limits:\n  per_host: {per_host}\nthrottle:\n  enabled: false\n"
     ));
-    yaml.push_str(
-        &shared_part(2_000).replace("    key: id\n", "    key: id\n    strategy: copy\n"),
-    );
-    let dir = tempfile::tempdir()?;
-    let spec = dir.path().join("fleet.yaml");
-    std::fs::write(&spec, yaml)?;
-    let spec = spec.to_string_lossy().into_owned();
+    let (dir, spec) = write_fleet(yaml, 2_000)?;
     Ok((envs, dir, spec))
 }
 
@@ -560,19 +565,13 @@ async fn member_whose_source_stops_mid_backfill_does_not_hold_up_the_rest() -> a
         .await?
         .batch_execute(TARGET_DDL)
         .await?;
-    let mut yaml = format!(
+    let yaml = format!(
         "members:\n  - {{name: down, source: '{down_source}', target: '{}'}}\n  \
          - {{name: up, source: '{}', target: '{}'}}\n\
          limits:\n  per_host: 1\nthrottle:\n  enabled: false\n",
         down_env.target_dsn, up.source_dsn, up.target_dsn
     );
-    yaml.push_str(
-        &shared_part(2_000).replace("    key: id\n", "    key: id\n    strategy: copy\n"),
-    );
-    let dir = tempfile::tempdir()?;
-    let spec = dir.path().join("fleet.yaml");
-    std::fs::write(&spec, yaml)?;
-    let spec = spec.to_string_lossy().into_owned();
+    let (dir, spec) = write_fleet(yaml, 2_000)?;
 
     let (down_t, up_t) = (
         connect(&down_env.target_dsn).await?,

@@ -70,12 +70,7 @@ async fn tls_only_servers_migrate_with_verify_full_and_a_wrong_ca_writes_nothing
     );
     for (c, side) in [(&src, "source"), (&tgt, "target")] {
         let admin = connect(&Dsn::new(admin_dsn(c, &good)), side).await?;
-        admin
-            .batch_execute("CREATE ROLE migrator LOGIN REPLICATION")
-            .await?;
-        admin
-            .batch_execute("CREATE DATABASE app OWNER migrator")
-            .await?;
+        schemashift_tests::migrator_and_app(&admin).await?;
     }
     let s = connect(&Dsn::new(dsn(&src, "app", &good)), "source").await?;
     s.batch_execute(SOURCE_DDL).await?;

@@ -4,7 +4,7 @@
 //! kind of backlog (`ours::run_changes`).
 
 use super::ours::workload;
-use super::peers::{sync, sync_worker_gone};
+use super::peers::{drop_subscription, sync, sync_worker_gone};
 use super::{client, Bench, Kind, Measurement, Outcome, SOURCE_DB};
 use crate::cluster::bin_dir;
 use anyhow::Context;
@@ -42,14 +42,43 @@ async fn confirmed(source: &Client, slot: &str, end: &str) -> anyhow::Result<()>
         if done {
             return Ok(());
         }
-        anyhow::ensure!(started.elapsed() < LIMIT, "slot {slot} not at {end} after {LIMIT:?}");
+        anyhow::ensure!(
+            started.elapsed() < LIMIT,
+            "slot {slot} not at {end} after {LIMIT:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until the subscription has no apply worker.
+async fn apply_worker_gone(target: &Client, name: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let n: i64 = target
+            .query_one(
+                "SELECT count(*) FROM pg_stat_subscription WHERE subname = $1 AND pid IS NOT NULL",
+                &[&name],
+            )
+            .await?
+            .get(0);
+        if n == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < LIMIT,
+            "the apply worker of {name} still runs"
+        );
         tokio::time::sleep(POLL).await;
     }
 }
 
 /// A subscription to an untransformed copy: synced, disabled while `changes` changes are
 /// written, then enabled and timed until its slot confirms the source's end of WAL.
-pub(super) async fn native_catch_up(b: &Bench, db: String, changes: u64) -> anyhow::Result<Outcome> {
+pub(super) async fn native_catch_up(
+    b: &Bench,
+    db: String,
+    changes: u64,
+) -> anyhow::Result<Outcome> {
     let source = client(&b.source_dsn()).await?;
     let target = client(&b.tgt.dsn(&db)).await?;
     let name = quote_ident(&db);
@@ -63,11 +92,30 @@ pub(super) async fn native_catch_up(b: &Bench, db: String, changes: u64) -> anyh
         target
             .batch_execute(&format!("ALTER SUBSCRIPTION {name} DISABLE"))
             .await?;
+        // The apply worker leaves a moment after DISABLE; until then it would apply part
+        // of the backlog before the clock starts.
+        apply_worker_gone(&target, &db).await?;
+        let start: String = source
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .get(0);
         let made = workload(&source, changes).await?;
         let end: String = source
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
             .await?
             .get(0);
+        let untouched: bool = source
+            .query_one(
+                "SELECT confirmed_flush_lsn <= $2::text::pg_lsn FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&db, &start],
+            )
+            .await?
+            .get(0);
+        anyhow::ensure!(
+            untouched,
+            "the subscription applied part of the backlog before the clock"
+        );
         let span = b.span().await;
         let t0 = Instant::now();
         target
@@ -76,6 +124,17 @@ pub(super) async fn native_catch_up(b: &Bench, db: String, changes: u64) -> anyh
         confirmed(&source, &db, &end).await?;
         let secs = t0.elapsed().as_secs_f64();
         let spent = b.spent(&span).await;
+        // A reference that lost changes would be no reference: both tables must match.
+        let sum = "SELECT count(*)::text || '/' || coalesce(sum(hashtext(u::text)), 0)::text \
+                   FROM public.users u";
+        let (s, t): (String, String) = (
+            source.query_one(sum, &[]).await?.get(0),
+            target.query_one(sum, &[]).await?.get(0),
+        );
+        anyhow::ensure!(
+            s == t,
+            "the subscription's copy differs: source {s}, target {t}"
+        );
         let m = change_measurement(
             Kind::NativeCatchUp,
             "native logical replication catch-up",
@@ -85,16 +144,8 @@ pub(super) async fn native_catch_up(b: &Bench, db: String, changes: u64) -> anyh
         anyhow::Ok(b.timed(m, made, (secs, secs), spent.cpu))
     }
     .await;
-    // Whatever happened: dropping the subscription drops its slot on the source.
-    let dropped = async {
-        target
-            .batch_execute(&format!("DROP SUBSCRIPTION IF EXISTS {name}"))
-            .await?;
-        source
-            .batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}"))
-            .await
-    }
-    .await;
+    // Whatever happened.
+    let dropped = drop_subscription(&source, &target, &name).await;
     let m = measured?;
     dropped.context("dropping the subscription and publication")?;
     Ok(Outcome::Measured(vec![m]))
@@ -109,7 +160,9 @@ pub(super) async fn decoding_limit(b: &Bench, db: String, changes: u64) -> anyho
     let publication = quote_ident(&db);
     // Two statements: a slot cannot be made in a transaction that wrote.
     source
-        .batch_execute(&format!("CREATE PUBLICATION {publication} FOR TABLE public.users"))
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {publication} FOR TABLE public.users"
+        ))
         .await
         .context("creating the publication")?;
     source
@@ -129,10 +182,22 @@ pub(super) async fn decoding_limit(b: &Bench, db: String, changes: u64) -> anyho
         let span = b.span().await;
         let t0 = Instant::now();
         let out = tokio::process::Command::new(&bin)
-            .args(["-h", "127.0.0.1", "-p", &b.src.port().to_string(), "-U", "postgres"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &b.src.port().to_string(),
+                "-U",
+                "postgres",
+            ])
             .args(["-d", SOURCE_DB, "--slot", &slot, "--start", "--no-loop"])
             .args(["--endpos", &end, "-f", "/dev/null"])
-            .args(["-o", "proto_version=1", "-o", &format!("publication_names={db}")])
+            .args([
+                "-o",
+                "proto_version=1",
+                "-o",
+                &format!("publication_names={db}"),
+            ])
             .output()
             .await
             .with_context(|| format!("running {}", bin.display()))?;

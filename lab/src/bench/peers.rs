@@ -349,16 +349,7 @@ async fn logical(b: &Bench, db: String) -> anyhow::Result<Outcome> {
         sync_worker_gone(&target, &db).await?;
     }
     let spent = b.spent(&span).await;
-    // Whatever happened: dropping the subscription drops its slot on the source.
-    let dropped = async {
-        target
-            .batch_execute(&format!("DROP SUBSCRIPTION IF EXISTS {name}"))
-            .await?;
-        source
-            .batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}"))
-            .await
-    }
-    .await;
+    let dropped = drop_subscription(&source, &target, &name).await;
     let secs = synced?;
     dropped.context("dropping the subscription and publication")?;
     let count = b.check_rows(&db).await?;
@@ -378,6 +369,21 @@ async fn logical(b: &Bench, db: String) -> anyhow::Result<Outcome> {
         (secs, secs),
         spent.cpu,
     )]))
+}
+
+/// Drops the subscription (and with it its slot on the source) and the publication, both
+/// named `name` (quoted).
+pub(super) async fn drop_subscription(
+    source: &Client,
+    target: &Client,
+    name: &str,
+) -> Result<(), tokio_postgres::Error> {
+    target
+        .batch_execute(&format!("DROP SUBSCRIPTION IF EXISTS {name}"))
+        .await?;
+    source
+        .batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}"))
+        .await
 }
 
 /// Waits until the subscription's table sync worker has left `pg_stat_subscription`.
