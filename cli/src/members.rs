@@ -353,7 +353,7 @@ fn fail_code(e: CoordinatorError) -> i32 {
 }
 
 /// `plan` over a fleet: each member's analysis (or its problems), the members whose tables
-/// differ in size class from the rest flagged by their problems, and the fleet's total.
+/// differ from most members' flagged, and the fleet's total.
 pub async fn plan(fleet: &Fleet, json: bool) -> i32 {
     let mut code = 0;
     let (mut rows, mut seconds) = (0u64, 0f64);
@@ -398,10 +398,23 @@ pub async fn plan(fleet: &Fleet, json: bool) -> i32 {
             }
         }
     }
+    let odd = odd_members(fleet).await;
+    if !json {
+        for (name, lines) in &odd {
+            eprintln!(
+                "member {name}: its tables differ from most members': {}",
+                lines.join("; ")
+            );
+        }
+    }
     if json {
+        let odd: Vec<_> = odd
+            .iter()
+            .map(|(name, lines)| serde_json::json!({"name": name, "differs": lines}))
+            .collect();
         println!(
             "{}",
-            serde_json::json!({"members": docs, "rows": rows, "estimated_seconds": seconds})
+            serde_json::json!({"members": docs, "rows": rows, "estimated_seconds": seconds, "odd_members": odd})
         );
     } else {
         // Members copy side by side, so the fleet's time is not the sum; the sum is the
@@ -501,4 +514,62 @@ pub async fn history(fleet: &Fleet, json: bool) -> i32 {
         }
     }
     code
+}
+
+/// The columns (name and type, in order) of the spec's tables on both sides, one line per
+/// table: members of one fleet should all look alike.
+async fn shape(spec: &schemashift_common::spec::Spec) -> Result<Vec<String>, CoordinatorError> {
+    use schemashift_common::sql::QualifiedName;
+    let mut lines = Vec::new();
+    for (side, dsn) in [("source", &spec.source), ("target", &spec.target)] {
+        let c = schemashift_common::pg::connect(dsn, side).await?;
+        for t in &spec.tables {
+            let name = if side == "source" {
+                &t.source
+            } else {
+                &t.target
+            };
+            let quoted =
+                QualifiedName::parse(name).map_or_else(|_| name.clone(), |q| q.to_string());
+            let cols: String = c
+                .query_one(
+                    "SELECT coalesce(string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), \
+                     ', ' ORDER BY a.attnum), '(missing)') FROM pg_attribute a \
+                     WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+                    &[&quoted],
+                )
+                .await
+                .map_err(|e| CoordinatorError::db("reading a member's columns", &e))?
+                .get(0);
+            lines.push(format!("{side} {name}: {cols}"));
+        }
+    }
+    Ok(lines)
+}
+
+/// Members whose tables do not look like most members' (the fleet's usual shape), with the
+/// lines where they differ.
+pub async fn odd_members(fleet: &Fleet) -> Vec<(String, Vec<String>)> {
+    let mut shapes = Vec::new();
+    for m in &fleet.members {
+        if let Ok(s) = shape(&m.spec).await {
+            shapes.push((m.name.clone(), s));
+        }
+    }
+    let mut counts: std::collections::HashMap<&Vec<String>, usize> = Default::default();
+    for (_, s) in &shapes {
+        *counts.entry(s).or_default() += 1;
+    }
+    let Some((usual, _)) = counts.iter().max_by_key(|(_, n)| **n) else {
+        return Vec::new();
+    };
+    let usual: Vec<String> = (*usual).clone();
+    shapes
+        .into_iter()
+        .filter(|(_, s)| *s != usual)
+        .map(|(name, s)| {
+            let diff = s.into_iter().filter(|l| !usual.contains(l)).collect();
+            (name, diff)
+        })
+        .collect()
 }

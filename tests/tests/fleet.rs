@@ -188,6 +188,20 @@ async fn fleet_of_eight_on_three_clusters_cuts_over_in_waves_with_one_copy_per_s
     std::fs::write(&spec, &yaml)?;
     let spec = spec.to_string_lossy().into_owned();
 
+    // plan flags the member that does not look like the others.
+    let out = schemashift(&["plan", &spec])?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let flagged: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("its tables differ from most members'"))
+        .collect();
+    assert_eq!(flagged.len(), 1, "{err}");
+    assert!(
+        flagged[0].starts_with("member drifted:") && flagged[0].contains("target public.users"),
+        "{err}"
+    );
+
     // --strict: the drifted member refuses the whole fleet, nothing written anywhere.
     let out = schemashift(&["run", &spec, "--strict"])?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
