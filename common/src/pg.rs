@@ -175,38 +175,51 @@ pub async fn install_helpers(
 pub const ORIGIN_PREFIX: &str = "schemashift_";
 
 /// Tags this session's transactions with a replication origin, when the role may (it
-/// needs superuser on PostgreSQL 15). Returns whether it did.
+/// needs superuser or the origin functions granted on PostgreSQL 15). Returns whether it
+/// did. An origin serves one session at a time on PostgreSQL 15, so each session takes the
+/// first of `schemashift_<name>_0`, `_1`, … not in use (made when missing): every replay
+/// session of every run on the cluster is marked, and there are never more origins than
+/// sessions that ran at once.
 pub async fn mark_origin(client: &Client, name: &str) -> bool {
-    let name = format!("{ORIGIN_PREFIX}{name}");
-    let created = client
-        .query_one(
-            "SELECT CASE WHEN pg_replication_origin_oid($1) IS NULL \
-             THEN pg_replication_origin_create($1) END",
-            &[&name],
-        )
-        .await;
-    match created {
-        // Another session created it at the same moment: fine.
-        Err(e) if e.code() != Some(&SqlState::UNIQUE_VIOLATION) => {
-            tracing::debug!(origin = %name, error = %describe(&e), "replication origin not created");
-            return false;
+    for i in 0..ORIGIN_SLOTS {
+        let origin = format!("{ORIGIN_PREFIX}{name}_{i}");
+        let created = client
+            .query_one(
+                "SELECT CASE WHEN pg_replication_origin_oid($1) IS NULL \
+                 THEN pg_replication_origin_create($1) END",
+                &[&origin],
+            )
+            .await;
+        match created {
+            // Another session created it at the same moment: fine.
+            Err(e) if e.code() != Some(&SqlState::UNIQUE_VIOLATION) => {
+                tracing::debug!(origin = %origin, error = %describe(&e), "replication origin not created");
+                return false;
+            }
+            _ => {}
         }
-        _ => {}
-    }
-    match client
-        .query_one(
-            "SELECT pg_replication_origin_session_setup($1)::text",
-            &[&name],
-        )
-        .await
-    {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::debug!(origin = %name, error = %describe(&e), "replication origin not set");
-            false
+        match client
+            .query_one(
+                "SELECT pg_replication_origin_session_setup($1)::text",
+                &[&origin],
+            )
+            .await
+        {
+            Ok(_) => return true,
+            // Held by another session: the next one.
+            Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) => continue,
+            Err(e) => {
+                tracing::debug!(origin = %origin, error = %describe(&e), "replication origin not set");
+                return false;
+            }
         }
     }
+    tracing::debug!(name, "every replication origin of ours is in use");
+    false
 }
+
+/// Origins tried per kind before giving up (sessions replaying at once on one cluster).
+const ORIGIN_SLOTS: usize = 64;
 
 /// Lowers the CPU priority of this session's server process to nice 19 when it runs on
 /// this host, so the application's backends preempt our bulk work (a cheap throttle that

@@ -5,7 +5,7 @@ use schemashift_lab::load::{start_load, LoadOptions, LoadStats};
 use schemashift_lab::scenario::users_spec_yaml;
 use schemashift_tests::{
     assert_verified_no_diffs, connect, schemashift, schemashift_bin, schemashift_ok,
-    slot_and_publication_count, table_diff, users_env, write_spec,
+    slot_and_publication_count, table_diff, users_env, write_spec, TestEnv,
 };
 use std::process::{Command, Stdio};
 
@@ -416,5 +416,36 @@ async fn table_change_log_is_analyzed_as_it_grows_so_replay_reads_it_by_index() 
     );
     schemashift_ok(&["verify", &spec])?;
     schemashift_ok(&["cleanup", &spec])?;
+    env.drop_all().await
+}
+
+/// PostgreSQL 15 lets one session at a time use a replication origin: every replay session
+/// (several workers, several runs on one cluster) must still get one of its own, or its
+/// writes would not be marked as ours.
+#[tokio::test]
+async fn every_replay_session_gets_a_replication_origin_of_its_own() -> anyhow::Result<()> {
+    let env = TestEnv::new("origins").await?;
+    let mut sessions = Vec::new();
+    for i in 0..3 {
+        let c = connect(&env.target_dsn).await?;
+        assert!(
+            schemashift_common::pg::mark_origin(&c, "forward").await,
+            "session {i} got no origin"
+        );
+        sessions.push(c);
+    }
+    drop(sessions);
+    // Their origins are free again for the next sessions; no more are made than ran at once.
+    let again = connect(&env.target_dsn).await?;
+    assert!(schemashift_common::pg::mark_origin(&again, "forward").await);
+    let admin = connect(&env.target_admin_dsn()).await?;
+    let n: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_replication_origin WHERE roname LIKE 'schemashift\\_forward\\_%'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!((3..=64).contains(&n), "{n} origins");
     env.drop_all().await
 }
