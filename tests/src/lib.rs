@@ -472,17 +472,22 @@ pub fn absent_privileges<'a>(plan: &'a serde_json::Value, side: Option<&str>) ->
         .collect()
 }
 
+/// Shards done in the target's control state (0 before there is one).
+pub async fn shards_done(target: &Client) -> i64 {
+    target
+        .query_opt(
+            "SELECT count(*) FILTER (WHERE state = 'done') FROM schemashift.shards",
+            &[],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map_or(0, |r| r.get(0))
+}
+
 pub async fn wait_shards_done(target: &Client, n: i64, run: &mut Proc) -> anyhow::Result<()> {
     loop {
-        let done: i64 = target
-            .query_opt(
-                "SELECT count(*) FILTER (WHERE state = 'done') FROM schemashift.shards",
-                &[],
-            )
-            .await
-            .ok()
-            .flatten()
-            .map_or(0, |r| r.get(0));
+        let done = shards_done(target).await;
         if done >= n {
             return Ok(());
         }

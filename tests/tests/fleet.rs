@@ -361,15 +361,7 @@ async fn scrape(addr: &str) -> anyhow::Result<String> {
 async fn shards_done(targets: &[tokio_postgres::Client]) -> i64 {
     let mut n = 0;
     for t in targets {
-        n += t
-            .query_opt(
-                "SELECT count(*) FILTER (WHERE state = 'done') FROM schemashift.shards",
-                &[],
-            )
-            .await
-            .ok()
-            .flatten()
-            .map_or(0, |r| r.get::<_, i64>(0));
+        n += schemashift_tests::shards_done(t).await;
     }
     n
 }

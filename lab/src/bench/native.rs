@@ -4,7 +4,7 @@
 //! kind of backlog (`ours::run_changes`).
 
 use super::ours::workload;
-use super::peers::{drop_subscription, sync, sync_worker_gone};
+use super::peers::{drop_subscription, sync, sync_worker_gone, workers_gone};
 use super::{client, Bench, Kind, Measurement, Outcome, SOURCE_DB};
 use crate::cluster::bin_dir;
 use anyhow::Context;
@@ -50,28 +50,6 @@ async fn confirmed(source: &Client, slot: &str, end: &str) -> anyhow::Result<()>
     }
 }
 
-/// Waits until the subscription has no apply worker.
-async fn apply_worker_gone(target: &Client, name: &str) -> anyhow::Result<()> {
-    let started = Instant::now();
-    loop {
-        let n: i64 = target
-            .query_one(
-                "SELECT count(*) FROM pg_stat_subscription WHERE subname = $1 AND pid IS NOT NULL",
-                &[&name],
-            )
-            .await?
-            .get(0);
-        if n == 0 {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            started.elapsed() < LIMIT,
-            "the apply worker of {name} still runs"
-        );
-        tokio::time::sleep(POLL).await;
-    }
-}
-
 /// A subscription to an untransformed copy: synced, disabled while `changes` changes are
 /// written, then enabled and timed until its slot confirms the source's end of WAL.
 pub(super) async fn native_catch_up(
@@ -94,7 +72,7 @@ pub(super) async fn native_catch_up(
             .await?;
         // The apply worker leaves a moment after DISABLE; until then it would apply part
         // of the backlog before the clock starts.
-        apply_worker_gone(&target, &db).await?;
+        workers_gone(&target, &db, "pid IS NOT NULL", "apply").await?;
         let start: String = source
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
             .await?

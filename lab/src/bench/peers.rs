@@ -388,11 +388,24 @@ pub(super) async fn drop_subscription(
 
 /// Waits until the subscription's table sync worker has left `pg_stat_subscription`.
 pub(super) async fn sync_worker_gone(target: &Client, name: &str) -> anyhow::Result<()> {
+    workers_gone(target, name, "relid IS NOT NULL", "table sync").await
+}
+
+/// Waits until no worker of the subscription matching `filter` (a condition on
+/// `pg_stat_subscription`, ours) is left.
+pub(super) async fn workers_gone(
+    target: &Client,
+    name: &str,
+    filter: &str,
+    what: &str,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     while started.elapsed() < SYNC_LIMIT {
         let n: i64 = target
             .query_one(
-                "SELECT count(*) FROM pg_stat_subscription WHERE subname = $1 AND relid IS NOT NULL",
+                &format!(
+                    "SELECT count(*) FROM pg_stat_subscription WHERE subname = $1 AND {filter}"
+                ),
                 &[&name],
             )
             .await?
@@ -402,7 +415,7 @@ pub(super) async fn sync_worker_gone(target: &Client, name: &str) -> anyhow::Res
         }
         tokio::time::sleep(SYNC_POLL).await;
     }
-    anyhow::bail!("the table sync worker still runs after {SYNC_LIMIT:?}")
+    anyhow::bail!("the {what} worker of {name} still runs after {SYNC_LIMIT:?}")
 }
 
 /// Creates the subscription and waits until its table is synchronized; returns seconds.
