@@ -394,8 +394,8 @@ pub async fn execute(cli: Cli) -> i32 {
             metrics_listen,
             report,
             json,
-        } => {
-            if let Ok(Loaded::Fleet(f)) = load_any(&spec, &select) {
+        } => match load_any(&spec, &select) {
+            Ok(Loaded::Fleet(f)) => {
                 let opts = crate::members::FleetRun {
                     workers,
                     until: until.into(),
@@ -404,10 +404,13 @@ pub async fn execute(cli: Cli) -> i32 {
                     metrics_listen,
                     json,
                 };
-                return crate::members::run(f, opts, shutdown_signal()).await;
+                crate::members::run(f, opts, shutdown_signal()).await
             }
-            run_cmd(spec, select, workers, until, metrics_listen, report, json).await
-        }
+            Ok(Loaded::One(spec)) => {
+                run_cmd(*spec, workers, until, metrics_listen, report, json).await
+            }
+            Err(code) => code,
+        },
         Command::Coordinator {
             spec,
             select,
@@ -471,28 +474,27 @@ pub async fn execute(cli: Cli) -> i32 {
             wave,
             strict,
             json,
-        } => {
-            match load_any(&spec, &select) {
-                Ok(Loaded::Fleet(f)) => {
-                    let opts = crate::members::FleetRun {
-                        workers: None,
-                        until: Until::Cutover,
-                        wave: Some(wave.unwrap_or(usize::MAX)),
-                        strict,
-                        metrics_listen: None,
-                        json,
-                    };
-                    return crate::members::run(f, opts, shutdown_signal()).await;
-                }
-                Ok(Loaded::One(_)) if wave.is_some() => {
-                    eprintln!("error: --wave needs a fleet spec (one with `members`)");
-                    return 2;
-                }
-                Err(code) => return code,
-                Ok(Loaded::One(_)) => {}
+        } => match load_any(&spec, &select) {
+            Ok(Loaded::Fleet(f)) => {
+                let opts = crate::members::FleetRun {
+                    workers: None,
+                    until: Until::Cutover,
+                    wave: Some(wave.unwrap_or(usize::MAX)),
+                    strict,
+                    metrics_listen: None,
+                    json,
+                };
+                crate::members::run(f, opts, shutdown_signal()).await
             }
-            run_cmd(spec, select, None, PhaseArg::Cutover, None, None, json).await
-        }
+            Ok(Loaded::One(_)) if wave.is_some() => {
+                eprintln!("error: --wave needs a fleet spec (one with `members`)");
+                2
+            }
+            Ok(Loaded::One(spec)) => {
+                run_cmd(*spec, None, PhaseArg::Cutover, None, None, json).await
+            }
+            Err(code) => code,
+        },
         Command::Status { spec, select, json } => {
             let spec = one_or_fleet!(spec, select, |f| crate::members::status(&f, json).await);
             match schemashift_coordinator::ops::status(&spec).await {
@@ -626,19 +628,13 @@ pub async fn execute(cli: Cli) -> i32 {
 }
 
 async fn run_cmd(
-    spec: PathBuf,
-    select: Select,
+    spec: Spec,
     workers: Option<usize>,
     until: PhaseArg,
     metrics_listen: Option<String>,
     report_dir: Option<PathBuf>,
     json: bool,
 ) -> i32 {
-    let spec = match load_any(&spec, &select) {
-        Ok(Loaded::One(s)) => *s,
-        Ok(Loaded::Fleet(_)) => return 2,
-        Err(c) => return c,
-    };
     let until = until.into();
     let opts = RunOptions {
         workers,

@@ -341,15 +341,11 @@ where
                     m.name,
                     one_line(&e.to_string())
                 );
-                code = code.max(fail_code(e));
+                code = code.max(e.exit_code());
             }
         }
     }
     code
-}
-
-fn fail_code(e: CoordinatorError) -> i32 {
-    e.exit_code()
 }
 
 /// `plan` over a fleet: each member's analysis (or its problems), the members whose tables

@@ -362,46 +362,13 @@ pub async fn serve(
     spec: Arc<Spec>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), CoordinatorError> {
-    let metrics = Arc::new(Metrics::default());
-    let refresher = {
-        let (metrics, mut shutdown) = (metrics.clone(), shutdown.clone());
-        async move {
-            loop {
-                match status(&spec).await {
-                    Ok(st) => metrics.update(&st),
-                    Err(e) => tracing::warn!(error = %e, "metrics not refreshed"),
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(REFRESH) => {}
-                    _ = shutdown.wait_for(|s| *s) => return Ok(()),
-                }
-            }
-        }
+    let mut registry = Registry::with_prefix("schemashift");
+    let metrics = Metrics::registered_in(&mut registry);
+    let set = MetricSet {
+        registry,
+        members: vec![((*spec).clone(), metrics)],
     };
-    let (a, b) = tokio::join!(refresher, serve_http(listener, router(metrics), shutdown));
-    a.and(b)
-}
-
-/// A fleet's metrics: every member's families in one registry, labelled `member`.
-struct FleetMetrics {
-    registry: Registry,
-    members: Vec<(Spec, Metrics)>,
-}
-
-impl Render for FleetMetrics {
-    fn render(&self) -> Option<String> {
-        // Ready once every member was read (a member not started yet reads as planned).
-        if !self
-            .members
-            .iter()
-            .all(|(_, m)| m.ready.load(std::sync::atomic::Ordering::Acquire))
-        {
-            return None;
-        }
-        let mut out = String::new();
-        encode(&mut out, &self.registry).ok()?;
-        Some(out)
-    }
+    serve_set(listener, set, shutdown).await
 }
 
 /// [`serve`] for a fleet: one endpoint, every metric labelled with its member.
@@ -416,15 +383,46 @@ pub async fn serve_fleet(
         let sub = registry.sub_registry_with_label(("member".into(), name.into()));
         list.push((spec, Metrics::registered_in(sub)));
     }
-    let fleet = Arc::new(FleetMetrics {
+    let set = MetricSet {
         registry,
         members: list,
-    });
+    };
+    serve_set(listener, set, shutdown).await
+}
+
+/// One registry and the runs whose metrics are in it (one, or a fleet's members).
+struct MetricSet {
+    registry: Registry,
+    members: Vec<(Spec, Metrics)>,
+}
+
+impl Render for MetricSet {
+    fn render(&self) -> Option<String> {
+        // Ready once every run was read (before that a scrape gets 503, not zeros).
+        if !self
+            .members
+            .iter()
+            .all(|(_, m)| m.ready.load(std::sync::atomic::Ordering::Acquire))
+        {
+            return None;
+        }
+        let mut out = String::new();
+        encode(&mut out, &self.registry).ok()?;
+        Some(out)
+    }
+}
+
+async fn serve_set(
+    listener: TcpListener,
+    set: MetricSet,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), CoordinatorError> {
+    let set = Arc::new(set);
     let refresher = {
-        let (fleet, mut shutdown) = (fleet.clone(), shutdown.clone());
+        let (set, mut shutdown) = (set.clone(), shutdown.clone());
         async move {
             loop {
-                for (spec, m) in &fleet.members {
+                for (spec, m) in &set.members {
                     match status(spec).await {
                         Ok(st) => m.update(&st),
                         Err(e) => tracing::warn!(error = %e, "metrics not refreshed"),
@@ -437,7 +435,7 @@ pub async fn serve_fleet(
             }
         }
     };
-    let (a, b) = tokio::join!(refresher, serve_http(listener, router(fleet), shutdown));
+    let (a, b) = tokio::join!(refresher, serve_http(listener, router(set), shutdown));
     a.and(b)
 }
 

@@ -15,7 +15,9 @@ mod procs;
 
 pub use broker::Broker;
 pub use diff::{concat_names, split_full_name, table_diff, table_diff_report, DiffReport};
-pub use procs::{free_port, local_listen, spawn_workers, Proc};
+pub use procs::{
+    coordinator_args, free_port, local_listen, spawn_workers, spawn_workers_with, Proc,
+};
 
 /// Env vars with base DSNs (no database) of the shared clusters `scripts/test.sh` starts: the
 /// fixture's superuser, for its own setup only.

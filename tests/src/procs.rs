@@ -114,9 +114,45 @@ pub fn spawn_workers(
     ids: &[&str],
     envs: &[(&str, &str)],
 ) -> anyhow::Result<Vec<Proc>> {
+    spawn_workers_with(dir, url, ids, &[], envs)
+}
+
+/// [`spawn_workers`] with more worker flags (`--tls-ca`, a client certificate, …).
+pub fn spawn_workers_with(
+    dir: &std::path::Path,
+    url: &str,
+    ids: &[&str],
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> anyhow::Result<Vec<Proc>> {
     ids.iter()
-        .map(|id| Proc::spawn(dir, id, &["worker", "--coordinator", url, "--id", id], envs))
+        .map(|id| {
+            let mut args = vec!["worker", "--coordinator", url, "--id", id];
+            args.extend_from_slice(extra);
+            Proc::spawn(dir, id, &args, envs)
+        })
         .collect()
+}
+
+/// `schemashift coordinator SPEC --listen LISTEN --until UNTIL --lease-ttl 2s` and `extra`.
+pub fn coordinator_args<'a>(
+    spec: &'a str,
+    listen: &'a str,
+    until: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "coordinator",
+        spec,
+        "--listen",
+        listen,
+        "--until",
+        until,
+        "--lease-ttl",
+        "2s",
+    ];
+    args.extend_from_slice(extra);
+    args
 }
 
 /// A free local address for a coordinator, and the URL workers dial.

@@ -64,17 +64,7 @@ async fn assert_complete(env: &TestEnv, rows: Option<i64>) -> anyhow::Result<()>
 }
 
 fn coordinator_args<'a>(spec: &'a str, listen: &'a str, until: &'a str) -> Vec<&'a str> {
-    vec![
-        "coordinator",
-        spec,
-        "--listen",
-        listen,
-        "--until",
-        until,
-        "--lease-ttl",
-        "2s",
-        "--json",
-    ]
+    schemashift_tests::coordinator_args(spec, listen, until, &["--json"])
 }
 
 #[tokio::test]
@@ -471,20 +461,14 @@ async fn worker_with_wrong_token_is_refused_and_the_right_one_migrates_over_tls(
             .map(|t| ("SCHEMASHIFT_TOKEN", t))
             .into_iter()
             .collect();
-        Proc::spawn(
+        let mut w = schemashift_tests::spawn_workers_with(
             dir.path(),
-            name,
-            &[
-                "worker",
-                "--coordinator",
-                &url,
-                "--id",
-                name,
-                "--tls-ca",
-                &ca,
-            ],
+            &url,
+            &[name],
+            &["--tls-ca", &ca],
             &envs,
-        )
+        )?;
+        w.pop().ok_or_else(|| anyhow::anyhow!("no worker"))
     };
     let mut wrong = worker("wrong", Some("wrong-token"))?;
     let s = wrong.wait(Duration::from_secs(60)).await?;

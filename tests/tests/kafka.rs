@@ -69,16 +69,7 @@ async fn kafka_changelog_with_three_workers_under_write_load_has_zero_diffs() ->
     let mut coord = Proc::spawn(
         dir.path(),
         "coordinator",
-        &[
-            "coordinator",
-            &spec,
-            "--listen",
-            &listen,
-            "--until",
-            "cutover",
-            "--lease-ttl",
-            "2s",
-        ],
+        &schemashift_tests::coordinator_args(&spec, &listen, "cutover", &[]),
         &[],
     )?;
     let mut workers = spawn_workers(dir.path(), &url, &["k0", "k1", "k2"], &[])?;

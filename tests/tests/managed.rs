@@ -273,46 +273,36 @@ async fn managed_style_servers_migrate_and_roll_back_with_least_privilege_roles_
     let mut coord = Proc::spawn(
         dir.path(),
         "coordinator",
-        &[
-            "coordinator",
+        &schemashift_tests::coordinator_args(
             &spec,
-            "--listen",
             &listen,
-            "--until",
             "verify",
-            "--lease-ttl",
-            "2s",
-            "--tls-cert",
-            &srv_crt,
-            "--tls-key",
-            &srv_key,
-            "--tls-client-ca",
+            &[
+                "--tls-cert",
+                &srv_crt,
+                "--tls-key",
+                &srv_key,
+                "--tls-client-ca",
+                &grpc_ca,
+            ],
+        ),
+        &envs,
+    )?;
+    // The target's password comes from the workers' own .pgpass too.
+    let mut workers = schemashift_tests::spawn_workers_with(
+        dir.path(),
+        &url,
+        &["w1", "w2"],
+        &[
+            "--tls-ca",
             &grpc_ca,
+            "--tls-cert",
+            &w_crt,
+            "--tls-key",
+            &w_key,
         ],
         &envs,
     )?;
-    let mut workers = Vec::new();
-    for name in ["w1", "w2"] {
-        workers.push(Proc::spawn(
-            dir.path(),
-            name,
-            &[
-                "worker",
-                "--coordinator",
-                &url,
-                "--id",
-                name,
-                "--tls-ca",
-                &grpc_ca,
-                "--tls-cert",
-                &w_crt,
-                "--tls-key",
-                &w_key,
-            ],
-            // The target's password comes from the workers' own .pgpass too.
-            &envs,
-        )?);
-    }
     let status = coord.wait(Duration::from_secs(180)).await?;
     assert!(status.success(), "coordinator: {}", coord.stderr_tail());
     for w in &mut workers {

@@ -115,16 +115,7 @@ async fn distributed_run_is_one_trace_with_a_span_per_shard_and_no_password() ->
     let mut coord = Proc::spawn(
         dir.path(),
         "coordinator",
-        &[
-            "coordinator",
-            &spec,
-            "--listen",
-            &listen,
-            "--until",
-            "verify",
-            "--lease-ttl",
-            "2s",
-        ],
+        &schemashift_tests::coordinator_args(&spec, &listen, "verify", &[]),
         &otel,
     )?;
     let mut workers = spawn_workers(dir.path(), &url, &["t0", "t1"], &otel)?;

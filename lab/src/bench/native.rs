@@ -4,7 +4,7 @@
 //! kind of backlog (`ours::run_changes`).
 
 use super::ours::workload;
-use super::peers::{drop_subscription, sync, sync_worker_gone, workers_gone};
+use super::peers::{drop_subscription, published, sync, sync_worker_gone, workers_gone};
 use super::{client, Bench, Kind, Measurement, Outcome, SOURCE_DB};
 use crate::cluster::bin_dir;
 use anyhow::Context;
@@ -57,13 +57,7 @@ pub(super) async fn native_catch_up(
     db: String,
     changes: u64,
 ) -> anyhow::Result<Outcome> {
-    let source = client(&b.source_dsn()).await?;
-    let target = client(&b.tgt.dsn(&db)).await?;
-    let name = quote_ident(&db);
-    source
-        .batch_execute(&format!("CREATE PUBLICATION {name} FOR TABLE public.users"))
-        .await
-        .context("creating the publication")?;
+    let (source, target, name) = published(b, &db).await?;
     let measured = async {
         sync(b, &target, &db).await?;
         sync_worker_gone(&target, &db).await?;

@@ -334,14 +334,21 @@ async fn pgcopydb(b: &Bench, db: String) -> anyhow::Result<Outcome> {
     )]))
 }
 
-async fn logical(b: &Bench, db: String) -> anyhow::Result<Outcome> {
+/// Sessions on the source and on target database `db`, and a publication of the source
+/// table named after `db` (its quoted name returned).
+pub(super) async fn published(b: &Bench, db: &str) -> anyhow::Result<(Client, Client, String)> {
     let source = client(&b.source_dsn()).await?;
-    let target = client(&b.tgt.dsn(&db)).await?;
-    let name = quote_ident(&db);
+    let target = client(&b.tgt.dsn(db)).await?;
+    let name = quote_ident(db);
     source
         .batch_execute(&format!("CREATE PUBLICATION {name} FOR TABLE public.users"))
         .await
         .context("creating the publication")?;
+    Ok((source, target, name))
+}
+
+async fn logical(b: &Bench, db: String) -> anyhow::Result<Outcome> {
+    let (source, target, name) = published(b, &db).await?;
     let span = b.span().await;
     let synced = sync(b, &target, &db).await;
     // The table's sync worker may still be exiting: its CPU counts once it is gone.
