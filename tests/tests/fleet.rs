@@ -648,3 +648,65 @@ async fn member_whose_source_stops_mid_backfill_does_not_hold_up_the_rest() -> a
     down_cluster.stop().await?;
     Ok(())
 }
+
+/// Bad fleet input: exit 2 with the culprit named, before any server is contacted.
+#[tokio::test]
+async fn bad_fleet_input_exits_2_naming_it() -> anyhow::Result<()> {
+    let env = schemashift_tests::users_env("fleet_bad_input", 100).await?;
+    let member = |name: &str| {
+        format!(
+            "  - {{name: {name}, source: '{}', target: '{}'}}\n",
+            env.source_dsn, env.target_dsn
+        )
+    };
+    let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let cases: [(String, Vec<&str>, &str); 5] = [
+        (
+            format!("members:\n{}{}", member("t1"), member("t1")),
+            vec!["plan"],
+            "\"t1\" is used twice",
+        ),
+        (
+            format!("members:\n{}limits: {{per_host: 0}}\n", member("t1")),
+            vec!["run"],
+            "per_host: must be at least 1",
+        ),
+        (
+            format!("members:\n{}", member("t1")),
+            vec!["status", "--members", "t9"],
+            "no member is named \"t9\"",
+        ),
+        (
+            format!("members:\n{}{}", member("t1"), member("t2")),
+            vec!["coordinator", "--listen", "127.0.0.1:0"],
+            "one fleet member at a time",
+        ),
+        (
+            String::new(),
+            vec!["cutover", "--wave", "2"],
+            "--wave needs a fleet spec",
+        ),
+    ];
+    for (i, (head, args, needle)) in cases.into_iter().enumerate() {
+        let (_dir, spec) = if head.is_empty() {
+            let dir = tempfile::tempdir()?;
+            let spec = schemashift_tests::write_spec(
+                &dir,
+                &users_spec_yaml(&env.source_dsn, &env.target_dsn, 1, None),
+            )?;
+            (dir, spec)
+        } else {
+            write_fleet(head, 1_000)?
+        };
+        let mut argv = vec![args[0], spec.as_str()];
+        argv.extend_from_slice(&args[1..]);
+        let out = schemashift(&argv)?;
+        assert_eq!(out.status.code(), Some(2), "case {i}: {}", err(&out));
+        assert!(err(&out).contains(needle), "case {i}: {}", err(&out));
+    }
+    assert!(
+        !has_control_schema(&env.target_dsn).await?,
+        "nothing written"
+    );
+    env.drop_all().await
+}
