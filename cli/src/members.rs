@@ -5,7 +5,7 @@
 //! below is the one-pair command applied member by member.
 
 use crate::embedded::InProcess;
-use schemashift_common::fleet::{Fleet, HostGate, Member, MemberGate};
+use schemashift_common::fleet::{Fleet, HostGate, Member};
 use schemashift_coordinator::error::CoordinatorError;
 use schemashift_coordinator::run::{RunOptions, RunReport, Until};
 use serde::Serialize;
@@ -77,17 +77,18 @@ fn one_line(s: &str) -> String {
 
 async fn run_member(
     fleet_span: &tracing::Span,
-    m: &Member,
+    (m, rows): &(Member, u64),
     gate: &Arc<HostGate>,
     workers: usize,
     until: Until,
     shutdown: watch::Receiver<bool>,
 ) -> Outcome {
+    let member_gate = gate.member(&m.spec, *rows);
     let opts = RunOptions {
         workers: Some(workers),
         until,
         ..RunOptions::new(Arc::new(InProcess {
-            gate: Some(MemberGate::new(gate.clone(), &m.spec)),
+            gate: Some(member_gate.clone()),
         }))
     };
     // Every member's spans under the fleet's: one trace for the fleet run.
@@ -96,6 +97,7 @@ async fn run_member(
         schemashift_coordinator::run::run(&m.spec, opts, shutdown)
             .instrument(span)
             .await;
+    member_gate.finished();
     match result {
         Ok(r) => Outcome::Done {
             phase: r.phase,
@@ -182,7 +184,7 @@ pub async fn run(fleet: Fleet, opts: FleetRun, shutdown: watch::Receiver<bool>) 
                 }
                 let runs = chunk
                     .iter()
-                    .map(|(m, _)| run_member(&fleet_span, m, &gate, pool, until, shutdown.clone()));
+                    .map(|m| run_member(&fleet_span, m, &gate, pool, until, shutdown.clone()));
                 let done = futures_util::future::join_all(runs).await;
                 for ((m, _), outcome) in chunk.iter().zip(done) {
                     failed |= !matches!(outcome, Outcome::Done { .. });
@@ -197,7 +199,7 @@ pub async fn run(fleet: Fleet, opts: FleetRun, shutdown: watch::Receiver<bool>) 
             usable.sort_by_key(|(_, rows)| std::cmp::Reverse(*rows));
             let runs = usable
                 .iter()
-                .map(|(m, _)| run_member(&fleet_span, m, &gate, pool, until, shutdown.clone()));
+                .map(|m| run_member(&fleet_span, m, &gate, pool, until, shutdown.clone()));
             let done = futures_util::future::join_all(runs).await;
             for ((m, _), outcome) in usable.iter().zip(done) {
                 outcomes.push(MemberOutcome {

@@ -7,10 +7,8 @@
 
 use crate::spec::{Dsn, Spec, SpecError};
 use serde::Deserialize;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// What a spec file holds: one pair, or a fleet.
 pub enum Loaded {
@@ -179,91 +177,7 @@ pub fn server_of(dsn: &Dsn) -> String {
     }
 }
 
-/// The limits every member's work passes through: at most `pool` copies at once in the
-/// whole fleet (its one worker pool) and at most `per_host` copies or index builds at once
-/// on one server. Semaphores are fair (first come, first served), so no member starves;
-/// and every pass takes its permits in one global order (pool, then servers by name), so
-/// two passes never wait on each other in a cycle.
-pub struct HostGate {
-    per_host: Option<usize>,
-    pool: Arc<Semaphore>,
-    servers: Mutex<HashMap<String, Arc<Semaphore>>>,
-}
-
-/// Held while a copy or an index build runs; dropping it lets the next one in.
-pub struct GatePass {
-    _permits: Vec<OwnedSemaphorePermit>,
-}
-
-impl HostGate {
-    pub fn new(per_host: Option<usize>, pool: usize) -> Arc<HostGate> {
-        Arc::new(HostGate {
-            per_host,
-            pool: Arc::new(Semaphore::new(pool.max(1))),
-            servers: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn server(&self, name: &str, per_host: usize) -> Arc<Semaphore> {
-        // A poisoned map only means a panic elsewhere; its semaphores are still sound.
-        let mut map = self.servers.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(name.to_owned())
-            .or_insert_with(|| Arc::new(Semaphore::new(per_host)))
-            .clone()
-    }
-
-    async fn enter(&self, pooled: bool, servers: &[String]) -> GatePass {
-        let mut permits = Vec::new();
-        // Closed semaphores never happen (we never close them); a pass without the permit
-        // would only loosen the limit, never lose data.
-        if pooled {
-            if let Ok(p) = self.pool.clone().acquire_owned().await {
-                permits.push(p);
-            }
-        }
-        if let Some(n) = self.per_host {
-            let ordered: BTreeSet<&String> = servers.iter().collect();
-            for s in ordered {
-                if let Ok(p) = self.server(s, n).acquire_owned().await {
-                    permits.push(p);
-                }
-            }
-        }
-        GatePass { _permits: permits }
-    }
-}
-
-/// One member's way through the gate: its source and target servers.
-#[derive(Clone)]
-pub struct MemberGate {
-    gate: Arc<HostGate>,
-    source: String,
-    target: String,
-}
-
-impl MemberGate {
-    pub fn new(gate: Arc<HostGate>, spec: &Spec) -> MemberGate {
-        MemberGate {
-            gate,
-            source: server_of(&spec.source),
-            target: server_of(&spec.target),
-        }
-    }
-
-    /// A shard copy: a slot of the fleet's pool, and one on each server it reads or writes.
-    pub async fn copy(&self) -> GatePass {
-        self.gate
-            .enter(true, &[self.source.clone(), self.target.clone()])
-            .await
-    }
-
-    /// An index build on the target.
-    pub async fn build(&self) -> GatePass {
-        self.gate
-            .enter(false, std::slice::from_ref(&self.target))
-            .await
-    }
-}
+pub use crate::gate::{GatePass, HostGate, MemberGate};
 
 #[cfg(test)]
 #[path = "fleet_tests.rs"]

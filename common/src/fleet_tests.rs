@@ -119,7 +119,7 @@ async fn gate_lets_one_copy_per_server_and_the_pool_bounds_the_fleet() {
             "members:\n  - {{name: x, source: 'postgres://m@{s}/a', target: 'postgres://m@{t}/a'}}\n{TABLES}"
         ))
         .expect("fleet");
-        MemberGate::new(gate.clone(), &f.members.remove(0).spec)
+        gate.member(&f.members.remove(0).spec, 1000)
     };
     let (ab, cb, cd, ef) = (
         spec("a:1", "b:1"),

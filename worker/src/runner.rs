@@ -126,6 +126,9 @@ pub async fn run_worker<S: CoordinatorService>(
         shutdown,
     };
     let mut sessions = Sessions::open(&w.reg).await?;
+    // Past the backfill (replay, verify) a member's work takes no copy slot: its replay
+    // must keep up with its writes whatever the rest of the fleet is copying.
+    let mut copying = true;
     loop {
         if *w.shutdown.borrow() {
             return Ok(w.stats);
@@ -135,20 +138,31 @@ pub async fn run_worker<S: CoordinatorService>(
         }
         // In a fleet a copy waits for its place (the pool, a slot on each of its servers)
         // before taking a lease, so a lease never runs out while it waits.
-        let pass = match &gate {
-            Some(g) => tokio::select! {
+        let mut pass = match &gate {
+            Some(g) if copying => tokio::select! {
                 p = g.copy() => Some(p),
                 _ = w.shutdown.changed() => continue,
             },
-            None => None,
+            _ => None,
         };
         let progress = w.stats.progress();
         let work = call(&w.me, "lease work", || w.svc.lease(&w.me, progress)).await?;
+        match &work {
+            Work::Backfill { .. } | Work::Wait(_) => {}
+            Work::Replay { .. } | Work::Verify { .. } | Work::Done => copying = false,
+        }
         if !matches!(work, Work::Backfill { .. }) {
-            drop(pass);
+            drop(pass.take());
         }
         match work {
-            Work::Backfill { shard, epoch } => w.backfill(&mut sessions, shard, epoch).await?,
+            Work::Backfill { shard, epoch } => {
+                let before = w.stats.rows;
+                let copied = w.backfill(&mut sessions, shard, epoch).await;
+                if let Some(p) = pass.as_mut() {
+                    p.worked(w.stats.rows.saturating_sub(before));
+                }
+                copied?
+            }
             Work::Replay { partitions } => w.replay(&mut sessions, partitions).await?,
             Work::Verify { shard, epoch } => w.verify(&sessions, shard, epoch).await,
             Work::Wait(d) => {

@@ -1,0 +1,145 @@
+//! The fleet's gate: every member's copies and index builds wait here for their turn, and
+//! the [`Board`] (pure) decides whose turn it is when a slot frees: the fleet's one worker
+//! pool, `limits.per_host` per server, the busiest servers and the biggest members first.
+
+use crate::fleet::server_of;
+use crate::schedule::{Board, Kind, Limits, Slot};
+use crate::spec::Spec;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::oneshot;
+
+pub struct HostGate {
+    state: Mutex<State>,
+}
+
+struct State {
+    board: Board,
+    /// In the order they asked.
+    waiting: Vec<Waiter>,
+}
+
+struct Waiter {
+    slot: Slot,
+    kind: Kind,
+    tx: oneshot::Sender<GatePass>,
+}
+
+/// Held while a copy or an index build runs; dropping it lets the next one in.
+pub struct GatePass {
+    gate: Arc<HostGate>,
+    slot: Slot,
+    kind: Kind,
+    done: u64,
+}
+
+impl GatePass {
+    /// Counts `rows` copied under this pass off the member's work left (when it drops).
+    pub fn worked(&mut self, rows: u64) {
+        self.done += rows;
+    }
+}
+
+impl Drop for GatePass {
+    fn drop(&mut self) {
+        let undelivered = {
+            let mut state = self.gate.lock();
+            state.board.finish(self.slot, self.kind, self.done);
+            self.gate.dispatch(&mut state)
+        };
+        // Dropped outside the lock: each gives its slots back and lets the next one in.
+        drop(undelivered);
+    }
+}
+
+impl HostGate {
+    pub fn new(per_host: Option<usize>, pool: usize) -> Arc<HostGate> {
+        Arc::new(HostGate {
+            state: Mutex::new(State {
+                board: Board::new(Limits { pool, per_host }),
+                waiting: Vec::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means a panic elsewhere; the board's counts are still sound.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A member of the fleet with `rows` (estimated) to copy.
+    pub fn member(self: &Arc<Self>, spec: &Spec, rows: u64) -> MemberGate {
+        let slot =
+            self.lock()
+                .board
+                .add_member(&server_of(&spec.source), &server_of(&spec.target), rows);
+        MemberGate {
+            gate: self.clone(),
+            slot,
+        }
+    }
+
+    /// Starts whatever waiting work the board picks until nothing more fits. Returns the
+    /// passes whose waiters gave up meanwhile, for the caller to drop after the lock.
+    fn dispatch(self: &Arc<Self>, state: &mut State) -> Vec<GatePass> {
+        let mut undelivered = Vec::new();
+        loop {
+            state.waiting.retain(|w| !w.tx.is_closed());
+            let asks: Vec<(Slot, Kind)> = state.waiting.iter().map(|w| (w.slot, w.kind)).collect();
+            let Some(i) = state.board.pick(&asks) else {
+                return undelivered;
+            };
+            let w = state.waiting.remove(i);
+            state.board.start(w.slot, w.kind);
+            let pass = GatePass {
+                gate: self.clone(),
+                slot: w.slot,
+                kind: w.kind,
+                done: 0,
+            };
+            if let Err(pass) = w.tx.send(pass) {
+                undelivered.push(pass);
+            }
+        }
+    }
+
+    async fn enter(self: &Arc<Self>, slot: Slot, kind: Kind) -> GatePass {
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let undelivered = {
+                let mut state = self.lock();
+                state.waiting.push(Waiter { slot, kind, tx });
+                self.dispatch(&mut state)
+            };
+            drop(undelivered);
+            // `dispatch` drops a sender unsent only once its receiver is gone, so this waits
+            // until the pass comes; asking again is only a guard.
+            if let Ok(pass) = rx.await {
+                return pass;
+            }
+        }
+    }
+}
+
+/// One member's way through the gate.
+#[derive(Clone)]
+pub struct MemberGate {
+    gate: Arc<HostGate>,
+    slot: Slot,
+}
+
+impl MemberGate {
+    /// A shard copy: a slot of the fleet's pool, and one on each server it reads or writes.
+    pub async fn copy(&self) -> GatePass {
+        self.gate.enter(self.slot, Kind::Copy).await
+    }
+
+    /// The member's run ended: whatever its estimate said is left, nothing is.
+    pub fn finished(&self) {
+        self.gate.lock().board.worked(self.slot, u64::MAX);
+    }
+
+    /// An index build on the target.
+    pub async fn build(&self) -> GatePass {
+        self.gate.enter(self.slot, Kind::Build).await
+    }
+}
