@@ -12,6 +12,7 @@ pub mod plan;
 pub mod retry;
 pub mod service;
 pub mod spec;
+pub mod spec_print;
 pub mod sql;
 pub mod tls;
 pub mod trace;
