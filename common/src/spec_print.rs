@@ -132,7 +132,10 @@ mod tests {
         let err = print(&["x", "y"])
             .replannable(&print(&["x2", "y2"]), &stopped, &names())
             .expect_err("table a is not stopped");
-        assert!(err.contains("public.a") && err.contains("not stopped"), "{err}");
+        assert!(
+            err.contains("public.a") && err.contains("not stopped"),
+            "{err}"
+        );
         let none = print(&["x", "y"]).replannable(&print(&["x", "y2"]), &BTreeSet::new(), &names());
         assert!(none.is_err());
     }

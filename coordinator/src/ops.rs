@@ -335,7 +335,8 @@ pub async fn verify(
         spec,
         Workers::Embedded(None, local),
         crate::stopped::OnStopped::Keep,
-    ).await?;
+    )
+    .await?;
     let phase = ctx.phase().await?;
     if phase < Phase::Replay {
         return Err(CoordinatorError::State(format!(

@@ -25,7 +25,8 @@ pub async fn run(
         spec,
         Workers::Embedded(opts.workers, opts.local),
         crate::stopped::OnStopped::Resume,
-    ).await?;
+    )
+    .await?;
     if let Some(listener) = metrics {
         ctx.serve_metrics(listener);
     }

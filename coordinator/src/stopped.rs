@@ -141,8 +141,8 @@ async fn raising_column(source: &Client, table: &TablePlan, range: &ShardRange) 
     None
 }
 
-/// Stops every table with a shard that failed `max_attempts` times and is not stopped yet;
-/// returns those it stopped now. A shard of the table being copied loses its lease (its
+/// Stops every table with a shard that failed `max_attempts` times (and may have been
+/// leased once more since) and is not stopped yet; returns those it stopped now. A shard of the table being copied loses its lease (its
 /// commit is refused, its rows roll back).
 pub async fn stop_failing(
     source: &Client,
@@ -151,16 +151,14 @@ pub async fn stop_failing(
     plan: &RunPlan,
     max_attempts: i32,
 ) -> Result<Vec<StoppedTable>, CoordinatorError> {
-    let (shards, stopped) = (
-        store.sql.table("shards"),
-        store.sql.table("stopped_tables"),
-    );
+    let (shards, stopped) = (store.sql.table("shards"), store.sql.table("stopped_tables"));
     let failing = target
         .query(
             &format!(
                 "SELECT DISTINCT ON (s.table_idx) s.table_idx, s.shard_id, s.lo, s.hi, s.attempts, \
                  s.last_error FROM {shards} s \
-                 WHERE s.state = 'pending' AND s.attempts >= $1 AND s.last_error IS NOT NULL \
+                 WHERE (s.state = 'pending' AND s.attempts >= $1 OR s.state = 'leased' AND s.attempts > $1) \
+                 AND s.last_error IS NOT NULL \
                  AND NOT EXISTS (SELECT 1 FROM {stopped} x WHERE x.table_idx = s.table_idx) \
                  ORDER BY s.table_idx, s.shard_id"
             ),
@@ -226,7 +224,11 @@ pub async fn stop_failing(
     let now = list(&*target, &store.sql, plan).await?;
     let new: Vec<StoppedTable> = now
         .into_iter()
-        .filter(|s| failing.iter().any(|r| r.get::<_, i32>(0) as u32 == s.table_index))
+        .filter(|s| {
+            failing
+                .iter()
+                .any(|r| r.get::<_, i32>(0) as u32 == s.table_index)
+        })
         .collect();
     for s in &new {
         tracing::warn!(table = %s.table, shard = s.shard, range = %s.range, attempts = s.attempts,
@@ -405,15 +407,15 @@ async fn replan(
     plan: &mut RunPlan,
 ) -> Result<(), CoordinatorError> {
     let planned = crate::plan::plan(
-            spec,
-            source,
-            target,
-            &crate::plan::PlanOptions {
-                workers,
-                resuming: true,
-            },
-        )
-        .await?;
+        spec,
+        source,
+        target,
+        &crate::plan::PlanOptions {
+            workers,
+            resuming: true,
+        },
+    )
+    .await?;
     for i in changed {
         let (Some(new), Some(slot)) = (
             planned.plan.table(*i),
