@@ -368,9 +368,7 @@ pub async fn reopen(
         let changed = recorded
             .replannable(&SpecPrint::of(spec), &ids, &names)
             .map_err(|why| differs(&format!(" ({why})")))?;
-        if changed.is_empty() {
-            // Nothing a table does changed.
-        } else if on == OnStopped::Keep {
+        if !changed.is_empty() && on == OnStopped::Keep {
             return Err(CoordinatorError::State(format!(
                 "the spec changes the mapping of stopped tables ({}); `schemashift run SPEC` \
                  copies them again under it",
@@ -380,7 +378,8 @@ pub async fn reopen(
                     .collect::<Vec<_>>()
                     .join(", ")
             )));
-        } else {
+        }
+        if !changed.is_empty() {
             replan(spec, source, target, workers, &changed, &mut plan).await?;
         }
         plan.spec_print = Some(SpecPrint::of(spec));
