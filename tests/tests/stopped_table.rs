@@ -229,6 +229,12 @@ async fn a_table_whose_mapping_raises_stops_alone_and_resumes_after_the_fix() ->
     )
     .await?;
 
+    let text = String::from_utf8_lossy(&schemashift(&["status", &spec])?.stderr).into_owned();
+    assert!(
+        text.contains("STOPPED since")
+            && text.contains("to fix: fix the mapping of column \"cents\""),
+        "{text}"
+    );
     // No cutover while a table is stopped: refused before anything is frozen.
     let out = schemashift(&["cutover", &spec])?;
     let said = String::from_utf8_lossy(&out.stderr);
