@@ -78,6 +78,9 @@ pub fn print_verify(v: &VerifySummary, json: bool) {
     for d in v.differing.iter().take(50) {
         eprintln!("  {:?} {} key={:?}", d.kind, d.table, d.key);
     }
+    for t in &v.skipped_tables {
+        eprintln!("  not compared: table {t} is stopped (see `schemashift status`)");
+    }
 }
 
 pub fn print_run(r: &RunReport, json: bool) {
@@ -230,10 +233,15 @@ pub fn print_status(s: &Status, json: bool) {
         Some(id) => {
             eprintln!("run {id} — phase {}", s.phase);
             eprintln!(
-                "  shards: {} done, {} leased, {} pending; {} rows copied ({:.0} rows/s{})",
+                "  shards: {} done, {} leased, {} pending{}; {} rows copied ({:.0} rows/s{})",
                 s.shards.done,
                 s.shards.leased,
                 s.shards.pending,
+                if s.shards.stopped > 0 {
+                    format!(", {} stopped", s.shards.stopped)
+                } else {
+                    String::new()
+                },
                 s.shards.rows_done,
                 s.backfill_rows_per_s,
                 s.eta_seconds
@@ -242,6 +250,13 @@ pub fn print_status(s: &Status, json: bool) {
             );
             if let Some(p) = &s.paused {
                 eprintln!("  {p}: copies and replay hold, capture goes on (`schemashift resume` to go on)");
+            }
+            for t in &s.stopped_tables {
+                eprintln!("  STOPPED since {}: {t}", t.since);
+                eprintln!(
+                    "    to fix: {}; then `schemashift run SPEC` copies it again",
+                    t.fix()
+                );
             }
             if s.throttled || s.throttled_seconds > 0.0 {
                 eprintln!(

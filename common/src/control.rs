@@ -8,6 +8,9 @@ pub const HISTORY_DDL: &str = include_str!("history.sql");
 /// The operator's pause: part of the control schema, and created alone for runs made
 /// before it existed.
 pub const PAUSE_DDL: &str = include_str!("pause.sql");
+/// Tables that stopped alone: part of the control schema, and created alone for runs made
+/// before it existed.
+pub const STOPPED_DDL: &str = include_str!("stopped.sql");
 
 /// The control schema's statements, with the schema name quoted once.
 #[derive(Clone, Debug)]
@@ -31,10 +34,20 @@ impl ControlSql {
 
     pub fn ddl(&self) -> String {
         format!(
-            "{}\n{}",
+            "{}\n{}\n{}",
             DDL.replace("{schema}", &self.schema),
-            self.pause_ddl()
+            self.pause_ddl(),
+            self.stopped_ddl()
         )
+    }
+
+    pub fn stopped_ddl(&self) -> String {
+        STOPPED_DDL.replace("{schema}", &self.schema)
+    }
+
+    /// Indexes of the stopped tables (replay skips their changes).
+    pub fn stopped_table_indexes(&self) -> String {
+        format!("SELECT table_idx FROM {}", self.table("stopped_tables"))
     }
 
     pub fn pause_ddl(&self) -> String {

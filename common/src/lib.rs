@@ -14,6 +14,7 @@ pub mod retry;
 pub mod schedule;
 pub mod service;
 pub mod spec;
+pub mod spec_print;
 pub mod sql;
 pub mod tls;
 pub mod trace;

@@ -180,6 +180,18 @@ impl TablePlan {
         )
     }
 
+    /// Evaluates one mapped column over a shard's source rows (`count` reads every value):
+    /// it fails when that column's expression raises somewhere in the range.
+    pub fn column_probe_sql(&self, column: &ColumnMap, shard: &ShardRange) -> String {
+        format!(
+            "SELECT count(({})::{}) FROM ONLY {} WHERE {}",
+            column.expr,
+            column.target_type,
+            self.source,
+            range_predicate(&self.key, shard.lo.as_deref(), shard.hi.as_deref())
+        )
+    }
+
     pub fn target_column_names(&self) -> Vec<String> {
         self.columns.iter().map(|c| c.target.clone()).collect()
     }
@@ -328,6 +340,10 @@ pub struct RunPlan {
     /// The spec's `source_publication`; None: the run's own, named after its slot.
     #[serde(default)]
     pub publication: Option<String>,
+    /// Per-table fingerprints of the spec the run was planned from (none for runs made
+    /// before they were recorded): a stopped table may be re-planned under a fixed spec.
+    #[serde(default)]
+    pub spec_print: Option<crate::spec_print::SpecPrint>,
 }
 
 impl RunPlan {

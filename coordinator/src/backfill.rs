@@ -1,6 +1,6 @@
 //! Backfill, as the coordinator sees it: workers (in this process or remote) lease the
-//! shards; this waits until every shard is done, logging progress and failing the run
-//! when a shard keeps failing.
+//! shards; this waits until every shard is done, logging progress, and stops a table
+//! whose shard keeps failing (the others go on; see [`crate::stopped`]).
 
 use crate::control::Phase;
 use crate::error::CoordinatorError;
@@ -9,7 +9,8 @@ use crate::service::Stage;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// A shard or partition that failed this often stops the run with its last error.
+/// A shard that failed this often stops its table; a replay partition or verify range,
+/// the run.
 pub const MAX_ATTEMPTS: i32 = 5;
 
 /// Drives the backfill phase of a run to its end.
@@ -30,17 +31,21 @@ impl<'a> Backfill<'a> {
         let mut last_log = Instant::now();
         loop {
             self.run.reopen_closed().await?;
+            let run = &mut *self.run;
+            let stopped = crate::stopped::stop_failing(
+                &run.source,
+                &mut run.target,
+                &run.store,
+                &run.plan,
+                MAX_ATTEMPTS,
+            )
+            .await?;
+            if !stopped.is_empty() {
+                self.run.svc.changed.notify_one();
+            }
             let c = self.run.store.shard_counts(&self.run.target).await?;
             if c.pending + c.leased == 0 {
                 break;
-            }
-            if let Some(why) = self
-                .run
-                .store
-                .failing_work(&self.run.target, MAX_ATTEMPTS)
-                .await?
-            {
-                return Err(CoordinatorError::State(format!("backfill failed: {why}")));
             }
             if last_log.elapsed() >= Duration::from_secs(2) {
                 last_log = Instant::now();
@@ -71,7 +76,15 @@ impl<'a> Backfill<'a> {
         }
         // Indexes dropped for the load (the key's included) are built once now, before replay
         // writes; as many at once as there are workers (at least two: one worker's run still
-        // has the target's cores for this), within the host CPU limit.
+        // has the target's cores for this), within the host CPU limit. A stopped table's
+        // wait: it is copied again when it resumes.
+        let stopped: Vec<String> =
+            crate::stopped::list(&self.run.target, &self.run.store.sql, &self.run.plan)
+                .await?
+                .iter()
+                .filter_map(|s| self.run.plan.table(s.table_index))
+                .map(|t| t.target.to_string())
+                .collect();
         let built = crate::indexes::rebuild(
             &self.run.spec.target,
             &self.run.target,
@@ -82,6 +95,7 @@ impl<'a> Backfill<'a> {
                 .min(self.run.svc.throttle().allowed()),
             self.run.plan.low_priority,
             self.run.gate.clone(),
+            &stopped,
         )
         .await?;
         if built > 0 {

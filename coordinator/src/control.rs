@@ -77,6 +77,8 @@ pub struct ShardCounts {
     pub pending: i64,
     pub leased: i64,
     pub done: i64,
+    /// Shards of tables that stopped alone.
+    pub stopped: i64,
     pub rows_done: i64,
     pub bytes_done: i64,
 }
@@ -311,7 +313,8 @@ impl Store {
         Ok(shards + parts)
     }
 
-    /// A shard that failed this many times stops the run (its last error says why).
+    /// A replay partition that failed this many times stops the run (its last error says
+    /// why); so does a shard still pending after that many (its table did not stop).
     pub async fn failing_work(
         &self,
         target: &Client,
@@ -358,7 +361,8 @@ impl Store {
                 &format!(
                     "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'leased'), \
                      count(*) FILTER (WHERE state = 'done'), coalesce(sum(rows) FILTER (WHERE state = 'done'), 0)::bigint, \
-                     coalesce(sum(bytes) FILTER (WHERE state = 'done'), 0)::bigint FROM {}",
+                     coalesce(sum(bytes) FILTER (WHERE state = 'done'), 0)::bigint, \
+                     count(*) FILTER (WHERE state = 'stopped') FROM {}",
                     self.sql.table("shards")
                 ),
                 &[],
@@ -371,6 +375,7 @@ impl Store {
             done: row.get(2),
             rows_done: row.get(3),
             bytes_done: row.get(4),
+            stopped: row.get(5),
         })
     }
 

@@ -85,6 +85,7 @@ async fn changed_keys(
 /// The cutover, excluding a pause for its whole length: refused while the run is paused.
 pub async fn cutover(ctx: &mut RunCtx) -> Result<CutoverReport, CoordinatorError> {
     let sql = schemashift_common::control::ControlSql::new(&ctx.spec.control_schema);
+    crate::stopped::check_cutover(&ctx.target, &sql, &ctx.plan).await?;
     if !crate::pause::try_cutover_lock(&ctx.target, &sql).await? {
         return Err(CoordinatorError::CutoverRefused(
             "another cutover, or a pause being recorded, holds the cutover lock; try again".into(),

@@ -71,6 +71,7 @@ pub async fn coordinate(
         Workers::Remote {
             lease_ttl: opts.lease_ttl,
         },
+        crate::stopped::OnStopped::Resume,
     )
     .await?;
     if let Some(listener) = metrics {

@@ -42,6 +42,10 @@ pub enum CoordinatorError {
     /// The listen address is unusable (bad input, before anything was written).
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
+    /// Tables whose shards kept failing stopped; the others went on (the message names
+    /// each, its key range and error, and what to fix).
+    #[error("{0}")]
+    TablesStopped(String),
     #[error("interrupted")]
     Interrupted,
     /// An operator command that does not apply now (nothing was changed).
@@ -96,6 +100,7 @@ impl Classify for CoordinatorError {
             | CoordinatorError::Serve(_)
             | CoordinatorError::Listen { .. }
             | CoordinatorError::Refused(_)
+            | CoordinatorError::TablesStopped(_)
             | CoordinatorError::Interrupted => Class::Permanent,
         }
     }

@@ -104,8 +104,25 @@ pub async fn rebuild(
     parallel: usize,
     low_priority: bool,
     gate: Option<schemashift_common::fleet::MemberGate>,
+    skip_tables: &[String],
 ) -> Result<usize, CoordinatorError> {
     let mut builds = pending(target, store).await?;
+    if !skip_tables.is_empty() {
+        // Recorded names are regclass text: compare as relations, not as spellings.
+        let names: Vec<String> = builds.iter().map(|p| p.table.clone()).collect();
+        let skip: std::collections::HashSet<String> = target
+            .query(
+                "SELECT t FROM unnest($1::text[]) AS t WHERE to_regclass(t) = ANY \
+                 (SELECT to_regclass(s) FROM unnest($2::text[]) AS s)",
+                &[&names, &skip_tables],
+            )
+            .await
+            .map_err(db("reading indexes"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        builds.retain(|p| !skip.contains(&p.table));
+    }
     // Sessions pop from the end: the costliest builds start first (longest job first), so
     // the last one to finish is a cheap one.
     builds.sort_by_key(|p| p.sort_cost);

@@ -23,6 +23,7 @@ pub mod reverse;
 pub mod run;
 pub mod service;
 pub mod shard;
+pub mod stopped;
 pub mod supervise;
 pub mod throttle;
 pub mod verify;

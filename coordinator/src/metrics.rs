@@ -217,6 +217,7 @@ impl Metrics {
             ("pending", s.pending),
             ("leased", s.leased),
             ("done", s.done),
+            ("stopped", s.stopped),
         ] {
             self.shards.get_or_create(&vec![("state", state)]).set(n);
         }

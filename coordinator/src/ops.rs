@@ -93,6 +93,8 @@ pub struct Status {
     pub throttle_rebaseline_reason: Option<String>,
     /// Set while an operator has the run paused (`schemashift pause`).
     pub paused: Option<crate::pause::Paused>,
+    /// Tables whose shards kept failing: stopped alone until `run` copies them again.
+    pub stopped_tables: Vec<crate::stopped::StoppedTable>,
 }
 
 fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
@@ -130,6 +132,7 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
         .await
         .map_err(db("reading status"))?;
     st.paused = crate::pause::read(&target, &store.sql).await?;
+    st.stopped_tables = crate::stopped::list(&target, &store.sql, &state.plan).await?;
     st.changes_logged = row.get(0);
     st.changes_applied = row.get(1);
     st.replay_lag_changes = row.get(2);
@@ -244,7 +247,7 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
         .query_one(
             &format!(
                 "SELECT extract(epoch FROM now() - min(started_at))::float8, \
-                 coalesce(sum(est_rows) FILTER (WHERE state <> 'done'), 0)::bigint FROM {}",
+                 coalesce(sum(est_rows) FILTER (WHERE state NOT IN ('done', 'stopped')), 0)::bigint FROM {}",
                 store.sql.table("shards")
             ),
             &[],
@@ -328,7 +331,12 @@ pub async fn verify(
     spec: &Spec,
     local: Arc<dyn LocalWorker>,
 ) -> Result<VerifySummary, CoordinatorError> {
-    let mut ctx = RunCtx::open(spec, Workers::Embedded(None, local)).await?;
+    let mut ctx = RunCtx::open(
+        spec,
+        Workers::Embedded(None, local),
+        crate::stopped::OnStopped::Keep,
+    )
+    .await?;
     let phase = ctx.phase().await?;
     if phase < Phase::Replay {
         return Err(CoordinatorError::State(format!(
@@ -385,7 +393,7 @@ pub async fn cleanup(spec: &Spec) -> Result<CleanupReport, CoordinatorError> {
         .get(0);
     // A run abandoned before its cutover must not leave the target without its keys.
     let restored = crate::constraints::restore(&target, &store).await?
-        + crate::indexes::rebuild(&spec.target, &target, &store, 2, false, None).await?;
+        + crate::indexes::rebuild(&spec.target, &target, &store, 2, false, None, &[]).await?;
     if restored > 0 {
         tracing::info!(restored, "foreign keys put back");
     }

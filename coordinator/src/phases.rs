@@ -21,7 +21,12 @@ pub async fn run(
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
-    let mut ctx = RunCtx::open(spec, Workers::Embedded(opts.workers, opts.local)).await?;
+    let mut ctx = RunCtx::open(
+        spec,
+        Workers::Embedded(opts.workers, opts.local),
+        crate::stopped::OnStopped::Resume,
+    )
+    .await?;
     if let Some(listener) = metrics {
         ctx.serve_metrics(listener);
     }
@@ -60,7 +65,7 @@ async fn drive_phases(
     }
     ctx.event(RunEvent::BackfillDone);
     if until == Until::Backfill {
-        return ctx.finish().await;
+        return end(ctx).await;
     }
     let (_, lag) = CatchUp::new(&mut ctx)
         .now(None)
@@ -68,7 +73,7 @@ async fn drive_phases(
         .await?;
     ctx.report.lag_seconds = lag.as_secs_f64();
     if until == Until::Replay {
-        return ctx.finish().await;
+        return end(ctx).await;
     }
     ctx.store.set_phase(&ctx.target, Phase::Verify).await?;
     let summary = Verify::new(&mut ctx)
@@ -76,7 +81,9 @@ async fn drive_phases(
         .instrument(tracing::info_span!("verify"))
         .await?;
     let clean = summary.differing.is_empty();
-    if clean {
+    // With a table stopped, the run is verified only in part: it stays in verify.
+    let partial = !summary.skipped_tables.is_empty();
+    if clean && !partial {
         ctx.store.set_phase(&ctx.target, Phase::Verified).await?;
     }
     ctx.report.verify = Some(summary);
@@ -87,11 +94,27 @@ async fn drive_phases(
             "verify found {n} differing rows after re-checks (see `schemashift verify --json`); not cutting over"
         )));
     }
+    if until == Until::Cutover && partial {
+        return end(ctx).await;
+    }
     if until == Until::Cutover {
         let cut = crate::cutover::cutover(&mut ctx)
             .instrument(tracing::info_span!("cutover"))
             .await?;
         ctx.report.cutover = Some(cut);
     }
-    ctx.finish().await
+    end(ctx).await
+}
+
+/// Ends the run: its report, or the tables that stopped, what to fix and how to resume.
+async fn end(mut ctx: RunCtx) -> Result<RunReport, CoordinatorError> {
+    let stopped = crate::stopped::list(&ctx.target, &ctx.store.sql, &ctx.plan).await?;
+    ctx.report.stopped = stopped.clone();
+    let report = ctx.finish().await?;
+    if stopped.is_empty() {
+        return Ok(report);
+    }
+    Err(CoordinatorError::TablesStopped(crate::stopped::message(
+        &stopped,
+    )))
 }

@@ -199,6 +199,7 @@ pub async fn plan(
             replay_batch: fwd.replay_batch,
             // Reverse sync makes its own on the target, which it owns.
             publication: None,
+            spec_print: None,
         },
         notes,
     )))

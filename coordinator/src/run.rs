@@ -127,6 +127,9 @@ pub struct RunReport {
     /// for reasons not ours).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub throttle_baseline_retaken: Option<String>,
+    /// Tables whose shards kept failing: stopped, the others went on.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stopped: Vec<crate::stopped::StoppedTable>,
 }
 
 /// Everything a running migration holds; shared by run, verify and cutover.
@@ -175,7 +178,12 @@ fn spawn_local(
 impl RunCtx {
     /// Opens or creates the run: plans (failing with every problem before any write),
     /// records the plan, creates publication and slot, and starts capture.
-    pub async fn open(spec: &Spec, mode: Workers) -> Result<RunCtx, CoordinatorError> {
+    /// `on_stopped`: whether tables that stopped alone are copied again now.
+    pub async fn open(
+        spec: &Spec,
+        mode: Workers,
+        on_stopped: crate::stopped::OnStopped,
+    ) -> Result<RunCtx, CoordinatorError> {
         let started = Instant::now();
         let workers = match &mode {
             Workers::Embedded(n, _) => n.or(spec.workers).unwrap_or(4).max(1),
@@ -187,19 +195,22 @@ impl RunCtx {
         let mut report = RunReport::default();
         let state = match store.load(&target).await? {
             Some(s) => {
-                if s.fingerprint != spec.fingerprint() {
-                    return Err(CoordinatorError::State(format!(
-                        "the control schema {} holds a run (id {}) of a different spec; \
-                         finish or `schemashift cleanup` it first",
-                        store.sql.schema(),
-                        s.run_id
-                    )));
-                }
                 if s.phase == Phase::RolledBack {
                     return Err(CoordinatorError::State(
                         "this run was rolled back; run `schemashift cleanup` to start over".into(),
                     ));
                 }
+                // A different spec is refused, unless it fixes stopped tables only.
+                let s = crate::stopped::reopen(
+                    spec,
+                    s,
+                    &source,
+                    &mut target,
+                    &store,
+                    workers,
+                    on_stopped,
+                )
+                .await?;
                 tracing::info!(run_id = %s.run_id, phase = s.phase.as_str(), "resuming run");
                 report.resumed = true;
                 s

@@ -29,6 +29,9 @@ pub struct VerifySummary {
     /// Keys that kept changing too fast to settle; the cutover re-checks them in its freeze.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub still_changing: Vec<StillChanging>,
+    /// Tables not compared because they stopped (`source -> target`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped_tables: Vec<String>,
     pub seconds: f64,
 }
 
@@ -61,10 +64,20 @@ impl<'a> Verify<'a> {
     pub async fn drive(self) -> Result<VerifySummary, CoordinatorError> {
         let t0 = Instant::now();
         let shards = self.run.store.shards(&self.run.target).await?;
+        let stopped =
+            crate::stopped::list(&self.run.target, &self.run.store.sql, &self.run.plan).await?;
+        if !stopped.is_empty() {
+            let tables: Vec<&str> = stopped.iter().map(|s| s.table.as_str()).collect();
+            tracing::warn!(tables = ?tables, "verify skips the stopped tables");
+        }
         // Workers compare the ranges; replay pauses meanwhile and catches up after.
-        self.run
-            .svc
-            .start_verify(shards.into_iter().map(|(s, _, _)| s).collect());
+        self.run.svc.start_verify(
+            shards
+                .into_iter()
+                .map(|(s, _, _)| s)
+                .filter(|s| stopped.iter().all(|x| x.table_index != s.table))
+                .collect(),
+        );
         self.run.svc.set_stage(Stage::Verify);
         let mut last_log = Instant::now();
         let checks = loop {
@@ -90,7 +103,10 @@ impl<'a> Verify<'a> {
             }
         };
         self.run.svc.set_stage(Stage::Replay);
-        let mut summary = VerifySummary::default();
+        let mut summary = VerifySummary {
+            skipped_tables: stopped.into_iter().map(|s| s.table).collect(),
+            ..VerifySummary::default()
+        };
         let mut diffs: Vec<(u32, KeyDiff)> = Vec::new();
         for (t, c) in checks {
             summary.ranges += 1;

@@ -38,6 +38,10 @@ pub struct PartitionReplayer {
     /// A batch another partition's rows conflict with (a unique value not yet released
     /// there), kept to try again, with the end of what was read and since when.
     held: Option<Held>,
+    /// Tables that stopped alone (read when the lease is taken: tables stop during the
+    /// backfill, before partitions are leased): their changes are passed over, and the
+    /// table is copied whole again when it resumes.
+    stopped: std::collections::HashSet<u32>,
 }
 
 struct Held {
@@ -112,6 +116,28 @@ impl PartitionReplayer {
                 &format!("schemashift-replay-{part}"),
             )?),
         };
+        let has_stopped: bool = target
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&control.table("stopped_tables")],
+            )
+            .await
+            .map_err(fail)?
+            .get(0);
+        let stopped: std::collections::HashSet<u32> = if has_stopped {
+            target
+                .query(&control.stopped_table_indexes(), &[])
+                .await
+                .map_err(fail)?
+                .iter()
+                .map(|r| r.get::<_, i32>(0) as u32)
+                .collect()
+        } else {
+            Default::default()
+        };
+        if !stopped.is_empty() {
+            tracing::info!(part, stopped = ?stopped, "replay passes over the changes of stopped tables");
+        }
         for t in &plan.tables {
             let cols = t
                 .source_columns
@@ -136,6 +162,7 @@ impl PartitionReplayer {
             plan,
             control,
             held: None,
+            stopped,
         })
     }
 
@@ -210,7 +237,9 @@ impl PartitionReplayer {
                 let Some(last) = fetched.last().map(|(s, _)| *s) else {
                     return Ok(0);
                 };
-                (last, self.fresh(fetched), None)
+                let mut fresh = self.fresh(fetched);
+                fresh.retain(|(_, c)| !self.stopped.contains(&c.table));
+                (last, fresh, None)
             }
         };
         let mut tx = target

@@ -166,6 +166,7 @@ pub async fn plan(
         low_priority: spec.throttle.enabled && spec.throttle.low_priority,
         replay_batch: spec.replay.batch,
         publication: spec.source_publication.clone(),
+        spec_print: Some(schemashift_common::spec_print::SpecPrint::of(spec)),
     };
     // The way back is checked now, not at the cutover: a column reverse sync could not
     // write is a spec error while `cutover.reverse` is on.
