@@ -427,7 +427,7 @@ pub fn random_large_bio<R: Rng + ?Sized>(rng: &mut R) -> String {
 }
 
 /// A YAML scalar: plain when that is unambiguous, else single-quoted.
-fn yaml_scalar(s: &str) -> String {
+pub fn yaml_scalar(s: &str) -> String {
     let plain = !s.is_empty()
         && s.chars().all(|c| {
             c.is_ascii_alphanumeric()

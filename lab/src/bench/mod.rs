@@ -3,6 +3,7 @@
 //! in one run, on this machine. It measures and reports; it never judges timings.
 
 mod cpu;
+mod fleet;
 mod machine;
 mod native;
 mod ours;
@@ -66,6 +67,8 @@ pub enum Kind {
     NativeCatchUp,
     /// pgoutput decoded and thrown away: what any logical-decoding tool can reach.
     DecodingLimit,
+    /// `schemashift run` or `plan` over a fleet, beside the one pair.
+    SchemashiftFleet,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -367,6 +370,8 @@ pub enum Only {
     Peers,
     /// Capture and replay alone (their rate and peak memory at each `--changes` count).
     Changes,
+    /// A fleet of 8 against the one pair, and planning 100 small members.
+    Fleet,
 }
 
 pub async fn bench(
@@ -474,10 +479,13 @@ async fn bench_inner(
     }
     let peak_rss_mib = match only {
         None | Some(Only::Ours) => ours::run_all(&b, &mut c).await,
-        Some(Only::Peers | Only::Changes) => None,
+        Some(Only::Peers | Only::Changes | Only::Fleet) => None,
     };
-    if only != Some(Only::Peers) {
+    if matches!(only, None | Some(Only::Ours | Only::Changes)) {
         ours::run_changes(&b, &mut c, changes).await;
+    }
+    if matches!(only, None | Some(Only::Fleet)) {
+        fleet::run_all(&b, &mut c).await;
     }
     peers::ratios(&mut c.results);
     let report = BenchReport {

@@ -22,7 +22,11 @@ const HEADER: &str = "method|par.|transformed|indexes|rows|s|wall s|rows/s|MB/s\
 
 fn cells(m: &Measurement) -> Vec<String> {
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
-    let ch = if m.unit == "rows" { "" } else { " ch." };
+    let ch = match m.unit {
+        "rows" => String::new(),
+        "changes" => " ch.".to_string(),
+        other => format!(" {other}"),
+    };
     vec![
         m.method.clone(),
         m.parallelism.to_string(),
@@ -165,6 +169,7 @@ fn markdown(r: &BenchReport) -> String {
     md.push_str("\n## How each method was run\n\n");
     md.push_str(peers::HOW);
     md.push_str(ours::HOW);
+    md.push_str(super::fleet::HOW);
     md
 }
 
