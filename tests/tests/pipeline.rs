@@ -283,7 +283,12 @@ async fn status_reports_progress_and_rollback_before_cutover_removes_slot_and_st
     let none: serde_json::Value = serde_json::from_slice(&none.stdout)?;
     assert_eq!(none["phase"], "none");
 
-    schemashift_ok(&["run", &spec, "--until", "backfill"])?;
+    let run = schemashift_ok(&["run", &spec, "--until", "backfill", "--json"])?;
+    let run: serde_json::Value = serde_json::from_slice(&run.stdout)?;
+    // Strategy auto does not measure a table no bigger than its 20,000-row sample.
+    let t = &run["tables"][0];
+    assert!(t["measured_rows_per_s"].is_null(), "{t}");
+    assert_eq!(t["strategy"], "copy", "{t}");
     let s = connect(&env.source_dsn).await?;
     s.batch_execute("UPDATE users SET full_name = 'Grace Hopper' WHERE id <= 10")
         .await?;
