@@ -5,12 +5,20 @@
 use crate::fleet::server_of;
 use crate::schedule::{Board, Kind, Limits, Slot};
 use crate::spec::Spec;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Mutex as AsyncMutex, OwnedMutexGuard};
 
 pub struct HostGate {
     state: Mutex<State>,
+    /// `strategy: auto`'s measurements per (source server, target server): table → (copy,
+    /// fdw) rows/s. Members on the same two servers have the same tables, so the first one
+    /// measures and the others keep its choice instead of copying the sample twice again.
+    measured: Mutex<HashMap<(String, String), Arc<AsyncMutex<Measured>>>>,
 }
+
+/// Rows/s measured by copy and by fdw, per source table.
+pub type Measured = HashMap<String, (f64, f64)>;
 
 struct State {
     board: Board,
@@ -58,6 +66,7 @@ impl HostGate {
                 board: Board::new(Limits { pool, per_host }),
                 waiting: Vec::new(),
             }),
+            measured: Mutex::new(HashMap::new()),
         })
     }
 
@@ -68,13 +77,12 @@ impl HostGate {
 
     /// A member of the fleet with `rows` (estimated) to copy.
     pub fn member(self: &Arc<Self>, spec: &Spec, rows: u64) -> MemberGate {
-        let slot =
-            self.lock()
-                .board
-                .add_member(&server_of(&spec.source), &server_of(&spec.target), rows);
+        let servers = (server_of(&spec.source), server_of(&spec.target));
+        let slot = self.lock().board.add_member(&servers.0, &servers.1, rows);
         MemberGate {
             gate: self.clone(),
             slot,
+            servers,
         }
     }
 
@@ -125,12 +133,24 @@ impl HostGate {
 pub struct MemberGate {
     gate: Arc<HostGate>,
     slot: Slot,
+    servers: (String, String),
 }
 
 impl MemberGate {
     /// A shard copy: a slot of the fleet's pool, and one on each server it reads or writes.
     pub async fn copy(&self) -> GatePass {
         self.gate.enter(self.slot, Kind::Copy).await
+    }
+
+    /// What members on this member's two servers measured so far; held while this member
+    /// measures, so the next one waits and reads its result.
+    pub async fn measured(&self) -> OwnedMutexGuard<Measured> {
+        let cell = {
+            // A poisoned map only means a panic elsewhere; its entries are still sound.
+            let mut map = self.gate.measured.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(self.servers.clone()).or_default().clone()
+        };
+        cell.lock_owned().await
     }
 
     /// The member's run ended: whatever its estimate said is left, nothing is.

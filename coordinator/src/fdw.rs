@@ -309,6 +309,7 @@ pub async fn choose_auto(
     target: &Client,
     store: &crate::control::Store,
     planned: &mut crate::plan::Planned,
+    mut known: Option<&mut schemashift_common::gate::Measured>,
 ) -> Result<(), CoordinatorError> {
     use schemashift_common::spec::Strategy;
     let mut changed = false;
@@ -341,11 +342,30 @@ pub async fn choose_auto(
             continue;
         };
         let plan = &planned.plan;
-        let measured = async {
-            ensure_for(target, &spec.source, &plan.control_schema, &[t]).await?;
-            measure(source, &spec.target, plan, t, &shard.range, MEASURED_ROWS).await
+        let key = t.source.to_string();
+        let earlier = known.as_ref().and_then(|k| k.get(&key).copied());
+        let measured = match earlier {
+            // A fleet member on the same two servers measured this table already.
+            Some((copy, fdw)) => {
+                let speeds = Speeds { copy, fdw };
+                match speeds.faster() {
+                    Transfer::Fdw => ensure_for(target, &spec.source, &plan.control_schema, &[t])
+                        .await
+                        .map(|_| speeds),
+                    Transfer::Copy => Ok(speeds),
+                }
+            }
+            None => {
+                async {
+                    ensure_for(target, &spec.source, &plan.control_schema, &[t]).await?;
+                    measure(source, &spec.target, plan, t, &shard.range, MEASURED_ROWS).await
+                }
+                .await
+            }
+        };
+        if let (Ok(speeds), Some(k), None) = (&measured, known.as_mut(), earlier) {
+            k.insert(key, (speeds.copy, speeds.fdw));
         }
-        .await;
         match measured {
             Ok(speeds) => {
                 let transfer = speeds.faster();

@@ -248,15 +248,31 @@ impl RunCtx {
                     .await?;
                 // `auto`: both strategies measured on the real servers, the faster kept. Its
                 // copies count against a fleet's limits like the backfill's.
-                let pass = match &mode {
-                    Workers::Embedded(_, local) => match local.gate() {
-                        Some(g) => Some(g.copy().await),
-                        None => None,
-                    },
+                // In a fleet, members on the same two servers measure once (the first) and
+                // keep that choice.
+                let gate = match &mode {
+                    Workers::Embedded(_, local) => local.gate(),
                     Workers::Remote { .. } => None,
                 };
-                crate::fdw::choose_auto(spec, &source, &target, &store, &mut planned).await?;
+                let mut known = match &gate {
+                    Some(g) => Some(g.measured().await),
+                    None => None,
+                };
+                let pass = match &gate {
+                    Some(g) => Some(g.copy().await),
+                    None => None,
+                };
+                crate::fdw::choose_auto(
+                    spec,
+                    &source,
+                    &target,
+                    &store,
+                    &mut planned,
+                    known.as_deref_mut(),
+                )
+                .await?;
                 drop(pass);
+                drop(known);
                 report.tables = planned.analysis;
                 tracing::info!(%run_id, shards = planned.shards.len(), "run planned");
                 store
