@@ -14,8 +14,11 @@ pub struct HostGate {
     /// `strategy: auto`'s measurements per (source server, target server): table → (copy,
     /// fdw) rows/s. Members on the same two servers have the same tables, so the first one
     /// measures and the others keep its choice instead of copying the sample twice again.
-    measured: Mutex<HashMap<(String, String), Arc<AsyncMutex<Measured>>>>,
+    measured: Mutex<HashMap<ServerPair, Arc<AsyncMutex<Measured>>>>,
 }
+
+/// (source server, target server), `host:port` each.
+type ServerPair = (String, String);
 
 /// Rows/s measured by copy and by fdw, per source table.
 pub type Measured = HashMap<String, (f64, f64)>;
@@ -133,7 +136,7 @@ impl HostGate {
 pub struct MemberGate {
     gate: Arc<HostGate>,
     slot: Slot,
-    servers: (String, String),
+    servers: ServerPair,
 }
 
 impl MemberGate {
