@@ -121,6 +121,18 @@ pub async fn connect(dsn: &Dsn, role: &'static str) -> Result<Client, PgError> {
 
 /// Streams one COPY's output into another COPY's input as it comes (no row decoded);
 /// returns the rows the input took.
+/// Whether a table exists (`name` as `to_regclass` reads it: quoted where needed). Control
+/// tables added by later versions are read as absent, not as an error, in older runs.
+pub async fn table_exists(
+    client: &impl tokio_postgres::GenericClient,
+    name: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+        .await?
+        .get(0))
+}
+
 pub async fn pipe_copy(
     sink: tokio_postgres::CopyInSink<bytes::Bytes>,
     stream: tokio_postgres::CopyOutStream,

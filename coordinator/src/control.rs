@@ -100,14 +100,9 @@ impl Store {
 
     /// Whether the control schema has this table (it may not exist yet, or be dropped).
     pub async fn has_table(&self, target: &Client, name: &str) -> Result<bool, CoordinatorError> {
-        Ok(target
-            .query_one(
-                "SELECT to_regclass($1) IS NOT NULL",
-                &[&self.sql.table(name)],
-            )
+        schemashift_common::pg::table_exists(target, &self.sql.table(name))
             .await
-            .map_err(err("reading control state"))?
-            .get(0))
+            .map_err(err("reading control state"))
     }
 
     pub async fn load(&self, target: &Client) -> Result<Option<RunState>, CoordinatorError> {

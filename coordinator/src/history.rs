@@ -85,11 +85,9 @@ pub async fn read(spec: &Spec) -> Result<Vec<Event>, CoordinatorError> {
     let target = connect(&spec.target, "target").await?;
     let sql = ControlSql::new(&spec.control_schema);
     let db = |e: tokio_postgres::Error| CoordinatorError::db("reading the history", &e);
-    let exists: bool = target
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&sql.history()])
+    let exists = schemashift_common::pg::table_exists(&target, &sql.history())
         .await
-        .map_err(db)?
-        .get(0);
+        .map_err(db)?;
     if !exists {
         return Ok(Vec::new());
     }

@@ -46,11 +46,10 @@ fn db(context: &'static str) -> impl Fn(tokio_postgres::Error) -> CoordinatorErr
 /// The pause, if the run is paused (a run made before pauses existed never is).
 pub async fn read(target: &Client, sql: &ControlSql) -> Result<Option<Paused>, CoordinatorError> {
     let table = sql.table("pause");
-    let row = target
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+    let exists = schemashift_common::pg::table_exists(target, &table)
         .await
         .map_err(db("reading the pause"))?;
-    if !row.get::<_, bool>(0) {
+    if !exists {
         return Ok(None);
     }
     let row = target

@@ -83,11 +83,9 @@ pub async fn list(
     plan: &RunPlan,
 ) -> Result<Vec<StoppedTable>, CoordinatorError> {
     let table = sql.table("stopped_tables");
-    let exists: bool = target
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+    let exists = schemashift_common::pg::table_exists(target, &table)
         .await
-        .map_err(db("reading stopped tables"))?
-        .get(0);
+        .map_err(db("reading stopped tables"))?;
     if !exists {
         return Ok(Vec::new());
     }

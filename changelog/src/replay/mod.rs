@@ -116,14 +116,10 @@ impl PartitionReplayer {
                 &format!("schemashift-replay-{part}"),
             )?),
         };
-        let has_stopped: bool = target
-            .query_one(
-                "SELECT to_regclass($1) IS NOT NULL",
-                &[&control.table("stopped_tables")],
-            )
-            .await
-            .map_err(fail)?
-            .get(0);
+        let has_stopped =
+            schemashift_common::pg::table_exists(target, &control.table("stopped_tables"))
+                .await
+                .map_err(fail)?;
         let stopped: std::collections::HashSet<u32> = if has_stopped {
             target
                 .query(&control.stopped_table_indexes(), &[])

@@ -15,10 +15,7 @@ pub(super) async fn columns(
     c: &Client,
     table: &QualifiedName,
 ) -> Result<Option<Vec<Col>>, tokio_postgres::Error> {
-    let exists = c
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.to_string()])
-        .await?
-        .get::<_, bool>(0);
+    let exists = schemashift_common::pg::table_exists(c, &table.to_string()).await?;
     if !exists {
         return Ok(None);
     }
