@@ -562,17 +562,11 @@ impl Spec {
 
     /// A stable fingerprint of what the run does, so a resumed run can refuse a changed spec.
     pub fn fingerprint(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        h.update(self.functions.join("\n"));
-        for t in &self.tables {
-            h.update(format!("{}|{}|{:?}|", t.source, t.target, t.key.columns()));
-            for (k, v) in &t.columns {
-                h.update(format!("{k}={v};"));
-            }
-        }
-        let d = h.finalize();
-        d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+        let tables = self.tables.iter().flat_map(|t| {
+            std::iter::once(format!("{}|{}|{:?}|", t.source, t.target, t.key.columns()))
+                .chain(t.columns.iter().map(|(k, v)| format!("{k}={v};")))
+        });
+        crate::spec_print::hash(std::iter::once(self.functions.join("\n")).chain(tables))
     }
 }
 

@@ -22,7 +22,8 @@ pub struct SpecPrint {
     pub tables: Vec<TablePrint>,
 }
 
-fn hash(parts: impl IntoIterator<Item = String>) -> String {
+/// The first 8 bytes of the SHA-256 of `parts` in order, in hex (also the spec fingerprint).
+pub(crate) fn hash(parts: impl IntoIterator<Item = String>) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for p in parts {

@@ -55,7 +55,7 @@ async fn schemashift(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A source database named `name` holding `rows` users, made from a loaded template.
+/// `n` source databases holding `rows` users each, made from one loaded template.
 async fn sources(b: &Bench, prefix: &str, n: usize, rows: u64) -> anyhow::Result<Vec<String>> {
     let admin = client(&b.src.dsn("postgres")).await?;
     let template = format!("{prefix}_template");
@@ -141,6 +141,10 @@ async fn count(dsn: &str) -> anyhow::Result<u64> {
 async fn drop_all(spec: &Path, src: &[String], tgt: &[String], b: &Bench) -> anyhow::Result<()> {
     let spec = spec.to_string_lossy().into_owned();
     schemashift(&["cleanup", &spec]).await?;
+    drop_databases(b, src, tgt).await
+}
+
+async fn drop_databases(b: &Bench, src: &[String], tgt: &[String]) -> anyhow::Result<()> {
     for (cluster, dbs) in [(&b.src, src), (&b.tgt, tgt)] {
         let admin = client(&cluster.dsn("postgres")).await?;
         for db in dbs {
@@ -242,13 +246,5 @@ async fn planning(b: &Bench, c: &mut Collected) -> anyhow::Result<()> {
     m.cpu_s_per_million = None;
     c.results.push(m);
     // `plan` writes nothing, so there is no run to clean up.
-    for (cluster, dbs) in [(&b.src, &src), (&b.tgt, &tgt)] {
-        let admin = client(&cluster.dsn("postgres")).await?;
-        for db in dbs {
-            admin
-                .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", quote_ident(db)))
-                .await?;
-        }
-    }
-    Ok(())
+    drop_databases(b, &src, &tgt).await
 }
