@@ -424,19 +424,8 @@ pub async fn execute(cli: Cli) -> i32 {
             report,
             json,
         } => {
-            // Distributed mode serves one run: one fleet member at a time.
-            let spec = match load_any(&spec, &select) {
-                Ok(Loaded::One(spec)) => *spec,
-                Ok(Loaded::Fleet(f)) => match <[_; 1]>::try_from(f.members) {
-                    Ok([m]) => m.spec,
-                    Err(_) => {
-                        eprintln!(
-                            "error: a coordinator serves one fleet member at a time: name it with \
-                             --members NAME (or use `run`, which runs the whole fleet in one process)"
-                        );
-                        return 2;
-                    }
-                },
+            let loaded = match load_any(&spec, &select) {
+                Ok(l) => l,
                 Err(code) => return code,
             };
             let opts = CoordinateOptions {
@@ -449,6 +438,16 @@ pub async fn execute(cli: Cli) -> i32 {
                     client_ca: tls_client_ca,
                 },
                 metrics_listen,
+            };
+            let spec = match loaded {
+                Loaded::One(spec) => *spec,
+                Loaded::Fleet(f) => {
+                    if report.is_some() {
+                        eprintln!("error: --report is per run; a fleet coordinator prints each member's outcome (--json for a document)");
+                        return 2;
+                    }
+                    return crate::fleet::fleet_coordinator(f, opts, json, shutdown_signal()).await;
+                }
             };
             crate::fleet::coordinator(&spec, opts, report, json, shutdown_signal()).await
         }

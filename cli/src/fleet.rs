@@ -1,16 +1,18 @@
 //! `coordinator` and `worker`: distributed mode's two commands.
 
 use crate::cli::fail;
+use crate::members::{MemberOutcome, Outcome};
 use crate::report;
+use schemashift_common::fleet::Fleet;
 use schemashift_common::service::WorkerInfo;
 use schemashift_common::spec::Spec;
-use schemashift_coordinator::distributed::{coordinate, CoordinateOptions};
+use schemashift_coordinator::distributed::{
+    coordinate, coordinate_fleet, CoordinateOptions, FleetMember,
+};
 use schemashift_worker::grpc::{ClientOptions, GrpcCoordinator};
-use schemashift_worker::runner::run_worker;
 use schemashift_worker::WorkerError;
 use secrecy::SecretString;
 use std::path::PathBuf;
-use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -41,6 +43,54 @@ pub async fn coordinator(
             0
         }
         Err(e) => fail(e),
+    }
+}
+
+/// `coordinator` over a fleet: unusable members skipped with their reason (nothing written
+/// to them), the others served at once to whatever workers connect.
+pub async fn fleet_coordinator(
+    fleet: Fleet,
+    opts: CoordinateOptions,
+    json: bool,
+    shutdown: watch::Receiver<bool>,
+) -> i32 {
+    let order: Vec<String> = fleet.members.iter().map(|m| m.name.clone()).collect();
+    let per_host = fleet.per_host;
+    let (usable, mut outcomes) = crate::members::preflight(fleet).await;
+    let members = usable
+        .into_iter()
+        .map(|(m, rows)| FleetMember {
+            name: m.name,
+            spec: m.spec,
+            rows,
+        })
+        .collect();
+    let results = match coordinate_fleet(members, per_host, opts, shutdown).await {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    for (name, result) in results {
+        let outcome = match result {
+            Ok(r) => Outcome::Done {
+                phase: r.phase,
+                rows_copied: r.rows_copied,
+                seconds: r.total_seconds,
+            },
+            Err(e) => Outcome::Failed {
+                error: crate::members::one_line(&e.to_string()),
+            },
+        };
+        outcomes.push(MemberOutcome { name, outcome });
+    }
+    outcomes.sort_by_key(|o| order.iter().position(|n| n == &o.name));
+    crate::members::print(&outcomes, json);
+    if outcomes
+        .iter()
+        .all(|o| matches!(o.outcome, Outcome::Done { .. }))
+    {
+        0
+    } else {
+        1
     }
 }
 
@@ -79,7 +129,7 @@ pub async fn worker(
         host,
     };
     let span = tracing::info_span!("worker", worker = %me.id);
-    match run_worker(Arc::new(client), me, shutdown, None)
+    match schemashift_worker::fleet::run_any(client, me, shutdown)
         .instrument(span)
         .await
     {

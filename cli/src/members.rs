@@ -40,7 +40,7 @@ pub struct MemberOutcome {
 
 /// Members usable now (with their estimated rows), and the others with why not; nothing is
 /// written to any of them.
-async fn preflight(fleet: Fleet) -> (Vec<(Member, u64)>, Vec<MemberOutcome>) {
+pub(crate) async fn preflight(fleet: Fleet) -> (Vec<(Member, u64)>, Vec<MemberOutcome>) {
     let checks = fleet.members.into_iter().map(|m| async move {
         let verdict = match schemashift_coordinator::ops::plan_only(&m.spec).await {
             Ok(out) => match out.analysis {
@@ -67,7 +67,7 @@ async fn preflight(fleet: Fleet) -> (Vec<(Member, u64)>, Vec<MemberOutcome>) {
     (usable, skipped)
 }
 
-fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -225,7 +225,7 @@ pub async fn run(fleet: Fleet, opts: FleetRun, shutdown: watch::Receiver<bool>) 
     }
 }
 
-fn print(outcomes: &[MemberOutcome], json: bool) {
+pub(crate) fn print(outcomes: &[MemberOutcome], json: bool) {
     if json {
         let doc = serde_json::json!({ "members": outcomes });
         println!("{doc}");

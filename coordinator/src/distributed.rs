@@ -3,13 +3,17 @@
 //! a restarted coordinator resumes while the workers' in-flight shards keep going.
 
 use crate::error::CoordinatorError;
-use crate::grpc::{serve, ServeOptions};
+use crate::grpc::{serve, serve_members, ServeOptions, Served};
+use crate::lease_gate::GatedLeases;
 use crate::run::{drive, RunCtx, RunReport, Until, Workers};
+use schemashift_common::fleet::HostGate;
 use schemashift_common::spec::Spec;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 #[derive(Clone, Debug)]
 pub struct CoordinateOptions {
@@ -21,13 +25,8 @@ pub struct CoordinateOptions {
     pub metrics_listen: Option<String>,
 }
 
-/// `schemashift coordinator`: serve workers and take the run as far as `until`.
-pub async fn coordinate(
-    spec: &Spec,
-    opts: CoordinateOptions,
-    shutdown: watch::Receiver<bool>,
-) -> Result<RunReport, CoordinatorError> {
-    // Bind first: a bad address is bad input, reported before anything is written.
+/// Binds the listener and checks the TLS files: bad input, said before anything is written.
+async fn bind_checked(opts: &CoordinateOptions) -> Result<TcpListener, CoordinatorError> {
     let listener = TcpListener::bind(&opts.listen)
         .await
         .map_err(|e| CoordinatorError::Listen {
@@ -47,7 +46,6 @@ pub async fn coordinate(
                 .into(),
         });
     }
-    // TLS files are bad input too: said now, not after the run was planned and written.
     let files = opts
         .serve
         .tls
@@ -62,6 +60,19 @@ pub async fn coordinate(
             });
         }
     }
+    Ok(listener)
+}
+
+/// `schemashift coordinator`: serve workers and take the run as far as `until`.
+pub async fn coordinate(
+    spec: &Spec,
+    opts: CoordinateOptions,
+    shutdown: watch::Receiver<bool>,
+) -> Result<RunReport, CoordinatorError> {
+    let listener = bind_checked(&opts).await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
     let metrics = match &opts.metrics_listen {
         Some(m) => Some(crate::metrics::bind(m).await?),
         None => None,
@@ -70,6 +81,7 @@ pub async fn coordinate(
         spec,
         Workers::Remote {
             lease_ttl: opts.lease_ttl,
+            gate: None,
         },
         crate::stopped::OnStopped::Resume,
     )
@@ -85,4 +97,108 @@ pub async fn coordinate(
     tracing::info!(%addr, tls = opts.serve.tls.is_some(), token = opts.serve.token.is_some(),
         "coordinator listening");
     drive(ctx, opts.until, shutdown).await
+}
+
+/// A fleet member a coordinator serves, with its estimated rows (the scheduler's weight).
+pub struct FleetMember {
+    pub name: String,
+    pub spec: Spec,
+    pub rows: u64,
+}
+
+/// `schemashift coordinator` over a fleet: every member's run at once behind one address,
+/// their shard leases sharing one pool of `workers` copies (the first member's spec `workers`,
+/// default 4) and `per_host` per server, taken on this side lease by lease. A member that
+/// fails to open or to run ends alone with its error; the others go on.
+pub async fn coordinate_fleet(
+    members: Vec<FleetMember>,
+    per_host: Option<usize>,
+    opts: CoordinateOptions,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Vec<(String, Result<RunReport, CoordinatorError>)>, CoordinatorError> {
+    let listener = bind_checked(&opts).await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
+    let metrics = match &opts.metrics_listen {
+        Some(m) => Some(crate::metrics::bind(m).await?),
+        None => None,
+    };
+    let pool = members
+        .first()
+        .and_then(|m| m.spec.workers)
+        .unwrap_or(4)
+        .max(1);
+    let gate = HostGate::new(per_host, pool);
+    let fleet_span = tracing::info_span!("fleet", members = members.len());
+    let opened = members.into_iter().map(|m| {
+        let member_gate = gate.member(&m.spec, m.rows);
+        let span = tracing::info_span!(parent: &fleet_span, "member", member = %m.name);
+        async move {
+            let ctx = RunCtx::open(
+                &m.spec,
+                Workers::Remote {
+                    lease_ttl: opts.lease_ttl,
+                    gate: Some(member_gate.clone()),
+                },
+                crate::stopped::OnStopped::Resume,
+            )
+            .instrument(span.clone())
+            .await;
+            (m, member_gate, span, ctx)
+        }
+    });
+    let opened = futures_util::future::join_all(opened).await;
+    let (stop_serving, serving) = watch::channel(false);
+    let mut served = BTreeMap::new();
+    let mut specs = Vec::new();
+    for (m, member_gate, _, ctx) in &opened {
+        if let Ok(ctx) = ctx {
+            let svc = GatedLeases::new(ctx.svc.clone(), member_gate.clone(), opts.lease_ttl);
+            let spec = Arc::new(m.spec.clone());
+            served.insert(
+                m.name.clone(),
+                Served {
+                    svc: Arc::new(svc),
+                    spec,
+                },
+            );
+            specs.push((m.name.clone(), m.spec.clone()));
+        }
+    }
+    let metrics_task = metrics.map(|listener| {
+        tokio::spawn(
+            crate::metrics::serve_fleet(listener, specs, serving.clone())
+                .instrument(tracing::info_span!(parent: &fleet_span, "metrics")),
+        )
+    });
+    let server = tokio::spawn(
+        serve_members(served, listener, opts.serve.clone(), serving)
+            .instrument(tracing::info_span!(parent: &fleet_span, "grpc", %addr)),
+    );
+    tracing::info!(%addr, tls = opts.serve.tls.is_some(), token = opts.serve.token.is_some(),
+        "fleet coordinator listening");
+    let runs = opened.into_iter().map(|(m, member_gate, span, ctx)| {
+        let shutdown = shutdown.clone();
+        async move {
+            let result = match ctx {
+                Ok(ctx) => drive(ctx, opts.until, shutdown).instrument(span).await,
+                Err(e) => Err(e),
+            };
+            member_gate.finished();
+            (m.name, result)
+        }
+    });
+    let results = futures_util::future::join_all(runs).await;
+    // Each member's run already gave its workers time to hear it is over.
+    stop_serving.send_replace(true);
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "grpc server ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "grpc server task failed"),
+    }
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    Ok(results)
 }

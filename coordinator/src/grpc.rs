@@ -8,9 +8,10 @@ use schemashift_common::trace::set_parent;
 use schemashift_proto::v1 as pb;
 use schemashift_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use schemashift_proto::{
-    lease_ref, to_status, verified_result, worker, AUTHORIZATION, TRACEPARENT,
+    lease_ref, to_status, verified_result, worker, AUTHORIZATION, MEMBER, TRACEPARENT,
 };
 use secrecy::{ExposeSecret, SecretString};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -18,9 +19,34 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+/// What one coordinator serves: one run, or each member of a fleet (named by the
+/// `schemashift-member` metadata of every call).
+pub struct Served<S> {
+    pub svc: Arc<S>,
+    pub spec: Arc<Spec>,
+}
+
 pub struct GrpcAdapter<S> {
-    svc: Arc<S>,
-    spec: Arc<Spec>,
+    /// Key "" for a one-pair run.
+    members: BTreeMap<String, Served<S>>,
+}
+
+impl<S> GrpcAdapter<S> {
+    /// The run a call is for.
+    fn served<T>(&self, r: &Request<T>) -> Result<&Served<S>, Status> {
+        let named = r.metadata().get(MEMBER).and_then(|v| v.to_str().ok());
+        match named {
+            Some(name) => self.members.get(name).ok_or_else(|| {
+                Status::not_found(format!("this coordinator serves no member {name:?}"))
+            }),
+            None => match self.members.get("") {
+                Some(one) => Ok(one),
+                None => Err(Status::failed_precondition(
+                    "this coordinator serves a fleet: call Members and name the member",
+                )),
+            },
+        }
+    }
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -37,6 +63,7 @@ fn rpc_span<T>(method: &'static str, r: &Request<T>) -> tracing::Span {
 impl<S: CoordinatorService> Coordinator for GrpcAdapter<S> {
     async fn register(&self, r: Request<pb::RegisterRequest>) -> Reply<pb::RegisterReply> {
         let span = rpc_span("Register", &r);
+        let svc = &self.served(&r)?.svc;
         let r = r.into_inner();
         let me = worker(r.worker, "RegisterRequest")?;
         if r.version != env!("CARGO_PKG_VERSION") {
@@ -46,8 +73,7 @@ impl<S: CoordinatorService> Coordinator for GrpcAdapter<S> {
                 env!("CARGO_PKG_VERSION")
             )));
         }
-        let reg = self
-            .svc
+        let reg = svc
             .register(&me)
             .instrument(span)
             .await
@@ -57,11 +83,11 @@ impl<S: CoordinatorService> Coordinator for GrpcAdapter<S> {
 
     async fn lease(&self, r: Request<pb::LeaseRequest>) -> Reply<pb::LeaseReply> {
         let span = rpc_span("Lease", &r);
+        let svc = &self.served(&r)?.svc;
         let r = r.into_inner();
         let me = worker(r.worker, "LeaseRequest")?;
         let progress = r.progress.unwrap_or_default().into();
-        let work = self
-            .svc
+        let work = svc
             .lease(&me, progress)
             .instrument(span)
             .await
@@ -71,12 +97,12 @@ impl<S: CoordinatorService> Coordinator for GrpcAdapter<S> {
 
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatReply> {
         let span = rpc_span("Heartbeat", &r);
+        let svc = &self.served(&r)?.svc;
         let r = r.into_inner();
         let me = worker(r.worker, "HeartbeatRequest")?;
         let lease = lease_ref(r.lease, "HeartbeatRequest")?;
         let progress = r.progress.unwrap_or_default().into();
-        let beat = self
-            .svc
+        let beat = svc
             .heartbeat(&me, &lease, progress)
             .instrument(span)
             .await
@@ -88,29 +114,29 @@ impl<S: CoordinatorService> Coordinator for GrpcAdapter<S> {
 
     async fn complete(&self, r: Request<pb::CompleteRequest>) -> Reply<pb::CompleteReply> {
         let span = rpc_span("Complete", &r);
+        let svc = &self.served(&r)?.svc;
         let r = r.into_inner();
         let me = worker(r.worker, "CompleteRequest")?;
-        self.svc
-            .completed(
-                &me,
-                schemashift_common::ids::ShardId(r.shard_id),
-                schemashift_common::ids::LeaseEpoch(r.epoch),
-                r.rows,
-                r.bytes,
-            )
-            .instrument(span)
-            .await
-            .map_err(to_status)?;
+        svc.completed(
+            &me,
+            schemashift_common::ids::ShardId(r.shard_id),
+            schemashift_common::ids::LeaseEpoch(r.epoch),
+            r.rows,
+            r.bytes,
+        )
+        .instrument(span)
+        .await
+        .map_err(to_status)?;
         Ok(Response::new(pb::CompleteReply {}))
     }
 
     async fn verified(&self, r: Request<pb::VerifiedRequest>) -> Reply<pb::VerifiedReply> {
         let span = rpc_span("Verified", &r);
+        let svc = &self.served(&r)?.svc;
         let r = r.into_inner();
         let me = worker(r.worker.clone(), "VerifiedRequest")?;
         let (shard, epoch, result) = verified_result(&r)?;
-        self.svc
-            .verified(&me, shard, epoch, result)
+        svc.verified(&me, shard, epoch, result)
             .instrument(span)
             .await
             .map_err(to_status)?;
@@ -119,23 +145,31 @@ impl<S: CoordinatorService> Coordinator for GrpcAdapter<S> {
 
     async fn fail(&self, r: Request<pb::FailRequest>) -> Reply<pb::FailReply> {
         let span = rpc_span("Fail", &r);
+        let svc = &self.served(&r)?.svc;
         let r = r.into_inner();
         let me = worker(r.worker, "FailRequest")?;
         let lease = lease_ref(r.lease, "FailRequest")?;
-        self.svc
-            .failed(&me, &lease, r.reason)
+        svc.failed(&me, &lease, r.reason)
             .instrument(span)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::FailReply {}))
     }
 
-    async fn status(&self, _r: Request<pb::StatusRequest>) -> Reply<pb::StatusReply> {
-        let st = crate::ops::status(&self.spec)
+    async fn status(&self, r: Request<pb::StatusRequest>) -> Reply<pb::StatusReply> {
+        let spec = &self.served(&r)?.spec;
+        let st = crate::ops::status(spec)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let json = serde_json::to_string(&st).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::StatusReply { json }))
+    }
+
+    async fn members(&self, _r: Request<pb::MembersRequest>) -> Reply<pb::MembersReply> {
+        let names = self.members.keys().filter(|n| !n.is_empty()).cloned();
+        Ok(Response::new(pb::MembersReply {
+            names: names.collect(),
+        }))
     }
 }
 
@@ -185,10 +219,21 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Serves the service on `listener` until `shutdown` turns true.
+/// Serves one run on `listener` until `shutdown` turns true.
 pub async fn serve<S: CoordinatorService>(
     svc: Arc<S>,
     spec: Arc<Spec>,
+    listener: TcpListener,
+    opts: ServeOptions,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), CoordinatorError> {
+    let one = BTreeMap::from([(String::new(), Served { svc, spec })]);
+    serve_members(one, listener, opts, shutdown).await
+}
+
+/// Serves a fleet's members (by name) on `listener` until `shutdown` turns true.
+pub async fn serve_members<S: CoordinatorService>(
+    members: BTreeMap<String, Served<S>>,
     listener: TcpListener,
     opts: ServeOptions,
     mut shutdown: watch::Receiver<bool>,
@@ -209,7 +254,7 @@ pub async fn serve<S: CoordinatorService>(
             .map_err(|e| CoordinatorError::Serve(format!("TLS configuration: {e}")))?;
     }
     let server =
-        CoordinatorServer::with_interceptor(GrpcAdapter { svc, spec }, check_token(opts.token));
+        CoordinatorServer::with_interceptor(GrpcAdapter { members }, check_token(opts.token));
     builder
         .add_service(server)
         .serve_with_incoming_shutdown(

@@ -13,6 +13,7 @@ pub mod fdw;
 pub mod grpc;
 pub mod history;
 pub mod indexes;
+pub mod lease_gate;
 pub mod metrics;
 pub mod ops;
 pub mod pause;

@@ -91,8 +91,13 @@ impl RunOptions {
 pub enum Workers {
     /// This many in this process (`run`, `verify`, `cutover`, `demo`).
     Embedded(Option<usize>, Arc<dyn LocalWorker>),
-    /// In other processes, over gRPC (`coordinator`); leases expire after `lease_ttl`.
-    Remote { lease_ttl: Duration },
+    /// In other processes, over gRPC (`coordinator`); leases expire after `lease_ttl`. A
+    /// fleet member's gate takes its index builds and measuring copies (the shard copies
+    /// take theirs lease by lease, in `lease_gate`).
+    Remote {
+        lease_ttl: Duration,
+        gate: Option<schemashift_common::fleet::MemberGate>,
+    },
 }
 
 /// Name prefix of in-process workers: they die with the process, so a restart frees
@@ -252,7 +257,7 @@ impl RunCtx {
                 // keep that choice.
                 let gate = match &mode {
                     Workers::Embedded(_, local) => local.gate(),
-                    Workers::Remote { .. } => None,
+                    Workers::Remote { gate, .. } => gate.clone(),
                 };
                 let mut known = match &gate {
                     Some(g) => Some(g.measured().await),
@@ -349,7 +354,7 @@ impl RunCtx {
         }
         let lease_ttl = match &mode {
             Workers::Embedded(..) => Duration::from_secs(30),
-            Workers::Remote { lease_ttl } => *lease_ttl,
+            Workers::Remote { lease_ttl, .. } => *lease_ttl,
         };
         let stage = if state.phase <= Phase::Backfill {
             Stage::Backfill
@@ -399,7 +404,7 @@ impl RunCtx {
         };
         let gate = match &mode {
             Workers::Embedded(_, local) => local.gate(),
-            Workers::Remote { .. } => None,
+            Workers::Remote { gate, .. } => gate.clone(),
         };
         Ok(RunCtx {
             gate,

@@ -13,4 +13,4 @@ mod status;
 
 pub use convert::{lease_ref, verified_request, verified_result, worker, ProtoError};
 pub use event::{change_key, decode_change, encode_change};
-pub use status::{service_error, to_status, AUTHORIZATION, TRACEPARENT};
+pub use status::{service_error, to_status, AUTHORIZATION, MEMBER, TRACEPARENT};

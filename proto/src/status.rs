@@ -8,6 +8,8 @@ use tonic::{Code, Status};
 pub const AUTHORIZATION: &str = "authorization";
 /// Metadata key of the W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
+/// Metadata key naming the fleet member a call is for (absent: the coordinator's only run).
+pub const MEMBER: &str = "schemashift-member";
 
 /// Server side: what a worker sees when the service refuses or fails.
 pub fn to_status(e: ServiceError) -> Status {

@@ -11,6 +11,7 @@ use tokio_postgres::{Client, NoTls};
 mod broker;
 pub mod certs;
 mod diff;
+pub mod fleet;
 mod procs;
 
 pub use broker::Broker;

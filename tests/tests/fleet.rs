@@ -5,9 +5,12 @@
 use schemashift_lab::cluster::{Cluster, ClusterOptions};
 use schemashift_lab::load::{start_load, LoadOptions};
 use schemashift_lab::scenario::{load_users, users_spec_yaml, SOURCE_DDL, TARGET_DDL};
+use schemashift_tests::fleet::{
+    four_members, fresh_db, sample, shards_done, shared_part, write_fleet,
+};
 use schemashift_tests::{
-    as_test_role, connect, create_database, dsn_with_db, has_control_schema, schemashift,
-    slot_and_publication_count, table_diff, Proc, TestEnv, TEST_HBA,
+    connect, has_control_schema, schemashift, slot_and_publication_count, table_diff, Proc,
+    TestEnv, TEST_HBA,
 };
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,96 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(600);
-
-struct Db {
-    dsn: String,
-}
-
-/// A fresh test database on the cluster of `admin_base` (the fixture's superuser), as the
-/// test role.
-async fn fresh_db(admin_base: &str, name: &str) -> anyhow::Result<Db> {
-    create_database(admin_base, name).await?;
-    Ok(Db {
-        dsn: dsn_with_db(&as_test_role(admin_base), name),
-    })
-}
-
-/// Per cluster, the most copies reading, copies writing and index builds of ours seen at
-/// once (a copy between two databases of one cluster shows one of each).
-async fn sample(
-    admin_dsns: Vec<String>,
-    dbs: Vec<String>,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<Vec<(i64, i64)>> {
-    let mut clients = Vec::new();
-    for d in &admin_dsns {
-        clients.push(connect(d).await?);
-    }
-    let mut worst = vec![(0i64, 0i64); clients.len()];
-    let mut seen: Vec<String> = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    while !stop.load(Ordering::Relaxed) {
-        tick.tick().await;
-        for (i, c) in clients.iter().enumerate() {
-            let r = c
-                .query_one(
-                    // Backfill copies and the target's index builds (client backends only:
-                    // a build's parallel workers show its query too); not the change path's
-                    // own COPYs (change log, replay staging) nor the control DDL.
-                    "SELECT count(*) FILTER (WHERE query LIKE 'COPY (SELECT % FROM ONLY \"public\".\"users\" %'), \
-                            count(*) FILTER (WHERE query LIKE 'COPY \"public\".\"users\" (%) FROM STDIN (FORMAT binary)'), \
-                            count(*) FILTER (WHERE query ~ '^CREATE (UNIQUE )?INDEX ') \
-                     FROM pg_stat_activity \
-                     WHERE usename = 'schemashift_test' AND state = 'active' \
-                       AND backend_type = 'client backend' AND datname = ANY($1)",
-                    &[&dbs],
-                )
-                .await?;
-            let (out, inn, idx): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
-            if (out + idx > 1 || inn + idx > 1) && seen.len() < 5 {
-                let q = c
-                    .query(
-                        "SELECT datname || ': ' || left(query, 120) FROM pg_stat_activity \
-                         WHERE usename = 'schemashift_test' AND state = 'active'",
-                        &[],
-                    )
-                    .await?;
-                seen.push(
-                    q.iter()
-                        .map(|r| r.get::<_, String>(0))
-                        .collect::<Vec<_>>()
-                        .join(" | "),
-                );
-            }
-            worst[i].0 = worst[i].0.max(out + idx);
-            worst[i].1 = worst[i].1.max(inn + idx);
-        }
-    }
-    for q in &seen {
-        eprintln!("over the limit: {q}");
-    }
-    Ok(worst)
-}
-
-/// The users spec without its pair, for a fleet's shared part.
-fn shared_part(shard_rows: u64) -> String {
-    users_spec_yaml("x", "y", 2, Some(shard_rows))
-        .lines()
-        .filter(|l| !l.starts_with("source: ") && !l.starts_with("target: "))
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
-
-/// Writes a fleet spec: `head` (members, limits) and the users split by copy.
-fn write_fleet(head: String, shard_rows: u64) -> anyhow::Result<(tempfile::TempDir, String)> {
-    let yaml = head
-        + &shared_part(shard_rows).replace("    key: id\n", "    key: id\n    strategy: copy\n");
-    let dir = tempfile::tempdir()?;
-    let spec = dir.path().join("fleet.yaml");
-    std::fs::write(&spec, yaml)?;
-    let spec = spec.to_string_lossy().into_owned();
-    Ok((dir, spec))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_of_eight_on_three_clusters_cuts_over_in_waves_with_one_copy_per_server(
@@ -355,37 +268,6 @@ async fn scrape(addr: &str) -> anyhow::Result<String> {
     let mut out = String::new();
     sock.read_to_string(&mut out).await?;
     Ok(out)
-}
-
-/// Shards done in all of these targets' control states.
-async fn shards_done(targets: &[tokio_postgres::Client]) -> i64 {
-    let mut n = 0;
-    for t in targets {
-        n += schemashift_tests::shards_done(t).await;
-    }
-    n
-}
-
-/// Four members of 30,000 rows on the shared clusters, the fleet spec with `per_host`.
-async fn four_members(
-    tag: &str,
-    per_host: usize,
-) -> anyhow::Result<(Vec<TestEnv>, tempfile::TempDir, String)> {
-    let mut envs = Vec::new();
-    let mut yaml = String::from("members:\n");
-    for i in 0..4 {
-        let env = schemashift_tests::users_env(&format!("{tag}_{i}"), 30_000).await?;
-        yaml.push_str(&format!(
-            "  - name: m{i}\n    source: '{}'\n    target: '{}'\n",
-            env.source_dsn, env.target_dsn
-        ));
-        envs.push(env);
-    }
-    yaml.push_str(&format!(
-        "limits:\n  per_host: {per_host}\nthrottle:\n  enabled: false\n"
-    ));
-    let (dir, spec) = write_fleet(yaml, 2_000)?;
-    Ok((envs, dir, spec))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -678,8 +560,8 @@ async fn bad_fleet_input_exits_2_naming_it() -> anyhow::Result<()> {
         ),
         (
             format!("members:\n{}{}", member("t1"), member("t2")),
-            vec!["coordinator", "--listen", "127.0.0.1:0"],
-            "one fleet member at a time",
+            vec!["coordinator", "--listen", "127.0.0.1:0", "--report", "/tmp"],
+            "--report is per run",
         ),
         (
             String::new(),

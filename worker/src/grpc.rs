@@ -10,7 +10,7 @@ use schemashift_common::service::{
 use schemashift_common::trace::current_traceparent;
 use schemashift_proto::v1 as pb;
 use schemashift_proto::v1::coordinator_client::CoordinatorClient;
-use schemashift_proto::{service_error, verified_request, AUTHORIZATION, TRACEPARENT};
+use schemashift_proto::{service_error, verified_request, AUTHORIZATION, MEMBER, TRACEPARENT};
 use secrecy::{ExposeSecret, SecretString};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,12 +29,19 @@ pub struct ClientOptions {
 }
 
 #[derive(Clone)]
-struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
+struct Auth {
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    /// The fleet member every call is for (none: the coordinator's only run).
+    member: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
 
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
+        if let Some(v) = &self.token {
             req.metadata_mut().insert(AUTHORIZATION, v.clone());
+        }
+        if let Some(v) = &self.member {
+            req.metadata_mut().insert(MEMBER, v.clone());
         }
         // The coordinator's handler span becomes a child of the worker span making the call.
         if let Some(tp) = current_traceparent().and_then(|t| t.parse().ok()) {
@@ -47,6 +54,8 @@ impl tonic::service::Interceptor for Auth {
 #[derive(Clone)]
 pub struct GrpcCoordinator {
     client: CoordinatorClient<InterceptedService<Channel, Auth>>,
+    channel: Channel,
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,8 +103,46 @@ impl GrpcCoordinator {
         };
         let channel = endpoint.connect_lazy();
         Ok(GrpcCoordinator {
-            client: CoordinatorClient::with_interceptor(channel, Auth(auth)),
+            channel: channel.clone(),
+            token: auth.clone(),
+            client: CoordinatorClient::with_interceptor(
+                channel,
+                Auth {
+                    token: auth,
+                    member: None,
+                },
+            ),
         })
+    }
+
+    /// The same connection, every call naming fleet member `name`.
+    pub fn for_member(&self, name: &str) -> Result<Self, ServiceError> {
+        let member = name.parse().map_err(|_| {
+            ServiceError::Rejected(format!("member name {name:?} cannot be sent in a header"))
+        })?;
+        let channel = self.channel.clone();
+        Ok(GrpcCoordinator {
+            client: CoordinatorClient::with_interceptor(
+                channel.clone(),
+                Auth {
+                    token: self.token.clone(),
+                    member: Some(member),
+                },
+            ),
+            channel,
+            token: self.token.clone(),
+        })
+    }
+
+    /// The coordinator's fleet members; empty when it serves one run.
+    pub async fn members(&self) -> Result<Vec<String>, ServiceError> {
+        let r = self
+            .client
+            .clone()
+            .members(pb::MembersRequest {})
+            .await
+            .map_err(service_error)?;
+        Ok(r.into_inner().names)
     }
 }
 

@@ -3,6 +3,7 @@
 //! `schemashift-changelog`), verify compares key ranges (`schemashift_common::verify`).
 pub mod backfill;
 pub mod error;
+pub mod fleet;
 pub mod grpc;
 pub mod runner;
 

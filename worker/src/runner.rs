@@ -35,6 +35,14 @@ pub struct WorkerStats {
 }
 
 impl WorkerStats {
+    pub fn add(&mut self, other: &WorkerStats) {
+        self.shards += other.shards;
+        self.rows += other.rows;
+        self.bytes += other.bytes;
+        self.changes += other.changes;
+        self.retries += other.retries;
+    }
+
     fn progress(&self) -> Progress {
         Progress {
             rows: self.rows,
@@ -95,6 +103,21 @@ impl Sessions {
     fn closed(&self) -> bool {
         self.source.is_closed() || self.target.is_closed()
     }
+
+    /// Opened at the first work that needs them: a worker serving a fleet holds connections
+    /// only to the members it works for.
+    async fn ready<'a>(
+        slot: &'a mut Option<Sessions>,
+        reg: &Registration,
+    ) -> Result<&'a mut Sessions, WorkerError> {
+        if slot.as_ref().is_some_and(Sessions::closed) {
+            *slot = None;
+        }
+        match slot {
+            Some(s) => Ok(s),
+            None => Ok(slot.insert(Sessions::open(reg).await?)),
+        }
+    }
 }
 
 struct Worker<S> {
@@ -125,16 +148,13 @@ pub async fn run_worker<S: CoordinatorService>(
         stats: WorkerStats::default(),
         shutdown,
     };
-    let mut sessions = Sessions::open(&w.reg).await?;
+    let mut sessions: Option<Sessions> = None;
     // Past the backfill (replay, verify) a member's work takes no copy slot: its replay
     // must keep up with its writes whatever the rest of the fleet is copying.
     let mut copying = true;
     loop {
         if *w.shutdown.borrow() {
             return Ok(w.stats);
-        }
-        if sessions.closed() {
-            sessions = Sessions::open(&w.reg).await?;
         }
         // In a fleet a copy waits for its place (the pool, a slot on each of its servers)
         // before taking a lease, so a lease never runs out while it waits.
@@ -157,14 +177,21 @@ pub async fn run_worker<S: CoordinatorService>(
         match work {
             Work::Backfill { shard, epoch } => {
                 let before = w.stats.rows;
-                let copied = w.backfill(&mut sessions, shard, epoch).await;
+                let s = Sessions::ready(&mut sessions, &w.reg).await?;
+                let copied = w.backfill(s, shard, epoch).await;
                 if let Some(p) = pass.as_mut() {
                     p.worked(w.stats.rows.saturating_sub(before));
                 }
                 copied?
             }
-            Work::Replay { partitions } => w.replay(&mut sessions, partitions).await?,
-            Work::Verify { shard, epoch } => w.verify(&sessions, shard, epoch).await,
+            Work::Replay { partitions } => {
+                let s = Sessions::ready(&mut sessions, &w.reg).await?;
+                w.replay(s, partitions).await?
+            }
+            Work::Verify { shard, epoch } => {
+                let s = Sessions::ready(&mut sessions, &w.reg).await?;
+                w.verify(s, shard, epoch).await
+            }
             Work::Wait(d) => {
                 tokio::select! {
                     _ = tokio::time::sleep(d) => {}
