@@ -117,6 +117,8 @@ CREATE TABLE IF NOT EXISTS {schema}.throttle (
     rebaselines       int NOT NULL DEFAULT 0,
     rebaseline_reason text
 );
+-- The probe latency "slower" is measured against (a fleet shares one per source server).
+ALTER TABLE {schema}.throttle ADD COLUMN IF NOT EXISTS baseline_ms double precision;
 
 -- Indexes of the target tables, dropped for the backfill (maintaining them row by row costs
 -- more than building them once) and built again, in parallel, after it. constraint_type is

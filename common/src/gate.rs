@@ -7,6 +7,7 @@ use crate::schedule::{Board, Kind, Limits, Slot};
 use crate::spec::Spec;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 use tokio::sync::{oneshot, Mutex as AsyncMutex, OwnedMutexGuard};
 
 pub struct HostGate {
@@ -15,6 +16,10 @@ pub struct HostGate {
     /// fdw) rows/s. Members on the same two servers have the same tables, so the first one
     /// measures and the others keep its choice instead of copying the sample twice again.
     measured: Mutex<HashMap<ServerPair, Arc<AsyncMutex<Measured>>>>,
+    /// The throttle probe's baseline per source server, taken by the first member on it
+    /// before any copy of the fleet runs there. Each member measuring its own would take
+    /// it while the others already copy, and members would hold on each other's load.
+    baselines: Mutex<HashMap<String, Arc<AsyncMutex<Option<Duration>>>>>,
 }
 
 /// (source server, target server), `host:port` each.
@@ -70,6 +75,7 @@ impl HostGate {
                 waiting: Vec::new(),
             }),
             measured: Mutex::new(HashMap::new()),
+            baselines: Mutex::new(HashMap::new()),
         })
     }
 
@@ -152,6 +158,21 @@ impl MemberGate {
             // A poisoned map only means a panic elsewhere; its entries are still sound.
             let mut map = self.gate.measured.lock().unwrap_or_else(|p| p.into_inner());
             map.entry(self.servers.clone()).or_default().clone()
+        };
+        cell.lock_owned().await
+    }
+
+    /// The throttle baseline of this member's source server; held while the first member
+    /// there measures it (its copies and everyone's wait for its probe's first verdict).
+    pub async fn probe_baseline(&self) -> OwnedMutexGuard<Option<Duration>> {
+        let cell = {
+            // A poisoned map only means a panic elsewhere; its entries are still sound.
+            let mut map = self
+                .gate
+                .baselines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            map.entry(self.servers.0.clone()).or_default().clone()
         };
         cell.lock_owned().await
     }

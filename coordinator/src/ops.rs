@@ -91,6 +91,9 @@ pub struct Status {
     /// not ours), and why the last time.
     pub throttle_rebaselines: i32,
     pub throttle_rebaseline_reason: Option<String>,
+    /// The probe latency the throttle compares with (ms); a fleet's members on one source
+    /// server share it.
+    pub throttle_baseline_ms: Option<f64>,
     /// Set while an operator has the run paused (`schemashift pause`).
     pub paused: Option<crate::pause::Paused>,
     /// Tables whose shards kept failing: stopped alone until `run` copies them again.
@@ -265,7 +268,7 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
         .query_opt(
             &format!(
                 "SELECT throttled, reason, seconds + CASE WHEN throttled THEN extract(epoch FROM now() - since) ELSE 0 END, \
-                 episodes, rebaselines, rebaseline_reason FROM {}",
+                 episodes, rebaselines, rebaseline_reason, baseline_ms FROM {}",
                 store.sql.table("throttle")
             ),
             &[],
@@ -279,6 +282,7 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
         st.throttle_episodes = r.get(3);
         st.throttle_rebaselines = r.get(4);
         st.throttle_rebaseline_reason = r.get(5);
+        st.throttle_baseline_ms = r.get(6);
     }
     st.replay_failures = target
         .query_one(

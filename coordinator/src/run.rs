@@ -375,6 +375,10 @@ impl RunCtx {
                     connect(&spec.source, "source").await?,
                     connect(&spec.target, "target").await?,
                     throttle.clone(),
+                    match &mode {
+                        Workers::Embedded(_, local) => local.gate(),
+                        Workers::Remote { gate, .. } => gate.clone(),
+                    },
                     background.stopping(),
                 ),
             );

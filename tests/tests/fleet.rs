@@ -592,3 +592,45 @@ async fn bad_fleet_input_exits_2_naming_it() -> anyhow::Result<()> {
     );
     env.drop_all().await
 }
+
+/// Members on one source server compare their throttle probe with one baseline, taken before
+/// any of their copies ran: each measuring its own would take it while the others already
+/// copy, and members would hold on each other's load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_on_one_source_server_share_one_throttle_baseline() -> anyhow::Result<()> {
+    let mut envs = Vec::new();
+    let mut yaml = String::from("members:\n");
+    for i in 0..3 {
+        let env = schemashift_tests::users_env(&format!("fleet_base_{i}"), 10_000).await?;
+        yaml.push_str(&format!(
+            "  - name: m{i}\n    source: '{}'\n    target: '{}'\n",
+            env.source_dsn, env.target_dsn
+        ));
+        envs.push(env);
+    }
+    let (_dir, spec) = write_fleet(yaml, 2_000)?;
+    let out = schemashift(&["run", &spec, "--until", "backfill", "--workers", "2"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut seen = Vec::new();
+    for e in &envs {
+        let t = connect(&e.target_dsn).await?;
+        let b: Option<f64> = t
+            .query_one("SELECT baseline_ms FROM schemashift.throttle", &[])
+            .await?
+            .get(0);
+        seen.push(b);
+    }
+    assert!(
+        seen.iter().all(|b| b.is_some() && *b == seen[0]),
+        "one baseline for the server: {seen:?}"
+    );
+    schemashift(&["cleanup", &spec])?;
+    for e in envs {
+        e.drop_all().await?;
+    }
+    Ok(())
+}

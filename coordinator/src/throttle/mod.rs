@@ -254,13 +254,35 @@ async fn check(
     Ok(judge(window, base, limits).or_else(|| last_server.clone()))
 }
 
+/// The probe's baseline on a fresh start, on a new session if ours died under us.
+async fn first_baseline(
+    spec: &Spec,
+    source: &mut Client,
+    probe: &str,
+) -> Result<Duration, CoordinatorError> {
+    let mut tries = 0;
+    loop {
+        match baseline(source, probe).await {
+            Ok(b) => return Ok(b),
+            Err(e) if session_lost(source, &e) && tries < 3 => {
+                tries += 1;
+                tracing::warn!("throttle probe session lost; reconnecting");
+                *source = reconnect(spec).await?;
+            }
+            Err(e) => return Err(CoordinatorError::db("measuring the probe's baseline", &e)),
+        }
+    }
+}
+
 /// Probes every `every` until shutdown; records each change of state in the control schema.
+/// A fleet member's `shared` gate gives it its source server's baseline.
 pub async fn watch_source(
     spec: Spec,
     plan: Arc<RunPlan>,
     mut source: Client,
     target: Client,
     state: Arc<Throttle>,
+    shared: Option<schemashift_common::fleet::MemberGate>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), CoordinatorError> {
     let limits = spec.throttle.clone();
@@ -281,19 +303,24 @@ pub async fn watch_source(
         sql.table("throttle"),
         t = sql.table("throttle"),
     );
-    let mut tries = 0;
-    let mut base = loop {
-        match baseline(&source, &probe).await {
-            Ok(b) => break b,
-            // Our session died under us: measure again on a new one.
-            Err(e) if session_lost(&source, &e) && tries < 3 => {
-                tries += 1;
-                tracing::warn!("throttle probe session lost; reconnecting");
-                source = reconnect(&spec).await?;
+    let mut base = match &shared {
+        Some(gate) => {
+            let mut cell = gate.probe_baseline().await;
+            match *cell {
+                Some(b) => b,
+                None => *cell.insert(first_baseline(&spec, &mut source, &probe).await?),
             }
-            Err(e) => return Err(CoordinatorError::db("measuring the probe's baseline", &e)),
         }
+        None => first_baseline(&spec, &mut source, &probe).await?,
     };
+    let noted = format!(
+        "INSERT INTO {} (id, throttled, since, baseline_ms) VALUES (1, false, now(), $1) \
+         ON CONFLICT (id) DO UPDATE SET baseline_ms = EXCLUDED.baseline_ms",
+        sql.table("throttle")
+    );
+    if let Err(e) = target.execute(&noted, &[&(base.as_secs_f64() * 1e3)]).await {
+        tracing::debug!(error = %schemashift_common::pg::describe(&e), "throttle baseline not saved");
+    }
     tracing::info!(
         baseline_ms = base.as_secs_f64() * 1e3,
         "throttle probe baseline measured"
@@ -323,7 +350,7 @@ pub async fn watch_source(
     let mut rebaseline_now = false;
     let mut rebaseline_why: Option<String> = None;
     let rebaselined = format!(
-        "UPDATE {} SET rebaselines = rebaselines + 1, rebaseline_reason = $1",
+        "UPDATE {} SET rebaselines = rebaselines + 1, rebaseline_reason = $1, baseline_ms = $2",
         sql.table("throttle")
     );
     for n in 0u64.. {
@@ -452,7 +479,8 @@ pub async fn watch_source(
             state.allowed.store(1, Ordering::Relaxed);
             idle_lifted |= schemashift_common::idle_group::set_idle(false);
             window.clear();
-            if let Err(e) = target.execute(&rebaselined, &[&reason]).await {
+            let ms = base.as_secs_f64() * 1e3;
+            if let Err(e) = target.execute(&rebaselined, &[&reason, &ms]).await {
                 tracing::debug!(error = %schemashift_common::pg::describe(&e), "throttle state not saved");
             }
             continue;
