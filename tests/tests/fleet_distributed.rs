@@ -138,3 +138,63 @@ async fn one_coordinator_serves_the_fleet_to_worker_processes_one_copy_per_serve
     }
     Ok(())
 }
+
+/// The fleet coordinator killed with -9 mid-backfill and started again on the same address:
+/// the workers ride out the gap, every member resumes from its control schema, and no shard
+/// commits twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_coordinator_killed_mid_backfill_resumes_every_member_committing_each_shard_once(
+) -> anyhow::Result<()> {
+    let (envs, dir, spec) = four_members("dfleet_kill", 2).await?;
+    let mut targets = Vec::new();
+    for e in &envs {
+        targets.push(connect(&e.target_dsn).await?);
+    }
+    let (listen, url) = local_listen()?;
+    let args = coordinator_args(&spec, &listen, "verify", &["--json"]);
+    let mut coord = schemashift_tests::Proc::spawn(dir.path(), "coordinator", &args, &[])?;
+    let mut workers = spawn_workers(dir.path(), &url, &["a", "b"], &[])?;
+    let t0 = Instant::now();
+    while shards_done(&targets).await < 8 {
+        anyhow::ensure!(coord.is_running(), "{}", coord.stderr_tail());
+        anyhow::ensure!(t0.elapsed() < LIMIT, "the fleet never got going");
+        tokio::task::yield_now().await;
+    }
+    coord.kill9().await?;
+    let done = shards_done(&targets).await;
+    assert!(done < 60, "kill came too late ({done} of 60 done)");
+    let mut again = schemashift_tests::Proc::spawn(dir.path(), "coordinator-2", &args, &[])?;
+    let status = again.wait(LIMIT).await?;
+    assert!(status.success(), "coordinator: {}", again.stderr_tail());
+    let doc: serde_json::Value = serde_json::from_str(&again.stdout())?;
+    let members = doc["members"].as_array().cloned().unwrap_or_default();
+    assert_eq!(members.len(), 4, "{doc}");
+    for w in workers.iter_mut() {
+        let s = w.wait(Duration::from_secs(60)).await?;
+        assert!(s.success(), "{} exits 0: {}", w.name, w.stderr_tail());
+    }
+    for (i, (e, t)) in envs.iter().zip(&targets).enumerate() {
+        let (rows, copied): (i64, i64) = {
+            let r = t
+                .query_one(
+                    "SELECT (SELECT count(*) FROM users), \
+                            (SELECT sum(rows)::bigint FROM schemashift.shards)",
+                    &[],
+                )
+                .await?;
+            (r.get(0), r.get(1))
+        };
+        assert_eq!(
+            (rows, copied),
+            (30_000, 30_000),
+            "member m{i}: each row committed once"
+        );
+        let s = connect(&e.source_dsn).await?;
+        assert_eq!(table_diff(&s, t).await?, (0, 0, 0), "member m{i}");
+    }
+    schemashift(&["cleanup", &spec])?;
+    for e in envs {
+        e.drop_all().await?;
+    }
+    Ok(())
+}
