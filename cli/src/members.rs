@@ -263,7 +263,8 @@ pub(crate) fn print(outcomes: &[MemberOutcome], json: bool) {
 pub async fn status(fleet: &Fleet, json: bool) -> i32 {
     let mut members = Vec::new();
     let mut code = 0;
-    let (mut done, mut total, mut eta) = (0i64, 0i64, 0f64);
+    let (mut done, mut total) = (0i64, 0i64);
+    let mut progress = Vec::new();
     for m in &fleet.members {
         match schemashift_coordinator::ops::status(&m.spec).await {
             Ok(s) => {
@@ -275,7 +276,12 @@ pub async fn status(fleet: &Fleet, json: bool) -> i32 {
                     .unwrap_or(0);
                 done += s.shards.rows_done;
                 total += rows_total.max(s.shards.rows_done);
-                eta = eta.max(s.eta_seconds.unwrap_or(0.0));
+                progress.push(schemashift_common::fleet::Progress {
+                    rows_done: s.shards.rows_done,
+                    rows_total,
+                    rate: s.backfill_rows_per_s,
+                    eta: s.eta_seconds,
+                });
                 if !json {
                     eprintln!(
                         "member {}: {}, rows {}/{}, replay lag {} changes{}{}",
@@ -311,6 +317,7 @@ pub async fn status(fleet: &Fleet, json: bool) -> i32 {
             }
         }
     }
+    let eta = schemashift_common::fleet::fleet_eta(&progress);
     if json {
         let doc = serde_json::json!({
             "members": members,
@@ -319,8 +326,9 @@ pub async fn status(fleet: &Fleet, json: bool) -> i32 {
         println!("{doc}");
     } else {
         eprintln!(
-            "fleet: {} members, rows {done}/{total}, ETA {eta:.0} s",
-            fleet.members.len()
+            "fleet: {} members, rows {done}/{total}, ETA {}",
+            fleet.members.len(),
+            eta.map_or("unknown".into(), |e| format!("{e:.0} s"))
         );
     }
     code

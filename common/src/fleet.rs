@@ -179,6 +179,38 @@ pub fn server_of(dsn: &Dsn) -> String {
 
 pub use crate::gate::{GatePass, HostGate, MemberGate};
 
+/// One member's backfill progress as `status` reads it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Progress {
+    pub rows_done: i64,
+    pub rows_total: i64,
+    /// Rows/s since the member's first shard started (0: none started).
+    pub rate: f64,
+    /// Its own estimate at that rate (None: none started).
+    pub eta: Option<f64>,
+}
+
+/// The fleet's backfill ETA: members share one pool, so a member still waiting for its
+/// first copy has no rate of its own, and the longest member's ETA alone ignores every
+/// waiting member's rows. The fleet's pace is all rows done since the earliest start; the
+/// rows left (each started member's own estimate, the waiting ones' totals) at that pace,
+/// and never less than the longest started member's own ETA. None before anything started.
+pub fn fleet_eta(members: &[Progress]) -> Option<f64> {
+    let (mut done, mut left, mut since, mut longest) = (0f64, 0f64, 0f64, 0f64);
+    for m in members {
+        done += m.rows_done.max(0) as f64;
+        match m.eta {
+            Some(eta) if m.rate > 0.0 => {
+                left += eta * m.rate;
+                since = since.max(m.rows_done.max(0) as f64 / m.rate);
+                longest = longest.max(eta);
+            }
+            _ => left += (m.rows_total - m.rows_done).max(0) as f64,
+        }
+    }
+    (since > 0.0 && done > 0.0).then(|| (left / (done / since)).max(longest))
+}
+
 #[cfg(test)]
 #[path = "fleet_tests.rs"]
 mod tests;

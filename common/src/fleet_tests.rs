@@ -141,3 +141,34 @@ async fn gate_lets_one_copy_per_server_and_the_pool_bounds_the_fleet() {
     drop(second);
     assert!(cb.copy().now_or_never().is_some());
 }
+
+#[test]
+fn fleet_eta_counts_the_rows_of_members_still_waiting_at_the_fleets_pace() {
+    let started = Progress {
+        rows_done: 50,
+        rows_total: 100,
+        rate: 10.0,
+        eta: Some(5.0),
+    };
+    let waiting = Progress {
+        rows_done: 0,
+        rows_total: 100,
+        rate: 0.0,
+        eta: None,
+    };
+    // 50 done in 5 s: 10 rows/s for the fleet; 50 + 100 left: 15 s, not the 5 s of the one
+    // member that has a rate.
+    assert_eq!(fleet_eta(&[started, waiting]), Some(15.0));
+    // Alone, it is its own estimate.
+    assert_eq!(fleet_eta(&[started]), Some(5.0));
+    // Nothing started: no estimate rather than zero.
+    assert_eq!(fleet_eta(&[waiting, waiting]), None);
+    // A slow member's own estimate is a floor.
+    let slow = Progress {
+        rows_done: 1,
+        rows_total: 1_000,
+        rate: 0.2,
+        eta: Some(4_995.0),
+    };
+    assert_eq!(fleet_eta(&[started, slow]), Some(4_995.0));
+}
