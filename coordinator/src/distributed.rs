@@ -25,8 +25,15 @@ pub struct CoordinateOptions {
     pub metrics_listen: Option<String>,
 }
 
-/// Binds the listener and checks the TLS files: bad input, said before anything is written.
-async fn bind_checked(opts: &CoordinateOptions) -> Result<TcpListener, CoordinatorError> {
+/// The coordinator's listeners, bound before anything is written.
+struct Bound {
+    listener: TcpListener,
+    addr: std::net::SocketAddr,
+    metrics: Option<TcpListener>,
+}
+
+/// Binds the listeners and checks the TLS files: bad input, said before anything is written.
+async fn bind_checked(opts: &CoordinateOptions) -> Result<Bound, CoordinatorError> {
     let listener = TcpListener::bind(&opts.listen)
         .await
         .map_err(|e| CoordinatorError::Listen {
@@ -60,7 +67,15 @@ async fn bind_checked(opts: &CoordinateOptions) -> Result<TcpListener, Coordinat
             });
         }
     }
-    Ok(listener)
+    let metrics = match &opts.metrics_listen {
+        Some(m) => Some(crate::metrics::bind(m).await?),
+        None => None,
+    };
+    Ok(Bound {
+        listener,
+        addr,
+        metrics,
+    })
 }
 
 /// `schemashift coordinator`: serve workers and take the run as far as `until`.
@@ -69,14 +84,11 @@ pub async fn coordinate(
     opts: CoordinateOptions,
     shutdown: watch::Receiver<bool>,
 ) -> Result<RunReport, CoordinatorError> {
-    let listener = bind_checked(&opts).await?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
-    let metrics = match &opts.metrics_listen {
-        Some(m) => Some(crate::metrics::bind(m).await?),
-        None => None,
-    };
+    let Bound {
+        listener,
+        addr,
+        metrics,
+    } = bind_checked(&opts).await?;
     let mut ctx = RunCtx::open(
         spec,
         Workers::Remote {
@@ -116,14 +128,11 @@ pub async fn coordinate_fleet(
     opts: CoordinateOptions,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Vec<(String, Result<RunReport, CoordinatorError>)>, CoordinatorError> {
-    let listener = bind_checked(&opts).await?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
-    let metrics = match &opts.metrics_listen {
-        Some(m) => Some(crate::metrics::bind(m).await?),
-        None => None,
-    };
+    let Bound {
+        listener,
+        addr,
+        metrics,
+    } = bind_checked(&opts).await?;
     let pool = members
         .first()
         .and_then(|m| m.spec.workers)

@@ -106,21 +106,27 @@ pub async fn shards_done(targets: &[tokio_postgres::Client]) -> i64 {
     n
 }
 
-/// Four members of 30,000 rows on the shared clusters, the fleet spec with `per_host`.
-pub async fn four_members(
-    tag: &str,
-    per_host: usize,
-) -> anyhow::Result<(Vec<TestEnv>, tempfile::TempDir, String)> {
+/// `n` members `m0`… of `rows` users each on the shared clusters, and the spec's `members:`.
+pub async fn members(tag: &str, n: usize, rows: u64) -> anyhow::Result<(Vec<TestEnv>, String)> {
     let mut envs = Vec::new();
     let mut yaml = String::from("members:\n");
-    for i in 0..4 {
-        let env = crate::users_env(&format!("{tag}_{i}"), 30_000).await?;
+    for i in 0..n {
+        let env = crate::users_env(&format!("{tag}_{i}"), rows).await?;
         yaml.push_str(&format!(
             "  - name: m{i}\n    source: '{}'\n    target: '{}'\n",
             env.source_dsn, env.target_dsn
         ));
         envs.push(env);
     }
+    Ok((envs, yaml))
+}
+
+/// Four members of 30,000 rows on the shared clusters, the fleet spec with `per_host`.
+pub async fn four_members(
+    tag: &str,
+    per_host: usize,
+) -> anyhow::Result<(Vec<TestEnv>, tempfile::TempDir, String)> {
+    let (envs, mut yaml) = members(tag, 4, 30_000).await?;
     yaml.push_str(&format!(
         "limits:\n  per_host: {per_host}\nthrottle:\n  enabled: false\n"
     ));

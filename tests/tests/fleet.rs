@@ -6,7 +6,7 @@ use schemashift_lab::cluster::{Cluster, ClusterOptions};
 use schemashift_lab::load::{start_load, LoadOptions};
 use schemashift_lab::scenario::{load_users, users_spec_yaml, SOURCE_DDL, TARGET_DDL};
 use schemashift_tests::fleet::{
-    four_members, fresh_db, sample, shards_done, shared_part, write_fleet,
+    four_members, fresh_db, members, sample, shards_done, shared_part, write_fleet,
 };
 use schemashift_tests::{
     connect, has_control_schema, schemashift, slot_and_publication_count, table_diff, Proc,
@@ -598,16 +598,7 @@ async fn bad_fleet_input_exits_2_naming_it() -> anyhow::Result<()> {
 /// copy, and members would hold on each other's load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_on_one_source_server_share_one_throttle_baseline() -> anyhow::Result<()> {
-    let mut envs = Vec::new();
-    let mut yaml = String::from("members:\n");
-    for i in 0..3 {
-        let env = schemashift_tests::users_env(&format!("fleet_base_{i}"), 10_000).await?;
-        yaml.push_str(&format!(
-            "  - name: m{i}\n    source: '{}'\n    target: '{}'\n",
-            env.source_dsn, env.target_dsn
-        ));
-        envs.push(env);
-    }
+    let (envs, yaml) = members("fleet_base", 3, 10_000).await?;
     let (_dir, spec) = write_fleet(yaml, 2_000)?;
     let out = schemashift(&["run", &spec, "--until", "backfill", "--workers", "2"])?;
     assert!(
