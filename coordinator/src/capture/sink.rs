@@ -10,6 +10,8 @@ use schemashift_common::ids::Lsn;
 use schemashift_common::plan::{LogPlan, RunPlan};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{PgLsn, Type};
 use tokio_postgres::Client;
 
 pub enum Sink {
@@ -168,10 +170,9 @@ pub fn position_sql(control: &ControlSql) -> String {
     )
 }
 
-/// Changes per statement when appending to the table log.
-const APPEND_ROWS: usize = 1_000;
-
-/// The changes and the capture position in one target transaction.
+/// The changes and the capture position in one target transaction. One binary COPY: the
+/// values go as they are, with nothing to escape on our side or parse on the server's
+/// (a JSON document per 1,000 changes cost more CPU on both sides than the rows' writes).
 async fn append(
     target: &mut Client,
     control: &ControlSql,
@@ -180,33 +181,42 @@ async fn append(
 ) -> Result<(), CoordinatorError> {
     let e = db("appending to the change log");
     let tx = target.transaction().await.map_err(&e)?;
-    let sql = format!(
-        "INSERT INTO {} (part, table_idx, op, lsn, ordinal, old_key, vals, unchanged) \
-         SELECT part, table_idx, op::\"char\", lsn::pg_lsn, ordinal, old_key, vals, unchanged \
-         FROM jsonb_to_recordset($1::text::jsonb) AS x(part int, table_idx int, op text, lsn text, \
-         ordinal int, old_key text[], vals text[], unchanged int2[])",
-        control.table("changes")
+    let sink = tx
+        .copy_in(&format!(
+            "COPY {} (part, table_idx, op, lsn, ordinal, old_key, vals, unchanged) \
+             FROM STDIN (FORMAT binary)",
+            control.table("changes")
+        ))
+        .await
+        .map_err(&e)?;
+    let writer = BinaryCopyInWriter::new(
+        sink,
+        &[
+            Type::INT4,
+            Type::INT4,
+            Type::CHAR,
+            Type::PG_LSN,
+            Type::INT4,
+            Type::TEXT_ARRAY,
+            Type::TEXT_ARRAY,
+            Type::INT2_ARRAY,
+        ],
     );
-    // In pieces: one jsonb value may not pass 256 MB, and a piece bounds the text held.
-    for piece in changes.chunks(APPEND_ROWS) {
-        let rows: Vec<serde_json::Value> = piece
-            .iter()
-            .map(|(part, c)| {
-                serde_json::json!({
-                    "part": part,
-                    "table_idx": c.table,
-                    "op": (c.op.code() as u8 as char).to_string(),
-                    "lsn": c.lsn.to_string(),
-                    "ordinal": c.ordinal,
-                    "old_key": c.old_key,
-                    "vals": if c.op == Op::Delete { None } else { Some(&c.values) },
-                    "unchanged": if c.unchanged.is_empty() { None } else { Some(&c.unchanged) },
-                })
-            })
-            .collect();
-        tx.execute(&sql, &[&serde_json::Value::Array(rows).to_string()])
+    futures_util::pin_mut!(writer);
+    for (part, c) in changes {
+        let (part, table, op) = (*part as i32, c.table as i32, c.op.code());
+        let (lsn, ordinal) = (PgLsn::from(c.lsn.0), c.ordinal as i32);
+        let vals = (c.op != Op::Delete).then_some(&c.values);
+        let unchanged: Option<Vec<i16>> =
+            (!c.unchanged.is_empty()).then(|| c.unchanged.iter().map(|&u| u as i16).collect());
+        writer
+            .as_mut()
+            .write(&[
+                &part, &table, &op, &lsn, &ordinal, &c.old_key, &vals, &unchanged,
+            ])
             .await
             .map_err(&e)?;
     }
+    writer.finish().await.map_err(&e)?;
     commit_with_position(tx, control, end).await
 }
