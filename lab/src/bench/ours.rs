@@ -1,8 +1,9 @@
 //! schemashift itself: the backfill at several worker counts, and capture and replay of
 //! a mixed change workload through the Postgres change log and (with tansu) Kafka.
 
+use super::native::CopyIndexes;
 use super::{
-    cpu::{peak_rss_mib, Spent},
+    cpu::{peak_rss_mib, CpuUse, Spent},
     parallelisms, target_table_with_keys, Bench, Collected, Indexes, Kind, Measurement, Outcome,
 };
 use crate::scenario::{users_spec_yaml, SOURCE_DDL, TARGET_DDL};
@@ -11,6 +12,7 @@ use schemashift_changelog::replay::PartitionReplayer;
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::{LeaseEpoch, Lsn};
 use schemashift_common::pg::{connect, install_helpers};
+use schemashift_common::plan::LogPlan;
 use schemashift_common::service::PartitionLease;
 use schemashift_common::spec::{Spec, Strategy};
 use schemashift_coordinator::capture::{flush_wal, Capture};
@@ -44,11 +46,22 @@ start (wall, not time) and keeps the faster; the note says what it measured. *fd
 *TLS*: the same run with `ssl = on` on both servers (a self-signed certificate) and \
 `sslmode=require` in both connection strings, so every session is encrypted (copies, the \
 replication stream, the control sessions); compared with the raw pipe over TLS.
-- **schemashift capture / replay**: after a one-worker backfill, a mixed change workload on \
+- **schemashift capture / replay / catch-up**: after a backfill with as many workers as \
+the row's parallelism (which sets the change log's partitions), a mixed change workload on \
 the source (about 40% inserts, 45% updates of full_name and bio of random existing users, 15% \
 deletes of random existing users, in transactions of up to 25,000 changes; the row counts \
 the changes made); capture alone (`Capture::round` until the source's WAL position), then \
-one `PartitionReplayer` applying the change log in batches of 5,000. Rows count changes.
+one `PartitionReplayer` per partition, each on its own sessions, applying the change log in \
+batches of 5,000, all at once. *catch-up* is capture and replay one after the other (their \
+times and CPU added), the same work the native row times; a run overlaps the two. Rows \
+count changes.
+- **native logical replication catch-up**: a subscription to the untransformed table, \
+synced, disabled while the same kind of backlog is written, then enabled and timed until \
+its slot confirms the source's end of WAL. *the new schema's 5 indexes*: the same into a \
+copy that also has the three name indexes as expression indexes over the split functions, \
+so each change costs the same index work as in the new schema.
+- **decoding limit**: `pg_recvlogical` with pgoutput draining the same backlog to \
+/dev/null.
 ";
 /// Worker name of the bench's own replayer in the control schema.
 const REPLAYER: &str = "bench-replayer";
@@ -89,25 +102,35 @@ pub(super) async fn run_changes(b: &Bench, c: &mut Collected, changes: &[u64]) {
     for &n in changes {
         // The references first: the same kind of backlog into an untransformed copy, and
         // decoded to nowhere.
-        b.measure(c, &format!("native_catch_up_{n}"), SOURCE_DDL, |db| {
-            super::native::native_catch_up(b, db, n)
-        })
-        .await;
+        for (label, indexes) in [
+            ("native_catch_up", CopyIndexes::Source),
+            ("native_catch_up_5_indexes", CopyIndexes::SameAsNew),
+        ] {
+            b.measure(c, &format!("{label}_{n}"), SOURCE_DDL, |db| {
+                super::native::native_catch_up(b, db, n, indexes)
+            })
+            .await;
+        }
         b.measure(c, &format!("decoding_limit_{n}"), "", |db| {
             super::native::decoding_limit(b, db, n)
         })
         .await;
-        b.measure(c, &format!("replay_postgres_{n}"), TARGET_DDL, |db| {
-            replay(b, db, None, n)
-        })
-        .await;
+        for workers in [1, 2, 4] {
+            b.measure(
+                c,
+                &format!("replay_postgres_{n}_{workers}"),
+                TARGET_DDL,
+                |db| replay(b, db, None, n, workers),
+            )
+            .await;
+        }
     }
     match Tansu::start().await {
         Ok(Some(broker)) => {
             let url = broker.changelog();
             for &n in changes {
                 b.measure(c, &format!("replay_kafka_{n}"), TARGET_DDL, |db| {
-                    replay(b, db, Some(url.clone()), n)
+                    replay(b, db, Some(url.clone()), n, 1)
                 })
                 .await;
             }
@@ -260,23 +283,31 @@ async fn replay(
     db: String,
     kafka: Option<String>,
     changes: u64,
+    workers: usize,
 ) -> anyhow::Result<Outcome> {
-    let spec = spec(b, &db, 1, kafka.as_deref())?;
+    // As many change-log partitions as workers, each replayed by its own worker.
+    let spec = spec(b, &db, workers, kafka.as_deref())?;
     let log = if kafka.is_some() {
         "kafka log, tansu"
     } else {
         "postgres log"
     };
-    let r = capture_and_replay(b, &spec, log, changes).await;
+    let r = capture_and_replay(b, &spec, log, changes, workers).await;
     Ok(Outcome::Measured(cleaned(&spec, r).await?))
 }
 
-/// A capture or replay result: one worker, no table copied, counts of changes.
-fn change_rate(b: &Bench, kind: Kind, method: String, count: u64, spent: Spent) -> Measurement {
+/// A capture or replay result: no table copied, counts of changes.
+fn change_rate(
+    b: &Bench,
+    (kind, parallelism): (Kind, usize),
+    method: String,
+    count: u64,
+    spent: Spent,
+) -> Measurement {
     let m = Measurement {
         kind,
         method,
-        parallelism: 1,
+        parallelism,
         // Replay applies the mapping; capture only decodes.
         transformed: (kind == Kind::SchemashiftReplay).then_some(true),
         unit: "changes",
@@ -291,8 +322,10 @@ async fn capture_and_replay(
     spec: &Spec,
     log: &str,
     total: u64,
+    workers: usize,
 ) -> anyhow::Result<Vec<Measurement>> {
-    run_backfill(b, spec, 1).await?;
+    // The run's worker count sets its change-log partitions.
+    run_backfill(b, spec, workers).await?;
     let source = connect(&spec.source, "source").await?;
     tracing::info!(changes = total, "running the change workload on the source");
     let changes = workload(&source, total).await?;
@@ -303,7 +336,7 @@ async fn capture_and_replay(
     let end: Lsn = end.parse()?;
     flush_wal(&source).await?;
 
-    let mut target = connect(&spec.target, "target").await?;
+    let target = connect(&spec.target, "target").await?;
     let store = Store::new(&spec.control_schema);
     let state = store
         .load(&target)
@@ -330,74 +363,138 @@ async fn capture_and_replay(
     let captured = b.spent(&span).await;
     drop(capture);
 
-    install_helpers(&target, &plan.helpers, "target").await?;
-    // The run's embedded workers may have leased the partition when its backfill ended.
+    // The run's embedded workers may have leased the partitions when its backfill ended.
     store.release_leases_of(&target, "embedded-").await?;
-    let lease = target
-        .query_opt(
+    let parts = plan.partitions;
+    let kafka = matches!(plan.changelog, LogPlan::Kafka { .. });
+    let leases = target
+        .query(
             &store.sql.lease_partitions(),
-            &[&REPLAYER, &3600.0f64, &1i64],
+            &[&REPLAYER, &3600.0f64, &(parts as i64)],
         )
-        .await?
-        .context("change-log partition 0 could not be leased")?;
-    let (part, epoch): (i32, i64) = (lease.get(0), lease.get(1));
-    anyhow::ensure!(part == 0, "leased partition {part}, expected 0");
-    let lease = PartitionLease {
-        part: 0,
-        epoch: LeaseEpoch(epoch),
-    };
-    let mut replayer = PartitionReplayer::open(&target, plan, lease).await?;
+        .await?;
+    anyhow::ensure!(
+        leases.len() == parts as usize,
+        "leased {} of {parts} change-log partitions",
+        leases.len()
+    );
+    // One session pair per partition, as one worker per partition would have.
+    let mut replayers = Vec::new();
+    for lease in &leases {
+        let (part, epoch): (i32, i64) = (lease.get(0), lease.get(1));
+        let lease = PartitionLease {
+            part: part as u32,
+            epoch: LeaseEpoch(epoch),
+        };
+        let end = log_end(&target, &store.sql, kafka, part as u32).await?;
+        let session = connect(&spec.target, "target").await?;
+        install_helpers(&session, &plan.helpers, "target").await?;
+        let replayer = PartitionReplayer::open(&session, plan.clone(), lease).await?;
+        // Only merges read the source during replay; the users split does not.
+        let source = connect(&spec.source, "source").await?;
+        replayers.push((replayer, session, source, end));
+    }
+    drop(target);
     let span = b.span().await;
-    // Only merges read the source during replay; the users split does not.
-    let replay_source = connect(&spec.source, "source").await?;
-    let applied = replay_all(&mut replayer, &mut target, &replay_source, changes).await?;
+    let applied: Vec<u64> = futures_util::future::try_join_all(
+        replayers
+            .iter_mut()
+            .map(|(r, target, source, end)| replay_all(r, target, source, *end)),
+    )
+    .await?;
+    let applied: u64 = applied.iter().sum();
+    anyhow::ensure!(
+        applied >= changes,
+        "replay applied {applied} of {changes} changes"
+    );
     let replayed = b.spent(&span).await;
+    // The whole catch-up, as the native row measures it: capture and then replay of the
+    // same backlog, one after the other (a run overlaps them; this is the upper bound).
+    let caught_up = Spent {
+        seconds: captured.seconds + replayed.seconds,
+        cpu: CpuUse {
+            source: captured.cpu.source + replayed.cpu.source,
+            target: captured.cpu.target + replayed.cpu.target,
+            client: captured.cpu.client + replayed.cpu.client,
+        },
+        peak_rss_mib: match (captured.peak_rss_mib, replayed.peak_rss_mib) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        },
+    };
     Ok(vec![
         change_rate(
             b,
-            Kind::SchemashiftCapture,
+            (Kind::SchemashiftCapture, 1),
             format!("schemashift capture ({log})"),
             changes,
             captured,
         ),
         change_rate(
             b,
-            Kind::SchemashiftReplay,
+            (Kind::SchemashiftReplay, workers),
             format!("schemashift replay ({log})"),
             applied,
             replayed,
         ),
+        change_rate(
+            b,
+            (Kind::SchemashiftReplay, workers),
+            format!("schemashift catch-up ({log}, capture + replay)"),
+            applied,
+            caught_up,
+        ),
     ])
 }
 
-/// Steps until everything captured is applied and two steps in a row find nothing new.
+/// Steps until the partition's position reaches `end`, the end of its part of the log
+/// (complete: capture ended before replay began).
 async fn replay_all(
     r: &mut PartitionReplayer,
     target: &mut Client,
     source: &Client,
-    expected: u64,
+    end: i64,
 ) -> anyhow::Result<u64> {
-    let (mut applied, mut idle) = (0u64, 0);
+    let mut applied = 0u64;
     let mut last_progress = Instant::now();
-    while idle < 2 || applied < expected {
+    while r.position().0 < end {
         let n = r.step(target, source, REPLAY_BATCH).await?;
         if n > 0 {
             applied += n as u64;
-            idle = 0;
             last_progress = Instant::now();
             continue;
         }
-        idle += 1;
         anyhow::ensure!(
             last_progress.elapsed() < REPLAY_STALL,
-            "replay applied {applied} of {expected} changes and then nothing for {REPLAY_STALL:?}"
+            "replay reached {} of {end} and then nothing for {REPLAY_STALL:?}",
+            r.position().0
         );
-        if applied < expected {
-            // A Kafka consumer may still be connecting; do not spin on it.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // A Kafka consumer may still be connecting; do not spin on it.
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(applied)
+}
+
+/// Where partition `part`'s log ends: the table log's last sequence number, or the
+/// offset after Kafka's last acknowledged delivery, as capture saved it.
+async fn log_end(
+    target: &Client,
+    control: &ControlSql,
+    kafka: bool,
+    part: u32,
+) -> anyhow::Result<i64> {
+    let sql = if kafka {
+        format!(
+            "SELECT coalesce(max(head), 0) FROM {} WHERE part = $1",
+            control.table("log_heads")
+        )
+    } else {
+        format!(
+            "SELECT coalesce(max(seq), 0) FROM {} WHERE part = $1",
+            control.table("changes")
+        )
+    };
+    Ok(target.query_one(&sql, &[&(part as i32)]).await?.get(0))
 }
 
 /// About `total` changes on the source, all in SQL: 40% inserts of new users, 45%
