@@ -52,10 +52,7 @@ impl Growth {
         // Only the columns replay's read filters and orders by: statistics of the value
         // arrays (most common elements) cost far more and no plan uses them.
         target
-            .batch_execute(&format!(
-                "ANALYZE {} (part, seq)",
-                control.table("changes")
-            ))
+            .batch_execute(&format!("ANALYZE {} (part, seq)", control.table("changes")))
             .await
             .map_err(db("analyzing the change log"))?;
         self.analyzed_at.store(n, Ordering::Relaxed);
