@@ -374,6 +374,21 @@ pub enum Only {
     Fleet,
 }
 
+/// Waits for Ctrl-C or SIGTERM; says which.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "interrupted",
+            _ = term.recv() => "terminated",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupted"
+        }
+    }
+}
+
 pub async fn bench(
     rows: u64,
     workers: usize,
@@ -389,7 +404,16 @@ pub async fn bench(
     } else {
         changes
     };
-    let (report, failed) = match bench_inner(rows, workers.max(1), only, &changes, host).await {
+    // Interrupted, the measurement is dropped and with it the throwaway clusters and
+    // broker, which stop as they go (a default SIGTERM would leave them running).
+    let measured = tokio::select! {
+        r = bench_inner(rows, workers.max(1), only, &changes, host) => r,
+        signal = interrupted() => {
+            eprintln!("bench: {signal}: stopping its clusters");
+            return 130;
+        }
+    };
+    let (report, failed) = match measured {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e:#}");
