@@ -43,6 +43,24 @@ impl Span {
     }
 }
 
+impl Spent {
+    /// This span followed by `next`: times and CPU added, the higher peak.
+    pub fn then(&self, next: &Spent) -> Spent {
+        Spent {
+            seconds: self.seconds + next.seconds,
+            cpu: CpuUse {
+                source: self.cpu.source + next.cpu.source,
+                target: self.cpu.target + next.cpu.target,
+                client: self.cpu.client + next.cpu.client,
+            },
+            peak_rss_mib: match (self.peak_rss_mib, next.peak_rss_mib) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+}
+
 /// CPU seconds by side.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct CpuUse {

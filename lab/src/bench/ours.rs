@@ -3,16 +3,16 @@
 
 use super::native::CopyIndexes;
 use super::{
-    cpu::{peak_rss_mib, CpuUse, Spent},
+    cpu::{peak_rss_mib, Spent},
     parallelisms, target_table_with_keys, Bench, Collected, Indexes, Kind, Measurement, Outcome,
 };
 use crate::scenario::{users_spec_yaml, SOURCE_DDL, TARGET_DDL};
 use anyhow::Context;
 use schemashift_changelog::replay::PartitionReplayer;
+use schemashift_changelog::ChangeLog;
 use schemashift_common::control::ControlSql;
 use schemashift_common::ids::{LeaseEpoch, Lsn};
 use schemashift_common::pg::{connect, install_helpers};
-use schemashift_common::plan::LogPlan;
 use schemashift_common::service::PartitionLease;
 use schemashift_common::spec::{Spec, Strategy};
 use schemashift_coordinator::capture::{flush_wal, Capture};
@@ -366,7 +366,10 @@ async fn capture_and_replay(
     // The run's embedded workers may have leased the partitions when its backfill ended.
     store.release_leases_of(&target, "embedded-").await?;
     let parts = plan.partitions;
-    let kafka = matches!(plan.changelog, LogPlan::Kafka { .. });
+    // Where each partition's log ends (complete: capture ended before replay begins).
+    let heads = ChangeLog::of(&plan.changelog, &store.sql)
+        .head(&target)
+        .await?;
     let leases = target
         .query(
             &store.sql.lease_partitions(),
@@ -386,7 +389,7 @@ async fn capture_and_replay(
             part: part as u32,
             epoch: LeaseEpoch(epoch),
         };
-        let end = log_end(&target, &store.sql, kafka, part as u32).await?;
+        let end = heads.get(&(part as u32)).copied().unwrap_or(0);
         let session = connect(&spec.target, "target").await?;
         install_helpers(&session, &plan.helpers, "target").await?;
         let replayer = PartitionReplayer::open(&session, plan.clone(), lease).await?;
@@ -410,18 +413,7 @@ async fn capture_and_replay(
     let replayed = b.spent(&span).await;
     // The whole catch-up, as the native row measures it: capture and then replay of the
     // same backlog, one after the other (a run overlaps them; this is the upper bound).
-    let caught_up = Spent {
-        seconds: captured.seconds + replayed.seconds,
-        cpu: CpuUse {
-            source: captured.cpu.source + replayed.cpu.source,
-            target: captured.cpu.target + replayed.cpu.target,
-            client: captured.cpu.client + replayed.cpu.client,
-        },
-        peak_rss_mib: match (captured.peak_rss_mib, replayed.peak_rss_mib) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        },
-    };
+    let caught_up = captured.then(&replayed);
     Ok(vec![
         change_rate(
             b,
@@ -473,28 +465,6 @@ async fn replay_all(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(applied)
-}
-
-/// Where partition `part`'s log ends: the table log's last sequence number, or the
-/// offset after Kafka's last acknowledged delivery, as capture saved it.
-async fn log_end(
-    target: &Client,
-    control: &ControlSql,
-    kafka: bool,
-    part: u32,
-) -> anyhow::Result<i64> {
-    let sql = if kafka {
-        format!(
-            "SELECT coalesce(max(head), 0) FROM {} WHERE part = $1",
-            control.table("log_heads")
-        )
-    } else {
-        format!(
-            "SELECT coalesce(max(seq), 0) FROM {} WHERE part = $1",
-            control.table("changes")
-        )
-    };
-    Ok(target.query_one(&sql, &[&(part as i32)]).await?.get(0))
 }
 
 /// About `total` changes on the source, all in SQL: 40% inserts of new users, 45%
