@@ -56,13 +56,15 @@ pub async fn fleet_coordinator(
 ) -> i32 {
     let order: Vec<String> = fleet.members.iter().map(|m| m.name.clone()).collect();
     let per_host = fleet.per_host;
-    let (usable, mut outcomes) = crate::members::preflight(fleet).await;
+    // The coordinator's members plan with their specs' workers, as their runs will.
+    let (usable, mut outcomes) = crate::members::preflight(fleet, None).await;
     let members = usable
         .into_iter()
-        .map(|(m, rows)| FleetMember {
-            name: m.name,
-            spec: m.spec,
-            rows,
+        .map(|r| FleetMember {
+            name: r.member.name,
+            spec: r.member.spec,
+            rows: r.rows,
+            planned: r.planned,
         })
         .collect();
     let results = match coordinate_fleet(members, per_host, opts, shutdown).await {

@@ -7,6 +7,7 @@
 use crate::embedded::InProcess;
 use schemashift_common::fleet::{Fleet, HostGate, Member};
 use schemashift_coordinator::error::CoordinatorError;
+use schemashift_coordinator::plan::preflight::Fresh;
 use schemashift_coordinator::run::{RunOptions, RunReport, Until};
 use serde::Serialize;
 use std::sync::Arc;
@@ -38,28 +39,37 @@ pub struct MemberOutcome {
     pub outcome: Outcome,
 }
 
-/// Members usable now (with their estimated rows), and the others with why not; nothing is
-/// written to any of them.
-pub(crate) async fn preflight(fleet: Fleet) -> (Vec<(Member, u64)>, Vec<MemberOutcome>) {
+/// A member usable now: its estimated rows and the plan its run starts from.
+pub(crate) struct Ready {
+    pub member: Member,
+    pub rows: u64,
+    pub planned: Option<Fresh>,
+}
+
+/// Members usable now, and the others with why not; nothing is written to any of them.
+/// `workers`: the runs' worker count when it overrides the members' specs.
+pub(crate) async fn preflight(
+    fleet: Fleet,
+    workers: Option<usize>,
+) -> (Vec<Ready>, Vec<MemberOutcome>) {
     let checks = fleet.members.into_iter().map(|m| async move {
-        let verdict = match schemashift_coordinator::ops::plan_only(&m.spec).await {
-            Ok(out) => match out.analysis {
-                Ok(tables) => Ok(tables.iter().map(|t| t.rows).sum::<u64>()),
-                Err(e) => Err(e.to_string()),
-            },
-            Err(e) => Err(e.to_string()),
-        };
+        let n = workers.or(m.spec.workers).unwrap_or(4).max(1);
+        let verdict = schemashift_coordinator::plan::preflight::preflight(&m.spec, n).await;
         (m, verdict)
     });
     let mut usable = Vec::new();
     let mut skipped = Vec::new();
     for (m, verdict) in futures_util::future::join_all(checks).await {
         match verdict {
-            Ok(rows) => usable.push((m, rows)),
-            Err(reason) => skipped.push(MemberOutcome {
+            Ok(p) => usable.push(Ready {
+                member: m,
+                rows: p.rows,
+                planned: p.planned,
+            }),
+            Err(e) => skipped.push(MemberOutcome {
                 name: m.name,
                 outcome: Outcome::Skipped {
-                    reason: one_line(&reason),
+                    reason: one_line(&e.to_string()),
                 },
             }),
         }
@@ -77,16 +87,22 @@ pub(crate) fn one_line(s: &str) -> String {
 
 async fn run_member(
     fleet_span: &tracing::Span,
-    (m, rows): &(Member, u64),
+    ready: Ready,
     gate: &Arc<HostGate>,
     workers: usize,
     until: Until,
     shutdown: watch::Receiver<bool>,
-) -> Outcome {
-    let member_gate = gate.member(&m.spec, *rows);
+) -> (String, Outcome) {
+    let Ready {
+        member: m,
+        rows,
+        planned,
+    } = ready;
+    let member_gate = gate.member(&m.spec, rows);
     let opts = RunOptions {
         workers: Some(workers),
         until,
+        planned: planned.and_then(Fresh::still),
         ..RunOptions::new(Arc::new(InProcess {
             gate: Some(member_gate.clone()),
         }))
@@ -98,7 +114,7 @@ async fn run_member(
             .instrument(span)
             .await;
     member_gate.finished();
-    match result {
+    let outcome = match result {
         Ok(r) => Outcome::Done {
             phase: r.phase,
             rows_copied: r.rows_copied,
@@ -107,7 +123,8 @@ async fn run_member(
         Err(e) => Outcome::Failed {
             error: one_line(&e.to_string()),
         },
-    }
+    };
+    (m.name, outcome)
 }
 
 /// `run` (and `cutover`) over a fleet: skipped members first (or exit 2 with `strict`), then
@@ -138,7 +155,7 @@ pub async fn run(fleet: Fleet, opts: FleetRun, shutdown: watch::Receiver<bool>) 
         .max(1);
     let gate = HostGate::new(fleet.per_host, pool);
     let order: Vec<String> = fleet.members.iter().map(|m| m.name.clone()).collect();
-    let (mut usable, skipped) = preflight(fleet).await;
+    let (mut usable, skipped) = preflight(fleet, Some(pool)).await;
     if strict && !skipped.is_empty() {
         print(&skipped, json);
         eprintln!(
@@ -154,7 +171,7 @@ pub async fn run(fleet: Fleet, opts: FleetRun, shutdown: watch::Receiver<bool>) 
             Ok(listener) => {
                 let members = usable
                     .iter()
-                    .map(|(m, _)| (m.name.clone(), m.spec.clone()))
+                    .map(|r| (r.member.name.clone(), r.member.spec.clone()))
                     .collect();
                 Some(tokio::spawn(
                     schemashift_coordinator::metrics::serve_fleet(listener, members, metrics)
@@ -172,40 +189,34 @@ pub async fn run(fleet: Fleet, opts: FleetRun, shutdown: watch::Receiver<bool>) 
     match (until, wave) {
         (Until::Cutover, Some(n)) => {
             // Spec order, `n` at a time; what is left after a failure is not touched.
-            usable.sort_by_key(|(m, _)| order.iter().position(|o| o == &m.name));
+            usable.sort_by_key(|r| order.iter().position(|o| o == &r.member.name));
             let mut failed = false;
-            for chunk in usable.chunks(n.max(1)) {
+            let mut left = usable.into_iter().peekable();
+            while left.peek().is_some() {
+                let chunk: Vec<Ready> = left.by_ref().take(n.max(1)).collect();
                 if failed {
-                    outcomes.extend(chunk.iter().map(|(m, _)| MemberOutcome {
-                        name: m.name.clone(),
+                    outcomes.extend(chunk.into_iter().map(|r| MemberOutcome {
+                        name: r.member.name,
                         outcome: Outcome::NotRun,
                     }));
                     continue;
                 }
                 let runs = chunk
-                    .iter()
-                    .map(|m| run_member(&fleet_span, m, &gate, pool, until, shutdown.clone()));
-                let done = futures_util::future::join_all(runs).await;
-                for ((m, _), outcome) in chunk.iter().zip(done) {
+                    .into_iter()
+                    .map(|r| run_member(&fleet_span, r, &gate, pool, until, shutdown.clone()));
+                for (name, outcome) in futures_util::future::join_all(runs).await {
                     failed |= !matches!(outcome, Outcome::Done { .. });
-                    outcomes.push(MemberOutcome {
-                        name: m.name.clone(),
-                        outcome,
-                    });
+                    outcomes.push(MemberOutcome { name, outcome });
                 }
             }
         }
         _ => {
-            usable.sort_by_key(|(_, rows)| std::cmp::Reverse(*rows));
+            usable.sort_by_key(|r| std::cmp::Reverse(r.rows));
             let runs = usable
-                .iter()
-                .map(|m| run_member(&fleet_span, m, &gate, pool, until, shutdown.clone()));
-            let done = futures_util::future::join_all(runs).await;
-            for ((m, _), outcome) in usable.iter().zip(done) {
-                outcomes.push(MemberOutcome {
-                    name: m.name.clone(),
-                    outcome,
-                });
+                .into_iter()
+                .map(|r| run_member(&fleet_span, r, &gate, pool, until, shutdown.clone()));
+            for (name, outcome) in futures_util::future::join_all(runs).await {
+                outcomes.push(MemberOutcome { name, outcome });
             }
         }
     }

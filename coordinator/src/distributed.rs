@@ -116,6 +116,8 @@ pub struct FleetMember {
     pub name: String,
     pub spec: Spec,
     pub rows: u64,
+    /// The plan the fleet's preflight made for it.
+    pub planned: Option<crate::plan::preflight::Fresh>,
 }
 
 /// `schemashift coordinator` over a fleet: every member's run at once behind one address,
@@ -140,17 +142,22 @@ pub async fn coordinate_fleet(
         .max(1);
     let gate = HostGate::new(per_host, pool);
     let fleet_span = tracing::info_span!("fleet", members = members.len());
-    let opened = members.into_iter().map(|m| {
+    let opened = members.into_iter().map(|mut m| {
+        let planned = m
+            .planned
+            .take()
+            .and_then(crate::plan::preflight::Fresh::still);
         let member_gate = gate.member(&m.spec, m.rows);
         let span = tracing::info_span!(parent: &fleet_span, "member", member = %m.name);
         async move {
-            let ctx = RunCtx::open(
+            let ctx = RunCtx::open_with(
                 &m.spec,
                 Workers::Remote {
                     lease_ttl: opts.lease_ttl,
                     gate: Some(member_gate.clone()),
                 },
                 crate::stopped::OnStopped::Resume,
+                planned,
             )
             .instrument(span.clone())
             .await;

@@ -21,10 +21,11 @@ pub async fn run(
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
-    let mut ctx = RunCtx::open(
+    let mut ctx = RunCtx::open_with(
         spec,
         Workers::Embedded(opts.workers, opts.local),
         crate::stopped::OnStopped::Resume,
+        opts.planned,
     )
     .await?;
     if let Some(listener) = metrics {

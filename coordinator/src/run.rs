@@ -62,6 +62,9 @@ pub struct RunOptions {
     /// Milestones for an application in this process (the demo's load): it measures its
     /// latency per phase and moves to the target at the switch.
     pub events: Option<tokio::sync::mpsc::UnboundedSender<RunEvent>>,
+    /// A plan made moments ago with these workers (a fleet's preflight); used instead of
+    /// planning again when the run is new.
+    pub planned: Option<crate::plan::Planned>,
 }
 
 /// See [`RunOptions::events`].
@@ -82,6 +85,7 @@ impl RunOptions {
             until: Until::Cutover,
             metrics_listen: None,
             events: None,
+            planned: None,
         }
     }
 }
@@ -189,6 +193,17 @@ impl RunCtx {
         mode: Workers,
         on_stopped: crate::stopped::OnStopped,
     ) -> Result<RunCtx, CoordinatorError> {
+        Self::open_with(spec, mode, on_stopped, None).await
+    }
+
+    /// [`RunCtx::open`] with a plan made just before with the same workers (a fleet's
+    /// preflight), used when the run is new instead of planning again.
+    pub async fn open_with(
+        spec: &Spec,
+        mode: Workers,
+        on_stopped: crate::stopped::OnStopped,
+        planned: Option<crate::plan::Planned>,
+    ) -> Result<RunCtx, CoordinatorError> {
         let started = Instant::now();
         let workers = match &mode {
             Workers::Embedded(n, _) => n.or(spec.workers).unwrap_or(4).max(1),
@@ -221,16 +236,27 @@ impl RunCtx {
                 s
             }
             None => {
-                let planned = plan(
-                    spec,
-                    &source,
-                    &target,
-                    &PlanOptions {
-                        workers,
-                        resuming: false,
-                    },
-                )
-                .await?;
+                let planned = match planned.filter(|p| p.plan.partitions == workers as u32) {
+                    Some(p) => {
+                        // Planning installed the helpers in its own sessions; checks and
+                        // `auto`'s measurement below run in these.
+                        install_helpers(&source, &p.plan.helpers, "source").await?;
+                        install_helpers(&target, &p.plan.helpers, "target").await?;
+                        p
+                    }
+                    None => {
+                        plan(
+                            spec,
+                            &source,
+                            &target,
+                            &PlanOptions {
+                                workers,
+                                resuming: false,
+                            },
+                        )
+                        .await?
+                    }
+                };
                 let run_id = RunId::generate();
                 let mut planned = planned;
                 planned.plan.changelog = match spec.changelog() {

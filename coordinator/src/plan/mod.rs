@@ -4,6 +4,7 @@
 mod catalog;
 mod checks;
 mod lookups;
+pub mod preflight;
 pub mod privileges;
 mod sizing;
 mod strategy;
