@@ -77,6 +77,15 @@ pub(crate) async fn preflight(
     (usable, skipped)
 }
 
+/// Members run together with their shares of the pool: every member runs `pool` workers,
+/// of which its share asks for copies first and the rest only take free slots (see
+/// `schemashift_common::schedule::member_workers`).
+fn shares(together: Vec<Ready>, pool: usize) -> impl Iterator<Item = (Ready, usize)> {
+    let rows: Vec<u64> = together.iter().map(|r| r.rows).collect();
+    let shares = schemashift_common::schedule::member_workers(&rows, pool);
+    together.into_iter().zip(shares)
+}
+
 pub(crate) fn one_line(s: &str) -> String {
     s.lines()
         .map(str::trim)
@@ -87,7 +96,7 @@ pub(crate) fn one_line(s: &str) -> String {
 
 async fn run_member(
     fleet_span: &tracing::Span,
-    ready: Ready,
+    (ready, share): (Ready, usize),
     gate: &Arc<HostGate>,
     workers: usize,
     until: Until,
@@ -98,7 +107,7 @@ async fn run_member(
         rows,
         planned,
     } = ready;
-    let member_gate = gate.member(&m.spec, rows);
+    let member_gate = gate.member(&m.spec, rows).with_share(share);
     let opts = RunOptions {
         workers: Some(workers),
         until,
@@ -201,8 +210,7 @@ pub async fn run(fleet: Fleet, opts: FleetRun, shutdown: watch::Receiver<bool>) 
                     }));
                     continue;
                 }
-                let runs = chunk
-                    .into_iter()
+                let runs = shares(chunk, pool)
                     .map(|r| run_member(&fleet_span, r, &gate, pool, until, shutdown.clone()));
                 for (name, outcome) in futures_util::future::join_all(runs).await {
                     failed |= !matches!(outcome, Outcome::Done { .. });
@@ -212,8 +220,7 @@ pub async fn run(fleet: Fleet, opts: FleetRun, shutdown: watch::Receiver<bool>) 
         }
         _ => {
             usable.sort_by_key(|r| std::cmp::Reverse(r.rows));
-            let runs = usable
-                .into_iter()
+            let runs = shares(usable, pool)
                 .map(|r| run_member(&fleet_span, r, &gate, pool, until, shutdown.clone()));
             for (name, outcome) in futures_util::future::join_all(runs).await {
                 outcomes.push(MemberOutcome { name, outcome });

@@ -6,6 +6,7 @@ use crate::fleet::server_of;
 use crate::schedule::{Board, Kind, Limits, Slot};
 use crate::spec::Spec;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{oneshot, Mutex as AsyncMutex, OwnedMutexGuard};
@@ -92,6 +93,9 @@ impl HostGate {
             gate: self.clone(),
             slot,
             servers,
+            share: usize::MAX,
+            joined: Arc::new(AtomicUsize::new(0)),
+            spare: false,
         }
     }
 
@@ -143,12 +147,37 @@ pub struct MemberGate {
     gate: Arc<HostGate>,
     slot: Slot,
     servers: ServerPair,
+    /// How many of the member's workers ask for copies first (its share of the pool).
+    share: usize,
+    /// Workers of the member that took their gate so far.
+    joined: Arc<AtomicUsize>,
+    /// This worker is beyond the member's share: its copies take only what is left.
+    spare: bool,
 }
 
 impl MemberGate {
+    /// The member's first `n` workers ask for copies first; the others are spares
+    /// ([`crate::schedule::member_workers`] gives `n`). Without it every worker asks first.
+    pub fn with_share(mut self, n: usize) -> Self {
+        self.share = n.max(1);
+        self
+    }
+
+    /// The gate for one more worker of this member (each worker takes its own once): a first
+    /// worker while the member's share lasts, then spares. A spare's database sessions open
+    /// only if it ever gets a slot, so a fleet holds the sessions its pool uses.
+    pub fn for_worker(&self) -> MemberGate {
+        let rank = self.joined.fetch_add(1, Ordering::Relaxed);
+        MemberGate {
+            spare: rank >= self.share,
+            ..self.clone()
+        }
+    }
+
     /// A shard copy: a slot of the fleet's pool, and one on each server it reads or writes.
     pub async fn copy(&self) -> GatePass {
-        self.gate.enter(self.slot, Kind::Copy).await
+        let kind = if self.spare { Kind::Spare } else { Kind::Copy };
+        self.gate.enter(self.slot, kind).await
     }
 
     /// What members on this member's two servers measured so far; held while this member

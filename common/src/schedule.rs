@@ -9,7 +9,9 @@
 //!    touches (the busiest servers bound when the fleet can finish, so they must not idle
 //!    while they have work; and a copy between two busy servers uses both at once, where
 //!    copies within one server would leave the other's slot to wait);
-//! 3. then the member with the most work left (longest first), then the one asking first.
+//! 3. copies by a member's first workers (its share of the pool, [`member_workers`]) before
+//!    copies by its others ([`Kind::Spare`]), which take only what is left;
+//! 4. then the member with the most work left (longest first), then the one asking first.
 //!
 //! It never leaves a slot idle while waiting work fits in it, so every member progresses
 //! and the fleet ends when its busiest server or the pool runs out of work; the property
@@ -25,8 +27,18 @@ pub struct Slot(pub usize);
 pub enum Kind {
     /// A shard copy: the pool and both servers.
     Copy,
+    /// A shard copy by a worker beyond its member's share of the pool: the same slots,
+    /// started only when no other waiting work fits (the fleet's tail), so a member's
+    /// extra workers open sessions only when they are the way to use a free slot.
+    Spare,
     /// An index build: the target server.
     Build,
+}
+
+impl Kind {
+    fn pooled(self) -> bool {
+        matches!(self, Kind::Copy | Kind::Spare)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,14 +117,14 @@ impl Board {
     fn touched(&self, m: Slot, kind: Kind) -> &[usize] {
         let member = &self.members[m.0];
         match kind {
-            Kind::Copy => &member.servers,
+            Kind::Copy | Kind::Spare => &member.servers,
             Kind::Build => std::slice::from_ref(&member.target),
         }
     }
 
     /// Whether `kind` work of member `m` fits in the free slots now.
     pub fn fits(&self, m: Slot, kind: Kind) -> bool {
-        if kind == Kind::Copy && self.pool_busy >= self.limits.pool {
+        if kind.pooled() && self.pool_busy >= self.limits.pool {
             return false;
         }
         match self.limits.per_host {
@@ -149,6 +161,7 @@ impl Board {
                 (
                     *kind == Kind::Build,
                     self.pressure(*m),
+                    *kind != Kind::Spare,
                     self.members[m.0].remaining,
                     std::cmp::Reverse(*i),
                 )
@@ -158,7 +171,7 @@ impl Board {
 
     /// Takes the slots for `kind` work of member `m` (after [`Board::fits`]).
     pub fn start(&mut self, m: Slot, kind: Kind) {
-        if kind == Kind::Copy {
+        if kind.pooled() {
             self.pool_busy += 1;
         }
         let touched = self.touched(m, kind).to_vec();
@@ -170,7 +183,7 @@ impl Board {
     /// Gives the slots back; `done` is the work the copy finished (0 for a build or a copy
     /// that failed), taken off the member's and its servers' work left.
     pub fn finish(&mut self, m: Slot, kind: Kind, done: u64) {
-        if kind == Kind::Copy {
+        if kind.pooled() {
             self.pool_busy = self.pool_busy.saturating_sub(1);
         }
         let touched = self.touched(m, kind).to_vec();
@@ -200,6 +213,26 @@ impl Board {
         per_server.sort();
         (self.pool_busy, per_server)
     }
+}
+
+/// Workers for each member of a fleet run in one process: twice the member's share of the
+/// pool by its share of the rows, rounded up, at least one, at most the pool. A member holds
+/// the sessions its share needs, not a pool's worth each (every worker opens its own on both
+/// servers), and its copies never take longer than half the fleet's work spread over the pool
+/// (`rows / workers <= total / (2 · pool)`): the slack keeps it off the fleet's tail when the
+/// pool fills unevenly at first and shards come in whole.
+pub fn member_workers(rows: &[u64], pool: usize) -> Vec<usize> {
+    let pool = pool.max(1);
+    let total: u128 = rows.iter().map(|&r| u128::from(r)).sum();
+    rows.iter()
+        .map(|&r| {
+            if total == 0 {
+                return 1;
+            }
+            let share = (u128::from(r) * 2 * pool as u128).div_ceil(total);
+            (share.min(pool as u128) as usize).max(1)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -139,6 +139,8 @@ fn odd_sets(f: &SimFleet, n: usize) -> u64 {
 struct Outcome {
     makespan: u64,
     first_start: Vec<u64>,
+    /// Copies started by workers beyond their member's share.
+    spares_started: usize,
 }
 
 /// Runs the fleet through the board: a member asks for one more copy whenever it has a
@@ -156,11 +158,29 @@ fn simulate(f: &SimFleet) -> Outcome {
         .iter()
         .map(|(s, t, sizes)| board.add_member(&name(*s), &name(*t), sizes.iter().sum()))
         .collect();
+    // Each member runs the pool's number of workers: its first `caps[m]` ask for copies,
+    // the others as spares. Idle workers of one member and kind ask alike, so one waiting
+    // entry per member stands for them: a copy while a first worker is idle, else a spare.
+    let rows: Vec<u64> = f.members.iter().map(|m| m.2.iter().sum()).collect();
+    let caps = member_workers(&rows, f.pool);
+    let (mut first_busy, mut spare_busy) =
+        (vec![0usize; f.members.len()], vec![0usize; f.members.len()]);
     let mut next_shard = vec![0usize; f.members.len()];
+    let ask = |m: usize, next: usize, first: usize, spare: usize| -> Option<Kind> {
+        if next >= f.members[m].2.len() {
+            None
+        } else if first < caps[m] {
+            Some(Kind::Copy)
+        } else if spare < f.pool - caps[m] {
+            Some(Kind::Spare)
+        } else {
+            None
+        }
+    };
     let mut first_start = vec![u64::MAX; f.members.len()];
     let mut waiting: Vec<(Slot, Kind)> = slots.iter().map(|&m| (m, Kind::Copy)).collect();
-    // (end time, member, shard size)
-    let mut running: BinaryHeap<Reverse<(u64, usize, u64)>> = BinaryHeap::new();
+    // (end time, member, shard size, by a spare)
+    let mut running: BinaryHeap<Reverse<(u64, usize, u64, bool)>> = BinaryHeap::new();
     let mut pool_busy = 0usize;
     let mut host_busy = vec![0usize; f.servers];
     let mut now = 0u64;
@@ -175,6 +195,7 @@ fn simulate(f: &SimFleet) -> Outcome {
             && f.per_host
                 .is_none_or(|n| touched(m).all(|h| host_busy[h] < n))
     };
+    let mut spares_started = 0usize;
     loop {
         while let Some(i) = board.pick(&waiting) {
             let (slot, kind) = waiting.remove(i);
@@ -191,9 +212,16 @@ fn simulate(f: &SimFleet) -> Outcome {
             let size = f.members[m].2[next_shard[m]];
             next_shard[m] += 1;
             first_start[m] = first_start[m].min(now);
-            running.push(Reverse((now + size, m, size)));
-            if next_shard[m] < f.members[m].2.len() {
-                waiting.push((slot, Kind::Copy));
+            let spare = kind == Kind::Spare;
+            if spare {
+                spare_busy[m] += 1;
+                spares_started += 1;
+            } else {
+                first_busy[m] += 1;
+            }
+            running.push(Reverse((now + size, m, size, spare)));
+            if let Some(k) = ask(m, next_shard[m], first_busy[m], spare_busy[m]) {
+                waiting.push((slot, k));
             }
         }
         // Nothing fits when the pool is full; else every waiting copy must be blocked.
@@ -204,11 +232,22 @@ fn simulate(f: &SimFleet) -> Outcome {
                 slot.0
             );
         }
-        let Some(Reverse((end, m, size))) = running.pop() else {
+        let Some(Reverse((end, m, size, spare))) = running.pop() else {
             break;
         };
         now = end;
-        board.finish(slots[m], Kind::Copy, size);
+        let kind = if spare { Kind::Spare } else { Kind::Copy };
+        board.finish(slots[m], kind, size);
+        if spare {
+            spare_busy[m] -= 1;
+        } else {
+            first_busy[m] -= 1;
+        }
+        // The worker that finished asks again: the member's entry may change kind.
+        waiting.retain(|(s, _)| s.0 != m);
+        if let Some(k) = ask(m, next_shard[m], first_busy[m], spare_busy[m]) {
+            waiting.push((slots[m], k));
+        }
         pool_busy -= 1;
         for h in touched(m) {
             host_busy[h] -= 1;
@@ -218,6 +257,7 @@ fn simulate(f: &SimFleet) -> Outcome {
     Outcome {
         makespan: now,
         first_start,
+        spares_started,
     }
 }
 
@@ -269,6 +309,73 @@ proptest! {
     ) {
         check(&f)?;
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, rng_seed: proptest::test_runner::RngSeed::Fixed(20261205), ..ProptestConfig::default() })]
+
+    #[test]
+    fn each_member_gets_twice_its_share_of_the_pool_and_never_outlasts_half_the_fleets_work_per_worker(
+        rows in prop::collection::vec(0..=50_000_000u64, 1..=300),
+        pool in 1..=256usize,
+    ) {
+        let w = member_workers(&rows, pool);
+        let total: u64 = rows.iter().sum();
+        prop_assert_eq!(w.len(), rows.len());
+        for (&r, &n) in rows.iter().zip(&w) {
+            prop_assert!((1..=pool).contains(&n));
+            // r / n <= total / (2 · pool), in integers, unless it has the whole pool.
+            prop_assert!(
+                n == pool || u128::from(r) * 2 * pool as u128 <= u128::from(total) * n as u128
+            );
+        }
+    }
+}
+
+/// The bench's fleet: 8 members of 125,000 rows, a pool of 4. Each member's one first
+/// worker keeps the pool full, so the other three never open sessions, and the fleet takes
+/// no longer than the pool needs.
+#[test]
+fn equal_members_keep_the_pool_full_with_their_first_workers_alone() {
+    let f = SimFleet {
+        servers: 2,
+        pool: 4,
+        per_host: None,
+        members: (0..8).map(|_| (0, 1, shards(125_000, 10_000))).collect(),
+    };
+    let out = simulate(&f);
+    assert_eq!(out.spares_started, 0);
+    assert_eq!(out.makespan, lower_bound(&f));
+}
+
+/// A spare (a worker beyond its member's share) waits while another member's first
+/// worker wants the slot, even a smaller member's; with nobody else asking it takes the
+/// free slot, so a member left alone at the end still fills the pool.
+#[test]
+fn a_spare_copies_only_when_no_first_worker_wants_the_slot() {
+    let mut b = Board::new(Limits {
+        pool: 2,
+        per_host: None,
+    });
+    let big = b.add_member("s:1", "t:1", 100);
+    let small = b.add_member("s:1", "t:1", 10);
+    assert_eq!(b.pick(&[(big, Kind::Spare), (small, Kind::Copy)]), Some(1));
+    b.start(small, Kind::Copy);
+    assert_eq!(b.pick(&[(big, Kind::Spare)]), Some(0));
+    b.start(big, Kind::Spare);
+    // The pool is full: nothing more.
+    assert_eq!(b.pick(&[(big, Kind::Spare), (small, Kind::Copy)]), None);
+    b.finish(big, Kind::Spare, 10);
+    assert_eq!(b.busy().0, 1);
+}
+
+#[test]
+fn a_fleet_of_equal_members_gives_each_its_part_of_the_pool() {
+    assert_eq!(member_workers(&[125_000; 8], 4), vec![1; 8]);
+    assert_eq!(member_workers(&[125_000; 8], 16), vec![4; 8]);
+    assert_eq!(member_workers(&[900, 100], 4), vec![4, 1]);
+    assert_eq!(member_workers(&[0, 0], 4), vec![1, 1]);
+    assert_eq!(member_workers(&[1_000; 2], 16), vec![16, 16]);
 }
 
 #[test]

@@ -630,3 +630,67 @@ async fn members_on_one_source_server_share_one_throttle_baseline() -> anyhow::R
     }
     Ok(())
 }
+
+/// Eight equal members, a pool of two: each member's first worker keeps the pool full, so
+/// its second worker (a spare) copies, and opens database sessions, only at the fleet's tail.
+/// Before shares, all sixteen workers took copies in turn, each with sessions of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_members_copy_through_their_share_of_the_pool_not_a_worker_each() -> anyhow::Result<()>
+{
+    let (envs, yaml) = members("fleet_share", 8, 20_000).await?;
+    let (_dir, spec) = write_fleet(yaml + "throttle:\n  enabled: false\n", 1_000)?;
+    let dbs: Vec<String> = envs.iter().map(|e| e.source_db.clone()).collect();
+    let admin = connect(&envs[0].source_admin_dsn()).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            // Backends that ran a backfill COPY, by member database; a worker's source
+            // session lives as long as the worker, so each is seen many times over.
+            let mut copiers: BTreeSet<(String, i32)> = BTreeSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                let rows = admin
+                    .query(
+                        "SELECT datname::text, pid FROM pg_stat_activity \
+                         WHERE datname = ANY($1) AND backend_type = 'client backend' \
+                           AND query LIKE 'COPY (SELECT % FROM ONLY \"public\".\"users\" %'",
+                        &[&dbs],
+                    )
+                    .await?;
+                copiers.extend(rows.iter().map(|r| (r.get(0), r.get(1))));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            anyhow::Ok(copiers)
+        })
+    };
+    let out = schemashift(&["run", &spec, "--until", "backfill", "--workers", "2"])?;
+    stop.store(true, Ordering::Relaxed);
+    let copiers = watcher.await??;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for e in &envs {
+        let (s, t) = (connect(&e.source_dsn).await?, connect(&e.target_dsn).await?);
+        assert_eq!(table_diff(&s, &t).await?, (0, 0, 0), "{}", e.source_db);
+    }
+    let per_member = |db: &str| copiers.iter().filter(|(d, _)| d == db).count();
+    let busy: Vec<usize> = envs.iter().map(|e| per_member(&e.source_db)).collect();
+    eprintln!("source sessions that copied, per member: {busy:?}");
+    assert!(
+        busy.iter().all(|&n| n >= 1),
+        "every member copied: {busy:?}"
+    );
+    // Sixteen workers; eight first ones, and spares only where a slot was free at the end.
+    assert!(
+        copiers.len() <= 11,
+        "{} sessions copied, spares beyond the tail: {busy:?}",
+        copiers.len()
+    );
+    schemashift(&["cleanup", &spec])?;
+    for e in envs {
+        e.drop_all().await?;
+    }
+    Ok(())
+}

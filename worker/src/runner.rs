@@ -137,6 +137,8 @@ pub async fn run_worker<S: CoordinatorService>(
     shutdown: watch::Receiver<bool>,
     gate: Option<schemashift_common::fleet::MemberGate>,
 ) -> Result<WorkerStats, WorkerError> {
+    // This worker's own place among its member's workers (first or spare).
+    let gate = gate.map(|g| g.for_worker());
     let reg = call(&me, "register", || svc.register(&me)).await?;
     tracing::info!(worker = %me.id, run_id = %reg.run_id, "worker registered");
     let mut w = Worker {
