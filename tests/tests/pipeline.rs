@@ -454,3 +454,51 @@ async fn every_replay_session_gets_a_replication_origin_of_its_own() -> anyhow::
     assert!((3..=64).contains(&n), "{n} origins");
     env.drop_all().await
 }
+
+/// A backlog bigger than one capture round: each round cut short hands its batch to the
+/// change log's writer and goes on receiving while it commits. The process aborts right
+/// after such a write committed, while the next batch is being received and before the
+/// slot was confirmed past it; the resumed run appends every change exactly once (the
+/// position is committed with the changes) and the target matches the source.
+#[tokio::test]
+async fn capture_killed_after_a_pipelined_write_appends_each_change_once() -> anyhow::Result<()> {
+    let env = users_env("pipelined_capture_kill", 6_000).await?;
+    let dir = tempfile::tempdir()?;
+    let spec = write_spec(
+        &dir,
+        &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, None),
+    )?;
+    schemashift_ok(&["run", &spec, "--until", "backfill"])?;
+    // 60,000 changes in twelve transactions: three rounds' worth and more.
+    let source = connect(&env.source_dsn).await?;
+    for i in 0..12 {
+        source
+            .batch_execute(&format!(
+                "UPDATE public.users SET bio = bio || '{}' WHERE id <= 5000",
+                i % 10
+            ))
+            .await?;
+    }
+    let out = Command::new(schemashift_bin())
+        .args(["--quiet", "run", &spec, "--until", "replay"])
+        .env("SCHEMASHIFT_FAILPOINT", "capture-after-pipelined-write")
+        .stdin(Stdio::null())
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the failpoint stops the run: {err}");
+    assert!(err.contains("failpoint reached"), "{err}");
+    schemashift_ok(&["run", &spec, "--until", "verify"])?;
+    let target = connect(&env.target_dsn).await?;
+    let row = target
+        .query_one(
+            "SELECT count(*), count(DISTINCT (lsn, ordinal)) FROM schemashift.changes",
+            &[],
+        )
+        .await?;
+    let (logged, distinct): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(logged, distinct, "no change appended twice");
+    assert!(logged >= 60_000, "every change is in the log: {logged}");
+    assert_verified_no_diffs(&env, &spec).await?;
+    schemashift_ok(&["cleanup", &spec])?;
+    env.drop_all().await
+}
