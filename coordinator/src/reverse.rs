@@ -377,8 +377,6 @@ pub async fn sync(spec: &Spec, until: Until) -> Result<ReverseReport, Coordinato
             }
         }
     }
-    // A batch still being written (after a round cut short) is in the log before the count.
-    capture.settle().await?;
     report.changes_captured = control_db
         .query_one(
             &format!(

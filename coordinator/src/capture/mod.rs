@@ -9,7 +9,6 @@ mod relations;
 mod sink;
 mod slot;
 mod spill;
-mod writer;
 
 use backon::BackoffBuilder;
 use relations::Relations;
@@ -17,7 +16,6 @@ pub use sink::position_sql as capture_position_sql;
 use sink::Sink;
 pub use slot::{drop_slot, ensure_slot, flush_wal, wal_lsn, WalPosition};
 use spill::Spills;
-use writer::Writer;
 
 use crate::control::Store;
 use crate::error::CoordinatorError;
@@ -73,11 +71,12 @@ pub struct Capture {
     /// Where the replication stream connects (the same database as `source`).
     source_dsn: Dsn,
     stream: Option<WalStream>,
+    target: Client,
     target_dsn: Dsn,
     plan: Arc<RunPlan>,
+    control: ControlSql,
     slot: String,
-    /// Every transaction committed up to here is in the change log or on its way there
-    /// (the writer's write in flight); `writer.committed()` is what it holds.
+    /// Every transaction committed up to here is in the change log.
     position: Lsn,
     /// Everything before this was received: no commit of ours lies between `position`
     /// and here unless a transaction is open.
@@ -85,7 +84,7 @@ pub struct Capture {
     tx: OpenTx,
     relations: Relations,
     changes: u64,
-    writer: Writer,
+    sink: Sink,
     /// When the position was last saved or the slot last checked.
     heartbeat: Instant,
     /// Transactions streamed while in progress, on disk until they commit.
@@ -151,16 +150,10 @@ impl Capture {
             source,
             source_dsn,
             stream: None,
-            writer: Writer::new(
-                target,
-                sink,
-                control,
-                target_dsn.clone(),
-                plan.clone(),
-                position,
-            ),
+            target,
             target_dsn,
             plan,
+            control,
             slot,
             position,
             received: position,
@@ -168,6 +161,7 @@ impl Capture {
             relations,
             changes: 0,
             spills: Spills::new(&slot_name),
+            sink,
             heartbeat: Instant::now(),
         })
     }
@@ -227,14 +221,14 @@ impl Capture {
             self.source = connect(&self.source_dsn, "source").await?;
             tracing::info!("capture's source session reopened");
         }
-        let target = self.writer.target().await?;
-        if target.is_closed() {
-            *target = connect(&self.target_dsn, "target").await?;
+        if self.target.is_closed() {
+            self.target = connect(&self.target_dsn, "target").await?;
             tracing::info!("capture's target session reopened");
         }
         if self.plan.low_priority {
-            schemashift_common::pg::lower_priority(target).await;
-            schemashift_common::pg::lower_priority(&self.source).await;
+            for c in [&self.source, &self.target] {
+                schemashift_common::pg::lower_priority(c).await;
+            }
         }
         Ok(())
     }
@@ -263,17 +257,10 @@ impl Capture {
     pub async fn round(&mut self) -> Result<(usize, bool, Lsn), CoordinatorError> {
         let r = self.try_round().await;
         if r.is_err() {
-            // Resent from what the change log holds by the next stream.
+            // Resent from the last confirmed position by the next stream.
             self.stream = None;
-            let _ = self.writer.settle().await;
-            self.position = self.writer.committed();
         }
         r
-    }
-
-    /// Waits for the change log's write in flight (after a round cut short).
-    pub async fn settle(&mut self) -> Result<(), CoordinatorError> {
-        self.writer.settle().await
     }
 
     async fn try_round(&mut self) -> Result<(usize, bool, Lsn), CoordinatorError> {
@@ -291,9 +278,8 @@ impl Capture {
             if messages >= ROUND_MESSAGES || started.elapsed() > ROUND_TIME {
                 break true;
             }
-            // Never past what the change log holds: a slot ahead of it means someone else
-            // moved it.
-            let confirmed = self.writer.committed();
+            // Never past the saved position: a slot ahead of it means someone else moved it.
+            let confirmed = self.position;
             let stream = self.connect().await?;
             let msg = match tokio::time::timeout(QUIET, stream.next()).await {
                 Ok(m) => m.map_err(stream_error)?,
@@ -344,7 +330,9 @@ impl Capture {
                         } => {
                             // What committed before it goes first.
                             if last_end > self.position {
-                                self.writer.write(&pending, last_end).await?;
+                                self.sink
+                                    .write(&mut self.target, &self.control, &pending, last_end)
+                                    .await?;
                                 self.position = last_end;
                                 self.changes += pending.len() as u64;
                                 pending.clear();
@@ -357,14 +345,9 @@ impl Capture {
             }
         };
         if last_end > self.position {
-            let changes = std::mem::take(&mut pending);
-            self.changes += changes.len() as u64;
-            if cut_short {
-                // More is waiting: receive it while this batch commits.
-                self.writer.start(changes, last_end).await?;
-            } else {
-                self.writer.write(&changes, last_end).await?;
-            }
+            self.sink
+                .write(&mut self.target, &self.control, &pending, last_end)
+                .await?;
             self.position = last_end;
         } else if self.heartbeat.elapsed() >= HEARTBEAT {
             // Idle: everything received with no transaction open is in the log (nothing of
@@ -374,16 +357,14 @@ impl Capture {
             self.check_slot().await?;
             let idle_end = self.confirmable();
             if idle_end > self.position {
-                self.writer.write(&[], idle_end).await?;
+                self.sink
+                    .write(&mut self.target, &self.control, &[], idle_end)
+                    .await?;
                 self.position = idle_end;
             }
         }
-        if !cut_short {
-            // Caught up: what the round claims must be in the log.
-            self.writer.settle().await?;
-        }
         // Only after the change log committed: the slot may now release this WAL.
-        let confirmed = self.writer.committed();
+        let confirmed = self.position;
         let stream = self.connect().await?;
         stream
             .confirm(confirmed, false)
@@ -433,10 +414,14 @@ impl Capture {
                 c.ordinal = ordinal;
                 ordinal += 1;
             }
-            self.writer.write(&chunk, self.position).await?;
+            self.sink
+                .write(&mut self.target, &self.control, &chunk, self.position)
+                .await?;
             self.changes += chunk.len() as u64;
         }
-        self.writer.write(&[], end_lsn).await?;
+        self.sink
+            .write(&mut self.target, &self.control, &[], end_lsn)
+            .await?;
         self.position = end_lsn;
         tracing::info!(
             xid,
@@ -568,19 +553,6 @@ impl Capture {
     /// `poll` apart unless `wake` is notified.
     pub async fn run(
         mut self,
-        progress: watch::Sender<CaptureProgress>,
-        shutdown: watch::Receiver<bool>,
-        poll: Duration,
-        wake: Arc<tokio::sync::Notify>,
-    ) -> Result<(), CoordinatorError> {
-        let r = self.rounds(progress, shutdown, poll, wake).await;
-        // A batch still being written when told to stop is committed before capture ends.
-        let settled = self.writer.settle().await;
-        r.and(settled)
-    }
-
-    async fn rounds(
-        &mut self,
         progress: watch::Sender<CaptureProgress>,
         mut shutdown: watch::Receiver<bool>,
         poll: Duration,
