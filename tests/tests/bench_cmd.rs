@@ -109,3 +109,40 @@ async fn bench_terminated_mid_run_stops_its_clusters() {
         bench.stderr_tail()
     );
 }
+
+/// The whole bench, every section in one run as README gives it, on a small table: every
+/// method measures without failing. The change rows write to the scenario's source, so the
+/// fleet's pair (which copies it and checks the count) must come before them.
+#[tokio::test]
+async fn whole_bench_on_a_small_table_runs_every_method_without_a_failure() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let clusters = tmp.path().join("clusters");
+    std::fs::create_dir(&clusters).expect("clusters dir");
+    for d in [tmp.path(), clusters.as_path()] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let tmpdir = clusters.to_string_lossy().into_owned();
+    let out = tmp.path().join("bench.md").to_string_lossy().into_owned();
+    let mut bench = Proc::spawn(
+        tmp.path(),
+        "bench",
+        &["bench", "--rows", "8000", "--workers", "2", "--out", &out],
+        &[("TMPDIR", tmpdir.as_str())],
+    )
+    .expect("start bench");
+    let status = bench
+        .wait(Duration::from_secs(900))
+        .await
+        .expect("bench ends");
+    let report = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(status.success(), "{}\n{report}", bench.stderr_tail());
+    assert!(!report.contains(": failed"), "{report}");
+    for row in [
+        "schemashift backfill",
+        "schemashift run (fleet of 8)",
+        "schemashift capture",
+    ] {
+        assert!(report.contains(row), "{row} measured: {report}");
+    }
+}

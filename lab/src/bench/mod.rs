@@ -505,11 +505,13 @@ async fn bench_inner(
         None | Some(Only::Ours) => ours::run_all(&b, &mut c).await,
         Some(Only::Peers | Only::Changes | Only::Fleet) => None,
     };
-    if matches!(only, None | Some(Only::Ours | Only::Changes)) {
-        ours::run_changes(&b, &mut c, changes).await;
-    }
+    // The fleet's pair copies the scenario's source table, which the change rows write to:
+    // they come last.
     if matches!(only, None | Some(Only::Fleet)) {
         fleet::run_all(&b, &mut c).await;
+    }
+    if matches!(only, None | Some(Only::Ours | Only::Changes)) {
+        ours::run_changes(&b, &mut c, changes).await;
     }
     peers::ratios(&mut c.results);
     let report = BenchReport {
