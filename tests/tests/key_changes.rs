@@ -216,13 +216,29 @@ fn random_transaction(rng: &mut StdRng, n: &mut u32) -> String {
 /// resumed between rounds), the target compared with the mapped source after each round.
 #[tokio::test]
 async fn random_change_sequences_replay_to_the_mapped_source() -> anyhow::Result<()> {
-    const CASES: u64 = 6;
-    for case in 0..CASES {
+    random_change_sequences("random_changes", 6, None).await
+}
+
+/// The same through a Kafka change log (tansu): capture writes the topic, replay reads it
+/// by partition with batches of 1 to 3 changes, the target compared after each round.
+#[tokio::test]
+async fn random_change_sequences_through_kafka_replay_to_the_mapped_source() -> anyhow::Result<()> {
+    let broker = Broker::start().await?;
+    random_change_sequences("random_changes_kafka", 3, Some(&broker.changelog())).await
+}
+
+async fn random_change_sequences(
+    tag: &str,
+    cases: u64,
+    changelog: Option<&str>,
+) -> anyhow::Result<()> {
+    const BATCHES: [u32; 6] = [1, 2, 3, 5, 7, 11];
+    for case in 0..cases {
         let mut rng = StdRng::seed_from_u64(0x5eed_0000 + case);
-        let batch = [1, 2, 3, 5, 7, 11][case as usize % 6];
-        let env = env_with_orders(&format!("random_changes_{case}")).await?;
+        let batch = BATCHES[case as usize % 6];
+        let env = env_with_orders(&format!("{tag}_{case}")).await?;
         let dir = tempfile::tempdir()?;
-        let spec = write_spec(&dir, &spec_yaml(&env, 2, batch, None))?;
+        let spec = write_spec(&dir, &spec_yaml(&env, 2, batch, changelog))?;
         schemashift_ok(&["run", &spec, "--until", "backfill"])?;
         let src = connect(&env.source_dsn).await?;
         let mut n = 0;
@@ -240,10 +256,10 @@ async fn random_change_sequences_replay_to_the_mapped_source() -> anyhow::Result
             )
             .await?;
         }
-        eprintln!("case {case}: {transactions} random transactions, replay batch {batch}: target equals the mapped source");
+        eprintln!("{tag} case {case}: {transactions} random transactions, replay batch {batch}: target equals the mapped source");
         env.drop_all().await?;
     }
-    eprintln!("{CASES} cases passed");
+    eprintln!("{tag}: {cases} cases passed");
     Ok(())
 }
 
