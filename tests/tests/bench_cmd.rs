@@ -34,16 +34,23 @@ fn postmasters_under(dir: &Path) -> usize {
         .count()
 }
 
-#[tokio::test]
-async fn bench_terminated_mid_run_stops_its_clusters() {
+/// A temporary directory with `clusters/` in it, where the bench (through `TMPDIR`) puts
+/// its clusters. They run as the postgres user when the tests run as root: it must reach
+/// them.
+fn clusters_dir() -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().expect("temp dir");
     let clusters = tmp.path().join("clusters");
     std::fs::create_dir(&clusters).expect("clusters dir");
-    // The clusters run as the postgres user when the tests run as root: it must reach them.
     for d in [tmp.path(), clusters.as_path()] {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
+    (tmp, clusters)
+}
+
+#[tokio::test]
+async fn bench_terminated_mid_run_stops_its_clusters() {
+    let (tmp, clusters) = clusters_dir();
     let tmpdir = clusters.to_string_lossy().into_owned();
     let mut bench = Proc::spawn(
         tmp.path(),
@@ -115,13 +122,7 @@ async fn bench_terminated_mid_run_stops_its_clusters() {
 /// fleet's pair (which copies it and checks the count) must come before them.
 #[tokio::test]
 async fn whole_bench_on_a_small_table_runs_every_method_without_a_failure() {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    let clusters = tmp.path().join("clusters");
-    std::fs::create_dir(&clusters).expect("clusters dir");
-    for d in [tmp.path(), clusters.as_path()] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
+    let (tmp, clusters) = clusters_dir();
     let tmpdir = clusters.to_string_lossy().into_owned();
     let out = tmp.path().join("bench.md").to_string_lossy().into_owned();
     let mut bench = Proc::spawn(
