@@ -472,19 +472,9 @@ pub async fn plan_only(spec: &Spec) -> Result<PlanOutput, CoordinatorError> {
     let privileges = crate::plan::privileges_of(spec, &source, &target)
         .await
         .map_err(|e| CoordinatorError::db("reading the roles' privileges", &e))?;
-    let resuming = Store::new(&spec.control_schema)
-        .load(&target)
-        .await?
-        .is_some();
     let workers = spec.workers.unwrap_or(4);
-    let analysis = crate::plan::plan(
-        spec,
-        &source,
-        &target,
-        &crate::plan::PlanOptions { workers, resuming },
-    )
-    .await
-    .map(|p| p.analysis);
+    let (_, planned) = crate::plan::preflight::plan_now(spec, &source, &target, workers).await?;
+    let analysis = planned.map(|p| p.analysis);
     Ok(PlanOutput {
         privileges,
         analysis,

@@ -5,6 +5,7 @@ use crate::control::Store;
 use crate::error::CoordinatorError;
 use schemashift_common::pg::connect;
 use schemashift_common::spec::Spec;
+use tokio_postgres::Client;
 
 /// A fleet member checked before anything is written: its estimated rows, and the plan its
 /// run would make now (`None` when a run already exists: that run resumes instead).
@@ -35,17 +36,8 @@ impl Fresh {
 pub async fn preflight(spec: &Spec, workers: usize) -> Result<Preflight, CoordinatorError> {
     let source = connect(&spec.source, "source").await?;
     let target = connect(&spec.target, "target").await?;
-    let resuming = Store::new(&spec.control_schema)
-        .load(&target)
-        .await?
-        .is_some();
-    let planned = super::plan(
-        spec,
-        &source,
-        &target,
-        &super::PlanOptions { workers, resuming },
-    )
-    .await?;
+    let (resuming, planned) = plan_now(spec, &source, &target, workers).await?;
+    let planned = planned?;
     let rows = planned.analysis.iter().map(|t| t.rows).sum();
     Ok(Preflight {
         rows,
@@ -54,6 +46,29 @@ pub async fn preflight(spec: &Spec, workers: usize) -> Result<Preflight, Coordin
             at: std::time::Instant::now(),
         }),
     })
+}
+
+/// Plans `spec` as a run with `workers` would now, and says whether a run already exists
+/// (then it is planned as resuming: its target need not be empty). The outer error: a
+/// server could not be read; the inner one: every problem with the spec.
+pub(crate) async fn plan_now(
+    spec: &Spec,
+    source: &Client,
+    target: &Client,
+    workers: usize,
+) -> Result<(bool, Result<super::Planned, CoordinatorError>), CoordinatorError> {
+    let resuming = Store::new(&spec.control_schema)
+        .load(target)
+        .await?
+        .is_some();
+    let planned = super::plan(
+        spec,
+        source,
+        target,
+        &super::PlanOptions { workers, resuming },
+    )
+    .await;
+    Ok((resuming, planned))
 }
 
 #[cfg(test)]
