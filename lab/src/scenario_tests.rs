@@ -57,6 +57,54 @@ async fn split_functions_follow_the_rule() {
     cluster.stop().await.expect("stop");
 }
 
+/// The rule in Rust: trim spaces, split at the last space, trim the first part's end.
+fn split_rule(name: &str) -> (String, String) {
+    let t = name.trim_matches(' ');
+    match t.rfind(' ') {
+        None => (t.to_owned(), String::new()),
+        Some(i) => (
+            t[..i].trim_end_matches(' ').to_owned(),
+            t[i + 1..].to_owned(),
+        ),
+    }
+}
+
+#[tokio::test]
+async fn split_functions_agree_with_the_rule_on_random_names() {
+    use rand::{Rng, SeedableRng};
+    let (cluster, client) = test_cluster().await;
+    for f in SPLIT_FUNCTIONS {
+        client.batch_execute(f).await.expect("create helper");
+    }
+    // Short strings over a few letters, a multibyte one and spaces: every placement of
+    // leading, trailing, repeated and missing spaces turns up.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let alphabet = [' ', ' ', 'a', 'b', 'é', '泽'];
+    let names: Vec<String> = (0..20_000)
+        .map(|_| {
+            let len = rng.gen_range(0..10);
+            (0..len)
+                .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                .collect()
+        })
+        .collect();
+    let rows = client
+        .query(
+            "SELECT split_first(n), split_last(n) FROM unnest($1::text[]) WITH ORDINALITY AS u(n, i) \
+             ORDER BY i",
+            &[&names],
+        )
+        .await
+        .expect("split query");
+    assert_eq!(rows.len(), names.len());
+    for (name, row) in names.iter().zip(&rows) {
+        let got: (String, String) = (row.get(0), row.get(1));
+        assert_eq!(got, split_rule(name), "split of {name:?}");
+    }
+    drop(client);
+    cluster.stop().await.expect("stop");
+}
+
 #[tokio::test]
 async fn load_users_builds_the_mix() {
     let (cluster, client) = test_cluster().await;

@@ -372,6 +372,9 @@ pub enum Only {
     Changes,
     /// A fleet of 8 against the one pair, and planning 100 small members.
     Fleet,
+    /// pgcopydb against schemashift with the same two indexes (auto, then copy forced),
+    /// alternating, three rounds: the machine's drift shows between rounds.
+    LikeForLike,
 }
 
 /// Waits for Ctrl-C or SIGTERM; says which.
@@ -503,8 +506,14 @@ async fn bench_inner(
     }
     let peak_rss_mib = match only {
         None | Some(Only::Ours) => ours::run_all(&b, &mut c).await,
-        Some(Only::Peers | Only::Changes | Only::Fleet) => None,
+        Some(Only::Peers | Only::Changes | Only::Fleet | Only::LikeForLike) => None,
     };
+    if only == Some(Only::LikeForLike) {
+        for _ in 0..3 {
+            peers::run_pgcopydb(&b, &mut c).await;
+            ours::like_for_like(&b, &mut c).await;
+        }
+    }
     // The fleet's pair copies the scenario's source table, which the change rows write to:
     // they come last.
     if matches!(only, None | Some(Only::Fleet)) {

@@ -95,6 +95,20 @@ pub(super) async fn run_all(b: &Bench, c: &mut Collected) -> Option<f64> {
     peak_rss_mib()
 }
 
+/// The like-for-like rows: the target keeps only the source's two indexes (built after the
+/// load), as pgcopydb's copy has; `auto` as a user runs it, then copy forced (no
+/// measurement of the strategies at the start).
+pub(super) async fn like_for_like(b: &Bench, c: &mut Collected) {
+    let table_only = target_table_with_keys();
+    for strategy in [Strategy::Auto, Strategy::Copy] {
+        let label = format!("schemashift_{}_excluded_{strategy:?}", b.workers);
+        b.measure(c, &label, &table_only, |db| {
+            backfill(b, db, b.workers, Indexes::Excluded, strategy)
+        })
+        .await;
+    }
+}
+
 /// Capture and replay of `changes` changes (each count in turn), through the PostgreSQL
 /// table log and, with tansu, Kafka. The workload writes to the source, so this runs after
 /// every copy of the pristine table.
@@ -232,7 +246,8 @@ async fn backfill_with(
     let count = b.check_rows(&db).await?;
     let method = match (strategy, tls) {
         (Strategy::Fdw, _) => "schemashift backfill, fdw",
-        (Strategy::Auto | Strategy::Copy, false) => "schemashift backfill",
+        (Strategy::Auto, false) => "schemashift backfill",
+        (Strategy::Copy, false) => "schemashift backfill, copy",
         (Strategy::Auto | Strategy::Copy, true) => "schemashift backfill, TLS",
     };
     let mut m = b.copied(Kind::SchemashiftBackfill, method, workers, indexes);

@@ -266,6 +266,10 @@ pub(super) fn on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+pub(super) async fn run_pgcopydb(b: &Bench, c: &mut Collected) {
+    b.measure(c, "pgcopydb", "", |db| pgcopydb(b, db)).await;
+}
+
 async fn pgcopydb(b: &Bench, db: String) -> anyhow::Result<Outcome> {
     let Some(bin) = on_path("pgcopydb") else {
         return Ok(Outcome::Skipped(
