@@ -48,6 +48,10 @@ CREATE TABLE IF NOT EXISTS {schema}.changes (
     unchanged int2[]
 );
 CREATE INDEX IF NOT EXISTS changes_part_seq ON {schema}.changes (part, seq);
+-- Capture analyzes the log each time it doubles (replay's read needs its size to pick the
+-- index); a 3,000-row sample of the two columns that read filters and orders by gives that
+-- plan, where the default 30,000 made the ANALYZEs a tenth of a short capture's time.
+ALTER TABLE {schema}.changes ALTER COLUMN part SET STATISTICS 10, ALTER COLUMN seq SET STATISTICS 10;
 
 -- Last source commit whose changes are in the change log (end LSN).
 CREATE TABLE IF NOT EXISTS {schema}.capture (

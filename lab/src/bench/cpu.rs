@@ -135,7 +135,10 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 /// The postmaster's own time, its reaped children's (exited backends and workers, counted
-/// in its cutime/cstime) and its live children's; and whether any child is a zombie.
+/// in its cutime/cstime) and its live children's; and whether any child is a zombie. A
+/// child reaped while /proc is scanned would be in neither (several sessions ending
+/// together lost a whole 10M-row copy's source CPU once), so the scan is repeated until
+/// the postmaster's children's time did not move during it.
 fn cluster_seconds(data_dir: &Path) -> (f64, bool) {
     let Some(pm) = std::fs::read_to_string(data_dir.join("postmaster.pid"))
         .ok()
@@ -143,17 +146,34 @@ fn cluster_seconds(data_dir: &Path) -> (f64, bool) {
     else {
         return (0.0, false);
     };
-    let mut total = process_seconds(&pm, true);
-    let mut zombies = false;
+    let reaped = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pm}/stat")).unwrap_or_default();
+        stat_seconds(&stat, true) - stat_seconds(&stat, false)
+    };
+    let mut tries = 0;
+    loop {
+        let before = reaped();
+        let total = process_seconds(&pm, true);
+        let (live, zombies) = live_children(&pm);
+        tries += 1;
+        if reaped() == before || tries >= 100 {
+            return (total + live, zombies);
+        }
+    }
+}
+
+/// CPU seconds of the live children of `pm`, and whether any is a zombie.
+fn live_children(pm: &str) -> (f64, bool) {
+    let (mut total, mut zombies) = (0.0, false);
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return (total, false);
+        return (0.0, false);
     };
     for p in procs.flatten() {
         let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
         let Some(f) = stat_fields(&stat) else {
             continue;
         };
-        if f.get(1).copied() == Some(pm.as_str()) {
+        if f.get(1).copied() == Some(pm) {
             zombies |= f.first().copied() == Some("Z");
             total += stat_seconds(&stat, true);
         }

@@ -2,6 +2,7 @@
 //! postgres_fdw, pgcopydb, native logical replication) on one pair of throwaway clusters,
 //! in one run, on this machine. It measures and reports; it never judges timings.
 
+mod changes;
 mod cpu;
 mod fleet;
 mod machine;
@@ -375,6 +376,9 @@ pub enum Only {
     /// pgcopydb against schemashift with the same two indexes (auto, then copy forced),
     /// alternating, three rounds: the machine's drift shows between rounds.
     LikeForLike,
+    /// One stream against one worker, all five indexes rebuilt after the load,
+    /// alternating, two rounds.
+    OneWorker,
 }
 
 /// Waits for Ctrl-C or SIGTERM; says which.
@@ -506,12 +510,20 @@ async fn bench_inner(
     }
     let peak_rss_mib = match only {
         None | Some(Only::Ours) => ours::run_all(&b, &mut c).await,
-        Some(Only::Peers | Only::Changes | Only::Fleet | Only::LikeForLike) => None,
+        Some(Only::Peers | Only::Changes | Only::Fleet | Only::LikeForLike | Only::OneWorker) => {
+            None
+        }
     };
     if only == Some(Only::LikeForLike) {
         for _ in 0..3 {
             peers::run_pgcopydb(&b, &mut c).await;
             ours::like_for_like(&b, &mut c).await;
+        }
+    }
+    if only == Some(Only::OneWorker) {
+        for _ in 0..2 {
+            peers::run_raw_rebuilt(&b, &mut c, 1).await;
+            ours::one_worker(&b, &mut c).await;
         }
     }
     // The fleet's pair copies the scenario's source table, which the change rows write to:
@@ -520,7 +532,7 @@ async fn bench_inner(
         fleet::run_all(&b, &mut c).await;
     }
     if matches!(only, None | Some(Only::Ours | Only::Changes)) {
-        ours::run_changes(&b, &mut c, changes).await;
+        changes::run_changes(&b, &mut c, changes).await;
     }
     peers::ratios(&mut c.results);
     let report = BenchReport {

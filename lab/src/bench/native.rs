@@ -1,9 +1,9 @@
 //! The change path's references: PostgreSQL's own logical replication catching up a backlog
 //! into an untransformed copy, and the decoding limit (pgoutput decoded by the server and
 //! thrown away by `pg_recvlogical`), beside schemashift's capture and replay of the same
-//! kind of backlog (`ours::run_changes`).
+//! kind of backlog (`changes::run_changes`).
 
-use super::ours::workload;
+use super::changes::workload;
 use super::peers::{drop_subscription, published, sync, sync_worker_gone, workers_gone};
 use super::{client, Bench, Kind, Measurement, Outcome, SOURCE_DB};
 use crate::cluster::bin_dir;

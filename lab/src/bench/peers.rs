@@ -266,6 +266,15 @@ pub(super) fn on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The raw pipe with `k` streams into the bare table, its five indexes built after.
+pub(super) async fn run_raw_rebuilt(b: &Bench, c: &mut Collected, k: usize) {
+    let (table_only, _, _) = target_table_and_indexes();
+    b.measure(c, &format!("raw_{k}_rebuilt"), &table_only, |db| {
+        raw_pipe(b, db, k, Indexes::Rebuilt)
+    })
+    .await;
+}
+
 pub(super) async fn run_pgcopydb(b: &Bench, c: &mut Collected) {
     b.measure(c, "pgcopydb", "", |db| pgcopydb(b, db)).await;
 }
