@@ -257,8 +257,10 @@ pub enum Command {
         /// Also write the report as a markdown document (e.g. docs/benchmarks.md).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Measure only schemashift (`ours`), only the peers (`peers`), or only capture and
-        /// replay (`changes`); ratios need both sides.
+        /// Measure only schemashift (`ours`), only the peers (`peers`), only capture and
+        /// replay (`changes`), only the fleet rows (`fleet`), pgcopydb against schemashift
+        /// with the same two indexes in three alternating rounds (`like-for-like`), or one
+        /// raw stream against one worker in two (`one-worker`); ratios need both sides.
         #[arg(long, value_enum)]
         only: Option<schemashift_lab::bench::Only>,
         /// Changes in the capture and replay workload, one row pair per count (comma

@@ -29,20 +29,17 @@ CREATE INDEX users_first_name_last_name_idx ON public.users (first_name, last_na
 
 /// The split rule as SQL helpers: trim spaces, split at the last space, trim the parts; no
 /// space gives `(name, '')`, empty (or NULL) gives `('', '')`. Single-expression `sql`
-/// functions without FROM so the planner inlines them into the backfill query. Built on
-/// `split_part(…, -1)` (PostgreSQL 14+): evaluating them was most of the source's CPU in a
-/// copy, and this form costs half of the `reverse`/`strpos` one it replaced.
+/// functions without FROM so the planner inlines them into the backfill query.
 pub const SPLIT_FUNCTIONS: [&str; 3] = [
-    // Everything before the last space (all but the last part and its space).
+    // Everything before the last space; without a space `left` keeps the whole string.
     "CREATE FUNCTION split_first(n text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
-  SELECT CASE WHEN strpos(btrim(coalesce(n, '')), ' ') = 0 THEN btrim(coalesce(n, ''))
-              ELSE rtrim(left(btrim(coalesce(n, '')),
-                              -1 - length(split_part(btrim(coalesce(n, '')), ' ', -1)))) END
+  SELECT rtrim(left(btrim(coalesce(n, '')),
+                    length(btrim(coalesce(n, ''))) - strpos(reverse(btrim(coalesce(n, ''))), ' ')))
 $$",
-    // Everything after the last space: the last part.
+    // Everything after the last space; without a space the start lies past the end, giving ''.
     "CREATE FUNCTION split_last(n text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
-  SELECT CASE WHEN strpos(btrim(coalesce(n, '')), ' ') = 0 THEN ''
-              ELSE split_part(btrim(coalesce(n, '')), ' ', -1) END
+  SELECT substr(btrim(coalesce(n, '')),
+                length(btrim(coalesce(n, ''))) - strpos(reverse(btrim(coalesce(n, ''))), ' ') + 2)
 $$",
     // The non-empty parts joined by one space (|| is immutable, concat_ws is only stable).
     "CREATE FUNCTION concat_names(first text, last text) RETURNS text LANGUAGE sql IMMUTABLE AS $$

@@ -97,6 +97,9 @@ pub struct Measurement {
     /// CPU seconds per million rows (or changes) on the source, the target and the client,
     /// over the measured time (for schemashift backfill: over its wall time).
     pub cpu_s_per_million: Option<CpuUse>,
+    /// For schemashift's backfill, its CPU total over the reference's: pgcopydb's with the
+    /// name indexes excluded (both keep two), the raw pipe's lowest with all five.
+    pub cpu_vs_reference: Option<f64>,
     /// Peak resident set of this process over the measured span (VmHWM reset at its
     /// start); None for peers, which run in processes of their own.
     pub peak_rss_mib: Option<f64>,

@@ -18,7 +18,7 @@ fn grouped(n: u64) -> String {
 /// Column titles; columns 0, 2 and 3 are text (left-aligned), the others numbers.
 const HEADER: &str = "method|par.|transformed|indexes|rows|s|wall s|rows/s|MB/s\
     |× raw pipe same par. & indexes|× fastest raw pipe|CPU s/M source|CPU s/M target\
-    |CPU s/M client|CPU s/M total|peak MiB";
+    |CPU s/M client|CPU s/M total|CPU × ref|peak MiB";
 
 fn cells(m: &Measurement) -> Vec<String> {
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
@@ -45,6 +45,7 @@ fn cells(m: &Measurement) -> Vec<String> {
         opt(m.cpu_s_per_million.map(|c| c.target), 1),
         opt(m.cpu_s_per_million.map(|c| c.client), 1),
         opt(m.cpu_s_per_million.map(|c| c.total()), 1),
+        opt(m.cpu_vs_reference, 2),
         opt(m.peak_rss_mib, 0),
     ]
 }
@@ -159,7 +160,10 @@ fn markdown(r: &BenchReport) -> String {
          client (this process with its embedded workers and the processes it waited for: \
          sh, psql, pgcopydb), over the measured time; for schemashift backfill over its wall \
          time, which includes the auto strategy's measurement. On this host both servers \
-         share the cores, so the total is what bounds a method. Peak MiB is this process's \
+         share the cores, so the total is what bounds a method. CPU × ref, for schemashift's \
+         backfill: its CPU total over pgcopydb's when the name indexes are excluded (two \
+         indexes each; in a run of rounds the pgcopydb row before it), over the raw pipe's \
+         lowest with five indexes when it builds all five. Peak MiB is this process's \
          peak resident set over the measured span (VmHWM reset at its start), for the methods \
          that run in it.\n\n",
     );
