@@ -508,15 +508,12 @@ async fn bench_inner(
     if let Err(why) = &cert {
         c.notes.push(format!("TLS rows skipped: {why}"));
     }
-    if only.is_none() || only == Some(Only::Peers) {
-        peers::run_all(&b, &mut c).await;
-    }
-    let peak_rss_mib = match only {
-        None | Some(Only::Ours) => ours::run_all(&b, &mut c).await,
-        Some(Only::Peers | Only::Changes | Only::Fleet | Only::LikeForLike | Only::OneWorker) => {
-            None
-        }
-    };
+    let (with_peers, with_ours) = (
+        matches!(only, None | Some(Only::Peers)),
+        matches!(only, None | Some(Only::Ours)),
+    );
+    copies(&b, &mut c, with_peers, with_ours).await;
+    let peak_rss_mib = with_ours.then(cpu::peak_rss_mib).flatten();
     if only == Some(Only::LikeForLike) {
         for _ in 0..3 {
             peers::run_pgcopydb(&b, &mut c).await;
@@ -557,6 +554,43 @@ async fn bench_inner(
         tracing::warn!(error = %e, "could not stop a bench cluster");
     }
     Ok((report, c.failed))
+}
+
+/// The copy rows, each peer's row beside schemashift's of the same kind (the raw pipe then
+/// schemashift at each parallelism, the two-index rows, TLS, fdw), so that the machine's
+/// speed drifting during a run moves both sides of a ratio alike.
+async fn copies(b: &Bench, c: &mut Collected, with_peers: bool, with_ours: bool) {
+    for k in parallelisms(b.workers) {
+        if with_peers {
+            peers::raw_at(b, c, k).await;
+        }
+        if with_ours {
+            ours::backfill_at(b, c, k).await;
+        }
+    }
+    if with_peers {
+        peers::two_indexes(b, c).await;
+    }
+    if with_ours {
+        ours::excluded(b, c).await;
+    }
+    if b.tls_ready {
+        if with_peers {
+            peers::raw_tls(b, c).await;
+        }
+        if with_ours {
+            ours::tls(b, c).await;
+        }
+    }
+    if with_peers {
+        peers::run_fdw(b, c).await;
+    }
+    if with_ours {
+        ours::fdw(b, c).await;
+    }
+    if with_peers {
+        peers::run_logical(b, c).await;
+    }
 }
 
 /// The 1-minute load average of the machine.

@@ -1,10 +1,7 @@
 //! schemashift's backfill: at several worker counts, with the name indexes excluded, over
 //! TLS, by fdw; and the runs, spec and cleanup the change rows (`changes`) reuse.
 
-use super::{
-    cpu::peak_rss_mib, parallelisms, target_table_with_keys, Bench, Collected, Indexes, Kind,
-    Outcome,
-};
+use super::{target_table_with_keys, Bench, Collected, Indexes, Kind, Outcome};
 use crate::scenario::{users_spec_yaml, TARGET_DDL};
 use schemashift_common::control::ControlSql;
 use schemashift_common::pg::connect;
@@ -48,33 +45,38 @@ so each change costs the same index work as in the new schema.
 /dev/null.
 ";
 
-pub(super) async fn run_all(b: &Bench, c: &mut Collected) -> Option<f64> {
-    for w in parallelisms(b.workers) {
-        let label = format!("schemashift_{w}_in_place");
-        b.measure(c, &label, TARGET_DDL, |db| {
-            backfill(b, db, w, Indexes::InPlace, Strategy::Auto)
-        })
-        .await;
-    }
+/// `w` workers into the new schema (its five indexes dropped for the load, built after).
+pub(super) async fn backfill_at(b: &Bench, c: &mut Collected, w: usize) {
+    b.measure(c, &format!("schemashift_{w}_in_place"), TARGET_DDL, |db| {
+        backfill(b, db, w, Indexes::InPlace, Strategy::Auto)
+    })
+    .await;
+}
+
+/// With the name indexes excluded: the key and email indexes only, as pgcopydb builds.
+pub(super) async fn excluded(b: &Bench, c: &mut Collected) {
     let table_only = target_table_with_keys();
     let label = format!("schemashift_{}_excluded", b.workers);
     b.measure(c, &label, &table_only, |db| {
         backfill(b, db, b.workers, Indexes::Excluded, Strategy::Auto)
     })
     .await;
-    if b.tls_ready {
-        let label = format!("schemashift_{}_in_place_tls", b.workers);
-        super::tls::rows(b, c, &label, TARGET_DDL, |db| {
-            backfill_with(b, db, b.workers, Indexes::InPlace, Strategy::Auto, true)
-        })
-        .await;
-    }
+}
+
+pub(super) async fn tls(b: &Bench, c: &mut Collected) {
+    let label = format!("schemashift_{}_in_place_tls", b.workers);
+    super::tls::rows(b, c, &label, TARGET_DDL, |db| {
+        backfill_with(b, db, b.workers, Indexes::InPlace, Strategy::Auto, true)
+    })
+    .await;
+}
+
+pub(super) async fn fdw(b: &Bench, c: &mut Collected) {
     let label = format!("schemashift_{}_fdw", b.workers);
     b.measure(c, &label, TARGET_DDL, |db| {
         backfill(b, db, b.workers, Indexes::InPlace, Strategy::Fdw)
     })
     .await;
-    peak_rss_mib()
 }
 
 /// The like-for-like rows: the target keeps only the source's two indexes (built after the

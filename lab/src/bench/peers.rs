@@ -3,8 +3,8 @@
 //! replication.
 
 use super::{
-    client, parallelisms, target_table_and_indexes, Bench, Collected, Indexes, Kind, Measurement,
-    Outcome, SOURCE_DB,
+    client, target_table_and_indexes, Bench, Collected, Indexes, Kind, Measurement, Outcome,
+    SOURCE_DB,
 };
 use crate::cluster::bin_dir;
 use crate::scenario::{SOURCE_DDL, SPLIT_FUNCTIONS, TARGET_DDL};
@@ -34,17 +34,11 @@ const SYNC_POLL: Duration = Duration::from_millis(20);
 /// A sync slower than this is reported as a failure rather than waited for forever.
 const SYNC_LIMIT: Duration = Duration::from_secs(3600);
 
-pub(super) async fn run_all(b: &Bench, c: &mut Collected) {
-    let (table_only, _, _) = target_table_and_indexes();
-    // Every index handling at every parallelism schemashift runs with, so that each
-    // result has a raw pipe doing the same to compare with.
-    let mut variants: Vec<(usize, Indexes)> = parallelisms(b.workers)
-        .into_iter()
-        .flat_map(|k| [(k, Indexes::InPlace), (k, Indexes::Rebuilt)])
-        .collect();
-    variants.push((b.workers, Indexes::Excluded));
-    for (k, idx) in variants {
+/// The raw pipe with `k` streams, indexes in place and rebuilt after the load.
+pub(super) async fn raw_at(b: &Bench, c: &mut Collected, k: usize) {
+    for idx in [Indexes::InPlace, Indexes::Rebuilt] {
         let label = format!("raw_{k}_{}", idx.label().replace(' ', "_"));
+        let (table_only, _, _) = target_table_and_indexes();
         let ddl = if idx == Indexes::InPlace {
             TARGET_DDL
         } else {
@@ -53,16 +47,34 @@ pub(super) async fn run_all(b: &Bench, c: &mut Collected) {
         b.measure(c, &label, ddl, |db| raw_pipe(b, db, k, idx))
             .await;
     }
-    if b.tls_ready {
-        let k = b.workers;
-        // Rebuilt, as schemashift's backfill does: the TLS pair compares like with like.
-        super::tls::rows(b, c, &format!("raw_{k}_rebuilt_tls"), &table_only, |db| {
-            raw_pipe_with(b, db, k, Indexes::Rebuilt, true)
-        })
-        .await;
-    }
+}
+
+/// The raw pipe with the name indexes excluded, then pgcopydb (two indexes each).
+pub(super) async fn two_indexes(b: &Bench, c: &mut Collected) {
+    let (table_only, _, _) = target_table_and_indexes();
+    let k = b.workers;
+    b.measure(c, &format!("raw_{k}_excluded"), &table_only, |db| {
+        raw_pipe(b, db, k, Indexes::Excluded)
+    })
+    .await;
+    run_pgcopydb(b, c).await;
+}
+
+/// The raw pipe over TLS, rebuilt as schemashift's backfill does (like with like).
+pub(super) async fn raw_tls(b: &Bench, c: &mut Collected) {
+    let (table_only, _, _) = target_table_and_indexes();
+    let k = b.workers;
+    super::tls::rows(b, c, &format!("raw_{k}_rebuilt_tls"), &table_only, |db| {
+        raw_pipe_with(b, db, k, Indexes::Rebuilt, true)
+    })
+    .await;
+}
+
+pub(super) async fn run_fdw(b: &Bench, c: &mut Collected) {
     b.measure(c, "fdw", TARGET_DDL, |db| fdw(b, db)).await;
-    b.measure(c, "pgcopydb", "", |db| pgcopydb(b, db)).await;
+}
+
+pub(super) async fn run_logical(b: &Bench, c: &mut Collected) {
     b.measure(c, "logical", SOURCE_DDL, |db| logical(b, db))
         .await;
 }
