@@ -61,6 +61,7 @@ pub async fn copy_shard(
         .map_err(fail)?;
     futures_util::pin_mut!(stream);
     let mut bytes = 0u64;
+    let mut batch = schemashift_common::pg::CopyBatch::new();
     loop {
         // Throttled: stop pulling rows; both servers' copy backends then sit idle on the
         // socket (the transactions stay open) until the coordinator releases the hold.
@@ -78,7 +79,12 @@ pub async fn copy_shard(
             .bytes
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         progress.messages.fetch_add(1, Ordering::Relaxed);
-        sink.feed(chunk).await.map_err(fail)?;
+        if let Some(full) = batch.push(&chunk) {
+            sink.feed(full).await.map_err(fail)?;
+        }
+    }
+    if let Some(rest) = batch.rest() {
+        sink.feed(rest).await.map_err(fail)?;
     }
     let rows = sink.as_mut().finish().await.map_err(fail)?;
     finish(tx, control, table, shard, epoch, rows, bytes).await

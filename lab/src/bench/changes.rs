@@ -4,6 +4,7 @@
 
 use super::native::CopyIndexes;
 use super::ours::{cleaned, run_backfill, spec};
+use super::tansu::Tansu;
 use super::{cpu::Spent, Bench, Collected, Kind, Measurement, Outcome};
 use crate::scenario::{SOURCE_DDL, TARGET_DDL};
 use anyhow::Context;
@@ -17,11 +18,8 @@ use schemashift_common::spec::Spec;
 use schemashift_coordinator::capture::{flush_wal, Capture};
 use schemashift_coordinator::control::Store;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::process::{Child, Command};
 use tokio_postgres::Client;
 
 /// Changes per workload transaction: a few large transactions, as a batch job makes.
@@ -495,75 +493,4 @@ pub(super) async fn workload(source: &Client, total: u64) -> anyhow::Result<u64>
         changed += source.execute(&delete, &[&max_id, &(n as i64)]).await?;
     }
     Ok(changed)
-}
-
-/// A Kafka-protocol broker with in-memory storage, started like the tests start it.
-pub(super) struct Tansu {
-    child: Child,
-    port: u16,
-}
-
-/// tansu on PATH, then in ~/.cargo/bin (where `cargo install` puts it).
-fn tansu_bin() -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.into_iter()
-        .map(|d| d.join("tansu"))
-        .find(|p| p.is_file())
-}
-
-impl Tansu {
-    pub async fn start() -> anyhow::Result<Option<Tansu>> {
-        let Some(bin) = tansu_bin() else {
-            return Ok(None);
-        };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("finding a free port for tansu")?
-            .port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting tansu")?;
-        let broker = Tansu { child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "tansu did not listen on port {port}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tracing::info!(port, "tansu started");
-        Ok(Some(broker))
-    }
-
-    pub fn changelog(&self) -> String {
-        format!("kafka://127.0.0.1:{}", self.port)
-    }
-
-    pub async fn stop(mut self) {
-        if let Err(e) = self.child.kill().await {
-            tracing::warn!(error = %e, "could not stop tansu");
-        }
-    }
 }

@@ -7,9 +7,12 @@ mod cpu;
 mod fleet;
 mod machine;
 mod native;
+mod order;
 mod ours;
 mod peers;
+mod ratios;
 mod render;
+mod tansu;
 mod tls;
 
 pub use machine::Machine;
@@ -508,33 +511,8 @@ async fn bench_inner(
     if let Err(why) = &cert {
         c.notes.push(format!("TLS rows skipped: {why}"));
     }
-    let (with_peers, with_ours) = (
-        matches!(only, None | Some(Only::Peers)),
-        matches!(only, None | Some(Only::Ours)),
-    );
-    copies(&b, &mut c, with_peers, with_ours).await;
-    let peak_rss_mib = with_ours.then(cpu::peak_rss_mib).flatten();
-    if only == Some(Only::LikeForLike) {
-        for _ in 0..3 {
-            peers::run_pgcopydb(&b, &mut c).await;
-            ours::like_for_like(&b, &mut c).await;
-        }
-    }
-    if only == Some(Only::OneWorker) {
-        for _ in 0..2 {
-            peers::run_raw_rebuilt(&b, &mut c, 1).await;
-            ours::one_worker(&b, &mut c).await;
-        }
-    }
-    // The fleet's pair copies the scenario's source table, which the change rows write to:
-    // they come last.
-    if matches!(only, None | Some(Only::Fleet)) {
-        fleet::run_all(&b, &mut c).await;
-    }
-    if matches!(only, None | Some(Only::Ours | Only::Changes)) {
-        changes::run_changes(&b, &mut c, changes).await;
-    }
-    peers::ratios(&mut c.results);
+    let peak_rss_mib = order::measure_all(&b, &mut c, only, changes).await;
+    ratios::fill(&mut c.results);
     let report = BenchReport {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         date,
@@ -554,43 +532,6 @@ async fn bench_inner(
         tracing::warn!(error = %e, "could not stop a bench cluster");
     }
     Ok((report, c.failed))
-}
-
-/// The copy rows, each peer's row beside schemashift's of the same kind (the raw pipe then
-/// schemashift at each parallelism, the two-index rows, TLS, fdw), so that the machine's
-/// speed drifting during a run moves both sides of a ratio alike.
-async fn copies(b: &Bench, c: &mut Collected, with_peers: bool, with_ours: bool) {
-    for k in parallelisms(b.workers) {
-        if with_peers {
-            peers::raw_at(b, c, k).await;
-        }
-        if with_ours {
-            ours::backfill_at(b, c, k).await;
-        }
-    }
-    if with_peers {
-        peers::two_indexes(b, c).await;
-    }
-    if with_ours {
-        ours::excluded(b, c).await;
-    }
-    if b.tls_ready {
-        if with_peers {
-            peers::raw_tls(b, c).await;
-        }
-        if with_ours {
-            ours::tls(b, c).await;
-        }
-    }
-    if with_peers {
-        peers::run_fdw(b, c).await;
-    }
-    if with_ours {
-        ours::fdw(b, c).await;
-    }
-    if with_peers {
-        peers::run_logical(b, c).await;
-    }
 }
 
 /// The 1-minute load average of the machine.

@@ -3,8 +3,7 @@
 //! replication.
 
 use super::{
-    client, target_table_and_indexes, Bench, Collected, Indexes, Kind, Measurement, Outcome,
-    SOURCE_DB,
+    client, target_table_and_indexes, Bench, Collected, Indexes, Kind, Outcome, SOURCE_DB,
 };
 use crate::cluster::bin_dir;
 use crate::scenario::{SOURCE_DDL, SPLIT_FUNCTIONS, TARGET_DDL};
@@ -87,78 +86,6 @@ pub(super) async fn create_split_functions(c: &Client) -> anyhow::Result<()> {
             .context("creating split functions")?;
     }
     Ok(())
-}
-
-/// Fills the ratio columns of the copy results. Rates: against the raw pipe with the same
-/// parallelism and index handling (else indexes in place), and against the fastest. CPU,
-/// for schemashift's backfill: with the name indexes excluded against pgcopydb (the same
-/// two indexes), with all five against the raw pipe's lowest with five. A run that repeats
-/// methods in rounds compares each row with the nearest such row before it.
-pub(super) fn ratios(results: &mut [Measurement]) {
-    let raw: Vec<(usize, usize, Option<Indexes>, bool, f64)> = results
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.kind == Kind::RawPipe)
-        .map(|(i, m)| (i, m.parallelism, m.indexes, m.tls, m.per_second))
-        .collect();
-    let fastest = raw.iter().filter(|r| !r.3).map(|r| r.4).fold(0.0, f64::max);
-    let cpu = |m: &Measurement| m.cpu_s_per_million.map(|c| c.total());
-    let five = |m: &Measurement| matches!(m.indexes, Some(Indexes::InPlace | Indexes::Rebuilt));
-    let pgcopydb: Vec<(usize, f64)> = results
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.kind == Kind::Pgcopydb)
-        .filter_map(|(i, m)| Some((i, cpu(m)?)))
-        .collect();
-    let raw_five_cpu: Vec<(usize, f64)> = results
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.kind == Kind::RawPipe && !m.tls && five(m))
-        .filter_map(|(i, m)| Some((i, cpu(m)?)))
-        .collect();
-    // The nearest before `i`, else the first.
-    fn nearest<T: Copy>(v: &[(usize, T)], i: usize) -> Option<T> {
-        v.iter()
-            .rev()
-            .find(|(j, _)| *j < i)
-            .or(v.first())
-            .map(|x| x.1)
-    }
-    for (i, m) in results.iter_mut().enumerate() {
-        if m.unit != "rows" {
-            continue;
-        }
-        // A TLS row against the raw pipe with TLS, a plain one against the plain pipe.
-        let like = |idx: Option<Indexes>| {
-            let same: Vec<(usize, f64)> = raw
-                .iter()
-                .filter(|r| r.1 == m.parallelism && r.2 == idx && r.3 == m.tls)
-                .map(|r| (r.0, r.4))
-                .collect();
-            nearest(&same, i)
-        };
-        let same = like(m.indexes)
-            .or_else(|| like(Some(Indexes::InPlace)))
-            .filter(|s| *s > 0.0);
-        m.vs_raw_same_parallelism = same.map(|s| m.per_second / s);
-        m.vs_fastest_raw = (fastest > 0.0).then(|| m.per_second / fastest);
-        if m.kind != Kind::SchemashiftBackfill || m.tls {
-            continue;
-        }
-        let reference = match m.indexes {
-            Some(Indexes::Excluded) => nearest(&pgcopydb, i),
-            // The raw pipe's best: its lowest CPU with five indexes, in place or rebuilt.
-            Some(Indexes::InPlace | Indexes::Rebuilt) => raw_five_cpu
-                .iter()
-                .map(|r| r.1)
-                .fold(None, |a: Option<f64>, c| Some(a.map_or(c, |a| a.min(c)))),
-            None => None,
-        };
-        m.cpu_vs_reference = match (cpu(m), reference) {
-            (Some(c), Some(r)) if r > 0.0 => Some(c / r),
-            _ => None,
-        };
-    }
 }
 
 /// The last `n` lines of a process's stderr, for an error message.
