@@ -21,3 +21,21 @@ pub struct Host {
     pub local: Arc<dyn LocalWorker>,
     pub progress: Arc<Progress>,
 }
+
+/// The tansu binary (a Kafka-protocol broker): `$SCHEMASHIFT_TANSU`, then PATH, then
+/// `~/.cargo/bin` (where `cargo install` puts it).
+pub fn tansu_bin() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    if let Some(p) = std::env::var_os("SCHEMASHIFT_TANSU") {
+        return Some(PathBuf::from(p));
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join("tansu"))
+        .find(|p| p.is_file())
+}

@@ -18,19 +18,7 @@ pub struct Broker {
 
 /// The tansu binary: $SCHEMASHIFT_TANSU, then PATH, then ~/.cargo/bin.
 fn tansu_bin() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("SCHEMASHIFT_TANSU") {
-        return Ok(PathBuf::from(p));
-    }
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.into_iter()
-        .map(|d| d.join("tansu"))
-        .find(|p| p.is_file())
-        .context("tansu not found: run ./scripts/test.sh (it installs it) or `cargo install tansu --locked --features dynostore`")
+    schemashift_lab::tansu_bin().context("tansu not found: run ./scripts/test.sh (it installs it) or `cargo install tansu --locked --features dynostore`")
 }
 
 impl Broker {

@@ -55,7 +55,7 @@ pub(super) async fn run_changes(b: &Bench, c: &mut Collected, changes: &[u64]) {
                 c,
                 &format!("replay_postgres_{n}_{workers}"),
                 TARGET_DDL,
-                |db| replay(b, db, None, n, workers),
+                |db| replay(b, db, None, n, workers, Order::OneThenOther),
             )
             .await;
         }
@@ -64,7 +64,7 @@ pub(super) async fn run_changes(b: &Bench, c: &mut Collected, changes: &[u64]) {
                 c,
                 &format!("catch_up_postgres_{n}_{workers}"),
                 TARGET_DDL,
-                |db| catch_up(b, db, None, n, workers),
+                |db| replay(b, db, None, n, workers, Order::AtOnce),
             )
             .await;
         }
@@ -74,11 +74,11 @@ pub(super) async fn run_changes(b: &Bench, c: &mut Collected, changes: &[u64]) {
             let url = broker.changelog();
             for &n in changes {
                 b.measure(c, &format!("replay_kafka_{n}"), TARGET_DDL, |db| {
-                    replay(b, db, Some(url.clone()), n, 1)
+                    replay(b, db, Some(url.clone()), n, 1, Order::OneThenOther)
                 })
                 .await;
                 b.measure(c, &format!("catch_up_kafka_{n}"), TARGET_DDL, |db| {
-                    catch_up(b, db, Some(url.clone()), n, 1)
+                    replay(b, db, Some(url.clone()), n, 1, Order::AtOnce)
                 })
                 .await;
             }
@@ -97,12 +97,23 @@ pub(super) async fn run_changes(b: &Bench, c: &mut Collected, changes: &[u64]) {
     }
 }
 
+/// How a catch-up's capture and replay are run.
+#[derive(Clone, Copy)]
+enum Order {
+    /// Capture of the whole backlog, then replay of it: each one's own rate and CPU.
+    OneThenOther,
+    /// Both at once, as a run catches up: timed from the start of capture until every
+    /// partition applied the whole backlog.
+    AtOnce,
+}
+
 async fn replay(
     b: &Bench,
     db: String,
     kafka: Option<String>,
     changes: u64,
     workers: usize,
+    order: Order,
 ) -> anyhow::Result<Outcome> {
     // As many change-log partitions as workers, each replayed by its own worker.
     let spec = spec(b, &db, workers, kafka.as_deref())?;
@@ -111,26 +122,10 @@ async fn replay(
     } else {
         "postgres log"
     };
-    let r = capture_and_replay(b, &spec, log, changes, workers).await;
-    Ok(Outcome::Measured(cleaned(&spec, r).await?))
-}
-
-/// Capture and replay at once, as a run catches up: timed from the start of capture until
-/// every partition applied the whole backlog.
-async fn catch_up(
-    b: &Bench,
-    db: String,
-    kafka: Option<String>,
-    changes: u64,
-    workers: usize,
-) -> anyhow::Result<Outcome> {
-    let spec = spec(b, &db, workers, kafka.as_deref())?;
-    let log = if kafka.is_some() {
-        "kafka log, tansu"
-    } else {
-        "postgres log"
+    let r = match order {
+        Order::OneThenOther => capture_and_replay(b, &spec, log, changes, workers).await,
+        Order::AtOnce => overlapped(b, &spec, log, changes, workers).await,
     };
-    let r = overlapped(b, &spec, log, changes, workers).await;
     Ok(Outcome::Measured(cleaned(&spec, r).await?))
 }
 

@@ -1,7 +1,6 @@
 //! A Kafka-protocol broker (tansu, in-memory storage) for the Kafka change-log rows.
 
 use anyhow::Context;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
@@ -12,22 +11,9 @@ pub(super) struct Tansu {
     port: u16,
 }
 
-/// tansu on PATH, then in ~/.cargo/bin (where `cargo install` puts it).
-fn tansu_bin() -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.into_iter()
-        .map(|d| d.join("tansu"))
-        .find(|p| p.is_file())
-}
-
 impl Tansu {
     pub async fn start() -> anyhow::Result<Option<Tansu>> {
-        let Some(bin) = tansu_bin() else {
+        let Some(bin) = crate::tansu_bin() else {
             return Ok(None);
         };
         let port = std::net::TcpListener::bind("127.0.0.1:0")
