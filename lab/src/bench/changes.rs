@@ -155,11 +155,24 @@ fn change_rate(
 struct Backlog {
     changes: u64,
     end: Lsn,
+    heads: LogHeads,
+    capture: Capture,
+    replayers: Vec<Replayer>,
+}
+
+/// Reads where each partition's part of the change log ends.
+struct LogHeads {
     plan: Arc<RunPlan>,
     store: Store,
     target: Client,
-    capture: Capture,
-    replayers: Vec<Replayer>,
+}
+
+impl LogHeads {
+    async fn read(&self) -> anyhow::Result<BTreeMap<u32, i64>> {
+        Ok(ChangeLog::of(&self.plan.changelog, &self.store.sql)
+            .head(&self.target)
+            .await?)
+    }
 }
 
 /// A partition's replayer with its own target and source sessions.
@@ -237,9 +250,11 @@ async fn backlog(b: &Bench, spec: &Spec, total: u64, workers: usize) -> anyhow::
     Ok(Backlog {
         changes,
         end,
-        plan,
-        store,
-        target,
+        heads: LogHeads {
+            plan,
+            store,
+            target,
+        },
         capture,
         replayers,
     })
@@ -266,9 +281,7 @@ async fn capture_and_replay(
     let Backlog {
         changes,
         end,
-        plan,
-        store,
-        target,
+        heads,
         mut capture,
         mut replayers,
     } = backlog(b, spec, total, workers).await?;
@@ -277,15 +290,12 @@ async fn capture_and_replay(
     let captured = b.spent(&span).await;
     drop(capture);
     // Where each partition's log ends (complete: capture ended before replay begins).
-    let heads = ChangeLog::of(&plan.changelog, &store.sql)
-        .head(&target)
-        .await?;
-    drop(target);
+    let (_ends, ends_rx) = tokio::sync::watch::channel(Some(heads.read().await?));
+    drop(heads);
     let span = b.span().await;
-    let applied: Vec<u64> = futures_util::future::try_join_all(replayers.iter_mut().map(|p| {
-        let end = heads.get(&p.part).copied().unwrap_or(0);
-        replay_all(&mut p.r, &mut p.target, &p.source, end)
-    }))
+    let applied: Vec<u64> = futures_util::future::try_join_all(
+        replayers.iter_mut().map(|p| follow(p, ends_rx.clone())),
+    )
     .await?;
     let applied: u64 = applied.iter().sum();
     anyhow::ensure!(
@@ -333,9 +343,7 @@ async fn overlapped(
     let Backlog {
         changes,
         end,
-        plan,
-        store,
-        target,
+        heads,
         mut capture,
         mut replayers,
     } = backlog(b, spec, total, workers).await?;
@@ -343,10 +351,7 @@ async fn overlapped(
     let span = b.span().await;
     let capturing = async {
         capture_until(&mut capture, end).await?;
-        let heads = ChangeLog::of(&plan.changelog, &store.sql)
-            .head(&target)
-            .await?;
-        heads_tx.send_replace(Some(heads));
+        heads_tx.send_replace(Some(heads.read().await?));
         Ok::<_, anyhow::Error>(())
     };
     let replaying = futures_util::future::try_join_all(
@@ -368,8 +373,8 @@ async fn overlapped(
     )])
 }
 
-/// Steps while capture appends; stops once capture has finished (sending where each
-/// partition's log ends) and this partition reached its end.
+/// Steps while capture appends (or after it ended); stops once capture has sent where
+/// each partition's log ends and this partition reached its end.
 async fn follow(
     p: &mut Replayer,
     mut heads: tokio::sync::watch::Receiver<Option<BTreeMap<u32, i64>>>,
@@ -403,34 +408,6 @@ async fn follow(
             _ = tokio::time::sleep(Duration::from_millis(5)) => {}
         }
     }
-}
-
-/// Steps until the partition's position reaches `end`, the end of its part of the log
-/// (complete: capture ended before replay began).
-async fn replay_all(
-    r: &mut PartitionReplayer,
-    target: &mut Client,
-    source: &Client,
-    end: i64,
-) -> anyhow::Result<u64> {
-    let mut applied = 0u64;
-    let mut last_progress = Instant::now();
-    while r.position().0 < end {
-        let n = r.step(target, source, REPLAY_BATCH).await?;
-        if n > 0 {
-            applied += n as u64;
-            last_progress = Instant::now();
-            continue;
-        }
-        anyhow::ensure!(
-            last_progress.elapsed() < REPLAY_STALL,
-            "replay reached {} of {end} and then nothing for {REPLAY_STALL:?}",
-            r.position().0
-        );
-        // A Kafka consumer may still be connecting; do not spin on it.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(applied)
 }
 
 /// About `total` changes on the source, all in SQL: 40% inserts of new users, 45%
