@@ -142,12 +142,22 @@ pub async fn drop_slot(source: &Client, name: &str) -> Result<(bool, bool), Coor
         )
         .await
         .map_err(db("stopping the slot's reader"))?;
-    let dropped_slot = source
-        .query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&name])
-        .await
-        .map_err(db("dropping the slot"))?
-        .len()
-        == 1;
+    // pg_terminate_backend only signals: the reader (or a stream its run just closed)
+    // releases the slot when its backend exits, a few milliseconds later.
+    let drop_sql =
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let dropped_slot = loop {
+        match source.query(drop_sql, &[&name]).await {
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            r => break r.map_err(db("dropping the slot"))?.len() == 1,
+        }
+    };
     let had_pub = exists(source, PUBLICATION_EXISTS, name, "checking publication").await?;
     source
         .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name)))
