@@ -74,30 +74,9 @@ impl<'a> Backfill<'a> {
                 _ = shutdown.changed() => {}
             }
         }
-        // Indexes dropped for the load (the key's included) are built once now, before replay
-        // writes; as many at once as there are workers (at least two: one worker's run still
-        // has the target's cores for this), within the host CPU limit. A stopped table's
-        // wait: it is copied again when it resumes.
-        let stopped: Vec<String> =
-            crate::stopped::list(&self.run.target, &self.run.store.sql, &self.run.plan)
-                .await?
-                .iter()
-                .filter_map(|s| self.run.plan.table(s.table_index))
-                .map(|t| t.target.to_string())
-                .collect();
-        let built = crate::indexes::rebuild(
-            &self.run.spec.target,
-            &self.run.target,
-            &self.run.store,
-            self.run
-                .workers
-                .max(2)
-                .min(self.run.svc.throttle().allowed()),
-            self.run.plan.low_priority,
-            self.run.gate.clone(),
-            &stopped,
-        )
-        .await?;
+        // Unique indexes dropped for the load (the key's included) are built once now,
+        // before replay writes; the others after its first catch-up (crate::indexes).
+        let built = build_indexes(self.run, crate::indexes::IndexSet::Unique).await?;
         if built > 0 {
             tracing::info!(indexes = built, "indexes rebuilt");
         }
@@ -115,4 +94,32 @@ impl<'a> Backfill<'a> {
         self.run.svc.set_stage(Stage::Replay);
         Ok(())
     }
+}
+
+/// Builds the run's recorded indexes of `set` not built yet: as many at once as there are
+/// workers (at least two: one worker's run still has the target's cores for this), within
+/// the host CPU limit. A stopped table's wait: it is copied again when it resumes.
+pub(crate) async fn build_indexes(
+    run: &RunCtx,
+    set: crate::indexes::IndexSet,
+) -> Result<usize, CoordinatorError> {
+    let stopped: Vec<String> = crate::stopped::list(&run.target, &run.store.sql, &run.plan)
+        .await?
+        .iter()
+        .filter_map(|s| run.plan.table(s.table_index))
+        .map(|t| t.target.to_string())
+        .collect();
+    crate::indexes::rebuild(
+        &run.spec.target,
+        &run.target,
+        &run.store,
+        crate::indexes::BuildOptions {
+            set,
+            parallel: run.workers.max(2).min(run.svc.throttle().allowed()),
+            low_priority: run.plan.low_priority,
+            gate: run.gate.clone(),
+            skip_tables: &stopped,
+        },
+    )
+    .await
 }

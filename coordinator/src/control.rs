@@ -350,6 +350,25 @@ impl Store {
             .collect())
     }
 
+    /// Replay partitions one of `workers` holds under a lease that has not expired.
+    pub async fn replay_leases_held(
+        &self,
+        target: &Client,
+        workers: &[String],
+    ) -> Result<i64, CoordinatorError> {
+        Ok(target
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {} WHERE worker = ANY($1) AND lease_expires_at > now()",
+                    self.sql.table("replay")
+                ),
+                &[&workers],
+            )
+            .await
+            .map_err(err("reading replay leases"))?
+            .get(0))
+    }
+
     pub async fn shard_counts(&self, target: &Client) -> Result<ShardCounts, CoordinatorError> {
         let row = target
             .query_one(

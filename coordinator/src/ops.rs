@@ -397,7 +397,19 @@ pub async fn cleanup(spec: &Spec) -> Result<CleanupReport, CoordinatorError> {
         .get(0);
     // A run abandoned before its cutover must not leave the target without its keys.
     let restored = crate::constraints::restore(&target, &store).await?
-        + crate::indexes::rebuild(&spec.target, &target, &store, 2, false, None, &[]).await?;
+        + crate::indexes::rebuild(
+            &spec.target,
+            &target,
+            &store,
+            crate::indexes::BuildOptions {
+                set: crate::indexes::IndexSet::All,
+                parallel: 2,
+                low_priority: false,
+                gate: None,
+                skip_tables: &[],
+            },
+        )
+        .await?;
     if restored > 0 {
         tracing::info!(restored, "foreign keys put back");
     }

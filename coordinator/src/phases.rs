@@ -8,6 +8,7 @@ use crate::replay::CatchUp;
 use crate::run::{RunCtx, RunEvent, RunOptions, RunReport, Until, Workers};
 use crate::verify::Verify;
 use schemashift_common::spec::Spec;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -66,12 +67,21 @@ async fn drive_phases(
     }
     ctx.event(RunEvent::BackfillDone);
     if until == Until::Backfill {
+        build_deferred(&mut ctx).await?;
         return end(ctx).await;
     }
-    let (_, lag) = CatchUp::new(&mut ctx)
+    let (_, mut lag) = CatchUp::new(&mut ctx)
         .now(None)
         .instrument(tracing::info_span!("replay"))
         .await?;
+    // The changes made during the backfill are applied: now the deferred indexes, then
+    // the changes made while they were built.
+    if build_deferred(&mut ctx).await? {
+        (_, lag) = CatchUp::new(&mut ctx)
+            .now(None)
+            .instrument(tracing::info_span!("replay"))
+            .await?;
+    }
     ctx.report.lag_seconds = lag.as_secs_f64();
     if until == Until::Replay {
         return end(ctx).await;
@@ -105,6 +115,44 @@ async fn drive_phases(
         ctx.report.cutover = Some(cut);
     }
     end(ctx).await
+}
+
+/// Builds the indexes deferred past the first catch-up (see [`crate::indexes`]) with
+/// replay stopped: a build holds a SHARE lock on its table, and a replay batch waiting on
+/// it would miss its heartbeats and lose its lease. Returns whether there were any (a
+/// resumed run may have built them already).
+async fn build_deferred(ctx: &mut RunCtx) -> Result<bool, CoordinatorError> {
+    if !crate::indexes::deferred_pending(&ctx.target, &ctx.store).await? {
+        return Ok(false);
+    }
+    let t0 = Instant::now();
+    let _stopped = ctx.svc.replay_stopped();
+    // Live workers give their partitions back at their next beat, a third of the lease
+    // TTL at most; a lease still held after a whole TTL has expired, and its holder is
+    // fenced. Leases of a crashed process have no one to wait for.
+    let deadline = t0 + ctx.svc.lease_ttl();
+    while Instant::now() < deadline
+        && ctx
+            .store
+            .replay_leases_held(&ctx.target, &ctx.svc.live_worker_ids())
+            .await?
+            > 0
+    {
+        if let Some(e) = ctx.local_failure().await {
+            return Err(e);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    crate::failpoint("deferred-indexes-replay-stopped");
+    let built = crate::backfill::build_indexes(ctx, crate::indexes::IndexSet::All)
+        .instrument(tracing::info_span!("indexes"))
+        .await?;
+    tracing::info!(
+        indexes = built,
+        seconds = t0.elapsed().as_secs_f64(),
+        "deferred indexes built"
+    );
+    Ok(true)
 }
 
 /// Ends the run: its report, or the tables that stopped, what to fix and how to resume.

@@ -54,6 +54,9 @@ pub struct ControlCoordinator {
     throttle: Arc<Throttle>,
     /// Set during a cutover: replay is then never held back (see [`ReplayUnheld`]).
     cutting_over: AtomicBool,
+    /// Set while the indexes deferred past the first catch-up are built: replay leases
+    /// are given back and none is handed out (see [`ReplayStopped`]).
+    replay_stopped: AtomicBool,
     /// Woken when a shard completes or fails, so the driver need not poll fast.
     pub changed: Notify,
 }
@@ -65,6 +68,18 @@ pub struct ReplayUnheld(Arc<ControlCoordinator>);
 impl Drop for ReplayUnheld {
     fn drop(&mut self) {
         self.0.cutting_over.store(false, Ordering::Relaxed);
+    }
+}
+
+/// While alive, workers replay nothing: their partitions come back at their next beat and
+/// are not leased again, so an index build's table lock does not leave a replay batch
+/// waiting on it past its lease.
+pub struct ReplayStopped(Arc<ControlCoordinator>);
+
+impl Drop for ReplayStopped {
+    fn drop(&mut self) {
+        self.0.replay_stopped.store(false, Ordering::Relaxed);
+        self.0.changed.notify_waiters();
     }
 }
 
@@ -118,11 +133,17 @@ impl ControlCoordinator {
             traceparent: Mutex::new(None),
             throttle,
             cutting_over: AtomicBool::new(false),
+            replay_stopped: AtomicBool::new(false),
             changed: Notify::new(),
         }
     }
 
     /// Until the guard drops, replay partitions are not held back by the throttle.
+    pub fn replay_stopped(self: &Arc<Self>) -> ReplayStopped {
+        self.replay_stopped.store(true, Ordering::Relaxed);
+        ReplayStopped(self.clone())
+    }
+
     pub fn replay_unheld(self: &Arc<Self>) -> ReplayUnheld {
         self.cutting_over.store(true, Ordering::Relaxed);
         ReplayUnheld(self.clone())
@@ -163,6 +184,21 @@ impl ControlCoordinator {
             .map(|w| w.values().filter(|s| s.at.elapsed() < ttl).count())
             .unwrap_or(1)
             .max(1)
+    }
+
+    /// Ids of the workers heard from within a lease TTL (by this process: a lease left
+    /// by a process that crashed has no live holder).
+    pub fn live_worker_ids(&self) -> Vec<String> {
+        let ttl = self.registration.lease_ttl;
+        self.workers
+            .lock()
+            .map(|w| {
+                w.iter()
+                    .filter(|(_, s)| s.at.elapsed() < ttl)
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// True once every worker heard from recently has been told the run is over. "Recently"
@@ -285,6 +321,9 @@ impl CoordinatorService for ControlCoordinator {
                 // backfill is over and replay starts soon.
                 None => Work::Wait(Duration::from_millis(200)),
             },
+            Stage::Replay if self.replay_stopped.load(Ordering::Relaxed) => {
+                Work::Wait(Duration::from_millis(200))
+            }
             Stage::Replay => {
                 let partitions = self.lease_partitions(worker).await?;
                 if partitions.is_empty() {
@@ -367,6 +406,12 @@ impl CoordinatorService for ControlCoordinator {
             (true, Stage::Stop) => Beat::Stop,
             // Replay pauses while workers verify.
             (true, Stage::Verify) if matches!(lease, LeaseRef::Partitions(_)) => Beat::Stop,
+            (true, Stage::Backfill | Stage::Replay)
+                if matches!(lease, LeaseRef::Partitions(_))
+                    && self.replay_stopped.load(Ordering::Relaxed) =>
+            {
+                Beat::Stop
+            }
             (true, Stage::Backfill)
                 if matches!(lease, LeaseRef::Shard { .. }) && self.throttle.throttled() =>
             {
