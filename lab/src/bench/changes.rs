@@ -62,6 +62,15 @@ pub(super) async fn run_changes(b: &Bench, c: &mut Collected, changes: &[u64]) {
         for workers in [1, 2] {
             b.measure(
                 c,
+                &format!("replay_deferred_postgres_{n}_{workers}"),
+                TARGET_DDL,
+                |db| replay(b, db, None, n, workers, Order::IndexesAfter),
+            )
+            .await;
+        }
+        for workers in [1, 2] {
+            b.measure(
+                c,
                 &format!("catch_up_postgres_{n}_{workers}"),
                 TARGET_DDL,
                 |db| replay(b, db, None, n, workers, Order::AtOnce),
@@ -102,6 +111,9 @@ pub(super) async fn run_changes(b: &Bench, c: &mut Collected, changes: &[u64]) {
 enum Order {
     /// Capture of the whole backlog, then replay of it: each one's own rate and CPU.
     OneThenOther,
+    /// Capture, then replay into the target without its indexes that are not unique,
+    /// then their build: how a run catches up with the changes made during its backfill.
+    IndexesAfter,
     /// Both at once, as a run catches up: timed from the start of capture until every
     /// partition applied the whole backlog.
     AtOnce,
@@ -123,7 +135,8 @@ async fn replay(
         "postgres log"
     };
     let r = match order {
-        Order::OneThenOther => capture_and_replay(b, &spec, log, changes, workers).await,
+        Order::OneThenOther => capture_and_replay(b, &spec, log, changes, workers, false).await,
+        Order::IndexesAfter => capture_and_replay(b, &spec, log, changes, workers, true).await,
         Order::AtOnce => overlapped(b, &spec, log, changes, workers).await,
     };
     Ok(Outcome::Measured(cleaned(&spec, r).await?))
@@ -183,9 +196,18 @@ struct Replayer {
     source: Client,
 }
 
-async fn backlog(b: &Bench, spec: &Spec, total: u64, workers: usize) -> anyhow::Result<Backlog> {
+async fn backlog(
+    b: &Bench,
+    spec: &Spec,
+    total: u64,
+    workers: usize,
+    defer: bool,
+) -> anyhow::Result<Backlog> {
     // The run's worker count sets its change-log partitions.
     run_backfill(b, spec, workers).await?;
+    if defer {
+        defer_indexes(spec).await?;
+    }
     let source = connect(&spec.source, "source").await?;
     tracing::info!(changes = total, "running the change workload on the source");
     let changes = workload(&source, total).await?;
@@ -260,6 +282,28 @@ async fn backlog(b: &Bench, spec: &Spec, total: u64, workers: usize) -> anyhow::
     })
 }
 
+/// The target as a run leaves it while it replays the changes made during its backfill:
+/// the recorded indexes that are not unique dropped (again) and due to be built.
+async fn defer_indexes(spec: &Spec) -> anyhow::Result<()> {
+    let target = connect(&spec.target, "target").await?;
+    let recorded = Store::new(&spec.control_schema).sql.table("indexes");
+    let dropped = target
+        .query(
+            &format!(
+                "UPDATE {recorded} r SET restored = false FROM pg_index i                  JOIN pg_class c ON c.oid = i.indexrelid                  WHERE i.indrelid = to_regclass(r.table_name) AND c.relname = r.name                    AND r.constraint_type IS NULL AND NOT i.indisunique                  RETURNING i.indexrelid::regclass::text"
+            ),
+            &[],
+        )
+        .await?;
+    for r in &dropped {
+        // regclass text is quoted as needed.
+        target
+            .batch_execute(&format!("DROP INDEX {}", r.get::<_, String>(0)))
+            .await?;
+    }
+    Ok(())
+}
+
 /// Capture rounds until the slot passed `end` and the log holds everything before it.
 async fn capture_until(capture: &mut Capture, end: Lsn) -> anyhow::Result<()> {
     loop {
@@ -277,6 +321,7 @@ async fn capture_and_replay(
     log: &str,
     total: u64,
     workers: usize,
+    defer: bool,
 ) -> anyhow::Result<Vec<Measurement>> {
     let Backlog {
         changes,
@@ -284,7 +329,7 @@ async fn capture_and_replay(
         heads,
         mut capture,
         mut replayers,
-    } = backlog(b, spec, total, workers).await?;
+    } = backlog(b, spec, total, workers, defer).await?;
     let span = b.span().await;
     capture_until(&mut capture, end).await?;
     let captured = b.spent(&span).await;
@@ -303,9 +348,30 @@ async fn capture_and_replay(
         "replay applied {applied} of {changes} changes"
     );
     let replayed = b.spent(&span).await;
+    let note = if defer { ", name indexes after" } else { "" };
     // Capture and then replay of the same backlog, one after the other: the upper bound of
     // a catch-up (the overlapped row measures a run's).
-    let caught_up = captured.then(&replayed);
+    let mut caught_up = captured.then(&replayed);
+    if defer {
+        // The run's build of the deferred indexes, as many sessions as it would use.
+        let span = b.span().await;
+        let target = connect(&spec.target, "target").await?;
+        let built = schemashift_coordinator::indexes::rebuild(
+            &spec.target,
+            &target,
+            &Store::new(&spec.control_schema),
+            schemashift_coordinator::indexes::BuildOptions {
+                set: schemashift_coordinator::indexes::IndexSet::All,
+                parallel: workers.max(2),
+                low_priority: false,
+                gate: None,
+                skip_tables: &[],
+            },
+        )
+        .await?;
+        anyhow::ensure!(built > 0, "no deferred index was built");
+        caught_up = caught_up.then(&b.spent(&span).await);
+    }
     Ok(vec![
         change_rate(
             b,
@@ -317,14 +383,18 @@ async fn capture_and_replay(
         change_rate(
             b,
             (Kind::SchemashiftReplay, workers),
-            format!("schemashift replay ({log})"),
+            format!("schemashift replay ({log}{note})"),
             applied,
             replayed,
         ),
         change_rate(
             b,
             (Kind::SchemashiftReplay, workers),
-            format!("schemashift catch-up ({log}, capture then replay)"),
+            if defer {
+                format!("schemashift catch-up ({log}, capture, replay, name index builds)")
+            } else {
+                format!("schemashift catch-up ({log}, capture then replay)")
+            },
             applied,
             caught_up,
         ),
@@ -346,7 +416,7 @@ async fn overlapped(
         heads,
         mut capture,
         mut replayers,
-    } = backlog(b, spec, total, workers).await?;
+    } = backlog(b, spec, total, workers, false).await?;
     let (heads_tx, heads_rx) = tokio::sync::watch::channel(None::<BTreeMap<u32, i64>>);
     let span = b.span().await;
     let capturing = async {
