@@ -52,6 +52,10 @@ CREATE INDEX IF NOT EXISTS changes_part_seq ON {schema}.changes (part, seq);
 -- index); a 3,000-row sample of the two columns that read filters and orders by gives that
 -- plan, where the default 30,000 made the ANALYZEs a tenth of a short capture's time.
 ALTER TABLE {schema}.changes ALTER COLUMN part SET STATISTICS 10, ALTER COLUMN seq SET STATISTICS 10;
+-- Append-only, read by index, analyzed by capture and dropped by cleanup: autovacuum's
+-- passes over it (set visibility bits, analyze again) would only take the target's CPU
+-- from replay. A pass against transaction ID wraparound still runs when one is due.
+ALTER TABLE {schema}.changes SET (autovacuum_enabled = false);
 
 -- Last source commit whose changes are in the change log (end LSN).
 CREATE TABLE IF NOT EXISTS {schema}.capture (

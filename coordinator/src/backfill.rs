@@ -96,19 +96,25 @@ impl<'a> Backfill<'a> {
     }
 }
 
-/// Builds the run's recorded indexes of `set` not built yet: as many at once as there are
-/// workers (at least two: one worker's run still has the target's cores for this), within
-/// the host CPU limit. A stopped table's wait: it is copied again when it resumes.
-pub(crate) async fn build_indexes(
-    run: &RunCtx,
-    set: crate::indexes::IndexSet,
-) -> Result<usize, CoordinatorError> {
-    let stopped: Vec<String> = crate::stopped::list(&run.target, &run.store.sql, &run.plan)
+/// Target tables of the run's stopped tables: their indexes wait, as they are copied again
+/// when they resume.
+pub(crate) async fn stopped_targets(run: &RunCtx) -> Result<Vec<String>, CoordinatorError> {
+    Ok(crate::stopped::list(&run.target, &run.store.sql, &run.plan)
         .await?
         .iter()
         .filter_map(|s| run.plan.table(s.table_index))
         .map(|t| t.target.to_string())
-        .collect();
+        .collect())
+}
+
+/// Builds the run's recorded indexes of `set` not built yet (but a stopped table's): as
+/// many at once as there are workers (at least two: one worker's run still has the
+/// target's cores for this), within the host CPU limit.
+pub(crate) async fn build_indexes(
+    run: &RunCtx,
+    set: crate::indexes::IndexSet,
+) -> Result<usize, CoordinatorError> {
+    let stopped = stopped_targets(run).await?;
     crate::indexes::rebuild(
         &run.spec.target,
         &run.target,

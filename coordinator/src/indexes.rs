@@ -10,9 +10,10 @@
 //! replay writes anything: replay's upserts need the key's, and a duplicate the new schema
 //! forbids should stop the run then, not after the catch-up. The others wait until replay
 //! has caught up with the changes made during the backfill: each change would otherwise
-//! add an entry to every one of them (on the scenario, three name indexes took replay from
-//! about 10 to 23 target CPU-seconds per million changes), while one build afterwards
-//! costs what it would have cost before.
+//! add an entry to every one of them (on the scenario, replay spends 10–12.5 target
+//! CPU-seconds per million changes without the three name indexes, 20–23 with them;
+//! docs/benchmarks-native.md), while one build afterwards costs about what it would
+//! have cost before (it reads the rows replay added too).
 
 use crate::constraints::{constraint_exists, db, pending_rows, restored_sql};
 use crate::control::Store;
@@ -148,22 +149,7 @@ pub async fn rebuild(
     if set == IndexSet::Unique {
         builds.retain(Pending::unique);
     }
-    if !skip_tables.is_empty() {
-        // Recorded names are regclass text: compare as relations, not as spellings.
-        let names: Vec<String> = builds.iter().map(|p| p.table.clone()).collect();
-        let skip: std::collections::HashSet<String> = target
-            .query(
-                "SELECT t FROM unnest($1::text[]) AS t WHERE to_regclass(t) = ANY \
-                 (SELECT to_regclass(s) FROM unnest($2::text[]) AS s)",
-                &[&names, &skip_tables],
-            )
-            .await
-            .map_err(db("reading indexes"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        builds.retain(|p| !skip.contains(&p.table));
-    }
+    retain_unskipped(target, &mut builds, skip_tables).await?;
     // Sessions pop from the end: the costliest builds start first (longest job first), so
     // the last one to finish is a cheap one.
     builds.sort_by_key(|p| p.sort_cost);
@@ -266,9 +252,43 @@ async fn attach_constraint(
     Ok(())
 }
 
-/// Whether recorded indexes that are not unique wait to be built.
-pub async fn deferred_pending(target: &Client, store: &Store) -> Result<bool, CoordinatorError> {
-    Ok(pending(target, store).await?.iter().any(|p| !p.unique()))
+/// Whether recorded indexes that are not unique wait to be built, on tables other than
+/// `skip_tables`.
+pub async fn deferred_pending(
+    target: &Client,
+    store: &Store,
+    skip_tables: &[String],
+) -> Result<bool, CoordinatorError> {
+    let mut deferred = pending(target, store).await?;
+    deferred.retain(|p| !p.unique());
+    retain_unskipped(target, &mut deferred, skip_tables).await?;
+    Ok(!deferred.is_empty())
+}
+
+/// Drops the builds of `skip_tables` from `builds`.
+async fn retain_unskipped(
+    target: &Client,
+    builds: &mut Vec<Pending>,
+    skip_tables: &[String],
+) -> Result<(), CoordinatorError> {
+    if skip_tables.is_empty() || builds.is_empty() {
+        return Ok(());
+    }
+    // Recorded names are regclass text: compare as relations, not as spellings.
+    let names: Vec<String> = builds.iter().map(|p| p.table.clone()).collect();
+    let skip: std::collections::HashSet<String> = target
+        .query(
+            "SELECT t FROM unnest($1::text[]) AS t WHERE to_regclass(t) = ANY \
+             (SELECT to_regclass(s) FROM unnest($2::text[]) AS s)",
+            &[&names, &skip_tables],
+        )
+        .await
+        .map_err(db("reading indexes"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    builds.retain(|p| !skip.contains(&p.table));
+    Ok(())
 }
 
 /// Recorded indexes not put back yet.

@@ -122,7 +122,8 @@ async fn drive_phases(
 /// it would miss its heartbeats and lose its lease. Returns whether there were any (a
 /// resumed run may have built them already).
 async fn build_deferred(ctx: &mut RunCtx) -> Result<bool, CoordinatorError> {
-    if !crate::indexes::deferred_pending(&ctx.target, &ctx.store).await? {
+    let stopped = crate::backfill::stopped_targets(ctx).await?;
+    if !crate::indexes::deferred_pending(&ctx.target, &ctx.store, &stopped).await? {
         return Ok(false);
     }
     let t0 = Instant::now();

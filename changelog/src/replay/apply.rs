@@ -11,6 +11,7 @@ use schemashift_common::change::Change;
 use schemashift_common::ids::ChangeSeq;
 use schemashift_common::plan::TablePlan;
 use schemashift_common::sql::{ident_list, quote_ident};
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use tokio_postgres::{Client, Transaction};
 
@@ -134,15 +135,16 @@ async fn stage(
     let mut groups: Vec<BTreeSet<u16>> = Vec::new();
     let mut lines = String::new();
     for (key, seq, action) in entries {
-        let (grp, vals): (i32, Vec<Option<String>>) = match action {
+        // Borrowed: the row's values are written out once, not copied first.
+        let (grp, vals): (i32, Cow<[Option<String>]>) = match action {
             Action::Delete => {
                 let mut v = vec![None; ncols];
                 for (k, &i) in key.iter().zip(key_idx) {
                     v[i] = Some(k.clone());
                 }
-                (-1, v)
+                (-1, Cow::Owned(v))
             }
-            Action::Upsert(v) => (0, v.clone()),
+            Action::Upsert(v) => (0, Cow::Borrowed(v.as_slice())),
             Action::Partial(v, missing) => {
                 let g = match groups.iter().position(|m| m == missing) {
                     Some(g) => g,
@@ -151,7 +153,7 @@ async fn stage(
                         groups.len() - 1
                     }
                 };
-                (g as i32 + 1, v.clone())
+                (g as i32 + 1, Cow::Borrowed(v.as_slice()))
             }
             Action::Refresh => continue,
         };
