@@ -405,6 +405,37 @@ pub fn schemashift_ok(args: &[&str]) -> anyhow::Result<std::process::Output> {
     Ok(out)
 }
 
+/// Runs `schemashift args` with the failpoint `name` set: fails the test unless the
+/// process aborted there (as a kill -9 would stop it).
+pub fn schemashift_to_failpoint(args: &[&str], name: &str) -> anyhow::Result<()> {
+    let out = std::process::Command::new(schemashift_bin())
+        .args(args)
+        .env("SCHEMASHIFT_FAILPOINT", name)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .context("running schemashift")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(
+        !out.status.success() && stderr.contains("failpoint reached"),
+        "schemashift {args:?} did not stop at failpoint {name}: {stderr}"
+    );
+    Ok(())
+}
+
+/// Names of the indexes on the target's `users`, sorted.
+pub async fn users_index_names(t: &Client) -> anyhow::Result<Vec<String>> {
+    Ok(t.query(
+        "SELECT indexname::text FROM pg_indexes WHERE tablename = 'users' ORDER BY 1",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
+}
+
 /// A fresh pair of databases with the users scenario: `rows` users on the source, the
 /// split schema (empty) on the target.
 pub async fn users_env(name: &str, rows: u64) -> anyhow::Result<TestEnv> {

@@ -3,19 +3,10 @@
 //! changes among them), then a resume: every index complete, every row as on the source.
 
 use schemashift_lab::scenario::users_spec_yaml;
-use schemashift_tests::{connect, schemashift, table_diff, users_env, write_spec};
-use std::process::{Command, Stdio};
-
-async fn index_names(t: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
-    Ok(t.query(
-        "SELECT indexname::text FROM pg_indexes WHERE tablename = 'users' ORDER BY 1",
-        &[],
-    )
-    .await?
-    .iter()
-    .map(|r| r.get(0))
-    .collect())
-}
+use schemashift_tests::{
+    connect, schemashift, schemashift_to_failpoint, table_diff, users_env, users_index_names,
+    write_spec,
+};
 
 #[tokio::test]
 async fn changes_replayed_before_the_name_indexes_exist_leave_every_index_complete_after_a_crash(
@@ -27,20 +18,13 @@ async fn changes_replayed_before_the_name_indexes_exist_leave_every_index_comple
         &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(5_000)),
     )?;
     // Aborts (like kill -9) once replay is stopped for the deferred builds, before any.
-    let crashed = Command::new(schemashift_tests::schemashift_bin())
-        .args(["run", &spec, "--until", "backfill"])
-        .env("SCHEMASHIFT_FAILPOINT", "deferred-indexes-replay-stopped")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()?;
-    assert!(
-        String::from_utf8_lossy(&crashed.stderr).contains("failpoint reached"),
-        "{}",
-        String::from_utf8_lossy(&crashed.stderr)
-    );
+    schemashift_to_failpoint(
+        &["run", &spec, "--until", "backfill"],
+        "deferred-indexes-replay-stopped",
+    )?;
     let t = connect(&env.target_dsn).await?;
     assert_eq!(
-        index_names(&t).await?,
+        users_index_names(&t).await?,
         ["users_email_key", "users_pkey"],
         "the unique indexes come back before replay, the name indexes wait"
     );
@@ -69,7 +53,7 @@ async fn changes_replayed_before_the_name_indexes_exist_leave_every_index_comple
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
-        index_names(&t).await?,
+        users_index_names(&t).await?,
         [
             "users_email_key",
             "users_first_name_idx",
@@ -92,7 +76,7 @@ async fn changes_replayed_before_the_name_indexes_exist_leave_every_index_comple
     admin
         .batch_execute("CREATE EXTENSION IF NOT EXISTS amcheck")
         .await?;
-    for name in index_names(&t).await? {
+    for name in users_index_names(&t).await? {
         admin
             .execute("SELECT bt_index_check($1::text::regclass, true)", &[&name])
             .await?;

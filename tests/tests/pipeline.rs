@@ -5,7 +5,8 @@ use schemashift_lab::load::{start_load, LoadOptions, LoadStats};
 use schemashift_lab::scenario::users_spec_yaml;
 use schemashift_tests::{
     assert_verified_no_diffs, connect, schemashift, schemashift_bin, schemashift_ok,
-    slot_and_publication_count, table_diff, users_env, write_spec, TestEnv,
+    schemashift_to_failpoint, slot_and_publication_count, table_diff, users_env, users_index_names,
+    write_spec, TestEnv,
 };
 use std::process::{Command, Stdio};
 
@@ -63,16 +64,7 @@ async fn concurrent_writes_during_backfill_all_reach_the_target() -> anyhow::Res
     assert_eq!(stats.failed, 0, "application writes must wait, not fail");
     assert_verified_no_diffs(&env, &spec).await?;
     // The name indexes were dropped for the backfill and built again after it.
-    let indexes: Vec<String> = connect(&env.target_dsn)
-        .await?
-        .query(
-            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'users' ORDER BY 1",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let indexes = users_index_names(&connect(&env.target_dsn).await?).await?;
     assert_eq!(
         indexes,
         [
@@ -229,22 +221,12 @@ async fn run_crashed_after_index_builds_resumes_and_puts_key_and_unique_constrai
         &dir,
         &users_spec_yaml(&env.source_dsn, &env.target_dsn, 2, Some(5_000)),
     )?;
-    // Aborts (like kill -9) when every index is built but no constraint is attached yet.
-    let crashed = Command::new(schemashift_bin())
-        .args(["run", &spec, "--until", "backfill"])
-        .env(
-            "SCHEMASHIFT_FAILPOINT",
-            "indexes-built-constraints-not-attached",
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()?;
-    assert!(!crashed.status.success(), "the failpoint stops the run");
-    assert!(
-        String::from_utf8_lossy(&crashed.stderr).contains("failpoint reached"),
-        "{}",
-        String::from_utf8_lossy(&crashed.stderr)
-    );
+    // Aborts (like kill -9) when the unique indexes are built but their constraints are
+    // not attached yet.
+    schemashift_to_failpoint(
+        &["run", &spec, "--until", "backfill"],
+        "indexes-built-constraints-not-attached",
+    )?;
     let t = connect(&env.target_dsn).await?;
     assert!(
         key_constraints(&t).await?.is_empty(),

@@ -59,23 +59,16 @@ pub(super) async fn run_changes(b: &Bench, c: &mut Collected, changes: &[u64]) {
             )
             .await;
         }
-        for workers in [1, 2] {
-            b.measure(
-                c,
-                &format!("replay_deferred_postgres_{n}_{workers}"),
-                TARGET_DDL,
-                |db| replay(b, db, None, n, workers, Order::IndexesAfter),
-            )
-            .await;
-        }
-        for workers in [1, 2] {
-            b.measure(
-                c,
-                &format!("catch_up_postgres_{n}_{workers}"),
-                TARGET_DDL,
-                |db| replay(b, db, None, n, workers, Order::AtOnce),
-            )
-            .await;
+        for (label, order) in [
+            ("replay_deferred_postgres", Order::IndexesAfter),
+            ("catch_up_postgres", Order::AtOnce),
+        ] {
+            for workers in [1, 2] {
+                b.measure(c, &format!("{label}_{n}_{workers}"), TARGET_DDL, |db| {
+                    replay(b, db, None, n, workers, order)
+                })
+                .await;
+            }
         }
     }
     match Tansu::start().await {
