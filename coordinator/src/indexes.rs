@@ -128,10 +128,10 @@ impl Pending {
     }
 }
 
-/// Builds the recorded indexes of `opts.set` not built yet, `parallel` at a time (each on its own
-/// session; builds of one table run together), then puts their primary key and unique
-/// constraints back on the built indexes (`ADD CONSTRAINT ... USING INDEX`: no second
-/// scan). Returns how many indexes.
+/// Builds the recorded indexes of `opts.set` not built yet, `parallel` at a time (each on
+/// its own session; builds of one table run together), then puts their primary key and
+/// unique constraints back on the built indexes (`ADD CONSTRAINT ... USING INDEX`: no
+/// second scan). Returns how many indexes.
 pub async fn rebuild(
     target_dsn: &schemashift_common::spec::Dsn,
     target: &Client,

@@ -138,12 +138,13 @@ impl ControlCoordinator {
         }
     }
 
-    /// Until the guard drops, replay partitions are not held back by the throttle.
+    /// Until the guard drops, workers replay nothing.
     pub fn replay_stopped(self: &Arc<Self>) -> ReplayStopped {
         self.replay_stopped.store(true, Ordering::Relaxed);
         ReplayStopped(self.clone())
     }
 
+    /// Until the guard drops, replay partitions are not held back by the throttle.
     pub fn replay_unheld(self: &Arc<Self>) -> ReplayUnheld {
         self.cutting_over.store(true, Ordering::Relaxed);
         ReplayUnheld(self.clone())
