@@ -251,6 +251,17 @@ pub fn print_status(s: &Status, json: bool) {
             if let Some(p) = &s.paused {
                 eprintln!("  {p}: copies and replay hold, capture goes on (`schemashift resume` to go on)");
             }
+            if !s.indexes_to_build.is_empty() {
+                eprintln!(
+                    "  indexes to build ({}): {}",
+                    if s.phase == "backfill" || s.phase == "planned" {
+                        "when the backfill ends; the unique ones first"
+                    } else {
+                        "once replay has caught up"
+                    },
+                    s.indexes_to_build.join(", ")
+                );
+            }
             for t in &s.stopped_tables {
                 eprintln!("  STOPPED since {}: {t}", t.since);
                 eprintln!(

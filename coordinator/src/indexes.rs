@@ -291,6 +291,15 @@ async fn retain_unskipped(
     Ok(())
 }
 
+/// Recorded indexes not put back yet, as `index on table`.
+pub async fn to_build(target: &Client, store: &Store) -> Result<Vec<String>, CoordinatorError> {
+    Ok(pending(target, store)
+        .await?
+        .iter()
+        .map(|p| format!("{} on {}", p.name, p.table))
+        .collect())
+}
+
 /// Recorded indexes not put back yet.
 async fn pending(target: &Client, store: &Store) -> Result<Vec<Pending>, CoordinatorError> {
     Ok(pending_rows(

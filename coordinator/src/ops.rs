@@ -98,6 +98,9 @@ pub struct Status {
     pub paused: Option<crate::pause::Paused>,
     /// Tables whose shards kept failing: stopped alone until `run` copies them again.
     pub stopped_tables: Vec<crate::stopped::StoppedTable>,
+    /// Target indexes dropped for the load and not built yet (`index on table`): all of
+    /// them during the backfill, then those that are not unique until replay catches up.
+    pub indexes_to_build: Vec<String>,
 }
 
 fn db(context: &str) -> impl Fn(tokio_postgres::Error) -> CoordinatorError + '_ {
@@ -136,6 +139,7 @@ pub async fn status(spec: &Spec) -> Result<Status, CoordinatorError> {
         .map_err(db("reading status"))?;
     st.paused = crate::pause::read(&target, &store.sql).await?;
     st.stopped_tables = crate::stopped::list(&target, &store.sql, &state.plan).await?;
+    st.indexes_to_build = crate::indexes::to_build(&target, &store).await?;
     st.changes_logged = row.get(0);
     st.changes_applied = row.get(1);
     st.replay_lag_changes = row.get(2);

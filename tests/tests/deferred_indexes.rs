@@ -28,6 +28,20 @@ async fn changes_replayed_before_the_name_indexes_exist_leave_every_index_comple
         ["users_email_key", "users_pkey"],
         "the unique indexes come back before replay, the name indexes wait"
     );
+    let status = |spec: &str| -> anyhow::Result<serde_json::Value> {
+        let out = schemashift(&["status", spec, "--json"])?;
+        anyhow::ensure!(out.status.success(), "status failed");
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    assert_eq!(
+        status(&spec)?["indexes_to_build"],
+        serde_json::json!([
+            "users_first_name_idx on public.users",
+            "users_first_name_last_name_idx on public.users",
+            "users_last_name_idx on public.users"
+        ]),
+        "status says which indexes wait"
+    );
 
     // Replayed by the resumed run into a table without its name indexes: new names,
     // renamed users (their index keys move), key changes, deletes, a row changed twice.
@@ -70,6 +84,7 @@ async fn changes_replayed_before_the_name_indexes_exist_leave_every_index_comple
         .await?
         .get(0);
     assert_eq!(pending, 0, "every recorded index is marked restored");
+    assert_eq!(status(&spec)?["indexes_to_build"], serde_json::json!([]));
     // Every heap row is in every index, and each index is well formed (amcheck, as the
     // fixture's superuser).
     let admin = connect(&env.target_admin_dsn()).await?;
