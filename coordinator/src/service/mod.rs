@@ -16,12 +16,15 @@ use schemashift_common::service::{
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio_postgres::Client;
 use verify_round::VerifyRound;
 
 mod verify_round;
+mod workers;
+
+use workers::Seen;
 
 /// How many lease TTLs a silent worker is still waited for at the end, to be told the run
 /// is over.
@@ -36,11 +39,6 @@ pub enum Stage {
     Verify,
     /// The run is over for workers.
     Stop,
-}
-
-struct Seen {
-    at: Instant,
-    told_done: bool,
 }
 
 pub struct ControlCoordinator {
@@ -177,79 +175,6 @@ impl ControlCoordinator {
         self.registration.lease_ttl.as_secs_f64()
     }
 
-    /// Workers heard from within a lease TTL.
-    fn live_workers(&self) -> usize {
-        let ttl = self.registration.lease_ttl;
-        self.workers
-            .lock()
-            .map(|w| w.values().filter(|s| s.at.elapsed() < ttl).count())
-            .unwrap_or(1)
-            .max(1)
-    }
-
-    /// Ids of the workers heard from within a lease TTL (by this process: a lease left
-    /// by a process that crashed has no live holder).
-    pub fn live_worker_ids(&self) -> Vec<String> {
-        let ttl = self.registration.lease_ttl;
-        self.workers
-            .lock()
-            .map(|w| {
-                w.iter()
-                    .filter(|(_, s)| s.at.elapsed() < ttl)
-                    .map(|(id, _)| id.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// True once every worker heard from recently has been told the run is over. "Recently"
-    /// is a few lease TTLs: a worker slowed down by a busy host still hears it, instead of
-    /// retrying against a coordinator that has gone.
-    pub fn all_told_done(&self) -> bool {
-        let gone_after = self.registration.lease_ttl * DONE_GRACE_TTLS;
-        self.workers
-            .lock()
-            .map(|w| {
-                w.values()
-                    .all(|s| s.told_done || s.at.elapsed() >= gone_after)
-            })
-            .unwrap_or(true)
-    }
-
-    fn seen(&self, worker: &WorkerInfo, done: bool) {
-        if let Ok(mut w) = self.workers.lock() {
-            let s = w.entry(worker.id.clone()).or_insert(Seen {
-                at: Instant::now(),
-                told_done: false,
-            });
-            s.at = Instant::now();
-            s.told_done = done;
-        }
-    }
-
-    async fn touch(&self, worker: &WorkerInfo, lease: Option<String>, p: Progress, state: &str) {
-        let Ok(target) = self.target.get().await else {
-            return;
-        };
-        let r = target
-            .execute(
-                &self.store.sql.touch_worker(),
-                &[
-                    &worker.id,
-                    &worker.host,
-                    &lease,
-                    &(p.rows as i64),
-                    &(p.changes as i64),
-                    &state,
-                ],
-            )
-            .await;
-        if let Err(e) = r {
-            // Status bookkeeping only; the lease itself is what matters.
-            tracing::debug!(worker = %worker.id, error = %describe(&e), "worker status not saved");
-        }
-    }
-
     async fn lease_shard(&self, worker: &WorkerInfo) -> Result<Option<Work>, ServiceError> {
         let Some(r) = self
             .session()
@@ -329,6 +254,19 @@ impl CoordinatorService for ControlCoordinator {
                 let partitions = self.lease_partitions(worker).await?;
                 if partitions.is_empty() {
                     Work::Wait(Duration::from_millis(500))
+                } else if self.replay_stopped.load(Ordering::Relaxed) {
+                    // Stopped while these were leased: whoever stopped replay may have
+                    // counted the held leases before this one, so give them back.
+                    let (p, e) = split(&partitions);
+                    self.session()
+                        .await?
+                        .execute(
+                            &self.store.sql.release_partitions(),
+                            &[&p, &e, &None::<String>],
+                        )
+                        .await
+                        .map_err(unavailable)?;
+                    Work::Wait(Duration::from_millis(200))
                 } else {
                     Work::Replay { partitions }
                 }
