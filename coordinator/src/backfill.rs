@@ -76,7 +76,8 @@ impl<'a> Backfill<'a> {
         }
         // Unique indexes dropped for the load (the key's included) are built once now,
         // before replay writes; the others after its first catch-up (crate::indexes).
-        let built = build_indexes(self.run, crate::indexes::IndexSet::Unique).await?;
+        let stopped = stopped_targets(self.run).await?;
+        let built = build_indexes(self.run, crate::indexes::IndexSet::Unique, &stopped).await?;
         if built > 0 {
             tracing::info!(indexes = built, "indexes rebuilt");
         }
@@ -107,14 +108,14 @@ pub(crate) async fn stopped_targets(run: &RunCtx) -> Result<Vec<String>, Coordin
         .collect())
 }
 
-/// Builds the run's recorded indexes of `set` not built yet (but a stopped table's): as
-/// many at once as there are workers (at least two: one worker's run still has the
-/// target's cores for this), within the host CPU limit.
+/// Builds the run's recorded indexes of `set` not built yet (but those of `stopped`, see
+/// [`stopped_targets`]): as many at once as there are workers (at least two: one worker's
+/// run still has the target's cores for this), within the host CPU limit.
 pub(crate) async fn build_indexes(
     run: &RunCtx,
     set: crate::indexes::IndexSet,
+    stopped: &[String],
 ) -> Result<usize, CoordinatorError> {
-    let stopped = stopped_targets(run).await?;
     crate::indexes::rebuild(
         &run.spec.target,
         &run.target,
@@ -124,7 +125,7 @@ pub(crate) async fn build_indexes(
             parallel: run.workers.max(2).min(run.svc.throttle().allowed()),
             low_priority: run.plan.low_priority,
             gate: run.gate.clone(),
-            skip_tables: &stopped,
+            skip_tables: stopped,
         },
     )
     .await

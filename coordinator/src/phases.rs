@@ -145,7 +145,7 @@ async fn build_deferred(ctx: &mut RunCtx) -> Result<bool, CoordinatorError> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     crate::failpoint("deferred-indexes-replay-stopped");
-    let built = crate::backfill::build_indexes(ctx, crate::indexes::IndexSet::All)
+    let built = crate::backfill::build_indexes(ctx, crate::indexes::IndexSet::All, &stopped)
         .instrument(tracing::info_span!("indexes"))
         .await?;
     tracing::info!(

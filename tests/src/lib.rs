@@ -424,6 +424,16 @@ pub fn schemashift_to_failpoint(args: &[&str], name: &str) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Indexes the run recorded (in the control schema `schemashift`) and has not built yet.
+pub async fn unrestored_index_count(t: &Client) -> anyhow::Result<i64> {
+    Ok(t.query_one(
+        "SELECT count(*) FROM schemashift.indexes WHERE NOT restored",
+        &[],
+    )
+    .await?
+    .get(0))
+}
+
 /// Names of the indexes on the target's `users`, sorted.
 pub async fn users_index_names(t: &Client) -> anyhow::Result<Vec<String>> {
     Ok(t.query(

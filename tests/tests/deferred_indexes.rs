@@ -4,8 +4,8 @@
 
 use schemashift_lab::scenario::users_spec_yaml;
 use schemashift_tests::{
-    connect, schemashift, schemashift_to_failpoint, table_diff, users_env, users_index_names,
-    write_spec,
+    connect, schemashift, schemashift_to_failpoint, table_diff, unrestored_index_count, users_env,
+    users_index_names, write_spec,
 };
 
 #[tokio::test]
@@ -76,13 +76,7 @@ async fn changes_replayed_before_the_name_indexes_exist_leave_every_index_comple
             "users_pkey"
         ]
     );
-    let pending: i64 = t
-        .query_one(
-            "SELECT count(*) FROM schemashift.indexes WHERE NOT restored",
-            &[],
-        )
-        .await?
-        .get(0);
+    let pending = unrestored_index_count(&t).await?;
     assert_eq!(pending, 0, "every recorded index is marked restored");
     assert_eq!(status(&spec)?["indexes_to_build"], serde_json::json!([]));
     // Every heap row is in every index, and each index is well formed (amcheck, as the

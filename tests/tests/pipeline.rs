@@ -5,8 +5,8 @@ use schemashift_lab::load::{start_load, LoadOptions, LoadStats};
 use schemashift_lab::scenario::users_spec_yaml;
 use schemashift_tests::{
     assert_verified_no_diffs, connect, schemashift, schemashift_bin, schemashift_ok,
-    schemashift_to_failpoint, slot_and_publication_count, table_diff, users_env, users_index_names,
-    write_spec, TestEnv,
+    schemashift_to_failpoint, slot_and_publication_count, table_diff, unrestored_index_count,
+    users_env, users_index_names, write_spec, TestEnv,
 };
 use std::process::{Command, Stdio};
 
@@ -237,13 +237,7 @@ async fn run_crashed_after_index_builds_resumes_and_puts_key_and_unique_constrai
         key_constraints(&t).await?,
         USERS_KEY_CONSTRAINTS.map(|(n, k)| (n.to_owned(), k.to_owned()))
     );
-    let pending: i64 = t
-        .query_one(
-            "SELECT count(*) FROM schemashift.indexes WHERE NOT restored",
-            &[],
-        )
-        .await?
-        .get(0);
+    let pending = unrestored_index_count(&t).await?;
     assert_eq!(pending, 0, "every recorded index is marked restored");
     schemashift_ok(&["verify", &spec])?;
     let s = connect(&env.source_dsn).await?;
